@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both do all set-up first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Pre-built DeepSpeed/torch C++ extensions are cached here (deepspeed_shm_comm takes ~20 s to build).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first: the CUDA build where an NVIDIA GPU is present, the CPU build otherwise
+# (plain `pip install torch` on a CPU machine pulls a multi-GB CUDA build). Pass
+# TORCH_PIP_ARGS="--index-url <your CPU wheel index>" where the CPU build is not local.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    $(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)"; \
+	else \
+	    $(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)" $(TORCH_PIP_ARGS); \
+	fi
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	bash launch/demo.sh
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,234 @@
+"""The gated BERT: equality with transformers' BERT, per-layer structures, gates and their L1 penalty."""
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, BertConfig, BertForMaskedLM, BertForPreTraining, BertModel
+
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining, EarlyBertModel
+from pipeline.model import PRESETS, flops_per_sequence
+
+transformers.logging.set_verbosity_error()
+
+HF_CONFIGS = [
+    dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=80, hidden_act="gelu_new"),
+    dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=128, type_vocab_size=3),
+]
+
+
+def hf_config(**fields) -> BertConfig:
+    return BertConfig(
+        vocab_size=97, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa", **fields
+    )
+
+
+def batch(vocab: int, padded: bool, seed: int = 0, B: int = 3, T: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padded:
+        mask[1, 7:] = 0
+        mask[2, 4:] = 0
+    types = torch.zeros_like(ids)
+    types[:, T // 2 :] = 1
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]
+    labels[0, 5] = 3
+    labels[2, 2] = 4
+    nsp = torch.tensor([0, 1, 0])[:B]
+    return ids, mask, types, labels, nsp
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial values everywhere (also LayerNorm and biases, which BERT initialises to 1 and 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] < 10 else 0.0))
+
+
+@pytest.mark.parametrize("fields", HF_CONFIGS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_pretraining_outputs_equal_transformers(tmp_path, fields, padded):
+    hf = BertForPreTraining(hf_config(**fields)).eval()
+    randomize(hf, seed=len(fields))
+    hf.save_pretrained(tmp_path)
+    ours = EarlyBertForPreTraining.from_pretrained(tmp_path).eval()
+    assert ours.config.use_gates and all(bool((g == 1).all()) for g in ours.head_gates() + ours.ffn_gates())
+
+    ids, mask, types, labels, nsp = batch(97, padded)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+        full = ours(ids, attention_mask=mask, token_type_ids=types)
+        masked = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    valid = mask.bool()  # padded positions are garbage in both models
+    assert (ref.prediction_logits[valid] - full.mlm_logits[valid]).abs().max() <= 1e-5
+    assert (ref.seq_relationship_logits - full.nsp_logits).abs().max() <= 1e-5
+    # The masked-only decoder computes the same logits and the same loss as the full one.
+    assert (ref.prediction_logits[labels != -100] - masked.mlm_logits).abs().max() <= 1e-5
+    assert abs(ref.loss.item() - masked.loss.item()) <= 1e-5
+    assert masked.mlm_count.item() == int((labels != -100).sum())
+
+
+@pytest.mark.parametrize("fields", HF_CONFIGS[:2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_base_model_equals_transformers_bert_model(tmp_path, fields, padded):
+    hf = BertModel(hf_config(**fields)).eval()
+    randomize(hf, seed=7)
+    # The legacy pytorch_model.bin format (transformers 5 only writes safetensors itself).
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = EarlyBertModel.from_pretrained(tmp_path).eval()
+    ids, mask, types, *_ = batch(97, padded)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, token_type_ids=types)
+        out = ours(ids, attention_mask=mask, token_type_ids=types)
+    valid = mask.bool()
+    assert (ref.last_hidden_state[valid] - out.last_hidden_state[valid]).abs().max() <= 1e-5
+    assert (ref.pooler_output - out.pooler_output).abs().max() <= 1e-5
+
+
+def test_masked_lm_checkpoint_loads_into_pretraining_model(tmp_path):
+    hf = BertForMaskedLM(hf_config(**HF_CONFIGS[0])).eval()
+    randomize(hf, seed=3)
+    hf.save_pretrained(tmp_path)
+    ours = EarlyBertForPreTraining.from_pretrained(tmp_path).eval()
+    ids, mask, types, *_ = batch(97, padded=True)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, token_type_ids=types).logits
+        out = ours(ids, attention_mask=mask, token_type_ids=types).mlm_logits
+    assert (ref[mask.bool()] - out[mask.bool()]).abs().max() <= 1e-5
+
+
+def per_layer_config(**overrides) -> EarlyBertConfig:
+    fields = dict(
+        vocab_size=61, hidden_size=24, num_hidden_layers=3, num_attention_heads=4, head_size=6,
+        num_heads_per_layer=[3, 1, 4], intermediate_size_per_layer=[20, 7, 16],
+    )
+    return EarlyBertConfig(**{**fields, **overrides})
+
+
+def test_per_layer_structure_builds_trains_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = EarlyBertForPreTraining(per_layer_config())
+    layers = model.bert.encoder.layer
+    assert [l.attention.self.query.out_features for l in layers] == [18, 6, 24]
+    assert [l.attention.output.dense.in_features for l in layers] == [18, 6, 24]
+    assert [l.intermediate.dense.out_features for l in layers] == [20, 7, 16]
+    assert [g.shape[0] for g in model.head_gates()] == [3, 1, 4]
+    assert [g.shape[0] for g in model.ffn_gates()] == [20, 7, 16]
+
+    ids, mask, types, labels, nsp = batch(61, padded=True)
+    out = model(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    (out.loss + model.gate_penalty(1e-4, 1e-4)).backward()
+    for gate in model.head_gates() + model.ffn_gates():
+        assert gate.grad is not None and gate.grad.abs().sum() > 0, "gates must receive gradients"
+
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = EarlyBertForPreTraining.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_heads_per_layer == [3, 1, 4]
+    assert loaded.config.intermediate_size_per_layer == [20, 7, 16]
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask, token_type_ids=types).mlm_logits
+        b = loaded(ids, attention_mask=mask, token_type_ids=types).mlm_logits
+    assert torch.equal(a, b)
+
+
+def test_mismatched_weights_fail_naming_the_tensor(tmp_path):
+    EarlyBertForPreTraining(per_layer_config()).save_pretrained(tmp_path)
+    uniform = per_layer_config(num_heads_per_layer=None, intermediate_size_per_layer=None, intermediate_size=16)
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.attention\.self\.query\.weight: checkpoint \(6, 24\), config \(24, 24\)"):
+        EarlyBertForPreTraining.from_pretrained(tmp_path, config=uniform)
+    with pytest.raises(ValueError, match="ignore_mismatched_sizes"):
+        EarlyBertForPreTraining.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+
+
+def test_gate_penalty_value_and_gradient():
+    torch.manual_seed(0)
+    model = EarlyBertForPreTraining(per_layer_config())
+    with torch.no_grad():
+        for g in model.head_gates() + model.ffn_gates():
+            g.copy_(torch.randn(g.shape))
+    heads, ffn = model.head_gates(), model.ffn_gates()
+    lam_h, lam_f = 3e-3, 5e-4
+    penalty = model.gate_penalty(lam_h, lam_f)
+    expected = lam_h * sum(g.abs().sum() for g in heads) + lam_f * sum(g.abs().sum() for g in ffn)
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert penalty.item() == pytest.approx(lam_h * torch.cat(heads).abs().sum().item() + lam_f * torch.cat(ffn).abs().sum().item(), rel=1e-6)
+    penalty.backward()
+    for g in heads:
+        assert torch.allclose(g.grad, lam_h * g.detach().sign())
+    for g in ffn:
+        assert torch.allclose(g.grad, lam_f * g.detach().sign())
+    # The weights get no gradient from the penalty.
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad is None
+
+
+def test_gates_scale_head_outputs_and_neurons():
+    """A zero head gate removes exactly that head's contribution; a zero FFN gate that neuron's."""
+    torch.manual_seed(0)
+    config = per_layer_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = EarlyBertForPreTraining(config).eval()
+    ids, mask, types, *_ = batch(61, padded=True)
+    layer = model.bert.encoder.layer[0]
+    with torch.no_grad():
+        layer.attention.self.head_gates[1] = 0.0
+        layer.intermediate.ffn_gates[[2, 5]] = 0.0
+        gated = model(ids, attention_mask=mask, token_type_ids=types).mlm_logits
+        layer.attention.self.head_gates[1] = 1.0
+        layer.intermediate.ffn_gates[[2, 5]] = 1.0
+        cols = slice(6, 12)  # head 1's context columns in W_O
+        layer.attention.output.dense.weight[:, cols] = 0.0
+        layer.output.dense.weight[:, [2, 5]] = 0.0
+        zeroed = model(ids, attention_mask=mask, token_type_ids=types).mlm_logits
+    assert (gated - zeroed).abs().max() <= 1e-5
+
+
+def test_plain_bert_switch_removes_gates(tmp_path):
+    torch.manual_seed(0)
+    gated = EarlyBertForPreTraining(per_layer_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    plain = EarlyBertForPreTraining(per_layer_config(use_gates=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    assert plain.head_gates() == [] and plain.ffn_gates() == []
+    assert not any("gates" in n for n, _ in plain.named_parameters())
+    assert plain.gate_penalty(1e-4, 1e-4).item() == 0.0
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "gates" not in k})
+    ids, mask, types, *_ = batch(61, padded=True)
+    with torch.no_grad():
+        assert torch.allclose(gated(ids, attention_mask=mask).mlm_logits, plain(ids, attention_mask=mask).mlm_logits, atol=1e-6)
+
+
+def test_no_nsp_head_and_no_masked_tokens():
+    model = EarlyBertForPreTraining(per_layer_config(use_nsp=False)).eval()
+    assert model.bert.pooler is None and model.cls.seq_relationship is None
+    ids, mask, types, labels, nsp = batch(61, padded=False)
+    out = model(ids, attention_mask=mask, labels=torch.full_like(ids, -100), next_sentence_label=nsp)
+    assert out.loss.item() == 0.0 and out.nsp_loss is None and out.mlm_count.item() == 0
+
+
+def test_presets_and_auto_classes(tmp_path):
+    large = EarlyBertConfig.from_preset("bert-large")
+    assert (large.num_hidden_layers, large.hidden_size, large.num_heads_per_layer[0], large.intermediate_size_per_layer[-1]) == (24, 1024, 16, 4096)
+    assert set(PRESETS) >= {"bert-large", "bert-base", "bert-tiny"}
+    with pytest.raises(ValueError, match="unknown model preset"):
+        EarlyBertConfig.from_preset("bert-huge")
+    with pytest.raises(ValueError, match="num_heads_per_layer"):
+        per_layer_config(num_heads_per_layer=[3, 0, 4])
+    tiny = EarlyBertConfig.from_preset("bert-tiny", vocab_size=61)
+    assert isinstance(AutoConfig.for_model("earlybert"), EarlyBertConfig)
+    assert isinstance(AutoModelForPreTraining.from_config(tiny), EarlyBertForPreTraining)
+    EarlyBertForPreTraining(per_layer_config()).save_pretrained(tmp_path)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), EarlyBertModel)
+
+
+def test_flops_count_matches_hand_count():
+    config = EarlyBertConfig.from_preset("bert-base", vocab_size=30522)
+    T, h, V = 128, 768, 30522
+    per_layer = 2 * 4 * h * h + 2 * 2 * T * h + 2 * 2 * h * 3072
+    expected = 3 * T * (12 * per_layer + 0.15 * (2 * h * h + 2 * h * V))
+    assert flops_per_sequence(config, T) == pytest.approx(expected)
+    pruned = per_layer_config()
+    assert flops_per_sequence(pruned, 32) < flops_per_sequence(per_layer_config(num_heads_per_layer=[4, 4, 4]), 32)
