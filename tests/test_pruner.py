@@ -1,0 +1,79 @@
+"""Physical pruning: the pruned model computes what the dense one computes with removed gates at 0."""
+import pytest
+import torch
+
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.detector import DetectorConfig, masks_from_gates
+from pipeline.model import flops_per_sequence, parameter_count
+from pipeline.pruner import PrunePlan, gate_values, prune_model, prune_tensors
+
+
+def dense_model(seed: int = 0) -> EarlyBertForPreTraining:
+    torch.manual_seed(seed)
+    config = EarlyBertConfig(
+        vocab_size=71, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=40,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = EarlyBertForPreTraining(config).eval()
+    with torch.no_grad():  # gates as after a search: spread out, some negative
+        for g in model.head_gates() + model.ffn_gates():
+            g.copy_(torch.randn(g.shape))
+    return model
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 71, (4, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels,
+                next_sentence_label=torch.tensor([0, 1, 1, 0]))
+
+
+@pytest.mark.parametrize("fold_gates", [True, False])
+def test_pruned_equals_dense_with_removed_gates_at_zero(fold_gates):
+    dense = dense_model()
+    masks = masks_from_gates(dense.head_gates(), dense.ffn_gates(), DetectorConfig())
+    pruned, plan = prune_model(dense, masks, fold_gates=fold_gates)
+    assert pruned.config.num_heads_per_layer == [4, 4, 4]
+    assert sum(pruned.config.intermediate_size_per_layer) == round(120 * 0.6)
+    assert pruned.config.use_gates is (not fold_gates)
+    with torch.no_grad():
+        for g, m in zip(dense.head_gates() + dense.ffn_gates(), masks.heads + masks.ffn):
+            g[~m] = 0.0
+        ref = dense(**inputs())
+        out = pruned.eval()(**inputs())
+    assert (ref.mlm_logits - out.mlm_logits).abs().max() <= 1e-5
+    assert (ref.nsp_logits - out.nsp_logits).abs().max() <= 1e-5
+    assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
+    assert parameter_count(pruned) < parameter_count(dense)
+    assert flops_per_sequence(pruned.config, 128) < flops_per_sequence(dense.config, 128)
+
+
+def test_pruned_slices_record_original_ids_and_keep_shapes_nonzero():
+    dense = dense_model(seed=3)
+    masks = masks_from_gates(dense.head_gates(), dense.ffn_gates(), DetectorConfig(ffn_prune_ratio=0.95))
+    pruned, plan = prune_model(dense, masks, fold_gates=False)
+    assert plan.kept_heads == masks.kept_heads() and plan.kept_neurons == masks.kept_neurons()
+    assert all(p.numel() > 0 for p in pruned.parameters())
+    layer, old = pruned.bert.encoder.layer[1], dense.bert.encoder.layer[1]
+    h = plan.kept_heads[1][0]
+    assert torch.equal(layer.attention.self.query.weight[:8], old.attention.self.query.weight[h * 8:(h + 1) * 8])
+    assert torch.equal(layer.attention.self.head_gates, old.attention.self.head_gates[plan.kept_heads[1]])
+
+
+def test_optimizer_moments_follow_the_folded_weights():
+    """With folding, W' = c W; Adam's moments of W' are m / c and v / c^2, column by column."""
+    dense = dense_model(seed=5)
+    masks = masks_from_gates(dense.head_gates(), dense.ffn_gates(), DetectorConfig())
+    plan = PrunePlan.from_masks(masks, dense.config.head_size, fold_gates=True)
+    state = dense.state_dict()
+    gates = gate_values(state)
+    name = "bert.encoder.layer.0.output.dense.weight"
+    moment = {name: torch.ones_like(state[name])}
+    m1 = prune_tensors(moment, plan, gates, power=-1)[name]
+    m2 = prune_tensors(moment, plan, gates, power=-2)[name]
+    c = gates["bert.encoder.layer.0.intermediate.ffn_gates"][plan.kept_neurons[0]]
+    assert torch.allclose(m1[0], 1 / c) and torch.allclose(m2[0], 1 / c**2)
