@@ -6,7 +6,10 @@ Original post-LayerNorm BERT (Devlin et al.) with two kinds of learnable gates (
     head merge and W_O. This equals the official code's scaling of the post-softmax attention
     probabilities, and it leaves the attention itself to torch SDPA (flash attention on GPU);
   - one scalar per FFN neuron, scaling the post-GELU activation before the second dense layer.
-The L1 norm of the gates is the search-stage penalty (`gate_penalty`).
+The L1 norm of the gates is the search-stage penalty. Each gated module computes the L1 of its own
+gates inside its forward: under ZeRO-3 a parameter is only materialised while its owner runs, so
+the penalty cannot be computed from outside. `forward(..., gate_lambdas=(l_heads, l_ffn))` adds it
+to the loss; `gate_penalty()` computes the same from materialised parameters.
 
 Every layer has its own head count and FFN width (`num_heads_per_layer`, `intermediate_size_per_layer`)
 so that any pruned structure is a plain config. Module and parameter names follow transformers'
@@ -96,11 +99,14 @@ class EarlyBertConfig(BertConfig):
 
 @dataclass
 class EarlyBertPreTrainingOutput(ModelOutput):
-    """loss = mlm_loss (+ nsp_loss). mlm_logits are (N_masked, V) when labels are given, else (B, T, V)."""
+    """loss = mlm_loss (+ nsp_loss) (+ gate_penalty). mlm_logits are (N_masked, V) when labels are given, else (B, T, V).
+    gate_l1 = (sum |c_head|, sum |c_ffn|) over all layers (zeros without gates)."""
 
     loss: torch.Tensor | None = None
     mlm_loss: torch.Tensor | None = None
     nsp_loss: torch.Tensor | None = None
+    gate_penalty: torch.Tensor | None = None
+    gate_l1: tuple[torch.Tensor, torch.Tensor] | None = None
     mlm_logits: torch.Tensor | None = None
     nsp_logits: torch.Tensor | None = None
     mlm_correct: torch.Tensor | None = None
@@ -111,6 +117,11 @@ class EarlyBertPreTrainingOutput(ModelOutput):
 class EarlyBertModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
+    gate_l1: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _l1(gates: nn.Parameter | None, like: torch.Tensor) -> torch.Tensor:
+    return gates.float().abs().sum() if gates is not None else like.new_zeros((), dtype=torch.float32)
 
 
 class EarlyBertEmbeddings(nn.Module):
@@ -141,8 +152,9 @@ class EarlyBertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
         self.head_gates = nn.Parameter(torch.ones(num_heads)) if config.use_gates else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # x: (B, T, hidden); attn_mask: (B, 1, 1, T) bool, True = attend, or None (no padding)
+        # -> context (B, T, H * d) and sum |head gates|
         B, T, _ = x.shape
         q, k, v = (proj(x).view(B, T, self.num_heads, self.head_size).transpose(1, 2) for proj in (self.query, self.key, self.value))
         # (B, H, T, d): SDPA picks flash / memory-efficient kernels on GPU
@@ -151,7 +163,7 @@ class EarlyBertSelfAttention(nn.Module):
         )
         if self.head_gates is not None:
             context = context * self.head_gates.to(context.dtype)[None, :, None, None]
-        return context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size)
+        return context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size), _l1(self.head_gates, x)
 
 
 class EarlyBertSelfOutput(nn.Module):
@@ -171,8 +183,9 @@ class EarlyBertAttention(nn.Module):
         self.self = EarlyBertSelfAttention(config, num_heads)
         self.output = EarlyBertSelfOutput(config, num_heads)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, attn_mask), x)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        context, l1 = self.self(x, attn_mask)
+        return self.output(context, x), l1
 
 
 class EarlyBertIntermediate(nn.Module):
@@ -182,10 +195,12 @@ class EarlyBertIntermediate(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.ffn_gates = nn.Parameter(torch.ones(width)) if config.use_gates else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, T, hidden) -> (B, T, width)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, T, hidden) -> (B, T, width) and sum |FFN gates|
         h = self.act(self.dense(x))
-        return h * self.ffn_gates.to(h.dtype) if self.ffn_gates is not None else h
+        if self.ffn_gates is not None:
+            h = h * self.ffn_gates.to(h.dtype)
+        return h, _l1(self.ffn_gates, x)
 
 
 class EarlyBertOutput(nn.Module):
@@ -207,9 +222,10 @@ class EarlyBertLayer(nn.Module):
         self.intermediate = EarlyBertIntermediate(config, width)
         self.output = EarlyBertOutput(config, width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention(x, attn_mask)
-        return self.output(self.intermediate(x), x)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, head_l1 = self.attention(x, attn_mask)
+        h, ffn_l1 = self.intermediate(x)
+        return self.output(h, x), head_l1, ffn_l1
 
 
 class EarlyBertEncoder(nn.Module):
@@ -217,10 +233,12 @@ class EarlyBertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(EarlyBertLayer(config, i) for i in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        head_l1 = ffn_l1 = 0.0
         for layer in self.layer:
-            x = layer(x, attn_mask)
-        return x
+            x, h, f = layer(x, attn_mask)
+            head_l1, ffn_l1 = head_l1 + h, ffn_l1 + f
+        return x, (head_l1, ffn_l1)
 
 
 class EarlyBertPooler(nn.Module):
@@ -344,9 +362,9 @@ class EarlyBertModel(EarlyBertPreTrainedModel):
         attn_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             attn_mask = attention_mask.bool()[:, None, None, :]
-        x = self.encoder(x, attn_mask)
+        x, gate_l1 = self.encoder(x, attn_mask)
         pooled = self.pooler(x) if self.pooler is not None else None
-        return EarlyBertModelOutput(last_hidden_state=x, pooler_output=pooled)
+        return EarlyBertModelOutput(last_hidden_state=x, pooler_output=pooled, gate_l1=gate_l1)
 
 
 class EarlyBertPredictionHeadTransform(nn.Module):
@@ -411,15 +429,18 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
+        gate_lambdas: tuple[float, float] | None = None,
         **_,
     ) -> EarlyBertPreTrainingOutput:
-        """labels: (B, T), -100 where not masked. next_sentence_label: (B,), negative = no NSP for that row."""
+        """labels: (B, T), -100 where not masked. next_sentence_label: (B,), negative = no NSP for that row.
+        gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss."""
         encoded = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = encoded.last_hidden_state  # (B, T, hidden)
         nsp_logits = self.cls.seq_relationship(encoded.pooler_output) if self.cls.seq_relationship is not None else None
 
+        gate_l1 = encoded.gate_l1
         if labels is None:
-            return EarlyBertPreTrainingOutput(mlm_logits=self.cls.predictions(hidden), nsp_logits=nsp_logits)
+            return EarlyBertPreTrainingOutput(mlm_logits=self.cls.predictions(hidden), nsp_logits=nsp_logits, gate_l1=gate_l1)
 
         masked = labels != -100  # (B, T)
         targets = labels[masked]  # (N,)
@@ -433,12 +454,18 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             valid = int((nsp_targets >= 0).sum())
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_targets, ignore_index=-100, reduction="sum") / max(valid, 1)
             loss = loss + nsp_loss
+        penalty = None
+        if gate_lambdas is not None:
+            penalty = gate_lambdas[0] * gate_l1[0] + gate_lambdas[1] * gate_l1[1]
+            loss = loss + penalty
         with torch.no_grad():
             correct = (mlm_logits.argmax(-1) == targets).sum()
         return EarlyBertPreTrainingOutput(
             loss=loss,
             mlm_loss=mlm_loss,
             nsp_loss=nsp_loss,
+            gate_penalty=penalty,
+            gate_l1=gate_l1,
             mlm_logits=mlm_logits,
             nsp_logits=nsp_logits,
             mlm_correct=correct,

@@ -159,6 +159,11 @@ def test_gate_penalty_value_and_gradient():
     expected = lam_h * sum(g.abs().sum() for g in heads) + lam_f * sum(g.abs().sum() for g in ffn)
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
     assert penalty.item() == pytest.approx(lam_h * torch.cat(heads).abs().sum().item() + lam_f * torch.cat(ffn).abs().sum().item(), rel=1e-6)
+    # The forward computes the same penalty inside the gated modules (the only place ZeRO-3 can).
+    ids, mask, types, labels, nsp = batch(61, padded=True)
+    out = model(ids, attention_mask=mask, labels=labels, next_sentence_label=nsp, gate_lambdas=(lam_h, lam_f))
+    assert out.gate_penalty.item() == pytest.approx(penalty.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx((out.mlm_loss + out.nsp_loss + out.gate_penalty).item(), rel=1e-6)
     penalty.backward()
     for g in heads:
         assert torch.allclose(g.grad, lam_h * g.detach().sign())

@@ -1,0 +1,113 @@
+"""Process-group set-up for every way `earlybert train` is started.
+
+    deepspeed launcher / torchrun   RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are set
+    srun (Slurm)                    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID are mapped to them;
+                                    the master is the first host of SLURM_JOB_NODELIST
+    mpirun (OpenMPI, MPICH)         DeepSpeed's MPI discovery through mpi4py
+    plain `python`                  a world of one on 127.0.0.1
+
+srun without an MPI plugin starts tasks that mpi4py would each see as a world of one, so Slurm's
+own variables go first. Backend: NCCL on GPUs, gloo on CPUs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launcher: str  # env | slurm | mpi | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_env(env: dict) -> dict:
+    """torch.distributed's variables from an srun task's Slurm variables."""
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in env:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                               check=True, capture_output=True, text=True).stdout.split()
+        out["MASTER_ADDR"] = hosts[0]
+    if "MASTER_PORT" not in env:
+        # Every task must pick the same port without talking to the others: derive it from the job id.
+        out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return out
+
+
+def detect_launcher(env: dict) -> str:
+    if all(k in env for k in TORCH_ENV):
+        return "env"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        return "slurm"  # an srun step; the batch script itself (no step) is a world of one
+    if any(k in env for k in MPI_ENV):
+        return "mpi"
+    return "single"
+
+
+def setup() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (once per process) and pick this rank's device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    launcher = detect_launcher(os.environ)
+    if launcher == "slurm":
+        os.environ.update(slurm_env(os.environ))
+    elif launcher == "single":
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
+    accel = get_accelerator()
+    backend = "nccl" if accel.device_name() == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launcher == "mpi",
+                               distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() == "cuda":
+        accel.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def teardown(clean: bool) -> None:
+    """Leave the process group; srun reports a task that exits without doing so as aborted. After an
+    error the other ranks may never reach a barrier, so only a clean exit waits for them."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,172 @@
+"""Rebuild the DeepSpeed engine around the pruned model, in the same process.
+
+ZeRO flattens and partitions parameters, so they cannot change shape in place. The rebuild:
+  1. reads the full fp32 master weights and Adam moments of every parameter (collectives: every
+     rank calls this) before anything is destroyed: rebuilding from the 16-bit module would round
+     the masters through bf16;
+  2. slices them to the ticket (`pruner.prune_tensors`);
+  3. destroys the old engine and initializes a new one on the pruned model, through the same
+     `build` function that made the first engine (same config, same parameter groups);
+  4. writes the fp32 masters (and, by option, the sliced moments) into the new engine's
+     partitions, and carries over the step counters, the optimizer's step count, the learning
+     rate schedule position and the fp16 loss-scaler state.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+    safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state,
+)
+
+from pipeline.detector import Masks
+from pipeline.pruner import PrunePlan, gate_values, prune_tensors, pruned_config
+
+MOMENTS = {"exp_avg": -1, "exp_avg_sq": -2}  # Adam state key -> how a folded column rescales it
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+@dataclass
+class EngineSnapshot:
+    """The full (unpartitioned) fp32 training state of an engine, by parameter name, on the CPU."""
+
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # state key -> name -> tensor
+    optimizer_step: float | None = None
+    group_lrs: list[float] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    scheduler_state: dict | None = None
+    loss_scaler: dict = field(default_factory=dict)
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO / bf16 wrappers (or the optimizer itself)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def snapshot_engine(engine) -> EngineSnapshot:
+    """Every rank calls this (the reads are collectives under ZeRO)."""
+    base = base_optimizer(engine)
+    weights, moments = {}, {key: {} for key in MOMENTS}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        weights[name] = (master if master is not None else p.detach()).float().cpu().clone()
+        for key in MOMENTS:
+            state = safe_get_full_optimizer_state(p, key) if master is not None else base.state.get(p, {}).get(key)
+            if state is not None:
+                moments[key][name] = state.float().cpu().clone()
+    steps = [s["step"] for s in base.state.values() if "step" in s]
+    step = float(steps[0]) if steps else base.param_groups[0].get("step")
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return EngineSnapshot(
+        weights=weights,
+        moments={k: v for k, v in moments.items() if len(v) == len(weights)},
+        optimizer_step=step,
+        group_lrs=[g["lr"] for g in base.param_groups],
+        counters={k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps", "micro_steps")},
+        scheduler_state=engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        loss_scaler={k: getattr(scaler, k) for k in LOSS_SCALER_FIELDS if hasattr(scaler, k)},
+    )
+
+
+def rebuild_engine(engine, masks: Masks, build: Callable, fold_gates: bool = True, carry_moments: bool = True):
+    """Prune `engine`'s model to `masks` and return (new engine, plan). `engine` is destroyed.
+
+    build(model) -> engine must create the engine exactly as the first one was created.
+    Drop every other reference to the old engine after this returns.
+    """
+    model_class, config = type(engine.module), engine.module.config
+    snap = snapshot_engine(engine)
+    plan = PrunePlan.from_masks(masks, config.head_size, fold_gates)
+    gates = gate_values(snap.weights)
+    weights = prune_tensors(snap.weights, plan, gates)
+    moments = {key: prune_tensors(m, plan, gates, power=MOMENTS[key]) for key, m in snap.moments.items()}
+
+    engine.destroy()
+    del engine
+    gc.collect()
+
+    torch.manual_seed(0)  # the pruned model's own initialisation is overwritten below; keep it cheap and fixed
+    model = model_class(pruned_config(config, plan))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    new = build(model)
+    restore_engine(new, snap, weights, moments if carry_moments else {})
+    return new, plan
+
+
+def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict) -> None:
+    """Write masters, moments, counters, schedule and loss scale into a freshly built engine."""
+    base = base_optimizer(engine)
+    if moments:
+        _create_adam_state(base, _optimizer_tensors(engine), snap.optimizer_step or 0.0)
+        # ZeRO-1/2 and the bf16 optimizer link each parameter to its slice of the flat state after
+        # the first step; the state exists now, so link it now.
+        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
+    for name, p in engine.module.named_parameters():
+        _set_full(p, weights[name], None, base)
+        for key, values in moments.items():
+            _set_full(p, values[name], key, base)
+    for k, v in snap.counters.items():
+        setattr(engine, k, v)
+    if snap.scheduler_state is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(snap.scheduler_state)
+    # Schedulers only re-apply the lr at their next step: set the current lr explicitly.
+    for group, lr in zip(base.param_groups, snap.group_lrs):
+        group["lr"] = lr
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for k, v in snap.loss_scaler.items():
+        setattr(scaler, k, v)
+
+
+def _optimizer_tensors(engine) -> list[torch.Tensor]:
+    """The tensors the base optimizer steps: ZeRO-3 empties its param groups outside step()."""
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flat is not None:
+        return list(flat)
+    return [p for group in base_optimizer(engine).param_groups for p in group["params"]]
+
+
+def _create_adam_state(base: torch.optim.Optimizer, tensors: list[torch.Tensor], step: float) -> None:
+    """Adam-family optimizers create their state lazily at the first step; create it now (zeros),
+    with the step count carried over so that bias correction continues where it was."""
+    for p in tensors:
+        if not base.state.get(p):
+            base.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+
+
+def _set_full(param, value: torch.Tensor, key: str | None, base: torch.optim.Optimizer) -> None:
+    if hasattr(param, "ds_id"):
+        # ZeRO-3 partitions are padded to equal sizes; the full setter cannot write the padded tail
+        # (e.g. 3 surviving heads on 2 ranks), so each rank writes its own padded slice.
+        part = param.ds_tensor.numel()
+        rank = dist.get_rank(group=param.ds_process_group)
+        flat = torch.zeros(part * dist.get_world_size(group=param.ds_process_group), dtype=torch.float32)
+        flat[: value.numel()] = value.flatten()
+        local = flat[rank * part : (rank + 1) * part].to(param.ds_tensor.device)
+        if key is None:
+            safe_set_local_fp32_param(param, local)
+        else:
+            safe_set_local_optimizer_state(param, local, key)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer
+        value = value.to(param.device)
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+    else:  # no ZeRO, fp32: the module parameter is the master
+        with torch.no_grad():
+            target = param if key is None else base.state[param][key]
+            target.copy_(value.to(target.device, target.dtype))
