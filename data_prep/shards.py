@@ -68,6 +68,11 @@ def write_json(path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
+def write_manifest(directory, **fields) -> None:
+    """Write DIR/manifest.json last: its presence marks a complete, verified-on-open directory."""
+    write_json(Path(directory) / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, **fields})
+
+
 def write_shard(directory, shard_id: int, tokens: np.ndarray, index: np.ndarray) -> dict:
     """Write one shard (tokens first, index last) and return its manifest entry."""
     if len(tokens) > MAX_SHARD_TOKENS:
@@ -78,17 +83,11 @@ def write_shard(directory, shard_id: int, tokens: np.ndarray, index: np.ndarray)
     tok_name, idx_name = shard_names(shard_id)
     save_npy(directory / tok_name, tokens)
     save_npy(directory / idx_name, index)
-    return shard_entry(directory, shard_id, len(index))
-
-
-def shard_entry(directory, shard_id: int, sequences: int) -> dict:
-    """Manifest entry of a shard already on disk (also used to adopt shards of an interrupted run)."""
-    directory = Path(directory)
-    tok_name, idx_name = shard_names(shard_id)
     return {
         "tokens": tok_name,
         "index": idx_name,
-        "sequences": sequences,
+        "sequences": len(index),
+        "token_count": len(tokens),
         "tokens_bytes": (directory / tok_name).stat().st_size,
         "index_bytes": (directory / idx_name).stat().st_size,
         "tokens_sha256": sha256_file(directory / tok_name),

@@ -290,7 +290,12 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
         return [layer.intermediate.ffn_gates for layer in self._layers() if layer.intermediate.ffn_gates is not None]
 
     def gate_penalty(self, lambda_heads: float, lambda_ffn: float) -> torch.Tensor:
-        """EarlyBERT's search-stage penalty: lambda_heads * sum|c_head| + lambda_ffn * sum|c_ffn| (sums, not means)."""
+        """EarlyBERT's search-stage penalty: lambda_heads * sum|c_head| + lambda_ffn * sum|c_ffn| (sums, not means).
+
+        Reads the gate parameters directly, so it is wrong under DeepSpeed ZeRO-3 (parameters are
+        partitioned outside forward). Training code passes `gate_lambdas=(lambda_heads, lambda_ffn)`
+        to `forward` instead, which adds the same penalty to `loss` (and reports it as `gate_penalty`).
+        """
         heads, ffn = self.head_gates(), self.ffn_gates()
         if not heads:
             return torch.zeros((), device=self.device)
