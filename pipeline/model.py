@@ -15,8 +15,9 @@ Every layer has its own head count and FFN width (`num_heads_per_layer`, `interm
 so that any pruned structure is a plain config. Module and parameter names follow transformers'
 `modeling_bert.py`, so standard BERT checkpoints load with `from_pretrained`.
 
-This file imports nothing from the project: it is shipped as-is next to exported weights
-(`trust_remote_code`), so keep it self-contained.
+This file imports nothing from the project and registers nothing: it is shipped as-is next to
+exported weights (`trust_remote_code`), so keep it self-contained. `pipeline/__init__.py` registers
+the classes with transformers' Auto classes.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, BertConfig, PreTrainedModel
+from transformers import BertConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
@@ -499,7 +500,3 @@ def flops_per_sequence(config: EarlyBertConfig, seq_len: int, masked_fraction: f
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-AutoConfig.register("earlybert", EarlyBertConfig, exist_ok=True)
-AutoModel.register(EarlyBertConfig, EarlyBertModel, exist_ok=True)
-AutoModelForPreTraining.register(EarlyBertConfig, EarlyBertForPreTraining, exist_ok=True)

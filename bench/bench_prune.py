@@ -1,0 +1,146 @@
+"""What pruning buys and what the draw costs, on one DeepSpeed engine (ZeRO-2, one rank):
+
+  - step time of the dense gated model against the pruned one at the default ratios (heads 1/3 per
+    layer, FFN 0.4 globally), compared with the FLOPs ratio (target: speed-up >= 90% of it);
+  - the detector's cost (read the gates, build the masks, update the FIFO) as a share of the
+    search stage at the default interval (target < 1%);
+  - the engine rebuild in dense steps (target <= 10);
+  - host memory (RSS) before and after the rebuild.
+
+    python -m bench.bench_prune                       # CPU default: bert-base, seq 128, batch 8, fp32
+    python -m bench.bench_prune --preset bert-large --batch 64 --dtype bf16   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import psutil
+import torch
+
+from bench.bench_model import make_batch
+from bench.common import median_time, write_results
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
+from pipeline.model import flops_per_sequence, parameter_count
+from pipeline.rebuild import rebuild_engine
+
+
+def init_single_rank() -> None:
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def main(argv=None) -> int:
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bert-large" if on_gpu else "bert-base")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64 if on_gpu else 8)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if on_gpu else "fp32")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--interval", type=int, default=DetectorConfig().interval, help="detector interval the share is computed for")
+    args = parser.parse_args(argv)
+
+    init_single_rank()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": not on_gpu}},
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": args.dtype == "bf16"},
+        "steps_per_print": 10**9,
+    }
+
+    def build(model):
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        return engine
+
+    torch.manual_seed(0)
+    config = EarlyBertConfig.from_preset(args.preset, vocab_size=30522)
+    model = EarlyBertForPreTraining(config)
+    with torch.no_grad():  # gates as a search leaves them: spread out, so the masks are not trivial
+        for gate in model.head_gates() + model.ffn_gates():
+            gate.copy_(1.0 + 0.3 * torch.randn(gate.shape))
+    engine = build(model)
+    del model
+    batch = make_batch(config, args.batch, args.seq_len, engine.device)
+
+    def step():
+        out = engine(**batch, gate_lambdas=(1e-4, 1e-4))
+        engine.backward(out.loss)
+        engine.step()
+
+    step(), step()  # warm-up
+    dense_t, dense_samples = median_time(step, args.reps)
+
+    detector_cfg = DetectorConfig(interval=args.interval)
+    state = DetectorState()
+
+    def detect():
+        masks = masks_from_gates(engine.module.head_gates(), engine.module.ffn_gates(), detector_cfg)
+        observe(state, len(state.history) * detector_cfg.interval, masks, detector_cfg)
+        return masks
+
+    detect_t, _ = median_time(detect, args.reps)
+    masks = detect()
+
+    dense_params, dense_flops = parameter_count(engine.module), flops_per_sequence(config, args.seq_len)
+    rss_before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    engine, plan = rebuild_engine(engine, masks, build, fold_gates=True, carry_moments=True)
+    rebuild_t = time.perf_counter() - start
+    rss_after_rebuild = psutil.Process().memory_info().rss
+
+    step(), step()
+    pruned_t, pruned_samples = median_time(step, args.reps)
+    rss_after_steps = psutil.Process().memory_info().rss
+    pruned_cfg = engine.module.config
+    pruned_flops = flops_per_sequence(pruned_cfg, args.seq_len)
+
+    flops_ratio = pruned_flops / dense_flops
+    speedup, ideal = dense_t / pruned_t, dense_flops / pruned_flops
+    results = dict(
+        preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype, reps=args.reps,
+        heads_per_layer=pruned_cfg.num_heads_per_layer, ffn_per_layer=pruned_cfg.intermediate_size_per_layer,
+        params_dense=dense_params, params_pruned=parameter_count(engine.module),
+        flops_per_sequence_dense=dense_flops, flops_per_sequence_pruned=pruned_flops, flops_ratio=flops_ratio,
+        dense_step_s=dense_t, pruned_step_s=pruned_t, dense_step_samples=dense_samples, pruned_step_samples=pruned_samples,
+        speedup=speedup, speedup_share_of_flops_ideal=speedup / ideal,
+        detector_s=detect_t, detector_share_of_search=detect_t / (args.interval * dense_t), detector_interval=args.interval,
+        rebuild_s=rebuild_t, rebuild_in_dense_steps=rebuild_t / dense_t,
+        rss_before_rebuild_mb=rss_before / 2**20, rss_after_rebuild_mb=rss_after_rebuild / 2**20,
+        rss_after_pruned_steps_mb=rss_after_steps / 2**20,
+    )
+    rows = [
+        ["step time, dense gated (s)", f"{dense_t:.3f}", ""],
+        ["step time, pruned (s)", f"{pruned_t:.3f}", ""],
+        ["FLOPs ratio pruned / dense", f"{flops_ratio:.3f}", ""],
+        ["speed-up / FLOPs ideal", f"{speedup:.3f} / {ideal:.3f} = {speedup / ideal:.2f}", ">= 0.90"],
+        [f"detector share of search (interval {args.interval})", f"{100 * detect_t / (args.interval * dense_t):.4f}%", "< 1%"],
+        ["rebuild (dense steps)", f"{rebuild_t / dense_t:.2f} ({rebuild_t:.2f} s)", "<= 10"],
+        ["host RSS before / after rebuild / after steps (MB)",
+         f"{rss_before / 2**20:.0f} / {rss_after_rebuild / 2**20:.0f} / {rss_after_steps / 2**20:.0f}", ""],
+    ]
+    path = write_results("prune", results, ["measure", "value", "target"], rows,
+                         notes=f"{args.preset}, seq {args.seq_len}, batch {args.batch}, {args.dtype}, ZeRO-2 on one rank, "
+                               f"median of {args.reps} steps each; kept heads {pruned_cfg.num_heads_per_layer}, "
+                               f"FFN widths {pruned_cfg.intermediate_size_per_layer}.")
+    print(path.read_text())
+    engine.destroy()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
