@@ -49,15 +49,23 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def snapshot_engine(engine) -> EngineSnapshot:
+def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 master of a parameter, on the CPU; a collective under ZeRO (every rank calls it)."""
+    master = safe_get_full_fp32_param(param)
+    return (master if master is not None else param.detach()).float().cpu().clone()
+
+
+def snapshot_engine(engine, weights_only: bool = False) -> EngineSnapshot:
     """Every rank calls this (the reads are collectives under ZeRO)."""
     base = base_optimizer(engine)
     weights, moments = {}, {key: {} for key in MOMENTS}
     for name, p in engine.module.named_parameters():
-        master = safe_get_full_fp32_param(p)
-        weights[name] = (master if master is not None else p.detach()).float().cpu().clone()
+        weights[name] = full_fp32(p)
+        if weights_only:
+            continue
+        zero = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
         for key in MOMENTS:
-            state = safe_get_full_optimizer_state(p, key) if master is not None else base.state.get(p, {}).get(key)
+            state = safe_get_full_optimizer_state(p, key) if zero else base.state.get(p, {}).get(key)
             if state is not None:
                 moments[key][name] = state.float().cpu().clone()
     steps = [s["step"] for s in base.state.values() if "step" in s]
@@ -74,25 +82,33 @@ def snapshot_engine(engine) -> EngineSnapshot:
     )
 
 
-def rebuild_engine(engine, masks: Masks, build: Callable, fold_gates: bool = True, carry_moments: bool = True):
+def rebuild_engine(engine, masks: Masks, build: Callable, fold_gates: bool = True, carry_moments: bool = True,
+                   start_weights: dict[str, torch.Tensor] | None = None):
     """Prune `engine`'s model to `masks` and return (new engine, plan). `engine` is destroyed.
 
     build(model) -> engine must create the engine exactly as the first one was created.
+    start_weights (name -> full fp32 tensor): rewind, i.e. prune these weights (the run's starting
+    point) instead of the current ones; the moments then start from zero.
     Drop every other reference to the old engine after this returns.
     """
     model_class, config = type(engine.module), engine.module.config
-    snap = snapshot_engine(engine)
+    snap = snapshot_engine(engine, weights_only=start_weights is not None)
+    source = start_weights if start_weights is not None else snap.weights
     plan = PrunePlan.from_masks(masks, config.head_size, fold_gates)
-    gates = gate_values(snap.weights)
-    weights = prune_tensors(snap.weights, plan, gates)
+    gates = gate_values(source)
+    weights = prune_tensors(source, plan, gates)
     moments = {key: prune_tensors(m, plan, gates, power=MOMENTS[key]) for key, m in snap.moments.items()}
 
     engine.destroy()
     del engine
     gc.collect()
 
-    torch.manual_seed(0)  # the pruned model's own initialisation is overwritten below; keep it cheap and fixed
-    model = model_class(pruned_config(config, plan))
+    # Built on the meta device: no initialisation to pay for (the weights are overwritten) and no
+    # draw from the global RNG, so dropout continues on the same stream as without the rebuild.
+    with torch.device("meta"):
+        model = model_class(pruned_config(config, plan))
+    model = model.to_empty(device="cpu")
+    model.tie_weights()  # on the meta device transformers leaves the decoder untied
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights[name])
