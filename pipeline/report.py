@@ -1,0 +1,218 @@
+"""`earlybert report RUN [RUN ...]`: RUN/report/report.md and PNG figures, read at a glance.
+
+    loss.png          loss and MLM accuracy against step and against wall time, every run overlaid
+    distances.png     head and FFN mask distances against step, epsilon and the draw step marked
+    structure.png     kept heads per layer and FFN width per layer
+    throughput.png    sequences/s against step, before and after pruning
+
+The report goes into the first RUN (the others are overlaid for comparison, e.g. dense and
+EarlyBERT). metrics.jsonl may repeat steps after a resume (the steps since the last checkpoint run
+again): the last record of each step wins.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import yaml  # noqa: E402
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{path} not found: is {run} a run directory of `earlybert train`?")
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    if not by_step:
+        raise ReportError(f"{path} has no records yet")
+    records = [by_step[s] for s in sorted(by_step)]
+    elapsed = 0.0
+    for r in records:  # wall time of training, without start-up and replayed steps
+        elapsed += r.get("step_time_s", 0.0)
+        r["wall_s"] = elapsed
+    return records
+
+
+def read_ticket(run: Path) -> dict | None:
+    path = run / "ticket.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_label(run: Path) -> str:
+    config = run / "config.yaml"
+    mode = (yaml.safe_load(config.read_text()) or {}).get("earlybert", {}).get("mode") if config.is_file() else None
+    return f"{run.name} ({mode})" if mode else run.name
+
+
+def tail_mean(records: list[dict], key: str, n: int = 20) -> float | None:
+    values = [r[key] for r in records[-n:] if key in r]
+    return sum(values) / len(values) if values else None
+
+
+def plot_curves(runs: list[tuple[str, list[dict], dict | None]], out: Path) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for label, records, ticket in runs:
+        steps = [r["step"] for r in records]
+        wall = [r["wall_s"] / 60 for r in records]
+        for ax, x in ((axes[0][0], steps), (axes[0][1], wall)):
+            ax.plot(x, [r["loss"] for r in records], label=label, linewidth=1)
+        for ax, x in ((axes[1][0], steps), (axes[1][1], wall)):
+            ax.plot(x, [r.get("mlm_acc", float("nan")) for r in records], label=label, linewidth=1)
+        if ticket:
+            for ax in (axes[0][0], axes[1][0]):
+                ax.axvline(ticket["draw_step"], linestyle=":", color="gray")
+    for (ax, title, xlabel) in ((axes[0][0], "loss", "step"), (axes[0][1], "loss", "wall time (min)"),
+                                (axes[1][0], "MLM accuracy", "step"), (axes[1][1], "MLM accuracy", "wall time (min)")):
+        ax.set_title(f"{title} against {xlabel.split(' (')[0]}")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("training curves (dotted: ticket drawn)")
+    return _save(fig, out / "loss.png")
+
+
+def plot_distances(ticket: dict, epsilon: float | None, out: Path) -> Path:
+    history = [h for h in ticket.get("distance_history", []) if h.get("head_distance") is not None]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if history:
+        steps = [h["step"] for h in history]
+        ax.plot(steps, [h["head_distance"] for h in history], marker="o", label="heads (max over FIFO)")
+        ax.plot(steps, [h["ffn_distance"] for h in history], marker="s", label="FFN neurons (max over FIFO)")
+    if epsilon is not None:
+        ax.axhline(epsilon, color="red", linestyle="--", label=f"epsilon = {epsilon}")
+    ax.axvline(ticket["draw_step"], color="black", linestyle=":", label=f"draw at step {ticket['draw_step']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("normalized Hamming distance")
+    ax.set_title(f"early-bird mask distances ({ticket['mode']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out / "distances.png")
+
+
+def plot_structure(ticket: dict, dense_heads: int | None, dense_ffn: int | None, out: Path) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    layers = list(range(len(ticket["heads_per_layer"])))
+    a.bar(layers, ticket["heads_per_layer"], color="tab:blue")
+    b.bar(layers, ticket["ffn_per_layer"], color="tab:orange")
+    if dense_heads:
+        a.axhline(dense_heads, color="gray", linestyle="--", label=f"dense: {dense_heads}")
+        a.legend()
+    if dense_ffn:
+        b.axhline(dense_ffn, color="gray", linestyle="--", label=f"dense: {dense_ffn}")
+        b.legend()
+    a.set_title("kept attention heads per layer")
+    b.set_title("kept FFN neurons per layer")
+    for ax in (a, b):
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers)
+    return _save(fig, out / "structure.png")
+
+
+def plot_throughput(runs: list[tuple[str, list[dict], dict | None]], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, records, ticket in runs:
+        ax.plot([r["step"] for r in records], [r["seq_per_s"] for r in records], label=label, linewidth=1)
+        if ticket:
+            ax.axvline(ticket["draw_step"], linestyle=":", color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sequences / s")
+    ax.set_title("throughput (dotted: ticket drawn, pruned afterwards)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "throughput.png")
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def throughput_split(records: list[dict], ticket: dict | None) -> tuple[float | None, float | None]:
+    """Median sequences/s before and after the draw (skipping each side's first step: start-up, rebuild)."""
+    if ticket is None:
+        return statistics.median(r["seq_per_s"] for r in records[1:] or records), None
+    before = [r["seq_per_s"] for r in records if r["step"] <= ticket["draw_step"]][1:]
+    after = [r["seq_per_s"] for r in records if r["step"] > ticket["draw_step"] + 1]
+    return (statistics.median(before) if before else None), (statistics.median(after) if after else None)
+
+
+def write_report(runs: list[Path]) -> Path:
+    out = runs[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = [(run_label(r), read_metrics(r), read_ticket(r)) for r in runs]
+    figures = [plot_curves(loaded, out), plot_throughput(loaded, out)]
+    md = ["# EarlyBERT run report", "", "| run | steps | wall time (min) | loss (last 20) | MLM acc (last 20) "
+          "| draw step | params before -> after | FLOPs/seq after / before | seq/s before -> after draw |", "|---|---|---|---|---|---|---|---|---|"]
+    for (label, records, ticket), run in zip(loaded, runs):
+        before, after = throughput_split(records, ticket)
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        if ticket:
+            draw = f"{ticket['draw_step']}{' (forced)' if ticket.get('forced') else ''}"
+            params = f"{ticket['params_before'] / 1e6:.2f}M -> {ticket['params_after'] / 1e6:.2f}M"
+            flops = f"{ticket['flops_per_sequence_after'] / ticket['flops_per_sequence_before']:.3f}"
+        else:
+            draw = params = flops = "-"
+        md.append(f"| {label} | {records[-1]['step']} | {records[-1]['wall_s'] / 60:.2f} | {fmt(tail_mean(records, 'loss'), '.4f')} "
+                  f"| {fmt(tail_mean(records, 'mlm_acc'), '.4f')} | {draw} | {params} | {flops} "
+                  f"| {fmt(before, '.1f')} -> {fmt(after, '.1f')} |")
+    ticket = loaded[0][2]
+    if ticket:
+        config = yaml.safe_load((runs[0] / "config.yaml").read_text()) if (runs[0] / "config.yaml").is_file() else {}
+        detector = (config.get("earlybert") or {}).get("detector") or {}
+        arch = _dense_structure(runs[0])
+        figures += [plot_distances(ticket, detector.get("epsilon"), out), plot_structure(ticket, *arch, out)]
+        md += ["", f"Ticket of {loaded[0][0]}: drawn at step {ticket['draw_step']} ({ticket['reason']}); "
+                   f"heads per layer {ticket['heads_per_layer']}, FFN widths {ticket['ffn_per_layer']}."]
+    md += [""] + [f"![{f.stem}]({f.name})" for f in figures]
+    path = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _dense_structure(run: Path) -> tuple[int | None, int | None]:
+    """The dense model's heads and FFN width (from the run's first preset), for the structure figure."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        return None, None
+    from pipeline.model import PRESETS
+
+    preset = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("preset")
+    if preset not in PRESETS:
+        return None, None
+    _, _, heads, ffn = PRESETS[preset]
+    return heads, ffn
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="earlybert report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories; the report is written into the first")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.runs)
+    except ReportError as err:
+        print(f"earlybert report: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
