@@ -1,10 +1,16 @@
-"""EarlyBERT pre-training pipeline: gated BERT, DeepSpeed training, early-bird detection, pruning."""
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+"""EarlyBERT pre-training pipeline: gated BERT, DeepSpeed training, early-bird detection, pruning.
 
-from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining, EarlyBertModel
-
-AutoConfig.register("earlybert", EarlyBertConfig, exist_ok=True)
-AutoModel.register(EarlyBertConfig, EarlyBertModel, exist_ok=True)
-AutoModelForPreTraining.register(EarlyBertConfig, EarlyBertForPreTraining, exist_ok=True)
-
+`from pipeline import EarlyBertConfig, EarlyBertModel, EarlyBertForPreTraining` imports the model
+(and torch and transformers) on first use only, so `earlybert prep` starts without them; the
+classes are registered with transformers' Auto classes at that point.
+"""
 __all__ = ["EarlyBertConfig", "EarlyBertModel", "EarlyBertForPreTraining"]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    from pipeline import model
+
+    model.register_auto_classes()
+    return getattr(model, name)

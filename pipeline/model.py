@@ -15,9 +15,9 @@ Every layer has its own head count and FFN width (`num_heads_per_layer`, `interm
 so that any pruned structure is a plain config. Module and parameter names follow transformers'
 `modeling_bert.py`, so standard BERT checkpoints load with `from_pretrained`.
 
-This file imports nothing from the project and registers nothing: it is shipped as-is next to
-exported weights (`trust_remote_code`), so keep it self-contained. `pipeline/__init__.py` registers
-the classes with transformers' Auto classes.
+This file imports nothing from the project and registers nothing on import: it is shipped as-is next to
+exported weights (`trust_remote_code`), so keep it self-contained. `from pipeline import ...` calls
+`register_auto_classes()` to register the classes with transformers' Auto classes.
 """
 from __future__ import annotations
 
@@ -500,3 +500,12 @@ def flops_per_sequence(config: EarlyBertConfig, seq_len: int, masked_fraction: f
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModel / AutoModelForPreTraining know model_type "earlybert"."""
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+    AutoConfig.register("earlybert", EarlyBertConfig, exist_ok=True)
+    AutoModel.register(EarlyBertConfig, EarlyBertModel, exist_ok=True)
+    AutoModelForPreTraining.register(EarlyBertConfig, EarlyBertForPreTraining, exist_ok=True)

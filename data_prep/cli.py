@@ -1,0 +1,94 @@
+"""Command line of `earlybert prep` (also `python -m data_prep`).
+
+    earlybert prep --input PATH [PATH ...] --output DIR --tokenizer PATH --seq-len N [--workers N] ...
+    earlybert prep tokenizer --input PATH [PATH ...] --output tokenizer.json [--vocab-size 30522] [--lowercase]
+    earlybert prep local-corpus --output FILE [--max-mb 20]
+"""
+import argparse
+import sys
+
+from data_prep.readers import InputError
+
+
+def _prep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="earlybert prep",
+        description="Tokenize a corpus into memory-mapped BERT pre-training shards. Other actions: "
+                    "`earlybert prep tokenizer --help`, `earlybert prep local-corpus --help`.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="plain text (blank line between documents), JSONL, Parquet, a saved `datasets` "
+                        "directory; .gz/.bz2/.zst; files, directories or globs")
+    p.add_argument("--output", required=True, metavar="DIR", help="shard directory (rerun the same command to resume)")
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.json or a directory holding one")
+    p.add_argument("--seq-len", type=int, default=128, metavar="N", help="sequence length (default 128)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="worker processes per rank (default: every usable core; 1 per rank under MPI)")
+    p.add_argument("--nsp", action=argparse.BooleanOptionalAction, default=True,
+                   help="sentence pairs with next-sentence labels (default), or --no-nsp: packed full sentences")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--short-seq-prob", type=float, default=0.1, help="NSP: chance of a shorter target length")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop exact duplicate documents (default on)")
+    p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet/datasets input")
+    p.add_argument("--shard-sequences", type=int, default=32768, metavar="N", help="sequences per shard")
+    p.add_argument("--unit-kb", type=int, default=1024, metavar="KB",
+                   help="input per work unit; part of the output's identity (default 1024)")
+    p.add_argument("--max-line-chars", type=int, default=100_000, metavar="N", help="longer lines are split")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    return p
+
+
+def _tokenizer_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="earlybert prep tokenizer",
+                                description="Train a BERT-style WordPiece tokenizer.json on a corpus.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="same inputs as `earlybert prep`")
+    p.add_argument("--output", required=True, metavar="FILE", help="tokenizer.json to write")
+    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--lowercase", action="store_true", help="lower-case and strip accents (BERT uncased)")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--text-field", default="text")
+    return p
+
+
+def _corpus_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="earlybert prep local-corpus",
+        description="Write a plain-text corpus from text already on this machine: docstrings of the Python "
+                    "standard library and installed packages, and their .rst/.md/.txt documentation.")
+    p.add_argument("--output", required=True, metavar="FILE")
+    p.add_argument("--max-mb", type=float, default=20.0, help="stop at this many MB (default 20)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    action = argv[0] if argv and argv[0] in ("tokenizer", "local-corpus") else "prep"
+    try:
+        if action == "tokenizer":
+            from data_prep.wordpiece import train_wordpiece
+
+            a = _tokenizer_parser().parse_args(argv[1:])
+            tok = train_wordpiece(a.input, a.output, vocab_size=a.vocab_size, lowercase=a.lowercase,
+                                  min_frequency=a.min_frequency, text_field=a.text_field)
+            print(f"{a.output}: WordPiece vocabulary of {tok.get_vocab_size()} tokens", file=sys.stderr)
+        elif action == "local-corpus":
+            from data_prep.local_corpus import gather_local_corpus
+
+            a = _corpus_parser().parse_args(argv[1:])
+            stats = gather_local_corpus(a.output, int(a.max_mb * 1e6))
+            print(f"{a.output}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB "
+                  f"from {stats['files_scanned']} files in {stats['seconds']:.1f} s", file=sys.stderr)
+        else:
+            from data_prep.prep import PrepConfig, run_prep
+
+            a = _prep_parser().parse_args(argv)
+            cfg = PrepConfig(inputs=a.input, output=a.output, tokenizer=a.tokenizer, seq_len=a.seq_len,
+                             workers=a.workers, nsp=a.nsp, seed=a.seed, short_seq_prob=a.short_seq_prob,
+                             dedup=a.dedup, text_field=a.text_field, shard_sequences=a.shard_sequences,
+                             unit_bytes=a.unit_kb * 1024, max_line_chars=a.max_line_chars, progress=a.progress)
+            run_prep(cfg)
+    except InputError as e:
+        print(f"earlybert prep: error: {e}", file=sys.stderr)
+        return 1
+    return 0
