@@ -96,9 +96,9 @@ def save(engine, ckpt_dir: Path, state: RunState, architecture: dict, dist_info,
     are written, so a crash at any point leaves the previous checkpoint as the one resumed from."""
     ckpt_dir, tag = Path(ckpt_dir), tag_for(state.step)
     folder = ckpt_dir / tag
+    if latest_tag(ckpt_dir) == tag:  # on every rank, so that all of them stop
+        raise CheckpointError(f"{folder} is the latest checkpoint already; refusing to overwrite it")
     if dist_info.is_main:
-        if latest_tag(ckpt_dir) == tag:
-            raise CheckpointError(f"{folder} is the latest checkpoint already; refusing to overwrite it")
         if folder.exists():  # left by a save that crashed before `latest` named it
             shutil.rmtree(folder)
         folder.mkdir(parents=True)

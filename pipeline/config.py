@@ -102,7 +102,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 # DeepSpeed keys the run config sets (the schedule is the loop's own LambdaLR): a DeepSpeed JSON that
 # sets them too would be silently overridden.
 RUN_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "scheduler")
-LAMB_OPTIMIZERS = ("lamb", "onebitlamb", "zerooneadam")
+LAMB_OPTIMIZERS = ("lamb", "onebitlamb")  # DeepSpeed optimizer type names, lower-cased
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -180,8 +180,11 @@ def _coerce(tp, value, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     # bool is an int subclass: `steps: true` must not pass as 1.
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")

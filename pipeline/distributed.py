@@ -99,11 +99,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def teardown(clean: bool) -> None:
     """Leave the process group; srun reports a task that exits without doing so as aborted. After an
     error the other ranks may never reach a barrier, so only a clean exit waits for them."""

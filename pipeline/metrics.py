@@ -67,8 +67,7 @@ class MetricsLog:
         parts = [f"step {r['step']}/{self.total}", f"phase {r['phase']} (seq {r['seq_len']})",
                  f"loss {r['loss']:.4f}", f"mlm acc {r['mlm_acc']:.3f}", f"lr {r['lr']:.2e}",
                  f"{r['seq_per_s']:.1f} seq/s", f"{r['tokens_per_s']:.0f} tok/s"]
-        if "tflops" in r:
-            parts.append(f"{r['tflops']:.1f} TFLOP/s")
+        parts.append(f"{r['tflops']:.3g} TFLOP/s")
         if "mfu" in r:
             parts.append(f"MFU {100 * r['mfu']:.1f}%")
         parts.append(f"data {100 * r['data_wait_s'] / r['step_time_s']:.1f}%")

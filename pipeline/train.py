@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -36,19 +37,26 @@ EXIT_CONFIG = 2
 # Fields that make a checkpoint belong to a model; the per-layer structure may legitimately change (pruning).
 IDENTITY_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "head_size",
                    "max_position_embeddings", "type_vocab_size", "use_nsp", "hidden_act")
-# Per-micro-batch sums all-reduced once per step: loss, mlm_loss, nsp_loss, correct, masked, micro-batches, stop.
-LOSS, MLM, NSP, CORRECT, MASKED, MICRO, STOP = range(7)
+# Per-micro-batch sums, all-reduced once per step (STOP: a rank got SIGTERM/SIGUSR1).
+LOSS, MLM, CORRECT, MASKED, MICRO, STOP, NSP, GATE_L1, GATE_PENALTY = range(9)
 
 
 # ---- model and engine -------------------------------------------------------------------------
 
 def model_config_for(cfg: RunConfig, data: ShardDataset) -> EarlyBertConfig:
     """The architecture of a fresh run: a preset (vocabulary from the shards) or a HF checkpoint's."""
-    overrides = {"use_gates": cfg.earlybert.use_gates, "use_nsp": data.has_nsp, **cfg.model.overrides}
-    if cfg.model.init_from:
-        return EarlyBertConfig.from_pretrained(cfg.model.init_from, **overrides)
-    return EarlyBertConfig.from_preset(cfg.model.preset, vocab_size=data.vocab_size,
-                                       pad_token_id=data.special_ids["pad"], **overrides)
+    # BertConfig keeps unknown keyword arguments as attributes: a typo would be silently ignored.
+    unknown = sorted(set(cfg.model.overrides) - set(EarlyBertConfig().to_dict()))
+    if unknown:
+        raise ConfigError(f"model.overrides: {', '.join(unknown)} are not EarlyBertConfig fields")
+    fields = {"use_gates": cfg.earlybert.use_gates, "use_nsp": data.has_nsp, **cfg.model.overrides}
+    try:
+        if cfg.model.init_from:
+            return EarlyBertConfig.from_pretrained(cfg.model.init_from, **fields)
+        return EarlyBertConfig.from_preset(cfg.model.preset, **{"vocab_size": data.vocab_size,
+                                                                "pad_token_id": data.special_ids["pad"], **fields})
+    except (OSError, ValueError, TypeError) as e:  # unknown preset or field, unreadable checkpoint
+        raise ConfigError(f"model: {e}") from e
 
 
 def build_model(model_config: EarlyBertConfig, cfg: RunConfig, fresh: bool) -> EarlyBertForPreTraining:
@@ -82,11 +90,10 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
 
 
 def build_engine(model: EarlyBertForPreTraining, cfg: RunConfig, ds_config: dict):
-    """(engine, optimizer, lr scheduler) for `model`. Call again with a pruned model after
-    `engine.destroy()`; the scheduler continues from `scheduler.last_epoch` once restored."""
+    """(engine, optimizer, lr scheduler) for `model`. Call it again with a pruned model after
+    `engine.destroy()`; restore the scheduler's position after."""
     import deepspeed
 
-    _check_gates_unpartitioned(model, ds_config)
     schedule = partial(lr_factor, cfg.optim, cfg.total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model), config=ds_config,
@@ -94,38 +101,24 @@ def build_engine(model: EarlyBertForPreTraining, cfg: RunConfig, ds_config: dict
     return engine, optimizer, scheduler
 
 
-def _check_gates_unpartitioned(model: EarlyBertForPreTraining, ds_config: dict) -> None:
-    """The gate penalty reads the gates outside their modules' forward. ZeRO-3 would have partitioned
-    them (an empty tensor on each rank: a silent zero penalty) unless they are below its persistence
-    threshold, which keeps small parameters whole on every rank."""
-    if zero_stage(ds_config) != 3 or not model.config.use_gates:
-        return
-    threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 100_000)
-    largest = max(g.numel() for g in model.head_gates() + model.ffn_gates())
-    if largest > threshold:
-        raise ConfigError(f"ZeRO-3 with gates needs zero_optimization.stage3_param_persistence_threshold >= "
-                          f"{largest} (the widest gate vector), got {threshold}")
-
-
 def compute_loss(engine, batch: dict, earlybert: EarlyBertSection) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training objective of one micro-batch, and its statistics (rows LOSS..MICRO).
+    """The training objective of one micro-batch, and its statistics (rows LOSS..GATE_PENALTY).
 
-    EarlyBERT's search stage adds the L1 norm of the gates, once per micro-batch."""
-    out = engine(**batch)
-    loss = out.loss
-    if earlybert.use_gates:
-        loss = loss + engine.module.gate_penalty(earlybert.lambda_heads, earlybert.lambda_ffn)
-    zero = torch.zeros((), device=loss.device)
-    stats = torch.stack([loss.detach().float(), out.mlm_loss.detach().float(),
-                         (out.nsp_loss if out.nsp_loss is not None else zero).detach().float(),
-                         out.mlm_correct.float(), out.mlm_count.float(), torch.ones((), device=loss.device),
-                         zero])
-    return loss, stats
+    Objective: MLM (+ NSP where the shards have sentence pairs) + EarlyBERT's L1 penalty on the
+    gates, once per micro-batch. The model adds the penalty inside its forward (gate_lambdas), the
+    only place where ZeRO-3 has the gates whole."""
+    lambdas = (earlybert.lambda_heads, earlybert.lambda_ffn) if engine.module.config.use_gates else None
+    out = engine(**batch, gate_lambdas=lambdas)
+    zero = torch.zeros((), device=out.loss.device)
+    optional = [out.nsp_loss, sum(out.gate_l1) if lambdas else None, out.gate_penalty]
+    stats = torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.mlm_correct, out.mlm_count, zero + 1, zero]
+                        + [zero if t is None else t.detach() for t in optional]).float()
+    return out.loss, stats
 
 
 def train_step(engine, micro_batches: list[dict], earlybert: EarlyBertSection, device: torch.device) -> torch.Tensor:
     """One optimizer step: DeepSpeed accumulates over the micro-batches and steps on the last one."""
-    stats = torch.zeros(STOP + 1, device=device)
+    stats = torch.zeros(GATE_PENALTY + 1, device=device)
     for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss, s = compute_loss(engine, batch, earlybert)
@@ -203,112 +196,148 @@ class StopRequest:
 
 # ---- the loop ---------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, d: distributed.DistInfo) -> int:
-    datasets = open_phases(cfg)
+@dataclass
+class Run:
+    """What the loop works on. A rebuild (pruning) replaces engine and scheduler in place."""
+
+    cfg: RunConfig
+    dist: distributed.DistInfo
+    state: RunState
+    engine: object
+    scheduler: object
+    log: MetricsLog
+    stop: StopRequest
+    peak_tflops: float | None  # per device, for MFU
+
+    def save(self) -> None:
+        tag = checkpoint.save(self.engine, self.cfg.checkpoint_dir, self.state, self.engine.module.config.to_dict(),
+                              self.dist, self.cfg.checkpoint.keep)
+        _say(self.dist, f"checkpoint {self.cfg.checkpoint_dir / tag}")
+
+
+@dataclass
+class Start:
+    tag: str | None  # checkpoint resumed from; None for a fresh run
+    state: RunState
+    model_config: EarlyBertConfig
+
+
+def find_start(cfg: RunConfig, datasets: list[ShardDataset]) -> Start:
+    """Where the run starts: RUN/checkpoints/latest, read (and checked against the config and the
+    shards) before any model or process group exists; or step 0."""
+    tag = checkpoint.latest_tag(cfg.checkpoint_dir)
+    if tag is None:
+        state = RunState(tokenizer_hash=datasets[0].tokenizer_hash)
+        start = Start(None, state, model_config_for(cfg, datasets[0]))
+    else:
+        state, architecture = checkpoint.read_tag(cfg.checkpoint_dir, tag)
+        check_resume(cfg, state, architecture, datasets, tag)
+        start = Start(tag, state, EarlyBertConfig.from_dict(architecture))
+    check_model_fits_data(start.model_config, datasets)
+    return start
+
+
+def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distributed.DistInfo) -> int:
+    state = start.state
+    if state.step == cfg.total_steps:
+        _say(d, f"{cfg.checkpoint_dir / start.tag} is at step {cfg.total_steps}: the run is complete")
+        return 0
     if d.is_main:  # the resolved config of the latest launch, overrides included
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    ds_json = read_deepspeed(cfg)
-    ckpt_dir = cfg.checkpoint_dir
-    tag = checkpoint.latest_tag(ckpt_dir)
-    if tag:
-        state, architecture = checkpoint.read_tag(ckpt_dir, tag)
-        check_resume(cfg, state, architecture, datasets, tag)
-        model_config = EarlyBertConfig.from_dict(architecture)
-    else:
-        state = RunState(world_size=d.world_size, zero_stage=zero_stage(ds_json),
-                         tokenizer_hash=datasets[0].tokenizer_hash)
-        model_config = model_config_for(cfg, datasets[0])
-    check_model_fits_data(model_config, datasets)
-    if state.step == cfg.total_steps:
-        _say(d, f"{ckpt_dir / tag} is at step {state.step} of {cfg.total_steps}: the run is complete")
-        return 0
-
-    universal = tag is not None and state.world_size != d.world_size
+    universal = start.tag is not None and state.world_size != d.world_size
     if universal:
-        if state.zero_stage == 3 or zero_stage(ds_json) == 3:
-            raise ConfigError(f"{ckpt_dir / tag} was written by {state.world_size} ranks; resuming on {d.world_size} "
-                              f"goes through DeepSpeed's universal checkpoint, supported here for ZeRO stages 1 "
-                              f"and 2, not 3: relaunch on {state.world_size} ranks")
-        _say(d, f"resuming {state.world_size}-rank checkpoint {tag} on {d.world_size} ranks (universal checkpoint)")
-        checkpoint.make_universal(ckpt_dir, tag, d)
+        if 3 in (state.zero_stage, zero_stage(read_deepspeed(cfg))):
+            raise ConfigError(f"{cfg.checkpoint_dir / start.tag} was written by {state.world_size} ranks; resuming "
+                              f"on {d.world_size} goes through DeepSpeed's universal checkpoint, supported here for "
+                              f"ZeRO stages 1 and 2, not 3: relaunch on {state.world_size} ranks")
+        _say(d, f"resuming the {state.world_size}-rank checkpoint {start.tag} on {d.world_size} ranks "
+                f"(DeepSpeed universal checkpoint)")
+        checkpoint.make_universal(cfg.checkpoint_dir, start.tag, d)
 
-    model = build_model(model_config, cfg, fresh=tag is None)
+    model = build_model(start.model_config, cfg, fresh=start.tag is None)
     ds_config = deepspeed_config(cfg, d.world_size, load_universal=universal)
     engine, _, scheduler = build_engine(model, cfg, ds_config)
-    if tag:
-        checkpoint.load(engine, ckpt_dir, tag, state, d, universal)
-        _say(d, f"resumed from {ckpt_dir / tag}: step {state.step}, {state.samples} samples")
+    if start.tag:
+        checkpoint.load(engine, cfg.checkpoint_dir, start.tag, state, d, universal)
+        _say(d, f"resumed from {cfg.checkpoint_dir / start.tag}: step {state.step}, {state.samples} samples")
     else:
         torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: a different stream on each rank
     state.world_size, state.zero_stage = d.world_size, zero_stage(ds_config)
-    if cfg.log.tensorboard and "tensorboard" not in ds_config:
-        _say(d, "log.tensorboard: the tensorboard package is not installed; metrics go to metrics.jsonl only")
-    if cfg.log.wandb and "wandb" not in ds_config:
-        _say(d, "log.wandb: the wandb package is not installed; metrics go to metrics.jsonl only")
+    for name in ("tensorboard", "wandb"):
+        if getattr(cfg.log, name) and name not in ds_config:
+            _say(d, f"log.{name}: the {name} package is not installed; metrics go to metrics.jsonl only")
 
-    stop = StopRequest()
-    log = MetricsLog(cfg.run_dir, total_steps=cfg.total_steps, start_step=state.step, interval=cfg.log.interval,
-                     monitor=engine.monitor, is_main=d.is_main)
-    peak = cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config))
-    grad_accum = ds_config["gradient_accumulation_steps"]
+    run = Run(cfg, d, state, engine, scheduler, stop=StopRequest(),
+              log=MetricsLog(cfg.run_dir, total_steps=cfg.total_steps, start_step=state.step,
+                             interval=cfg.log.interval, monitor=engine.monitor, is_main=d.is_main),
+              peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)))
     try:
         while state.phase < len(cfg.phases):
-            phase_idx = state.phase
-            data = datasets[phase_idx]
-            phase_end = sum(p.steps for p in cfg.phases[:phase_idx + 1])
-            flops = flops_per_sequence(engine.module.config, data.seq_len)
-            loader = PhaseLoader(data, seed=cfg.seed, phase=phase_idx, start_sample=state.phase_samples,
-                                 steps=phase_end - state.step, micro_batch_size=cfg.micro_batch_size,
-                                 grad_accum=grad_accum, world_size=d.world_size, rank=d.rank,
-                                 mask_prob=cfg.data.mask_prob, prefetch=cfg.data.prefetch,
-                                 pin_memory=d.device.type == "cuda")
-            try:
-                while state.step < phase_end:
-                    t0, wait0, lr = time.perf_counter(), loader.wait_s, scheduler.get_last_lr()[0]
-                    stats = train_step(engine, loader.next_step(), cfg.earlybert, d.device)
-                    stats[STOP] = float(stop.signum != 0)
-                    distributed.all_reduce_sum(stats)  # also the point where a step's time is settled
-                    step_time = time.perf_counter() - t0
-                    state.step += 1
-                    state.samples += cfg.global_batch_size
-                    state.phase_samples += cfg.global_batch_size
-                    if state.step == phase_end:
-                        state.phase, state.phase_samples = state.phase + 1, 0
-                    log.log(_record(engine, state, stats, cfg, step_time, loader.wait_s - wait0, flops, peak,
-                                    d.world_size, phase=phase_idx, seq_len=data.seq_len, lr=lr))
-                    stopping = stats[STOP].item() > 0
-                    if stopping or state.step % cfg.checkpoint.interval == 0 or state.step == cfg.total_steps:
-                        saved = checkpoint.save(engine, ckpt_dir, state, engine.module.config.to_dict(), d,
-                                                cfg.checkpoint.keep)
-                        _say(d, f"checkpoint {ckpt_dir / saved}")
-                    if stopping:
-                        _say(d, f"stopped by a signal at step {state.step}; relaunch the same command to resume")
-                        return EXIT_INTERRUPTED
-            finally:
-                loader.close()
+            if not run_phase(run, datasets[state.phase]):
+                _say(d, f"stopped by a signal at step {state.step}; relaunch the same command to resume")
+                return EXIT_INTERRUPTED
     finally:
-        log.close()
+        run.log.close()
+        run.engine.destroy()  # ZeRO-3's hooks and buffers go before the process group does
     _say(d, f"done: {state.step} steps, {state.samples} samples")
     return 0
 
 
-def _record(engine, state: RunState, stats: torch.Tensor, cfg: RunConfig, step_time: float, data_wait: float,
-            flops: float, peak: float | None, world: int, *, phase: int, seq_len: int, lr: float) -> dict:
-    s = stats.tolist()
+def run_phase(run: Run, data: ShardDataset) -> bool:
+    """Train the current phase to its end (True), or until a signal (False), checkpointing on the way."""
+    cfg, state = run.cfg, run.state
+    phase = state.phase
+    phase_end = sum(p.steps for p in cfg.phases[:phase + 1])
+    global_batch = cfg.global_batch_size
+    loader = PhaseLoader(data, seed=cfg.seed, phase=phase, start_sample=state.phase_samples,
+                         steps=phase_end - state.step, micro_batch_size=cfg.micro_batch_size,
+                         grad_accum=global_batch // (cfg.micro_batch_size * run.dist.world_size),
+                         world_size=run.dist.world_size, rank=run.dist.rank, mask_prob=cfg.data.mask_prob,
+                         prefetch=cfg.data.prefetch, pin_memory=run.dist.device.type == "cuda")
+    try:
+        while state.step < phase_end:
+            t0, wait0, lr = time.perf_counter(), loader.wait_s, run.scheduler.get_last_lr()[0]
+            stats = train_step(run.engine, loader.next_step(), cfg.earlybert, run.dist.device)
+            stats[STOP] = float(run.stop.signum != 0)
+            distributed.all_reduce_sum(stats)  # the step's one collective of its own
+            totals = stats.tolist()  # waits for the device: the step's time is settled here
+            step_time = time.perf_counter() - t0
+            state.step += 1
+            state.samples += global_batch
+            state.phase_samples += global_batch
+            if state.step == phase_end:
+                state.phase, state.phase_samples = phase + 1, 0
+            run.log.log(step_record(run, totals, phase=phase, seq_len=data.seq_len, lr=lr, step_time=step_time,
+                                    data_wait=loader.wait_s - wait0))
+            stopping = totals[STOP] > 0
+            if stopping or state.step % cfg.checkpoint.interval == 0 or state.step == cfg.total_steps:
+                run.save()
+            if stopping:
+                return False
+    finally:
+        loader.close()
+    return True
+
+
+def step_record(run: Run, totals: list[float], *, phase: int, seq_len: int, lr: float, step_time: float,
+                data_wait: float) -> dict:
+    """One metrics.jsonl line: global averages over every rank's micro-batches, whole-job throughput."""
+    s, config = totals, run.engine.module.config
     micro = s[MICRO]
-    seq_per_s = cfg.global_batch_size / step_time
-    r = {"step": state.step, "phase": phase, "seq_len": seq_len, "loss": s[LOSS] / micro,
+    seq_per_s = run.cfg.global_batch_size / step_time
+    r = {"step": run.state.step, "phase": phase, "seq_len": seq_len, "loss": s[LOSS] / micro,
          "mlm_loss": s[MLM] / micro, "mlm_acc": s[CORRECT] / max(s[MASKED], 1.0), "lr": lr,
-         "samples": state.samples, "step_time_s": step_time, "data_wait_s": data_wait,
-         "seq_per_s": seq_per_s, "tokens_per_s": seq_per_s * seq_len, "tflops": flops * seq_per_s / 1e12}
-    if engine.module.config.use_nsp:
+         "samples": run.state.samples, "step_time_s": step_time, "data_wait_s": data_wait,
+         "seq_per_s": seq_per_s, "tokens_per_s": seq_per_s * seq_len,
+         "tflops": flops_per_sequence(config, seq_len) * seq_per_s / 1e12}
+    if config.use_nsp:
         r["nsp_loss"] = s[NSP] / micro
-    if engine.module.config.use_gates:
-        with torch.no_grad():
-            r["gate_l1"] = engine.module.gate_penalty(1.0, 1.0).item()
-    if peak:
-        r["mfu"] = r["tflops"] / (peak * world)
+    if config.use_gates:
+        r["gate_l1"] = s[GATE_L1] / micro
+        r["gate_penalty"] = s[GATE_PENALTY] / micro
+    if run.peak_tflops:
+        r["mfu"] = r["tflops"] / (run.peak_tflops * run.dist.world_size)
     return r
 
 
@@ -339,9 +368,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    try:  # everything that can be checked from files, before any process group exists
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        datasets = open_phases(cfg)
+        start = find_start(cfg, datasets)
+    except (ConfigError, CheckpointError, ShardError) as e:
         print(f"earlybert train: {e}", file=sys.stderr)
         return EXIT_CONFIG
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -349,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     _set_cpu_threads(d)
     clean = False
     try:
-        code = train(cfg, d)
+        code = train(cfg, datasets, start, d)
         clean = True
         return code
-    except (ConfigError, CheckpointError, ShardError) as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"earlybert train (rank {d.rank}): {e}", file=sys.stderr)
         return EXIT_CONFIG
     finally:

@@ -1,0 +1,288 @@
+"""`earlybert train` end to end on CPU: bert-tiny, 2 ranks over gloo, fp32, a small real corpus.
+
+One uninterrupted 2-rank ZeRO-1 run (`reference`) is the yardstick: ZeRO-2 and ZeRO-3, mpirun,
+Slurm, and an interrupted-and-resumed run must reproduce its losses. fp32 on CPU with the same
+seeds makes those comparisons exact (1e-6), dropout included.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from cluster import mpi_unavailable, slurm_cluster, slurm_unavailable
+from pipeline.distributed import free_port
+from pipeline.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS = (8, 4)  # phase 0 at seq 32, phase 1 at seq 64
+TOTAL = sum(STEPS)
+
+
+def run_env() -> dict:
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """A real corpus (text on this machine), a WordPiece tokenizer, NSP shards at seq 32 and 64,
+    plus seq-32 shards of another tokenizer."""
+    root = tmp_path_factory.mktemp("data")
+    prep = [str(BIN / "python"), "-m", "data_prep"]
+
+    def run(*args):
+        subprocess.run(prep + list(args), check=True, cwd=root, capture_output=True)
+
+    run("local-corpus", "--output", "corpus.txt", "--max-mb", "1")
+    run("tokenizer", "--input", "corpus.txt", "--output", "tok.json", "--vocab-size", "2000", "--lowercase")
+    run("tokenizer", "--input", "corpus.txt", "--output", "other.json", "--vocab-size", "1500")
+    for name, tok, seq_len in (("seq32", "tok.json", 32), ("seq64", "tok.json", 64), ("other32", "other.json", 32)):
+        run("--input", "corpus.txt", "--output", name, "--tokenizer", tok, "--seq-len", str(seq_len), "--workers", "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def config(shards, tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": "unused", "seed": 7,
+        "model": {"preset": "bert-tiny"},
+        "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
+        "phases": [{"shards": str(shards / "seq32"), "steps": STEPS[0]},
+                   {"shards": str(shards / "seq64"), "steps": STEPS[1]}],
+        # 32 sequences per rank: steps long enough (~0.1 s) to be interrupted at a chosen point
+        "micro_batch_size": 32, "global_batch_size": 64,
+        "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "checkpoint": {"interval": 3, "keep": 2},
+        "log": {"interval": 4},
+    }))
+    return path
+
+
+def train_cmd(config, run_dir, *overrides) -> list[str]:
+    return ["--config", str(config), f"run_dir={run_dir}", *overrides]
+
+
+def deepspeed(config, run_dir, *overrides, ranks=2, script=None):
+    """Start `earlybert train` under the deepspeed launcher; returns the launcher's Popen."""
+    target = [script] if script else ["--module", "pipeline.train"]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *target,
+           *train_cmd(config, run_dir, *overrides)]
+    return subprocess.Popen(cmd, env=run_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=240) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def latest(run_dir) -> str:
+    return (Path(run_dir) / "checkpoints" / "latest").read_text()
+
+
+def wait_for_step(proc, run_dir, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logged = metrics(run_dir)
+        if logged and logged[-1]["step"] >= step:
+            return logged[-1]["step"]
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}"
+        time.sleep(0.01)
+    raise TimeoutError(f"step {step} not reached in {timeout} s")
+
+
+def assert_same_losses(run_dir, reference, tol=1e-6, keys=("loss", "mlm_loss", "nsp_loss", "lr", "samples")):
+    got, ref = metrics(run_dir), metrics(reference)
+    assert [m["step"] for m in got] == list(range(1, TOTAL + 1)), "one metrics line per step, none twice"
+    for g, r in zip(got, ref):
+        for k in keys:
+            assert g[k] == pytest.approx(r[k], abs=tol), f"step {g['step']} {k}: {g[k]} != reference {r[k]}"
+
+
+@pytest.fixture(scope="session")
+def reference(config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    code, out = finish(deepspeed(config, run_dir))
+    assert code == 0, out
+    return run_dir
+
+
+def test_zero1_trains_two_phases_and_logs_every_step(reference):
+    logged = metrics(reference)
+    assert [m["step"] for m in logged] == list(range(1, TOTAL + 1))
+    assert [m["seq_len"] for m in logged] == [32] * STEPS[0] + [64] * STEPS[1]
+    assert logged[-1]["samples"] == 64 * TOTAL
+    first, last = logged[0], logged[STEPS[0] - 1]
+    assert last["mlm_loss"] < first["mlm_loss"] - 0.3, "the MLM loss goes down within phase 0"
+    for m in logged:
+        assert {"loss", "mlm_loss", "nsp_loss", "mlm_acc", "lr", "samples", "seq_per_s", "tokens_per_s", "tflops",
+                "gate_l1", "gate_penalty", "step_time_s", "data_wait_s"} <= set(m)
+        assert m["loss"] == pytest.approx(m["mlm_loss"] + m["nsp_loss"] + m["gate_penalty"], rel=1e-5)
+    assert logged[0]["gate_l1"] == pytest.approx(2 * 4 + 2 * 256)  # bert-tiny's gates, all 1.0 at step 0
+    ckpt = reference / "checkpoints"
+    assert latest(reference) == "step_00000012"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000009", "step_00000012"]  # keep: 2
+    tag = ckpt / "step_00000012"
+    state = json.loads((tag / "run_state.json").read_text())
+    assert state["step"] == TOTAL and state["samples"] == 64 * TOTAL and state["world_size"] == 2
+    assert json.loads((tag / "architecture.json").read_text())["num_heads_per_layer"] == [4, 4]
+    assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= {p.name for p in tag.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def stage_runs(config, reference, tmp_path_factory):
+    """The reference run's config on ZeRO stages 2 and 3; DeepSpeed's CSV monitor stands in for
+    TensorBoard / W&B (the same monitor interface)."""
+    runs = {1: reference}
+    for stage in (2, 3):
+        root = tmp_path_factory.mktemp(f"zero{stage}")
+        monitor = [f"deepspeed_overrides.csv_monitor.{k}={v}"
+                   for k, v in (("enabled", "true"), ("output_path", root / "monitor"), ("job_name", "train"))]
+        code, out = finish(deepspeed(config, root / "run", f"deepspeed_overrides.zero_optimization.stage={stage}",
+                                     *monitor))
+        assert code == 0, out
+        runs[stage] = root / "run"
+    return runs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero2_and_zero3_reproduce_zero1(stage_runs, reference, stage):
+    run_dir = stage_runs[stage]
+    assert_same_losses(run_dir, reference, tol=1e-4, keys=("loss", "mlm_loss", "gate_l1", "lr"))
+    rows = (run_dir.parent / "monitor" / "train" / "Train_mlm_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,mlm_loss" and len(rows) == TOTAL + 1
+
+
+def test_kill9_sigterm_and_a_crash_during_save_resume_exactly(config, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    # 1. kill -9 one rank mid-run: the launcher takes the other down; latest is a complete checkpoint.
+    proc = deepspeed(config, run_dir)
+    wait_for_step(proc, run_dir, 4)
+    rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline())
+    rank1.kill()
+    code, out = finish(proc)
+    assert code != 0
+    killed_at = latest(run_dir)
+
+    # 2. relaunch: resumes; SIGTERM to the per-node launcher (deepspeed.launcher.launch, which forwards
+    # it to the ranks) saves at the current step.
+    proc = deepspeed(config, run_dir)
+    wait_for_step(proc, run_dir, int(killed_at[5:]) + 2)
+    launcher = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "deepspeed.launcher.launch" in p.cmdline())
+    launcher.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert f"resumed from {run_dir / 'checkpoints' / killed_at}" in out
+    assert "stopped by a signal at step" in out
+    stopped = metrics(run_dir)[-1]["step"]
+    assert latest(run_dir) == f"step_{stopped:08d}" and stopped < TOTAL
+
+    # 3. relaunch, crashing in the middle of the final save (model states written, optimizer states
+    # not, `latest` not moved): the previous checkpoint stays the one to resume from.
+    crashing = tmp_path / "crash_in_save.py"
+    crashing.write_text(
+        "import os, sys\n"
+        "from deepspeed.runtime.engine import DeepSpeedEngine\n"
+        "from pipeline.train import main\n"
+        "save_optimizer_states = DeepSpeedEngine._save_zero_checkpoint\n"
+        "def crash(self, save_dir, tag):\n"
+        f"    if tag == 'step_{TOTAL:08d}':\n"
+        "        os._exit(9)\n"
+        "    save_optimizer_states(self, save_dir, tag)\n"
+        "DeepSpeedEngine._save_zero_checkpoint = crash\n"
+        "sys.exit(main([a for a in sys.argv[1:] if not a.startswith('--local_rank')]))\n")
+    code, out = finish(deepspeed(config, run_dir, script=str(crashing)))
+    assert code != 0
+    partial = run_dir / "checkpoints" / f"step_{TOTAL:08d}"
+    assert (partial / "mp_rank_00_model_states.pt").exists() and not list(partial.glob("*optim_states.pt"))
+    before_crash = latest(run_dir)
+    assert before_crash != partial.name
+
+    # 4. relaunch: resumes from the checkpoint before the crash, replaces the partial one, finishes.
+    code, out = finish(deepspeed(config, run_dir))
+    assert code == 0, out
+    assert f"resumed from {run_dir / 'checkpoints' / before_crash}" in out
+    assert latest(run_dir) == partial.name and list(partial.glob("*optim_states.pt"))
+    assert_same_losses(run_dir, reference)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_on_one_rank_from_a_two_rank_checkpoint(config, stage_runs, tmp_path, stage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage_runs[stage], run_dir)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000009")
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000012")
+    proc = subprocess.run([str(BIN / "python"), "-m", "pipeline.train", *train_cmd(config, run_dir),
+                           f"deepspeed_overrides.zero_optimization.stage={stage}"],
+                          env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "universal checkpoint" in proc.stdout and (run_dir / "checkpoints/step_00000009/universal").is_dir()
+    assert json.loads((run_dir / "checkpoints/step_00000012/run_state.json").read_text())["world_size"] == 1
+    # The same global batch (now 2 micro-batches on one rank) and the same samples and masks: only
+    # dropout draws differ from the 2-rank run.
+    assert_same_losses(run_dir, stage_runs[stage], tol=0.05, keys=("loss",))
+    assert_same_losses(run_dir, stage_runs[stage], tol=1e-12, keys=("lr", "samples"))
+
+
+def test_bad_runs_fail_fast_with_a_clear_message(config, reference, shards, tmp_path, capsys):
+    """Checked from files before any process group exists: main() returns 2 in this process."""
+    def fails(*overrides):
+        assert main(["--config", str(config), *overrides]) == 2
+        return capsys.readouterr().err
+
+    assert "unknown key(s) optim.learning_rate" in fails(f"run_dir={tmp_path}", "optim.learning_rate=1")
+    assert "ZeRO has stages 0, 1, 2 and 3" in fails(f"run_dir={tmp_path}", "deepspeed_overrides.zero_optimization.stage=4")
+    lamb = tmp_path / "lamb.json"
+    lamb.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "LAMB", "params": {}}}))
+    assert "LAMB with ZeRO stage 2 is refused" in fails(f"run_dir={tmp_path}", f"deepspeed={lamb}")
+    assert "hiden_dropout_prob are not EarlyBertConfig fields" in fails(f"run_dir={tmp_path}",
+                                                                      "model.overrides.hiden_dropout_prob=0")
+    assert "unknown model preset 'bert-huge'" in fails(f"run_dir={tmp_path}", "model.preset=bert-huge")
+    assert "prepared with another tokenizer" in fails(f"run_dir={tmp_path}", f"phases.1.shards={shards / 'other32'}")
+    assert "manifest.json: not found" in fails(f"run_dir={tmp_path}", f"phases.0.shards={tmp_path}")
+    # Resuming the reference run with another tokenizer's shards, or as another model.
+    other_tok = fails(f"run_dir={reference}", f"phases.0.shards={shards / 'other32'}",
+                      f"phases.1.shards={shards / 'other32'}")
+    assert "was trained on shards of another tokenizer" in other_tok
+    other_model = fails(f"run_dir={reference}", "model.preset=bert-mini")
+    assert "checkpoint of another model" in other_model and "hidden_size: checkpoint 64, config 256" in other_model
+    assert "steps the phases plan" in fails(f"run_dir={reference}", "phases.1.steps=1")
+
+
+def test_mpirun_runs_the_same_training(config, reference, tmp_path):
+    if reason := mpi_unavailable():
+        pytest.skip(reason)
+    env = {**run_env(), "PYTHON": str(BIN / "python"), "NP": "2", "MASTER_PORT": str(free_port()),
+           "MPI_ARGS": "--oversubscribe"}
+    proc = subprocess.run([str(REPO / "launch" / "mpirun.sh"), str(config), f"run_dir={tmp_path / 'run'}"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_same_losses(tmp_path / "run", reference)
+
+
+def test_slurm_sbatch_runs_a_two_task_training_job(config, reference, tmp_path):
+    if reason := slurm_unavailable():
+        pytest.skip(reason)
+    with slurm_cluster(tmp_path / "slurm") as slurm:
+        env = {**run_env(), "PYTHON": str(BIN / "python")}
+        job = slurm.sbatch("--ntasks=2", f"--output={tmp_path / 'job.out'}", str(REPO / "launch" / "slurm.sbatch"),
+                           str(config), f"run_dir={tmp_path / 'run'}", env=env, cwd=REPO)
+        state = slurm.wait(job, timeout=240)
+        out = (tmp_path / "job.out").read_text()
+        assert state == "COMPLETED", out
+    assert "2 tasks" in out and "done: 12 steps" in out
+    assert_same_losses(tmp_path / "run", reference)

@@ -1,0 +1,252 @@
+"""`earlybert train` pieces that need no process group: run config, sampler, masking, LR schedule,
+checkpoint bookkeeping, launcher detection. The DeepSpeed runs are in test_train_runs.py."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import checkpoint, distributed
+from pipeline.config import ConfigError, OptimConfig, deepspeed_config, load_config
+from pipeline.loader import Permutation, mask_tokens, rank_positions, stream_samples
+from pipeline.metrics import truncate_after
+from pipeline.train import StopRequest, lr_factor, phase_at
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+def write_config(tmp_path, **top):
+    cfg = {"run_dir": str(tmp_path / "run"), "phases": [{"shards": "s128", "steps": 90}, {"shards": "s512", "steps": 10}],
+           "deepspeed": os.path.join(REPO, "ds_configs/zero1.json"), **top}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def write_ds(tmp_path, ds):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+# ---- run config ---------------------------------------------------------------------------------
+
+def test_example_configs_load():
+    names = sorted(os.listdir(os.path.join(REPO, "launch/configs")))
+    assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml"} <= set(names)
+    for name in names:
+        cfg = load_config(os.path.join(REPO, "launch/configs", name))
+        assert cfg.total_steps == sum(p.steps for p in cfg.phases) > 0
+    for name in ("bert-base", "bert-large"):  # BERT's recipe: 90% of the steps at seq 128, then 512
+        assert [p.shards[-6:] for p in load_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases] == \
+            ["seq128", "seq512"]
+
+
+def test_overrides_are_typed_and_reach_lists(tmp_path):
+    cfg = load_config(write_config(tmp_path), ["optim.lr=5e-4", "phases.1.steps=20", "earlybert.use_gates=false",
+                                               "model.overrides.hidden_dropout_prob=0.0", "log.peak_tflops=989"])
+    assert cfg.optim.lr == 5e-4 and cfg.phases[1].steps == 20 and cfg.total_steps == 110
+    assert cfg.earlybert.use_gates is False and cfg.model.overrides == {"hidden_dropout_prob": 0.0}
+    assert cfg.log.peak_tflops == 989.0 and cfg.earlybert.lambda_heads == cfg.earlybert.lambda_ffn == 1e-4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=1"], "unknown key(s) optim.lrr"),
+    (["checkpointing.interval=5"], "unknown key(s) checkpointing"),
+    (["phases.0.shard=x"], "unknown key(s) phases.0.shard"),
+    (["phases.5.steps=1"], "not an index of a 2-item list"),
+    (["micro_batch_size=eight"], "micro_batch_size: expected int"),
+    (["phases.0.steps=true"], "phases.0.steps: expected int"),
+    (["optim.schedule=step"], "choose one of linear, cosine, constant"),
+    (["global_batch_size=30", "micro_batch_size=8"], "not a multiple of micro_batch_size"),
+    (["optim.warmup_steps=1000"], "warmup_steps=1000"),
+    (["deepspeed_overrides.zero_optimization.stage=4"], "stage=4; DeepSpeed ZeRO has stages 0, 1, 2 and 3"),
+    (["deepspeed=/nonexistent.json"], "cannot read /nonexistent.json"),
+    (["seed"], "expected key=value"),
+])
+def test_bad_configs_fail_with_a_clear_message(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path), overrides)
+    assert message in str(err.value)
+
+
+def test_lamb_is_refused_with_zero_and_accepted_without(tmp_path):
+    lamb = {"optimizer": {"type": "Lamb", "params": {}}}
+    for stage in (1, 2, 3):
+        ds = write_ds(tmp_path, {**lamb, "zero_optimization": {"stage": stage}})
+        with pytest.raises(ConfigError, match=f"Lamb with ZeRO stage {stage} is refused.*trust ratio"):
+            load_config(write_config(tmp_path, deepspeed=ds))
+    load_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs/zero0_lamb_bf16.json")))
+
+
+def test_every_shipped_deepspeed_config_is_valid(tmp_path):
+    names = sorted(os.listdir(os.path.join(REPO, "ds_configs")))
+    assert {"zero1.json", "zero2.json", "zero3.json", "zero2_fp16.json", "zero3_offload_bf16.json"} <= set(names)
+    for name in names:
+        cfg = load_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs", name)))
+        ds = deepspeed_config(cfg, world_size=2)
+        assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
+
+
+def test_deepspeed_keys_owned_by_the_run_config_are_refused(tmp_path):
+    for extra in ({"train_batch_size": 64}, {"scheduler": {"type": "WarmupLR"}},
+                  {"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}}):
+        ds = write_ds(tmp_path, {"zero_optimization": {"stage": 1}, **extra})
+        with pytest.raises(ConfigError, match="set by the run config"):
+            load_config(write_config(tmp_path, deepspeed=ds))
+
+
+def test_deepspeed_config_batch_arithmetic(tmp_path):
+    cfg = load_config(write_config(tmp_path, micro_batch_size=4, global_batch_size=32, optim={"lr": 3e-4}))
+    ds = deepspeed_config(cfg, world_size=4)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 2)
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["zero_optimization"]["stage"] == 1
+    assert "load_universal" not in ds.get("checkpoint", {})
+    assert deepspeed_config(cfg, world_size=1, load_universal=True)["checkpoint"]["load_universal"] is True
+    with pytest.raises(ConfigError, match="x ranks \\(3\\)"):
+        deepspeed_config(cfg, world_size=3)
+
+
+def test_lr_schedule():
+    total = 100
+    linear = [lr_factor(OptimConfig(schedule="linear", warmup_steps=10), total, s) for s in range(total)]
+    assert linear[0] == pytest.approx(0.1) and linear[9] == 1.0 and linear[10] == 1.0  # first step trains
+    assert all(a >= b for a, b in zip(linear[10:], linear[11:])) and 0 < linear[-1] < 0.02
+    cosine = [lr_factor(OptimConfig(schedule="cosine", warmup_steps=0), total, s) for s in range(total)]
+    assert cosine[0] == 1.0 and cosine[50] == pytest.approx(0.5) and 0 < cosine[-1] < 0.01
+    assert lr_factor(OptimConfig(schedule="constant", warmup_steps=4), total, 99) == 1.0
+
+
+def test_phase_at(tmp_path):
+    cfg = load_config(write_config(tmp_path))
+    assert [phase_at(cfg, s) for s in (0, 89, 90, 99, 100)] == [0, 0, 1, 1, 2]
+
+
+# ---- sampler and masking ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 1025])
+def test_permutation_is_a_bijection_that_changes_with_the_epoch(n):
+    p0, p1 = Permutation(n, 7, 0, 0)(np.arange(n)), Permutation(n, 7, 0, 1)(np.arange(n))
+    assert sorted(p0.tolist()) == list(range(n)) == sorted(p1.tolist())
+    if n >= 64:
+        assert (p0 != p1).mean() > 0.9 and (p0 != np.arange(n)).mean() > 0.9
+
+
+@pytest.mark.parametrize("world,micro", [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_every_sample_once_per_epoch_whatever_the_rank_count(world, micro):
+    """The same global batch on any number of ranks covers the same stream positions, each once."""
+    n, global_batch = 53, 8
+    grad_accum = global_batch // (micro * world)
+    positions = [rank_positions(start, micro, world, r, m)
+                 for start in range(0, 2 * n + 6, global_batch) for m in range(grad_accum) for r in range(world)]
+    positions = np.concatenate(positions)
+    assert sorted(positions.tolist()) == list(range(len(positions)))  # no gap, no repeat
+    epochs, indices = stream_samples(positions, n, seed=3, phase=0)
+    for e in (0, 1):
+        assert sorted(indices[epochs == e].tolist()) == list(range(n))
+    # Resuming at any step boundary continues the same stream.
+    resumed = stream_samples(positions[16:], n, seed=3, phase=0)[1]
+    assert (resumed == indices[16:]).all()
+
+
+def _batch(rows=16, seq_len=40, vocab=500, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab, size=(rows, seq_len))
+    lengths = rng.integers(8, seq_len + 1, size=rows)
+    mask = (np.arange(seq_len)[None] < lengths[:, None]).astype(np.int64)
+    ids[:, 0] = SPECIAL["cls"]
+    ids[np.arange(rows), lengths - 1] = SPECIAL["sep"]
+    ids[mask == 0] = SPECIAL["pad"]
+    return ids, mask
+
+
+def test_masking_is_bert_like():
+    ids, attn = _batch(rows=400, seq_len=64, vocab=3000)
+    epochs, index = np.zeros(400, dtype=np.int64), np.arange(400)
+    masked, labels = mask_tokens(ids, attn, epochs, index, seed=1, phase=0, mask_prob=0.15,
+                                 special_ids=SPECIAL, vocab_size=3000)
+    sel = labels != -100
+    maskable = (attn == 1) & ~np.isin(ids, [SPECIAL[k] for k in ("cls", "sep", "pad")])
+    assert not (sel & ~maskable).any()  # never [CLS], [SEP] or padding
+    assert (labels[sel] == ids[sel]).all() and (masked[~sel] == ids[~sel]).all()
+    assert np.abs(sel.sum(1) - np.floor(0.15 * maskable.sum(1) + 0.5)).max() == 0  # exactly 15% per sequence
+    to_mask = (masked[sel] == SPECIAL["mask"]).mean()
+    kept = (masked[sel] == ids[sel]).mean()
+    assert 0.77 < to_mask < 0.83 and 0.08 < kept < 0.12  # 80% [MASK], 10% kept, the rest random
+    assert not np.isin(masked[sel & (masked != ids) & (masked != SPECIAL["mask"])], list(SPECIAL.values())).any()
+
+
+def test_masking_depends_only_on_seed_epoch_and_sample():
+    ids, attn = _batch()
+    epochs, index = np.zeros(16, dtype=np.int64), np.arange(100, 116)
+    kw = dict(seed=5, phase=0, mask_prob=0.15, special_ids=SPECIAL, vocab_size=500)
+    whole = mask_tokens(ids, attn, epochs, index, **kw)
+    # The same samples split over "ranks" in another order get the same masks.
+    order = np.random.default_rng(1).permutation(16)
+    parts = mask_tokens(ids[order], attn[order], epochs[order], index[order], **kw)
+    for a, b in zip(whole, parts):
+        assert (a[order] == b).all()
+    next_epoch = mask_tokens(ids, attn, epochs + 1, index, **kw)
+    other_seed = mask_tokens(ids, attn, epochs, index, **{**kw, "seed": 6})
+    assert (next_epoch[1] != whole[1]).any() and (other_seed[1] != whole[1]).any()
+
+
+# ---- checkpoints, metrics, signals, launchers ----------------------------------------------------
+
+def _fake_tag(ckpt, step):
+    folder = ckpt / checkpoint.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / checkpoint.RUN_STATE).write_text(json.dumps(checkpoint.RunState(step=step).to_dict()))
+    (folder / checkpoint.ARCHITECTURE).write_text("{}")
+
+
+def test_prune_keeps_the_newest_complete_tags_and_drops_crash_leftovers(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        _fake_tag(tmp_path, step)
+    (tmp_path / checkpoint.LATEST).write_text(checkpoint.tag_for(40))  # step_50: a save that crashed
+    checkpoint.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000030", "step_00000040"]
+    state, arch = checkpoint.read_tag(tmp_path, checkpoint.latest_tag(tmp_path))
+    assert state.step == 40 and arch == {}
+
+
+def test_latest_naming_an_incomplete_tag_is_an_error(tmp_path):
+    assert checkpoint.latest_tag(tmp_path) is None
+    (tmp_path / checkpoint.LATEST).write_text("step_00000007")
+    with pytest.raises(checkpoint.CheckpointError, match="has no run_state.json"):
+        checkpoint.latest_tag(tmp_path)
+
+
+def test_metrics_after_a_resume_keep_one_line_per_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
+    truncate_after(path, 4)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_sigterm_and_sigusr1_only_raise_a_flag():
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            stop = StopRequest()
+            os.kill(os.getpid(), sig)
+            assert stop.signum == sig
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def test_launcher_detection_and_slurm_rank_mapping():
+    torch_env = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1")
+    assert distributed.detect_launcher(torch_env) == "env"
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "n[1-2]", "MASTER_ADDR": "n1"}
+    assert distributed.detect_launcher(srun) == "slurm"
+    assert distributed.slurm_env(srun) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_PORT": "32345"}
+    batch_script = {k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}
+    assert distributed.detect_launcher(batch_script) == "single"
+    assert distributed.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
+    assert distributed.detect_launcher({}) == "single"
