@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.detector import DetectorConfig
+
 
 class ConfigError(ValueError):
     """A run or DeepSpeed config that cannot work; the message says what to change."""
@@ -29,11 +31,31 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.0}
 
 
+EARLYBERT_MODES = ("earlybert", "fixed", "random", "dense")
+
+
 @dataclass
 class EarlyBertSection:
-    use_gates: bool = True  # learnable head/FFN gates with an L1 penalty (EarlyBERT's search stage)
-    lambda_heads: float = 1e-4
-    lambda_ffn: float = 1e-4
+    """The search stage, the draw and what follows it (see pipeline/search.py).
+
+    mode: earlybert  gates + L1, the early-bird detector draws the ticket when the masks stop changing
+          fixed      gates + L1, the ticket is drawn at draw_step          (baseline: hand-set draw step)
+          random     random units pruned at draw_step, at the same ratios  (baseline: random pruning)
+          dense      plain BERT: no gates, no draw                          (baseline: full BERT)
+    """
+
+    mode: str = "earlybert"
+    lambda_heads: float = 1e-4  # L1 on the head gates (a sum over heads, per micro-batch)
+    lambda_ffn: float = 1e-4  # L1 on the FFN gates
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    draw_step: int | None = None  # fixed and random modes
+    fold_gates: bool = True  # after the draw: fold the gates into W_O / W_2 (exact), or keep them as free parameters without L1
+    optimizer_after_draw: str = "carry"  # carry: slice the Adam moments to the ticket; reset: start them from zero
+    after_draw: str = "continue"  # continue from the current weights, or rewind the pruned structure to the starting weights
+
+    @property
+    def use_gates(self) -> bool:
+        return self.mode != "dense"
 
 
 @dataclass
@@ -164,7 +186,10 @@ def from_dict(cls, data, where: str):
             kwargs[f.name] = _coerce(hints[f.name], data[f.name], where + f.name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {where + f.name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own checks (e.g. DetectorConfig's)
+        raise ConfigError(str(e)) from None
 
 
 def _coerce(tp, value, where: str):
@@ -210,10 +235,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.schedule {cfg.optim.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if not 0 <= cfg.optim.warmup_steps <= cfg.total_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be in [0, total steps {cfg.total_steps}]")
+    validate_earlybert(cfg.earlybert, cfg.total_steps)
     if cfg.global_batch_size % cfg.micro_batch_size:
         raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of "
                           f"micro_batch_size={cfg.micro_batch_size}")
     validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
+
+
+def validate_earlybert(eb: EarlyBertSection, total_steps: int) -> None:
+    choices = {"mode": EARLYBERT_MODES, "optimizer_after_draw": ("carry", "reset"), "after_draw": ("continue", "rewind")}
+    for name, allowed in choices.items():
+        if getattr(eb, name) not in allowed:
+            raise ConfigError(f"earlybert.{name} {getattr(eb, name)!r}: choose one of {', '.join(allowed)}")
+    if eb.lambda_heads < 0 or eb.lambda_ffn < 0:
+        raise ConfigError("earlybert.lambda_heads and lambda_ffn must be >= 0")
+    if eb.mode in ("fixed", "random") and not (eb.draw_step and 0 < eb.draw_step < total_steps):
+        raise ConfigError(f"earlybert.mode={eb.mode} draws at earlybert.draw_step: set it to a step in "
+                          f"[1, {total_steps - 1}], got {eb.draw_step}")
 
 
 # ---- DeepSpeed --------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
 def snapshot_engine(engine, weights_only: bool = False) -> EngineSnapshot:
     """Every rank calls this (the reads are collectives under ZeRO)."""
     base = base_optimizer(engine)
+    link_optimizer_state(engine)
     weights, moments = {}, {key: {} for key in MOMENTS}
     for name, p in engine.module.named_parameters():
         weights[name] = full_fp32(p)
@@ -122,11 +123,7 @@ def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict) -
     base = base_optimizer(engine)
     if moments:
         _create_adam_state(base, _optimizer_tensors(engine), snap.optimizer_step or 0.0)
-        # ZeRO-1/2 and the bf16 optimizer link each parameter to its slice of the flat state after
-        # the first step; the state exists now, so link it now.
-        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if link is not None:
-            link()
+        link_optimizer_state(engine)
     for name, p in engine.module.named_parameters():
         _set_full(p, weights[name], None, base)
         for key, values in moments.items():
@@ -141,6 +138,18 @@ def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict) -
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     for k, v in snap.loss_scaler.items():
         setattr(scaler, k, v)
+
+
+def link_optimizer_state(engine) -> None:
+    """Point every parameter's fragment mapping at its slice of the optimizer state.
+
+    ZeRO-1/2 and the bf16 optimizer link these lazily, once, right after the first parameter
+    group's first step: with several groups (decay / no decay) the later groups have no state yet
+    and stay unlinked for good, so their moments cannot be read. Link again now that all exist."""
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
 
 
 def _optimizer_tensors(engine) -> list[torch.Tensor]:

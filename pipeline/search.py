@@ -28,7 +28,7 @@ from pipeline.detector import (
     Decision, DetectorConfig, DetectorState, Masks, broadcast_decision, check_same_masks, keep_mask, masks_from_gates,
     observe,
 )
-from pipeline.model import EarlyBertConfig, flops_per_sequence
+from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining, flops_per_sequence, parameter_count
 from pipeline.rebuild import full_fp32
 
 MODES = ("earlybert", "fixed", "random", "dense")
@@ -75,8 +75,15 @@ def search_step(model, mode: str, detector: DetectorConfig, draw_step: int | Non
     return decision, state.to_json() if is_main else state_json
 
 
-def ticket_record(decision: Decision, mode: str, detector_state: dict | None, before, after, seq_len: int,
-                  params_before: int, params_after: int) -> dict:
+def parameters_of(config: EarlyBertConfig) -> int:
+    """Parameter count of the model a config describes (built on the meta device: no memory, no init;
+    the engine's own parameters are partitioned under ZeRO-3)."""
+    with torch.device("meta"):
+        return parameter_count(EarlyBertForPreTraining(config))
+
+
+def ticket_record(decision: Decision, mode: str, detector_state: dict | None, before: EarlyBertConfig,
+                  after: EarlyBertConfig, seq_len: int) -> dict:
     """The content of RUN/ticket.json."""
     return {
         "mode": mode,
@@ -89,8 +96,8 @@ def ticket_record(decision: Decision, mode: str, detector_state: dict | None, be
         "kept_neurons": decision.masks.kept_neurons(),
         "mask_digest": decision.masks.digest(),
         "distance_history": (detector_state or {}).get("history", []),
-        "params_before": params_before,
-        "params_after": params_after,
+        "params_before": parameters_of(before),
+        "params_after": parameters_of(after),
         "seq_len": seq_len,
         "flops_per_sequence_before": flops_per_sequence(before, seq_len),
         "flops_per_sequence_after": flops_per_sequence(after, seq_len),
@@ -100,6 +107,7 @@ def ticket_record(decision: Decision, mode: str, detector_state: dict | None, be
 def write_ticket(run_dir: Path, record: dict) -> Path:
     path = Path(run_dir) / TICKET
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    # One key per line, each value on its line: readable, and the id lists stay compact.
+    tmp.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
     os.replace(tmp, path)
     return path

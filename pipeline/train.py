@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from data_prep import ShardDataset, ShardError
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, checkpoint, distributed
@@ -31,6 +32,8 @@ from pipeline.config import (ConfigError, EarlyBertSection, OptimConfig, RunConf
 from pipeline.loader import PhaseLoader
 from pipeline.metrics import MetricsLog, device_peak_tflops
 from pipeline.model import flops_per_sequence
+from pipeline.rebuild import rebuild_engine, snapshot_engine
+from pipeline.search import TICKET as RUN_TICKET, search_step, ticket_record, write_ticket
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; relaunch the same command to resume
 EXIT_CONFIG = 2
@@ -39,6 +42,8 @@ IDENTITY_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers
                    "max_position_embeddings", "type_vocab_size", "use_nsp", "hidden_act")
 # Per-micro-batch sums, all-reduced once per step (STOP: a rank got SIGTERM/SIGUSR1).
 LOSS, MLM, CORRECT, MASKED, MICRO, STOP, NSP, GATE_L1, GATE_PENALTY = range(9)
+# RunState.extra keys of the EarlyBERT stage, and the file of the starting weights (rewind).
+DETECTOR_KEY, TICKET_KEY, START_WEIGHTS = "detector", "ticket", "start_weights.safetensors"
 
 
 # ---- model and engine -------------------------------------------------------------------------
@@ -101,27 +106,34 @@ def build_engine(model: EarlyBertForPreTraining, cfg: RunConfig, ds_config: dict
     return engine, optimizer, scheduler
 
 
-def compute_loss(engine, batch: dict, earlybert: EarlyBertSection) -> tuple[torch.Tensor, torch.Tensor]:
+def gate_lambdas(earlybert: EarlyBertSection, state: RunState) -> tuple[float, float] | None:
+    """The L1 weights during the search stage; None for plain BERT and after the draw (gates, if
+    kept, train on as free parameters)."""
+    if not earlybert.use_gates or TICKET_KEY in state.extra:
+        return None
+    return earlybert.lambda_heads, earlybert.lambda_ffn
+
+
+def compute_loss(engine, batch: dict, lambdas: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training objective of one micro-batch, and its statistics (rows LOSS..GATE_PENALTY).
 
     Objective: MLM (+ NSP where the shards have sentence pairs) + EarlyBERT's L1 penalty on the
     gates, once per micro-batch. The model adds the penalty inside its forward (gate_lambdas), the
     only place where ZeRO-3 has the gates whole."""
-    lambdas = (earlybert.lambda_heads, earlybert.lambda_ffn) if engine.module.config.use_gates else None
     out = engine(**batch, gate_lambdas=lambdas)
     zero = torch.zeros((), device=out.loss.device)
-    optional = [out.nsp_loss, sum(out.gate_l1) if lambdas else None, out.gate_penalty]
+    optional = [out.nsp_loss, sum(out.gate_l1) if engine.module.config.use_gates else None, out.gate_penalty]
     stats = torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.mlm_correct, out.mlm_count, zero + 1, zero]
                         + [zero if t is None else t.detach() for t in optional]).float()
     return out.loss, stats
 
 
-def train_step(engine, micro_batches: list[dict], earlybert: EarlyBertSection, device: torch.device) -> torch.Tensor:
+def train_step(engine, micro_batches: list[dict], lambdas: tuple[float, float] | None, device: torch.device) -> torch.Tensor:
     """One optimizer step: DeepSpeed accumulates over the micro-batches and steps on the last one."""
     stats = torch.zeros(GATE_PENALTY + 1, device=device)
     for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss, s = compute_loss(engine, batch, earlybert)
+        loss, s = compute_loss(engine, batch, lambdas)
         engine.backward(loss)
         engine.step()
         stats += s
@@ -205,6 +217,7 @@ class Run:
     state: RunState
     engine: object
     scheduler: object
+    ds_config: dict  # the engine's; a rebuild makes the pruned engine with the same one
     log: MetricsLog
     stop: StopRequest
     peak_tflops: float | None  # per device, for MFU
@@ -268,7 +281,9 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         if getattr(cfg.log, name) and name not in ds_config:
             _say(d, f"log.{name}: the {name} package is not installed; metrics go to metrics.jsonl only")
 
-    run = Run(cfg, d, state, engine, scheduler, stop=StopRequest(),
+    if start.tag is None and cfg.earlybert.use_gates and cfg.earlybert.after_draw == "rewind":
+        save_start_weights(engine, Path(cfg.run_dir), d)
+    run = Run(cfg, d, state, engine, scheduler, ds_config, stop=StopRequest(),
               log=MetricsLog(cfg.run_dir, total_steps=cfg.total_steps, start_step=state.step,
                              interval=cfg.log.interval, monitor=engine.monitor, is_main=d.is_main),
               peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)))
@@ -298,7 +313,7 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
     try:
         while state.step < phase_end:
             t0, wait0, lr = time.perf_counter(), loader.wait_s, run.scheduler.get_last_lr()[0]
-            stats = train_step(run.engine, loader.next_step(), cfg.earlybert, run.dist.device)
+            stats = train_step(run.engine, loader.next_step(), gate_lambdas(cfg.earlybert, state), run.dist.device)
             stats[STOP] = float(run.stop.signum != 0)
             distributed.all_reduce_sum(stats)  # the step's one collective of its own
             totals = stats.tolist()  # waits for the device: the step's time is settled here
@@ -310,8 +325,10 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
                 state.phase, state.phase_samples = phase + 1, 0
             run.log.log(step_record(run, totals, phase=phase, seq_len=data.seq_len, lr=lr, step_time=step_time,
                                     data_wait=loader.wait_s - wait0))
+            drawn = cfg.earlybert.use_gates and TICKET_KEY not in state.extra and search(run, data.seq_len)
             stopping = totals[STOP] > 0
-            if stopping or state.step % cfg.checkpoint.interval == 0 or state.step == cfg.total_steps:
+            # A checkpoint right after the draw: a relaunch then starts from the pruned engine.
+            if stopping or drawn or state.step % cfg.checkpoint.interval == 0 or state.step == cfg.total_steps:
                 run.save()
             if stopping:
                 return False
@@ -320,13 +337,56 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
     return True
 
 
+# ---- EarlyBERT: search, draw, prune, rebuild --------------------------------------------------
+
+def search(run: Run, seq_len: int) -> bool:
+    """After a step of the search stage: run the detector (rank 0) when due; on a draw, prune and
+    rebuild the engine in place, write RUN/ticket.json, and return True."""
+    cfg, state, d = run.cfg, run.state, run.dist
+    eb = cfg.earlybert
+    decision, state.extra[DETECTOR_KEY] = search_step(run.engine.module, eb.mode, eb.detector, eb.draw_step, cfg.seed,
+                                                      state.step, state.extra.get(DETECTOR_KEY), d.is_main)
+    if decision is None or not decision.draw:
+        return False
+    _say(d, f"ticket drawn at step {state.step}: {decision.reason}")
+    before = run.engine.module.config
+    start_weights = load_file(Path(cfg.run_dir) / START_WEIGHTS) if eb.after_draw == "rewind" else None
+    t0 = time.perf_counter()
+    run.engine, plan = rebuild_engine(
+        run.engine, decision.masks, build=lambda model: build_engine(model, cfg, run.ds_config)[0],
+        fold_gates=eb.fold_gates, carry_moments=eb.optimizer_after_draw == "carry" and start_weights is None,
+        start_weights=start_weights)
+    run.scheduler = run.engine.lr_scheduler
+    record = ticket_record(decision, eb.mode, state.extra.get(DETECTOR_KEY), before, run.engine.module.config, seq_len)
+    record["rebuild_s"] = time.perf_counter() - t0
+    state.extra[TICKET_KEY] = {"draw_step": decision.step, "mask_digest": record["mask_digest"]}
+    if d.is_main:
+        write_ticket(Path(cfg.run_dir), record)
+    _say(d, f"pruned to heads {record['heads_per_layer']}, FFN {record['ffn_per_layer']}: "
+            f"{record['params_before'] / 1e6:.2f}M -> {record['params_after'] / 1e6:.2f}M parameters, "
+            f"engine rebuilt in {record['rebuild_s']:.1f} s; {RUN_TICKET} written")
+    return True
+
+
+def save_start_weights(engine, run_dir: Path, d: distributed.DistInfo) -> None:
+    """The full fp32 weights at step 0, for `after_draw: rewind` (a collective; rank 0 writes)."""
+    weights = snapshot_engine(engine, weights_only=True).weights
+    if d.is_main:
+        path = run_dir / START_WEIGHTS
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        os.replace(tmp, path)
+
+
 def step_record(run: Run, totals: list[float], *, phase: int, seq_len: int, lr: float, step_time: float,
                 data_wait: float) -> dict:
     """One metrics.jsonl line: global averages over every rank's micro-batches, whole-job throughput."""
     s, config = totals, run.engine.module.config
     micro = s[MICRO]
     seq_per_s = run.cfg.global_batch_size / step_time
-    r = {"step": run.state.step, "phase": phase, "seq_len": seq_len, "loss": s[LOSS] / micro,
+    # "loss" is the task loss (MLM + NSP), comparable between EarlyBERT and dense runs; the search
+    # stage's L1 term is "gate_penalty".
+    r = {"step": run.state.step, "phase": phase, "seq_len": seq_len, "loss": (s[LOSS] - s[GATE_PENALTY]) / micro,
          "mlm_loss": s[MLM] / micro, "mlm_acc": s[CORRECT] / max(s[MASKED], 1.0), "lr": lr,
          "samples": run.state.samples, "step_time_s": step_time, "data_wait_s": data_wait,
          "seq_per_s": seq_per_s, "tokens_per_s": seq_per_s * seq_len,

@@ -46,10 +46,10 @@ def test_example_configs_load():
 
 
 def test_overrides_are_typed_and_reach_lists(tmp_path):
-    cfg = load_config(write_config(tmp_path), ["optim.lr=5e-4", "phases.1.steps=20", "earlybert.use_gates=false",
+    cfg = load_config(write_config(tmp_path), ["optim.lr=5e-4", "phases.1.steps=20", "earlybert.mode=dense",
                                                "model.overrides.hidden_dropout_prob=0.0", "log.peak_tflops=989"])
     assert cfg.optim.lr == 5e-4 and cfg.phases[1].steps == 20 and cfg.total_steps == 110
-    assert cfg.earlybert.use_gates is False and cfg.model.overrides == {"hidden_dropout_prob": 0.0}
+    assert cfg.earlybert.use_gates is False and cfg.earlybert.mode == "dense" and cfg.model.overrides == {"hidden_dropout_prob": 0.0}
     assert cfg.log.peak_tflops == 989.0 and cfg.earlybert.lambda_heads == cfg.earlybert.lambda_ffn == 1e-4
 
 

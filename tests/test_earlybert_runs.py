@@ -1,0 +1,110 @@
+"""EarlyBERT end to end: search with gates, early-bird draw on rank 0, broadcast, prune, engine rebuild,
+training on, checkpoints and resume — 2 ranks over gloo, bert-tiny, fp32, ZeRO stages 1, 2 and 3.
+
+`eb_reference` is one uninterrupted ZeRO-1 EarlyBERT run; every interrupted run must end with the
+same ticket and the same losses (1e-6), the other stages with the same ticket and losses to 1e-4.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from runs import REPO, TOTAL, assert_same_losses, deepspeed, finish, metrics
+
+# Detector every 2 steps, FIFO of 3, draw allowed from step 4, forced at step 6 (of 12).
+EARLYBERT = ("earlybert.mode=earlybert", "earlybert.lambda_heads=0.01", "earlybert.lambda_ffn=0.01",
+             "earlybert.detector.interval=2", "earlybert.detector.window=3", "earlybert.detector.min_search_steps=4",
+             "earlybert.detector.max_search_steps=6")
+
+
+def ticket(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "ticket.json").read_text())
+
+
+def architecture(run_dir) -> dict:
+    ckpt = Path(run_dir) / "checkpoints"
+    return json.loads((ckpt / (ckpt / "latest").read_text() / "architecture.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def eb_reference(config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eb_reference") / "run"
+    code, out = finish(deepspeed(config, run_dir, *EARLYBERT))
+    assert code == 0, out
+    return run_dir
+
+
+def test_search_draw_prune_rebuild_and_train_on(eb_reference):
+    t = ticket(eb_reference)
+    assert 4 <= t["draw_step"] <= 6 and t["mode"] == "earlybert"
+    assert t["heads_per_layer"] == [3, 3]  # 4 heads per layer, 1/3 pruned layer-wise
+    assert sum(t["ffn_per_layer"]) == round(2 * 256 * 0.6)  # 40% of all FFN neurons pruned globally
+    assert t["params_after"] < t["params_before"] and t["flops_per_sequence_after"] < t["flops_per_sequence_before"]
+    assert [h["step"] for h in t["distance_history"]] == list(range(2, t["draw_step"] + 1, 2))
+    # The last checkpoint holds the pruned architecture, gates folded away.
+    arch = architecture(eb_reference)
+    assert arch["num_heads_per_layer"] == [3, 3] and arch["intermediate_size_per_layer"] == t["ffn_per_layer"]
+    assert arch["use_gates"] is False
+    m = metrics(eb_reference)
+    assert [r["step"] for r in m] == list(range(1, TOTAL + 1))
+    assert all("gate_penalty" in r for r in m[: t["draw_step"]]) and not any("gate_penalty" in r for r in m[t["draw_step"]:])
+    assert m[-1]["loss"] < m[0]["loss"]
+
+
+KILL_POINTS = {
+    # module, function, kill before or after it runs
+    "before the draw": ("pipeline.train", "rebuild_engine", "before"),
+    "during the rebuild": ("pipeline.rebuild", "restore_engine", "before"),
+    "just after the draw": ("pipeline.train", "write_ticket", "after"),
+}
+
+
+def killing_script(tmp_path: Path, module: str, function: str, when: str, when_arg: str = "True") -> str:
+    """`earlybert train`, exiting hard (no clean-up, like kill -9) before or after `module.function`
+    runs, the first time `when_arg` (an expression of its args) holds."""
+    script = tmp_path / f"kill_{function}.py"
+    script.write_text(
+        "import importlib, os, sys\n"
+        "from pipeline.train import main\n"
+        f"mod = importlib.import_module({module!r})\n"
+        f"original = getattr(mod, {function!r})\n"
+        "def killed(*args, **kwargs):\n"
+        f"    hit = {when_arg}\n"
+        + ("    if hit:\n        os._exit(9)\n    return original(*args, **kwargs)\n" if when == "before" else
+           "    out = original(*args, **kwargs)\n    if hit:\n        os._exit(9)\n    return out\n")
+        + f"setattr(mod, {function!r}, killed)\n"
+        "sys.exit(main([a for a in sys.argv[1:] if not a.startswith('--local_rank')]))\n")
+    return str(script)
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_around_the_draw_resumes_to_the_same_ticket_and_losses(config, eb_reference, tmp_path, point):
+    run_dir = tmp_path / "run"
+    code, out = finish(deepspeed(config, run_dir, *EARLYBERT, script=killing_script(tmp_path, *KILL_POINTS[point])))
+    assert code != 0, out
+    assert (run_dir / "ticket.json").exists() == (point == "just after the draw")
+    code, out = finish(deepspeed(config, run_dir, *EARLYBERT))
+    assert code == 0, out
+    assert "resumed from" in out and "ticket drawn at step" in out  # the draw happens again, identically
+    assert ticket(run_dir)["mask_digest"] == ticket(eb_reference)["mask_digest"]
+    assert architecture(run_dir) == architecture(eb_reference)
+    assert_same_losses(run_dir, eb_reference)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_checkpoint(config, eb_reference, tmp_path, stage):
+    """The whole cycle on ZeRO-2 and ZeRO-3: killed right after the checkpoint that follows the draw,
+    resumed from it (the pruned model is built from architecture.json before DeepSpeed loads)."""
+    run_dir = tmp_path / "run"
+    args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
+    after_draw_save = killing_script(tmp_path, "pipeline.checkpoint", "save", "after", when_arg="'ticket' in args[2].extra")
+    code, out = finish(deepspeed(config, run_dir, *args, script=after_draw_save))
+    assert code != 0 and "ticket drawn at step" in out, out
+    draw = ticket(eb_reference)["draw_step"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{draw:08d}"
+    code, out = finish(deepspeed(config, run_dir, *args))
+    assert code == 0, out
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
+    assert ticket(run_dir)["mask_digest"] == ticket(eb_reference)["mask_digest"]
+    assert architecture(run_dir) == architecture(eb_reference)
+    assert_same_losses(run_dir, eb_reference, tol=1e-4)
