@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import BertConfig, BertForPreTraining
 
-from bench.common import machine, median_time, write_results
+from bench.common import median_time, write_results
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining
 
 transformers.logging.set_verbosity_error()

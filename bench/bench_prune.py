@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import time
 
 import psutil

@@ -395,6 +395,7 @@ def step_record(run: Run, totals: list[float], *, phase: int, seq_len: int, lr: 
         r["nsp_loss"] = s[NSP] / micro
     if config.use_gates:
         r["gate_l1"] = s[GATE_L1] / micro
+    if gate_lambdas(run.cfg.earlybert, run.state) is not None:  # the search stage
         r["gate_penalty"] = s[GATE_PENALTY] / micro
     if run.peak_tflops:
         r["mfu"] = r["tflops"] / (run.peak_tflops * run.dist.world_size)

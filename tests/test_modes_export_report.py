@@ -1,0 +1,146 @@
+"""Baselines in the same command (fixed draw step, random pruning, dense), rewind and kept gates;
+then `earlybert export` (plain BERT for a dense run, remote-code EarlyBERT for a pruned one) and
+`earlybert report` on those runs. Single-rank runs of bert-tiny, fp32."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.detector import Masks
+from pipeline.export import load_run_model
+from pipeline.pruner import PrunePlan, gate_values, prune_tensors
+from runs import BIN, run_env, train_cmd
+
+DRAW = 5
+
+
+def train(config, run_dir, *overrides) -> Path:
+    proc = subprocess.run([str(BIN / "python"), "-m", "pipeline.train", *train_cmd(config, run_dir, *overrides)],
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_architecture(run_dir, tag) -> dict:
+    return json.loads((run_dir / "checkpoints" / tag / "architecture.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fixed_rewind(config, tmp_path_factory):
+    """Ticket of the gates at a fixed step, rewound to the starting weights, gates kept, fresh moments."""
+    return train(config, tmp_path_factory.mktemp("fixed") / "run", "earlybert.mode=fixed", f"earlybert.draw_step={DRAW}",
+                 "earlybert.after_draw=rewind", "earlybert.fold_gates=false", "earlybert.optimizer_after_draw=reset",
+                 "earlybert.lambda_heads=0.01", "earlybert.lambda_ffn=0.01", "checkpoint.keep=10")
+
+
+@pytest.fixture(scope="module")
+def random_run(config, tmp_path_factory):
+    return train(config, tmp_path_factory.mktemp("random") / "run", "earlybert.mode=random", f"earlybert.draw_step={DRAW}")
+
+
+@pytest.fixture(scope="module")
+def dense(config, tmp_path_factory):
+    return train(config, tmp_path_factory.mktemp("dense") / "run", "earlybert.mode=dense")
+
+
+def test_fixed_draw_rewinds_to_the_starting_weights_with_gates_kept(fixed_rewind):
+    ticket = json.loads((fixed_rewind / "ticket.json").read_text())
+    assert ticket["mode"] == "fixed" and ticket["draw_step"] == DRAW and ticket["heads_per_layer"] == [3, 3]
+    # The checkpoint written right after the draw holds the rewound weights: the starting weights
+    # sliced to the ticket, gates kept (not folded).
+    tag = f"step_{DRAW:08d}"
+    arch = checkpoint_architecture(fixed_rewind, tag)
+    assert arch["use_gates"] is True and arch["num_heads_per_layer"] == [3, 3]
+    model, _ = load_run_model(fixed_rewind, tag)
+    start = load_file(fixed_rewind / "start_weights.safetensors")
+    masks = Masks.from_json({"heads": ["".join("1" if i in kept else "0" for i in range(4)) for kept in ticket["kept_heads"]],
+                             "ffn": ["".join("1" if i in kept else "0" for i in range(256)) for kept in ticket["kept_neurons"]]})
+    expected = prune_tensors(start, PrunePlan.from_masks(masks, 16, fold_gates=False), gate_values(start))
+    got = dict(model.named_parameters())
+    assert all(torch.equal(got[k], expected[k]) for k in got), "post-draw weights are not the rewound start weights"
+    m = records(fixed_rewind)
+    assert all("gate_penalty" in r for r in m[:DRAW]) and all("gate_penalty" not in r and "gate_l1" in r for r in m[DRAW:])
+
+
+def test_random_baseline_prunes_other_units_at_the_same_ratios(random_run, fixed_rewind):
+    rnd, fixed = (json.loads((r / "ticket.json").read_text()) for r in (random_run, fixed_rewind))
+    assert rnd["mode"] == "random" and rnd["draw_step"] == DRAW
+    assert rnd["heads_per_layer"] == fixed["heads_per_layer"] and sum(rnd["ffn_per_layer"]) == sum(fixed["ffn_per_layer"])
+    assert rnd["mask_digest"] != fixed["mask_digest"]
+    assert checkpoint_architecture(random_run, (random_run / "checkpoints" / "latest").read_text())["use_gates"] is False
+
+
+def test_dense_baseline_has_no_gates_and_no_ticket(dense):
+    assert not (dense / "ticket.json").exists()
+    arch = checkpoint_architecture(dense, (dense / "checkpoints" / "latest").read_text())
+    assert arch["use_gates"] is False and arch["num_heads_per_layer"] == [4, 4]
+    assert not any("gate_l1" in r for r in records(dense))
+
+
+def batch(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (2, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    return ids, mask
+
+
+def test_export_dense_as_plain_bert_and_pruned_as_remote_code(dense, fixed_rewind, tmp_path):
+    from transformers import AutoModelForPreTraining, AutoTokenizer, BertForPreTraining
+
+    for run, fmt in ((dense, "bert"), (fixed_rewind, "earlybert")):
+        out = tmp_path / f"export_{fmt}"
+        proc = subprocess.run([str(BIN / "earlybert"), "export", str(run), "--output", str(out)],
+                              env=run_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout[proc.stdout.index("{"):])["format"] == fmt
+        ours, _ = load_run_model(run)
+        exported = AutoModelForPreTraining.from_pretrained(out, trust_remote_code=True).eval()
+        assert isinstance(exported, BertForPreTraining) == (fmt == "bert")
+        ids, mask = batch(ours.config.vocab_size)
+        with torch.no_grad():
+            a = ours(ids, attention_mask=mask)
+            b = exported(ids, attention_mask=mask)
+        logits_b = b.prediction_logits if fmt == "bert" else b.mlm_logits
+        nsp_b = b.seq_relationship_logits if fmt == "bert" else b.nsp_logits
+        assert (a.mlm_logits[mask.bool()] - logits_b[mask.bool()]).abs().max() <= 1e-5
+        assert (a.nsp_logits - nsp_b).abs().max() <= 1e-5
+        tok = AutoTokenizer.from_pretrained(out)
+        assert len(tok) == ours.config.vocab_size and tok.mask_token == "[MASK]"
+        assert tok("hello world")["input_ids"][0] == tok.cls_token_id
+    # The pruned export loads without this project: nothing from `pipeline` is imported.
+    check = ("import sys; from transformers import AutoModelForPreTraining;"
+             f"m = AutoModelForPreTraining.from_pretrained({str(tmp_path / 'export_earlybert')!r}, trust_remote_code=True);"
+             "assert not any(k == 'pipeline' or k.startswith('pipeline.') for k in sys.modules), 'imported pipeline';"
+             "print(type(m).__name__, m.config.num_heads_per_layer)")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "EarlyBertForPreTraining [3, 3]" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_export_refuses_a_run_without_checkpoints(tmp_path):
+    proc = subprocess.run([str(BIN / "earlybert"), "export", str(tmp_path), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "has no complete checkpoint" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_overlays_runs_and_draws_the_ticket(fixed_rewind, dense):
+    proc = subprocess.run([str(BIN / "earlybert"), "report", str(fixed_rewind), str(dense)],
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = fixed_rewind / "report"
+    md = (report / "report.md").read_text()
+    assert "| run (fixed) |" in md and "| run (dense) |" in md
+    assert f"drawn at step {DRAW}" in md
+    for figure in ("loss", "throughput", "distances", "structure"):
+        png = report / f"{figure}.png"
+        assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({figure}.png)" in md
