@@ -2,6 +2,7 @@
 
     earlybert prep    ...   corpus -> tokenized memory-mapped shards   (data_prep)
     earlybert train   ...   shards -> DeepSpeed pre-training run        (pipeline.train)
+    earlybert eval    ...   run + held-out shards -> MLM loss, accuracy (pipeline.evaluate)
     earlybert export  ...   run -> Hugging Face directory               (pipeline.export)
     earlybert report  ...   runs -> report.md and figures               (pipeline.report)
 
@@ -15,6 +16,7 @@ import sys
 STAGES = {
     "prep": ("data_prep.cli", "corpus -> tokenized memory-mapped training shards"),
     "train": ("pipeline.train", "gated BERT pre-training with DeepSpeed, early-bird draw, prune"),
+    "eval": ("pipeline.evaluate", "held-out MLM loss and accuracy of a run's model"),
     "export": ("pipeline.export", "export a run to a Hugging Face model directory"),
     "report": ("pipeline.report", "write RUN/report/ with report.md and figures"),
 }
