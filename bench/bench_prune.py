@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 
 import psutil
@@ -22,20 +20,10 @@ import torch
 
 from bench.bench_model import make_batch
 from bench.common import median_time, write_results
-from pipeline import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
 from pipeline.model import flops_per_sequence, parameter_count
 from pipeline.rebuild import rebuild_engine
-
-
-def init_single_rank() -> None:
-    import deepspeed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def main(argv=None) -> int:
@@ -51,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--interval", type=int, default=DetectorConfig().interval, help="detector interval the share is computed for")
     args = parser.parse_args(argv)
 
-    init_single_rank()
+    distributed.setup()  # a world of one
     ds_config = {
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,

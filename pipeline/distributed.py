@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,8 @@ def setup() -> DistInfo:
     backend = "nccl" if accel.device_name() == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launcher == "mpi",
                                distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)), verbose=False)
+    if accel.device_name() == "cpu":
+        release_shm_segment()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() == "cuda":
         accel.set_device(local_rank)
@@ -88,6 +91,22 @@ def setup() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
+
+
+def release_shm_segment() -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU all-reduce (deepspeed_shm_comm).
+
+    DeepSpeed creates one ~69 MB segment per rank, named after the uid, MASTER_ADDR, MASTER_PORT
+    and rank, and never unlinks it: every CPU run would leave RAM behind for good. Once
+    init_distributed has returned on every rank, all ranks have mapped all segments, so after a
+    barrier each rank unlinks its own: the mappings stay valid, and the memory is freed when the
+    processes exit, even after kill -9."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None:
+        return
+    dist.barrier()
+    name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    name.unlink(missing_ok=True)
 
 
 def barrier() -> None:

@@ -30,6 +30,8 @@ def run_two_ranks(script: Path, args: list[str], timeout: int = 300) -> None:
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
+    # DeepSpeed's CPU all-reduce segments are released (pipeline.distributed.release_shm_segment).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 @pytest.mark.parametrize("stage,dtype", [(1, "bf16"), (2, "fp32"), (3, "bf16")])

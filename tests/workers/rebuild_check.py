@@ -10,14 +10,13 @@ import sys
 import deepspeed
 import torch
 
-from pipeline import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.detector import DetectorConfig, broadcast_decision, check_same_masks, masks_from_gates, Decision
 from pipeline.pruner import PrunePlan, gate_values, prune_tensors
 from pipeline.rebuild import MOMENTS, rebuild_engine, snapshot_engine
 
 stage, dtype, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-deepspeed.init_distributed(dist_backend="gloo")
-rank = torch.distributed.get_rank()
+rank = distributed.setup().rank
 
 ds_config = {
     "train_micro_batch_size_per_gpu": 4,
