@@ -13,6 +13,7 @@ ZeRO flattens and partitions parameters, so they cannot change shape in place. T
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 from dataclasses import dataclass, field
 from typing import Callable
@@ -115,7 +116,20 @@ def rebuild_engine(engine, masks: Masks, build: Callable, fold_gates: bool = Tru
             p.copy_(weights[name])
     new = build(model)
     restore_engine(new, snap, weights, moments if carry_moments else {})
+    del snap, source, weights, moments, model
+    gc.collect()
+    release_freed_host_memory()
     return new, plan
+
+
+def release_freed_host_memory() -> None:
+    """Hand the destroyed engine's memory back to the OS: glibc keeps freed blocks in its arenas, so
+    without this the host RSS stays at dense + pruned engine (bert-base: +2.1 GB) for the rest of
+    the run."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict) -> None:
