@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from data_prep.shards import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -44,8 +46,5 @@ def write_results(name: str, results: dict, table_header: list[str], table_rows:
     if notes:
         md += ["", notes]
     for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", "\n".join(md) + "\n")):
-        path = RESULTS / f"{name}{suffix}"
-        tmp = path.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(RESULTS / f"{name}{suffix}", lambda f, text=text: f.write(text.encode()))
     return RESULTS / f"{name}.md"

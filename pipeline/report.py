@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import yaml  # noqa: E402
+
+from data_prep.shards import atomic_write  # noqa: E402
 
 
 class ReportError(RuntimeError):
@@ -139,11 +140,9 @@ def plot_throughput(runs: list[tuple[str, list[dict], dict | None]], out: Path) 
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -185,9 +184,7 @@ def write_report(runs: list[Path]) -> Path:
                    f"heads per layer {ticket['heads_per_layer']}, FFN widths {ticket['ffn_per_layer']}."]
     md += [""] + [f"![{f.stem}]({f.name})" for f in figures]
     path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(("\n".join(md) + "\n").encode()))
     return path
 
 

@@ -19,11 +19,11 @@ its ticket.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from data_prep.shards import atomic_write
 from pipeline.detector import (
     Decision, DetectorConfig, DetectorState, Masks, broadcast_decision, check_same_masks, keep_mask, masks_from_gates,
     observe,
@@ -106,8 +106,7 @@ def ticket_record(decision: Decision, mode: str, detector_state: dict | None, be
 
 def write_ticket(run_dir: Path, record: dict) -> Path:
     path = Path(run_dir) / TICKET
-    tmp = path.with_suffix(".json.tmp")
     # One key per line, each value on its line: readable, and the id lists stay compact.
-    tmp.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
-    os.replace(tmp, path)
+    text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path

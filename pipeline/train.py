@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from data_prep import ShardDataset, ShardError
+from data_prep.shards import atomic_write
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, checkpoint, distributed
 from pipeline.checkpoint import CheckpointError, RunState
 from pipeline.config import (ConfigError, EarlyBertSection, OptimConfig, RunConfig, deepspeed_config, load_config,
@@ -372,10 +373,7 @@ def save_start_weights(engine, run_dir: Path, d: distributed.DistInfo) -> None:
     """The full fp32 weights at step 0, for `after_draw: rewind` (a collective; rank 0 writes)."""
     weights = snapshot_engine(engine, weights_only=True).weights
     if d.is_main:
-        path = run_dir / START_WEIGHTS
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_write(run_dir / START_WEIGHTS, lambda f: f.write(save({k: v.contiguous() for k, v in weights.items()})))
 
 
 def step_record(run: Run, totals: list[float], *, phase: int, seq_len: int, lr: float, step_time: float,
