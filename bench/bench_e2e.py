@@ -28,7 +28,7 @@ from data_prep import ShardDataset
 from pipeline.distributed import free_port
 from pipeline.evaluate import evaluate
 from pipeline.export import load_run_model
-from pipeline.report import write_report
+from pipeline.report import read_metrics, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable))
@@ -74,12 +74,12 @@ def train(work: Path, name: str, shards: Path, args, *overrides: str) -> tuple[P
 
 
 def summarize(run_dir: Path, wall: float, heldout: ShardDataset) -> dict:
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     model, _ = load_run_model(run_dir)
     ticket = json.loads((run_dir / "ticket.json").read_text()) if (run_dir / "ticket.json").exists() else None
     return {
         "process_wall_s": wall,
-        "train_s": sum(r["step_time_s"] for r in records),
+        "train_s": records[-1]["wall_s"],
         "steps": records[-1]["step"],
         "train_loss_last20": sum(r["loss"] for r in records[-20:]) / 20,
         "heldout": evaluate(model, heldout),

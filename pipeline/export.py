@@ -89,8 +89,7 @@ def plain_bert(model: EarlyBertForPreTraining):
     fields.update(num_attention_heads=c.num_heads_per_layer[0], intermediate_size=c.intermediate_size_per_layer[0])
     cls = BertForPreTraining if c.use_nsp else BertForMaskedLM
     bert = cls(BertConfig(**fields))
-    state = {k: v for k, v in model.state_dict().items()}
-    bert.load_state_dict(state, strict=True)
+    bert.load_state_dict(model.state_dict(), strict=True)
     return bert.eval()
 
 

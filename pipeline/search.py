@@ -31,7 +31,6 @@ from pipeline.detector import (
 from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining, flops_per_sequence, parameter_count
 from pipeline.rebuild import full_fp32
 
-MODES = ("earlybert", "fixed", "random", "dense")
 TICKET = "ticket.json"
 
 
