@@ -1,12 +1,17 @@
-"""Shared benchmark plumbing: repeated timing with medians, and results written as JSON + markdown."""
+"""Shared benchmark plumbing: repeated timing with medians, whole jobs run side by side by
+time-slicing, and results written as JSON + markdown."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,3 +53,72 @@ def write_results(name: str, results: dict, table_header: list[str], table_rows:
     for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", "\n".join(md) + "\n")):
         atomic_write(RESULTS / f"{name}{suffix}", lambda f, text=text: f.write(text.encode()))
     return RESULTS / f"{name}.md"
+
+
+@dataclass
+class SlicedJob:
+    """One command run by run_interleaved: its exit code, the seconds it was allowed to run, and the
+    (unix start, unix end) intervals it spent suspended, to take out of its own timings."""
+    returncode: int | None = None
+    active_s: float = 0.0
+    pauses: list[list[float]] = field(default_factory=list)
+
+
+def run_interleaved(jobs: dict[str, Callable[[], list[str] | None]], logs: Path, slice_s: float = 10.0,
+                    cwd: Path | None = None) -> dict[str, SlicedJob]:
+    """Run whole jobs side by side on a noisy machine: one job at a time runs for slice_s while the
+    others are suspended (SIGSTOP/SIGCONT on each job's process group, so the launcher and all its
+    ranks stop together), round-robin until all exit. A slow spell of the machine then falls on
+    every job alike instead of on whichever ran during it; each job still has every core while it
+    runs. A job starts once its callable returns a command (polled every round), so a baseline can
+    wait for a value another job produces. Output goes to LOGS/NAME.log."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, procs, result = dict(jobs), {}, {name: SlicedJob() for name in jobs}
+
+    def start_ready():
+        for name, command in list(pending.items()):
+            cmd = command()
+            if cmd is not None:
+                del pending[name]
+                with open(logs / f"{name}.log", "w") as log:
+                    procs[name] = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                                   start_new_session=True)
+                signal_job(procs[name], signal.SIGSTOP)
+                result[name].pauses.append([time.time(), 0.0])
+
+    def signal_job(proc, sig):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group has exited already
+            pass
+
+    try:
+        while True:
+            start_ready()
+            running = [(name, p) for name, p in procs.items() if p.returncode is None]
+            if not running:
+                if pending and all(p.returncode == 0 for p in procs.values()):
+                    raise RuntimeError(f"jobs {sorted(pending)} never became ready and no job is running")
+                break  # after a failure, jobs still pending keep returncode None
+            for name, proc in running:
+                began = time.time()
+                result[name].pauses[-1][1] = began
+                signal_job(proc, signal.SIGCONT)
+                try:
+                    proc.wait(timeout=None if len(running) == 1 and not pending else slice_s)
+                except subprocess.TimeoutExpired:
+                    signal_job(proc, signal.SIGSTOP)
+                    result[name].pauses.append([time.time(), 0.0])
+                result[name].active_s += time.time() - began
+                result[name].returncode = proc.returncode
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                signal_job(proc, signal.SIGKILL)
+                signal_job(proc, signal.SIGCONT)
+    return result
+
+
+def paused_within(pauses: list[list[float]], start: float, end: float) -> float:
+    """Seconds of [start, end] that fall inside the pauses."""
+    return sum(max(0.0, min(end, b) - max(start, a)) for a, b in pauses)

@@ -2,7 +2,7 @@
 
     earlybert prep --input PATH [PATH ...] --output DIR --tokenizer PATH --seq-len N [--workers N] ...
     earlybert prep tokenizer --input PATH [PATH ...] --output tokenizer.json [--vocab-size 30522] [--lowercase]
-    earlybert prep local-corpus --output FILE [--max-mb 20]
+    earlybert prep local-corpus --output FILE [--max-mb 20] [--from DIR ...]
 """
 import argparse
 import sys
@@ -58,6 +58,9 @@ def _corpus_parser() -> argparse.ArgumentParser:
                     "standard library and installed packages, and their .rst/.md/.txt documentation.")
     p.add_argument("--output", required=True, metavar="FILE")
     p.add_argument("--max-mb", type=float, default=20.0, help="stop at this many MB (default 20)")
+    p.add_argument("--from", dest="doc_roots", nargs="+", metavar="DIR",
+                   help="read only the .rst/.md/.txt files (optionally .gz) under these directories, e.g. "
+                        "/usr/share/doc/linux-doc-6.1/Documentation (the Linux kernel documentation)")
     return p
 
 
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.local_corpus import gather_local_corpus
 
             a = _corpus_parser().parse_args(argv[1:])
-            stats = gather_local_corpus(a.output, int(a.max_mb * 1e6))
+            stats = gather_local_corpus(a.output, int(a.max_mb * 1e6), doc_roots=a.doc_roots)
             print(f"{a.output}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB "
                   f"from {stats['files_scanned']} files in {stats['seconds']:.1f} s", file=sys.stderr)
         else:

@@ -1,8 +1,11 @@
 """`earlybert prep local-corpus`: a real English corpus from text already on this machine, so the
 demo, tests and benchmarks need no download.
 
-Sources, in this order: docstrings of the Python standard library, docstrings of the installed
-packages (site-packages), then .rst/.md/.txt documentation in site-packages and /usr/share/doc.
+Default sources, in this order: docstrings of the Python standard library, docstrings of the
+installed packages (site-packages), then .rst/.md/.txt documentation in site-packages and
+/usr/share/doc. With `--from DIR` only the documentation files under DIR are read (also
+gzip-compressed ones, as Debian ships them): that is how the second benchmark corpus, the Linux
+kernel documentation (Debian's linux-doc package), is gathered.
 One document per module or file, one paragraph per line, a blank line between documents (BERT's
 plain-text convention). Files are walked in sorted order, so the output is the same on every run
 on a given machine.
@@ -14,6 +17,7 @@ docstring is a triple-quoted string that starts a line right after a line ending
 class, ...) or at the top of a module; `ast.literal_eval` decodes it.
 """
 import ast
+import gzip
 import inspect
 import multiprocessing as mp
 import os
@@ -22,6 +26,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from data_prep.readers import InputError
 from data_prep.shards import atomic_write
 
 # Comments and string literals in source order, so that quotes inside them are never taken for
@@ -39,6 +44,10 @@ _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "test", "tests", 
 _SKIP_FILES = {"top_level.txt", "entry_points.txt", "SOURCES.txt", "dependency_links.txt", "requires.txt",
                "namespace_packages.txt", "installed-files.txt", "RECORD", "CMakeLists.txt"}
 _MAX_DOC_FILE = 2_000_000
+_DOC_SUFFIXES = (".rst", ".md", ".txt")
+# reST/Markdown markup lines that are not prose: directives and comments, heading underlines and
+# table rules (punctuation only), and table rows.
+_MARKUP_LINE = re.compile(r"^(\.\. |[=\-~^\"'`#*+_:.|<> ]{3,}$|\|.*\|$)")
 
 
 def _walk(root: Path, suffixes: tuple[str, ...]):
@@ -87,7 +96,7 @@ def paragraphs(text: str) -> list[str]:
     dropped."""
     out = []
     for block in _BLOCK_SPLIT.split(text):
-        lines = [s for s in (line.strip() for line in block.splitlines()) if s]
+        lines = [s for s in (line.strip() for line in block.splitlines()) if s and not _MARKUP_LINE.match(s)]
         if not lines or lines[0].startswith((">>>", "...", "$ ")):
             continue
         para = " ".join(lines)
@@ -105,15 +114,21 @@ def _module_roots() -> list[Path]:
     return roots
 
 
-def _candidates():
-    """(source name, path, is Python source) of every candidate document, in a fixed order."""
+def _candidates(doc_roots: list[Path] | None = None):
+    """(source name, path, is Python source) of every candidate document, in a fixed order:
+    the default sources, or only the documentation under doc_roots."""
+    if doc_roots:
+        for root in doc_roots:
+            for path in _walk(root, _DOC_SUFFIXES + tuple(s + ".gz" for s in _DOC_SUFFIXES)):
+                yield str(root), path, False
+        return
     stdlib, *site = _module_roots()
     for name, roots in (("stdlib", [stdlib]), ("site-packages", site)):
         for root in roots:
             for path in _walk(root, (".py",)):
                 yield name, path, True
     for name, root in (("site-packages docs", site[0]), ("/usr/share/doc", Path("/usr/share/doc"))):
-        for path in _walk(root, (".rst", ".md", ".txt")):
+        for path in _walk(root, _DOC_SUFFIXES):
             yield name, path, False
 
 
@@ -122,24 +137,34 @@ def _extract(candidate) -> tuple[str, list[str]]:
     try:
         if not is_code and path.stat().st_size > _MAX_DOC_FILE:
             return name, []
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+                text = f.read(_MAX_DOC_FILE)
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+    except (OSError, EOFError):  # gzip raises EOFError on a truncated file
         return name, []
     if is_code:
         return name, [p for doc in docstrings(text) for p in paragraphs(doc)]
     return name, paragraphs(text)
 
 
-def gather_local_corpus(path, max_bytes: int, workers: int | None = None) -> dict:
+def gather_local_corpus(path, max_bytes: int, workers: int | None = None, doc_roots: list | None = None) -> dict:
     """Write at most max_bytes of plain text to `path` (atomically) and return statistics.
-    Files are read by `workers` processes (default: every usable core), in order."""
+    Files are read by `workers` processes (default: every usable core), in order. doc_roots:
+    read only the documentation files under these directories instead of the default sources."""
+    doc_roots = [Path(r) for r in doc_roots or []]
+    for root in doc_roots:
+        if not root.is_dir():
+            raise InputError(f"{root}: not a directory; --from takes a directory of .rst/.md/.txt documentation "
+                             f"(optionally .gz), e.g. /usr/share/doc/linux-doc-6.1/Documentation")
     started = time.time()
     workers = workers or len(os.sched_getaffinity(0))
     stats = {"bytes": 0, "documents": 0, "paragraphs": 0, "files_scanned": 0, "sources": {}}
 
     def write(f):
         with mp.get_context("fork").Pool(workers) as pool:
-            for source, paras in pool.imap(_extract, _candidates(), chunksize=16):
+            for source, paras in pool.imap(_extract, _candidates(doc_roots), chunksize=16):
                 stats["files_scanned"] += 1
                 if not paras:
                     continue

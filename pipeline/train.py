@@ -378,7 +378,9 @@ def save_start_weights(engine, run_dir: Path, d: distributed.DistInfo) -> None:
 
 def step_record(run: Run, totals: list[float], *, phase: int, seq_len: int, lr: float, step_time: float,
                 data_wait: float) -> dict:
-    """One metrics.jsonl line: global averages over every rank's micro-batches, whole-job throughput."""
+    """One metrics.jsonl line: global averages over every rank's micro-batches, whole-job throughput.
+    "time" is the unix time at the step's end: it lines steps up with cluster logs, and lets a
+    benchmark take out the time a scheduler held the job suspended."""
     s, config = totals, run.engine.module.config
     micro = s[MICRO]
     seq_per_s = run.cfg.global_batch_size / step_time
@@ -386,7 +388,7 @@ def step_record(run: Run, totals: list[float], *, phase: int, seq_len: int, lr: 
     # stage's L1 term is "gate_penalty".
     r = {"step": run.state.step, "phase": phase, "seq_len": seq_len, "loss": (s[LOSS] - s[GATE_PENALTY]) / micro,
          "mlm_loss": s[MLM] / micro, "mlm_acc": s[CORRECT] / max(s[MASKED], 1.0), "lr": lr,
-         "samples": run.state.samples, "step_time_s": step_time, "data_wait_s": data_wait,
+         "samples": run.state.samples, "time": time.time(), "step_time_s": step_time, "data_wait_s": data_wait,
          "seq_per_s": seq_per_s, "tokens_per_s": seq_per_s * seq_len,
          "tflops": flops_per_sequence(config, seq_len) * seq_per_s / 1e12}
     if config.use_nsp:

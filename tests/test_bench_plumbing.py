@@ -1,0 +1,51 @@
+"""bench.common.run_interleaved, which the end-to-end benchmark's wall-time comparison rests on:
+jobs really take turns, a job never runs inside its recorded pauses, and a job can wait for
+another's output."""
+import sys
+import time
+
+from bench.common import paused_within, run_interleaved
+
+# Busy for seconds / 5 ms ticks of its own running time, writing a timestamp per tick; then DONE.
+WORKER = """
+import sys, time
+out, seconds = sys.argv[1], float(sys.argv[2])
+stamps = []
+for _ in range(int(seconds / 0.005)):
+    stamps.append(time.time())
+    t = time.time()
+    while time.time() - t < 0.005:
+        pass
+open(out, "w").write("\\n".join(map(repr, stamps)))
+open(out + ".done", "w").write("")
+"""
+
+
+def stamps(path):
+    return [float(x) for x in path.read_text().split()]
+
+
+def test_jobs_take_turns_and_never_run_inside_their_pauses(tmp_path):
+    cmd = lambda name, seconds: (lambda: [sys.executable, "-c", WORKER, str(tmp_path / name), str(seconds)])
+    late = lambda: cmd("c", 0.3)() if (tmp_path / "a.done").exists() else None
+    started = time.time()
+    jobs = run_interleaved({"a": cmd("a", 0.6), "b": cmd("b", 1.2), "c": late}, logs=tmp_path / "logs", slice_s=0.2)
+    elapsed = time.time() - started
+    assert all(j.returncode == 0 for j in jobs.values()), jobs
+    a, b, c = stamps(tmp_path / "a"), stamps(tmp_path / "b"), stamps(tmp_path / "c")
+    assert c[0] > a[-1]  # c started only after a had finished
+    # Never two at once: the merged timeline switches jobs only a few times per slice, not per tick.
+    timeline = sorted([(t, "a") for t in a] + [(t, "b") for t in b] + [(t, "c") for t in c])
+    switches = sum(x[1] != y[1] for x, y in zip(timeline, timeline[1:]))
+    assert 4 <= switches <= elapsed / 0.2 + 2, switches
+    for name, ts in (("a", a), ("b", b), ("c", c)):
+        assert not any(start < t < end for t in ts for start, end in jobs[name].pauses)
+        assert ts[-1] - ts[0] - paused_within(jobs[name].pauses, ts[0], ts[-1]) <= jobs[name].active_s
+    assert sum(j.active_s for j in jobs.values()) <= elapsed
+    assert jobs["b"].active_s > 1.3 * jobs["a"].active_s  # twice the work
+
+
+def test_a_failed_job_leaves_the_waiting_job_unstarted(tmp_path):
+    jobs = run_interleaved({"bad": lambda: [sys.executable, "-c", "raise SystemExit(3)"], "never": lambda: None},
+                           logs=tmp_path / "logs", slice_s=0.2)
+    assert jobs["bad"].returncode == 3 and jobs["never"].returncode is None
