@@ -228,7 +228,9 @@ def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
     if old == fingerprint:
         return path.name == shards.MANIFEST
     if old.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
-        raise PrepError(f"{path}: {out} was written with another tokenizer ({data['tokenizer_file']}, sha256 "
+        # state.json names the tokenizer file as given; a finished manifest records it under "tokenizer".
+        written_with = data.get("tokenizer_file") or data.get("tokenizer", {}).get("source", "?")
+        raise PrepError(f"{path}: {out} was written with another tokenizer ({written_with}, sha256 "
                         f"{old.get('tokenizer_sha256', '?')[:12]}), not {tokenizer_file} (sha256 "
                         f"{fingerprint['tokenizer_sha256'][:12]}); choose another --output or delete {out}")
     changed = ", ".join(k for k in fingerprint if old.get(k) != fingerprint[k])

@@ -280,8 +280,30 @@ def test_output_written_with_another_tokenizer_is_left_alone(tmp_path, corpus, c
     other = tmp_path / "other.json"
     train_wordpiece([str(corpus["text"])], other, vocab_size=1500)
     assert earlybert([*args, "--tokenizer", str(other)]) == 1
-    assert "another tokenizer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"was written with another tokenizer ({corpus['tokenizer']}, sha256" in err and "internal error" not in err, err
     assert earlybert([*args, "--tokenizer", str(corpus["tokenizer"]), "--seq-len", "128"]) == 1
     assert "different seq_len" in capsys.readouterr().err
     assert _files(out) == before
     ShardDataset(out).verify(full=True)
+
+
+def test_local_corpus_from_a_documentation_tree(tmp_path, capsys):
+    """`local-corpus --from DIR` (how the kernel-docs benchmark corpus is gathered): reST, Markdown
+    and text files, gzip-compressed or not, one document per file in walk order, markup dropped."""
+    docs = tmp_path / "Documentation"
+    (docs / "admin").mkdir(parents=True)
+    page = ("Memory management\n=================\n\n.. note:: not prose\n\n"
+            "The kernel keeps free pages on per-zone lists and\nrefills them from the buddy allocator.\n\n"
+            "+-----+-----+\n| a   | b   |\n+-----+-----+\n")
+    (docs / "admin" / "mm.rst.gz").write_bytes(gzip.compress(page.encode()))
+    (docs / "intro.txt").write_text("Linux is a clone of the operating system Unix, written from scratch.\n")
+    (docs / "conf.py").write_text('"""A docstring the documentation mode must not read."""\n')
+    (docs / "broken.md.gz").write_bytes(gzip.compress(b"Truncated file that never ends")[:-12])
+    out = tmp_path / "corpus.txt"
+    assert prep_main(["local-corpus", "--output", str(out), "--from", str(docs)]) == 0
+    assert out.read_text() == ("Linux is a clone of the operating system Unix, written from scratch.\n\n"
+                               "The kernel keeps free pages on per-zone lists and refills them from the buddy allocator.\n\n")
+    assert prep_main(["local-corpus", "--output", str(tmp_path / "x.txt"), "--from", str(tmp_path / "nowhere")]) == 1
+    assert f"{tmp_path / 'nowhere'}: not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()
