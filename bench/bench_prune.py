@@ -31,7 +31,8 @@ def main(argv=None) -> int:
 
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="bert-large" if on_gpu else "bert-base")
+    default_preset = "bert-large" if on_gpu else "bert-base"
+    parser.add_argument("--preset", default=default_preset)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64 if on_gpu else 8)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if on_gpu else "fp32")
@@ -119,7 +120,9 @@ def main(argv=None) -> int:
         ["host RSS before / after rebuild / after steps (MB)",
          f"{rss_before / 2**20:.0f} / {rss_after_rebuild / 2**20:.0f} / {rss_after_steps / 2**20:.0f}", ""],
     ]
-    path = write_results("prune", results, ["measure", "value", "target"], rows,
+    # Another preset than the machine's default gets its own result files (prune_bert-large.md, ...).
+    name = "prune" if args.preset == default_preset else f"prune_{args.preset}"
+    path = write_results(name, results, ["measure", "value", "target"], rows,
                          notes=f"{args.preset}, seq {args.seq_len}, batch {args.batch}, {args.dtype}, ZeRO-2 on one rank, "
                                f"median of {args.reps} steps each; kept heads {pruned_cfg.num_heads_per_layer}, "
                                f"FFN widths {pruned_cfg.intermediate_size_per_layer}.")
