@@ -27,7 +27,6 @@ within 3% of dense, and beats random pruning.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import shutil
 import subprocess
@@ -38,10 +37,11 @@ import torch
 
 from bench.common import RESULTS, paused_within, run_interleaved, write_results
 from data_prep import ShardDataset
+from data_prep.shards import atomic_write
 from pipeline.distributed import free_port
 from pipeline.evaluate import evaluate
 from pipeline.export import load_run_model
-from pipeline.report import read_metrics, write_report
+from pipeline.report import read_metrics, read_ticket, tail_mean, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable))
@@ -52,12 +52,13 @@ RATES = ("seq_per_s", "tokens_per_s", "tflops", "mfu")
 
 def kernel_docs_root(work: Path) -> Path:
     """The Linux kernel's Documentation directory from Debian's linux-doc package."""
-    installed = sorted(glob.glob("/usr/share/doc/linux-doc-*/Documentation"))
-    if installed:
-        return Path(installed[-1])
-    unpacked = sorted(work.glob("linux-doc/usr/share/doc/linux-doc-*/Documentation"))
-    if unpacked:
-        return unpacked[-1]
+    def newest(root: Path) -> Path | None:
+        found = sorted(root.glob("usr/share/doc/linux-doc-*/Documentation"))
+        return found[-1] if found else None
+
+    root = newest(Path("/")) or newest(work / "linux-doc")
+    if root:
+        return root
     debs = work / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     try:
@@ -66,10 +67,13 @@ def kernel_docs_root(work: Path) -> Path:
         subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
         deb = next(debs.glob(f"{package}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "linux-doc")], check=True)
-        return sorted(work.glob("linux-doc/usr/share/doc/linux-doc-*/Documentation"))[-1]
-    except (OSError, subprocess.CalledProcessError, StopIteration, IndexError) as err:
+    except (OSError, subprocess.CalledProcessError, StopIteration) as err:
         raise SystemExit(f"kernel-docs corpus: cannot get Debian's linux-doc package ({err!r}). Install it "
                          f"(apt-get install linux-doc) or run with --corpus python-docs.") from err
+    root = newest(work / "linux-doc")
+    if root is None:
+        raise SystemExit(f"kernel-docs corpus: {deb} holds no usr/share/doc/linux-doc-*/Documentation")
+    return root
 
 
 def split_documents(corpus: Path, train: Path, heldout: Path, every: int = 20) -> tuple[int, int]:
@@ -110,7 +114,7 @@ def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
     stay in metrics.wallclock.jsonl."""
     raw = run_dir / "metrics.jsonl"
     lines = raw.read_text().splitlines()
-    shutil.copyfile(raw, run_dir / "metrics.wallclock.jsonl")
+    shutil.copyfile(raw, run_dir / "metrics.wallclock.jsonl")  # before the rewrite below, which is atomic
     corrected = []
     for line in lines:
         r = json.loads(line)
@@ -122,18 +126,18 @@ def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
                     r[key] *= r["step_time_s"] / active
             r["step_time_s"], r["data_wait_s"] = active, min(r["data_wait_s"], active)
         corrected.append(json.dumps(r))
-    raw.write_text("\n".join(corrected) + "\n")
+    atomic_write(raw, lambda f: f.write(("\n".join(corrected) + "\n").encode()))
 
 
 def summarize(run_dir: Path, active_s: float, heldout: ShardDataset) -> dict:
     records = read_metrics(run_dir)
     model, _ = load_run_model(run_dir)
-    ticket = json.loads((run_dir / "ticket.json").read_text()) if (run_dir / "ticket.json").exists() else None
+    ticket = read_ticket(run_dir)
     return {
         "active_s": active_s,
         "train_s": records[-1]["wall_s"],
         "steps": records[-1]["step"],
-        "train_loss_last20": sum(r["loss"] for r in records[-20:]) / 20,
+        "train_loss_last20": tail_mean(records, "loss", 20),
         "heldout": evaluate(model, heldout),
         "draw_step": ticket["draw_step"] if ticket else None,
         "draw_forced": ticket["forced"] if ticket else None,

@@ -121,6 +121,7 @@ def main() -> int:
         return 0
 
     from data_prep.local_corpus import gather_local_corpus
+    from data_prep.shards import atomic_write
     from data_prep.wordpiece import train_wordpiece
 
     work = ROOT / ".cache" / "bench_prep"
@@ -176,7 +177,7 @@ def main() -> int:
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prep.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write(out / "prep.json", lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
     rows = ["| method | tokens/s 1x (best) | tokens/s 4x (best) | peak RSS 1x (MB) | peak RSS 4x (MB) |",
             "|---|---|---|---|---|"]
     for m in methods:
@@ -195,7 +196,7 @@ def main() -> int:
           f"({ratios['ours_vs_raw_4x_best']:.0%}) at 4x (target >= 80%); ours peak RSS 4x / 1x: "
           f"{ratios['ours_rss_4x_vs_1x']:.2f} (target <= 1.1; datasets.map: {ratios['hf_rss_4x_vs_1x']:.2f}). "
           f"Load average at the end: {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores.", ""]
-    (out / "prep.md").write_text("\n".join(md))
+    atomic_write(out / "prep.md", lambda f: f.write("\n".join(md).encode()))
     print("\n".join(md))
     return 0
 

@@ -75,6 +75,12 @@ def run_interleaved(jobs: dict[str, Callable[[], list[str] | None]], logs: Path,
     logs.mkdir(parents=True, exist_ok=True)
     pending, procs, result = dict(jobs), {}, {name: SlicedJob() for name in jobs}
 
+    def signal_job(proc, sig):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group has exited already
+            pass
+
     def start_ready():
         for name, command in list(pending.items()):
             cmd = command()
@@ -85,12 +91,6 @@ def run_interleaved(jobs: dict[str, Callable[[], list[str] | None]], logs: Path,
                                                    start_new_session=True)
                 signal_job(procs[name], signal.SIGSTOP)
                 result[name].pauses.append([time.time(), 0.0])
-
-    def signal_job(proc, sig):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:  # the whole group has exited already
-            pass
 
     try:
         while True:
