@@ -6,7 +6,9 @@
 """
 import argparse
 import sys
+import time
 
+from data_prep.progress import DEFAULT_INTERVAL, INTERVAL_ENV
 from data_prep.readers import InputError
 
 
@@ -34,8 +36,9 @@ def _prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-kb", type=int, default=1024, metavar="KB",
                    help="input per work unit; part of the output's identity (default 1024)")
     p.add_argument("--max-line-chars", type=int, default=100_000, metavar="N", help="longer lines are split")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress on stderr (default on): a bar on a terminal, else a line every "
+                        f"${INTERVAL_ENV} seconds (default {DEFAULT_INTERVAL:.0f})")
     return p
 
 
@@ -72,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.wordpiece import train_wordpiece
 
             a = _tokenizer_parser().parse_args(argv[1:])
+            started = time.time()
+            print(f"{a.output}: training a WordPiece vocabulary of {a.vocab_size} tokens on {' '.join(a.input)}",
+                  file=sys.stderr, flush=True)
             tok = train_wordpiece(a.input, a.output, vocab_size=a.vocab_size, lowercase=a.lowercase,
-                                  min_frequency=a.min_frequency, text_field=a.text_field)
-            print(f"{a.output}: WordPiece vocabulary of {tok.get_vocab_size()} tokens", file=sys.stderr)
+                                  min_frequency=a.min_frequency, text_field=a.text_field, progress=True)
+            print(f"{a.output}: WordPiece vocabulary of {tok.get_vocab_size()} tokens in "
+                  f"{time.time() - started:.1f} s", file=sys.stderr)
         elif action == "local-corpus":
             from data_prep.local_corpus import gather_local_corpus
 

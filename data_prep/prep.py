@@ -1,13 +1,14 @@
 """`earlybert prep`: corpus -> shards, in three restartable passes over deterministic work units.
 
-  pass 1  read the input, cut it into units (readers.py), tokenize each unit and store its
-          documents under OUT/.work/units/ (encode.py). Parallel over units.
-  dedup   one process finds the first occurrence of every document hash in the global order
-          (source, unit, document) and writes OUT/.work/keep.npy.
-  pass 2  build the sequences of each unit from its kept documents, with a random generator
-          seeded by (seed, source, unit) (sequences.py) -> OUT/.work/seqs/.
-  pass 3  cut the global sequence order into shards of exactly --shard-sequences (the last
-          one shorter), write them (shards.py), then the manifest; OUT/.work is removed.
+  pass 1  encode_pass: read the input, cut it into units (readers.py), tokenize each unit and store
+          its documents under OUT/.work/units/ (encode.py). Parallel over units.
+  dedup   dedup_pass: one process finds the first occurrence of every document hash in the global
+          order (source, unit, document) and writes OUT/.work/keep.npy.
+  pass 2  sequence_pass: build the sequences of each unit from its kept documents, with a random
+          generator seeded by (seed, source, unit) (sequences.py) -> OUT/.work/seqs/.
+  pass 3  shard_pass: cut the global sequence order into shards of exactly --shard-sequences (the
+          last one shorter), write them (shards.py); manifest_pass then writes the manifest and
+          removes OUT/.work.
 
 Nothing in the output depends on --workers or the number of MPI ranks: units are defined by the
 bytes of the input, each unit's result by the unit and the seed, and shards by the global
@@ -28,12 +29,16 @@ import sys
 import time
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
 
 from data_prep import encode, readers, sequences, shards
+from data_prep.launchers import launched_tasks
+from data_prep.progress import progress_bar
 
 WORK = ".work"
 
@@ -53,7 +58,7 @@ class PrepConfig:
     shard_sequences: int = 32768
     unit_bytes: int = 1 << 20
     max_line_chars: int = 100_000
-    progress: bool | None = None  # None: when stderr is a terminal
+    progress: bool = True     # a bar on a terminal, else a line now and then (progress.py)
 
 
 class PrepError(readers.InputError):
@@ -73,8 +78,7 @@ class Dist:
 def detect_dist() -> Dist:
     """MPI only when launched as several ranks by mpirun/srun: importing mpi4py is not free and
     a plain run must not need it."""
-    launched = max(int(os.environ.get(v) or 1) for v in
-                   ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"))
+    launched = launched_tasks(os.environ)
     if launched <= 1:
         return Dist()
     try:
@@ -105,15 +109,94 @@ def _step(dist: Dist, fn, *args):
     return result
 
 
+def _log(dist: Dist, msg: str):
+    if dist.rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---- what the passes share --------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer as the workers rebuild it and the manifest records it."""
+    json: str          # tokenizer.json text, copied into OUT
+    file: str          # where it was read from
+    sha256: str
+    vocab_size: int
+    special: dict      # special token ids by name ("cls", "sep", ...)
+    token_dtype: str   # of the token ids on disk
+
+
+def load_tokenizer(path: str) -> TokenizerInfo:
+    tok, text, file = encode.load_tokenizer(path)
+    special = encode.special_ids(tok, file)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    return TokenizerInfo(text, file, hashlib.sha256(text.encode()).hexdigest(), vocab_size, special,
+                         shards.token_dtype(vocab_size).name)
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """OUT/.work: what a killed run leaves for the rerun to resume from; removed once OUT is complete."""
+    root: Path
+
+    @property
+    def state(self) -> Path:  # the fingerprint of the run that created it
+        return self.root / "state.json"
+
+    @property
+    def keep(self) -> Path:  # dedup: keep[d] for every document in the global order
+        return self.root / "keep.npy"
+
+    def unit(self, key: str) -> Path:  # pass 1: tokenized documents of one unit
+        return self.root / "units" / f"{key}.npz"
+
+    def sequences(self, key: str) -> Path:  # pass 2: sequences of one unit
+        return self.root / "seqs" / f"{key}.npz"
+
+    def shard_entry(self, k: int) -> Path:  # pass 3: manifest entry of a written shard
+        return self.root / "shards" / f"{k:05d}.json"
+
+
+@dataclass(frozen=True)
+class PrepRun:
+    """What the passes of one run share: options, ranks, inputs and tokenizer."""
+    cfg: PrepConfig
+    dist: Dist
+    sources: list[readers.Source]
+    tokenizer: TokenizerInfo
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output)
+
+    @property
+    def work(self) -> WorkDir:
+        return WorkDir(self.out / WORK)
+
+    @property
+    def fingerprint(self) -> dict:
+        """Everything the output depends on; a rerun resumes only when it is unchanged."""
+        return {
+            "format_version": shards.FORMAT_VERSION,
+            "inputs": [[s.path, s.size, s.mtime_ns] for s in self.sources],
+            "tokenizer_sha256": self.tokenizer.sha256,
+            **{k: getattr(self.cfg, k) for k in ("seq_len", "nsp", "seed", "short_seq_prob", "dedup", "text_field",
+                                                 "shard_sequences", "unit_bytes", "max_line_chars")},
+        }
+
+    def progress_bar(self, desc: str, total: int, unit: str):
+        return progress_bar(f"prep {desc}", total, unit, enabled=self.cfg.progress and self.dist.rank == 0)
+
+
 # ---- worker processes -------------------------------------------------------------------
 _WORKER = {}
 
 
-def _init_worker(cfg: PrepConfig, tokenizer_json: str, token_dtype: str, special: dict):
+def _init_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
     # One core per worker: the tokenizer's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(cfg=cfg, tok=encode.tokenizer_from_json(tokenizer_json), dtype=token_dtype,
-                   special=special, work=Path(cfg.output) / WORK)
+    _WORKER.update(cfg=cfg, tokenizer=tokenizer, tok=encode.tokenizer_from_json(tokenizer.json),
+                   work=WorkDir(Path(cfg.output) / WORK))
 
 
 def _save_npz(path: Path, arrays: dict):
@@ -128,24 +211,23 @@ def _unit_summary(key, source, arrays, nbytes, resumed=False) -> dict:
 def _encode_job(unit: readers.Unit) -> dict:
     cfg = _WORKER["cfg"]
     arrays = encode.encode_unit(unit, _WORKER["tok"], text_field=cfg.text_field,
-                                max_line_chars=cfg.max_line_chars, token_dtype=_WORKER["dtype"])
-    _save_npz(_WORKER["work"] / "units" / f"{unit.key}.npz", arrays)
+                                max_line_chars=cfg.max_line_chars, token_dtype=_WORKER["tokenizer"].token_dtype)
+    _save_npz(_WORKER["work"].unit(unit.key), arrays)
     return _unit_summary(unit.key, unit.source, arrays, unit.nbytes)
 
 
 def _sequence_job(job) -> dict:
     key, source, index, keep = job
-    cfg, work = _WORKER["cfg"], _WORKER["work"]
-    path = work / "seqs" / f"{key}.npz"
-    with np.load(work / "units" / f"{key}.npz") as z:
+    cfg, work, special = _WORKER["cfg"], _WORKER["work"], _WORKER["tokenizer"].special
+    path = work.sequences(key)
+    with np.load(work.unit(key)) as z:
         arrays = dict(z)
     doc_tokens = np.add.reduceat(arrays["line_tokens"], np.cumsum(arrays["doc_lines"]) - arrays["doc_lines"]) \
         if len(arrays["doc_lines"]) else np.zeros(0, np.int64)
     if not path.exists():
         tokens, table = sequences.build_sequences(
             arrays, keep, nsp=cfg.nsp, seq_len=cfg.seq_len, short_seq_prob=cfg.short_seq_prob,
-            rng=sequences.unit_rng(cfg.seed, source, index), cls=_WORKER["special"]["cls"],
-            sep=_WORKER["special"]["sep"])
+            rng=sequences.unit_rng(cfg.seed, source, index), cls=special["cls"], sep=special["sep"])
         _save_npz(path, {"tokens": tokens, "table": table})
     with np.load(path) as z:
         return {"key": key, "sequences": len(z["table"]), "document_tokens": int(doc_tokens[keep].sum())}
@@ -155,12 +237,12 @@ def _shard_job(job) -> dict:
     """Write shard k from slices [lo, hi) of the units' sequence files."""
     k, pieces = job
     work, out = _WORKER["work"], Path(_WORKER["cfg"].output)
-    entry_path = work / "shards" / f"{k:05d}.json"
+    entry_path = work.shard_entry(k)
     if entry_path.exists():
         return json.loads(entry_path.read_text())
     toks, tables = [], []
     for key, lo, hi in pieces:
-        with np.load(work / "seqs" / f"{key}.npz") as z:
+        with np.load(work.sequences(key)) as z:
             table, tokens = z["table"], z["tokens"]
         starts = np.concatenate([[0], np.cumsum(table[:, 0], dtype=np.int64)])
         toks.append(tokens[starts[lo]:starts[hi]])
@@ -173,36 +255,76 @@ def _shard_job(job) -> dict:
     return entry
 
 
-def _imap(pool, fn, items, window: int):
-    """Ordered map that keeps at most `window` items in flight: Pool.imap would read the whole
-    input ahead of the workers."""
-    if pool is None:
-        yield from map(fn, items)
-        return
-    pending = deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= window:
+@dataclass
+class Workers:
+    """This rank's worker processes; pool None: one worker, this process."""
+    pool: Pool | None
+    window: int  # jobs in flight at most
+
+    def map(self, fn, items):
+        """Ordered map that keeps at most `window` items in flight: Pool.imap would read the whole
+        input ahead of the workers."""
+        if self.pool is None:
+            yield from map(fn, items)
+            return
+        pending = deque()
+        for item in items:
+            pending.append(self.pool.apply_async(fn, (item,)))
+            if len(pending) >= self.window:
+                yield pending.popleft().get()
+        while pending:
             yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
 
 
-# ---- the run ----------------------------------------------------------------------------
-def _log(dist: Dist, msg: str):
-    if dist.rank == 0:
-        print(msg, file=sys.stderr, flush=True)
+@contextmanager
+def start_workers(run: PrepRun):
+    """The worker processes of this rank; bad input stops them at once (their queued work is useless)."""
+    n = run.cfg.workers or (1 if run.dist.world > 1 else len(os.sched_getaffinity(0)))
+    window = 2 * n + 2
+    if n <= 1:
+        _init_worker(run.cfg, run.tokenizer)
+        yield Workers(None, window)
+        return
+    # fork is cheapest; an MPI process must not fork, so it uses a fork server.
+    ctx = mp.get_context("forkserver" if run.dist.world > 1 else "fork")
+    pool = ctx.Pool(n, initializer=_init_worker, initargs=(run.cfg, run.tokenizer))
+    stop = pool.close
+    try:
+        yield Workers(pool, window)
+    except readers.InputError:
+        stop = pool.terminate
+        raise
+    finally:
+        stop()
+        pool.join()
 
 
-def _fingerprint(cfg: PrepConfig, sources, tokenizer_sha: str) -> dict:
-    """Everything the output depends on; a rerun resumes only when it is unchanged."""
-    return {
-        "format_version": shards.FORMAT_VERSION,
-        "inputs": [[s.path, s.size, s.mtime_ns] for s in sources],
-        "tokenizer_sha256": tokenizer_sha,
-        **{k: getattr(cfg, k) for k in ("seq_len", "nsp", "seed", "short_seq_prob", "dedup", "text_field",
-                                        "shard_sequences", "unit_bytes", "max_line_chars")},
-    }
+def _run_jobs(run: PrepRun, workers: Workers, desc: str, unit: str, fn, jobs) -> list:
+    """fn over this rank's jobs, in order, counted by a progress bar."""
+    results = []
+    with run.progress_bar(desc, len(jobs), unit) as bar:
+        for result in workers.map(fn, jobs):
+            results.append(result)
+            bar.update(1)
+    return results
+
+
+# ---- before the passes ------------------------------------------------------------------
+def _validate(cfg: PrepConfig):
+    if cfg.seq_len < 8:
+        raise PrepError(f"--seq-len {cfg.seq_len}: too short (BERT uses 128, then 512)")
+    if cfg.shard_sequences < 1 or cfg.shard_sequences * cfg.seq_len > shards.MAX_SHARD_TOKENS:
+        raise PrepError(f"--shard-sequences {cfg.shard_sequences}: must be >= 1 and at most "
+                        f"{shards.MAX_SHARD_TOKENS // cfg.seq_len} at --seq-len {cfg.seq_len}")
+    if cfg.unit_bytes < 1024 or cfg.max_line_chars < 16 or not 0 <= cfg.short_seq_prob <= 1:
+        raise PrepError("--unit-kb must be >= 1, --max-line-chars >= 16, --short-seq-prob in [0, 1]")
+
+
+def open_run(cfg: PrepConfig) -> PrepRun:
+    """Check the options, the ranks, the inputs and the tokenizer: what can fail before anything is written."""
+    _validate(cfg)
+    dist = detect_dist()
+    return PrepRun(cfg, dist, readers.discover(cfg.inputs), load_tokenizer(cfg.tokenizer))
 
 
 def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
@@ -211,7 +333,7 @@ def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
     if out.exists() and not out.is_dir():
         raise PrepError(f"{out}: exists and is not a directory; choose another --output")
     found = None
-    for path in (out / shards.MANIFEST, out / WORK / "state.json"):
+    for path in (out / shards.MANIFEST, WorkDir(out / WORK).state):
         if path.is_file():
             try:
                 found = path, json.loads(path.read_text())
@@ -238,6 +360,35 @@ def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
                     f"options to resume, or choose another --output or delete {out}")
 
 
+def _already_complete(run: PrepRun) -> dict:
+    if run.dist.rank == 0:  # a crash between the manifest and this clean-up leaves .work behind
+        shutil.rmtree(run.work.root, ignore_errors=True)
+    _log(run.dist, f"{run.out}: already complete with these inputs and options; nothing to do")
+    return json.loads((run.out / shards.MANIFEST).read_text())
+
+
+def _create_work_dir(run: PrepRun):
+    if run.dist.rank == 0:
+        for sub in ("units", "seqs", "shards"):
+            (run.work.root / sub).mkdir(parents=True, exist_ok=True)
+        shards.write_json(run.work.state, {"fingerprint": run.fingerprint, "tokenizer_file": run.tokenizer.file})
+
+
+@contextmanager
+def open_work_dir(run: PrepRun):
+    """Create OUT/.work, or reuse the one a killed run left. A fresh run stopped by bad input leaves
+    nothing behind; an interrupted one keeps .work so that the rerun resumes."""
+    fresh = not run.work.state.exists()
+    _step(run.dist, _create_work_dir, run)
+    try:
+        yield run.work
+    except readers.InputError:
+        if fresh and run.dist.rank == 0:
+            shutil.rmtree(run.work.root, ignore_errors=True)
+        raise
+
+
+# ---- pass 1: encode ---------------------------------------------------------------------
 def _assign(sources, dist: Dist):
     """(files this rank reads, predicate on (file, unit) for the units it processes)."""
     if dist.world == 1:
@@ -254,34 +405,27 @@ def _assign(sources, dist: Dist):
     return list(range(len(sources))), lambda f, u: (f + u) % dist.world == dist.rank
 
 
-def _progress(cfg, dist, total):
-    from tqdm import tqdm
+def _units_to_encode(run: PrepRun, files, is_mine, resumed: list, bar):
+    """This rank's units not yet on disk; the summaries of those that are go to `resumed`."""
+    for f in files:
+        for unit in readers.read_units(f, run.sources[f], run.cfg.unit_bytes, run.cfg.text_field):
+            if not is_mine(f, unit.index):
+                continue
+            path = run.work.unit(unit.key)
+            if path.exists():
+                with np.load(path) as z:
+                    resumed.append(_unit_summary(unit.key, f, z, unit.nbytes, resumed=True))
+                bar.update(unit.nbytes)
+                continue
+            yield unit
 
-    disable = dist.rank != 0 or (not sys.stderr.isatty() if cfg.progress is None else not cfg.progress)
-    return tqdm(total=total, unit="B", unit_scale=True, desc="prep", disable=disable, smoothing=0.1)
 
-
-def _pass1(cfg, sources, dist, pool, window, work):
-    files, mine = _assign(sources, dist)
+def _encode_my_units(run: PrepRun, workers: Workers) -> list[dict]:
+    files, is_mine = _assign(run.sources, run.dist)
     done, resumed = [], []
-    bar = _progress(cfg, dist, sum(sources[f].size for f in files))
     start, docs, tokens = time.time(), 0, 0
-
-    def todo():
-        for f in files:
-            for unit in readers.read_units(f, sources[f], cfg.unit_bytes, cfg.text_field):
-                if not mine(f, unit.index):
-                    continue
-                path = work / "units" / f"{unit.key}.npz"
-                if path.exists():
-                    with np.load(path) as z:
-                        resumed.append(_unit_summary(unit.key, f, z, unit.nbytes, resumed=True))
-                    bar.update(unit.nbytes)
-                    continue
-                yield unit
-
-    with bar:
-        for summary in _imap(pool, _encode_job, todo(), window):
+    with run.progress_bar("encode", sum(run.sources[f].size for f in files), "B") as bar:
+        for summary in workers.map(_encode_job, _units_to_encode(run, files, is_mine, resumed, bar)):
             done.append(summary)
             docs, tokens = docs + summary["documents"], tokens + summary["tokens"]
             bar.update(summary["nbytes"])
@@ -289,7 +433,14 @@ def _pass1(cfg, sources, dist, pool, window, work):
     return done + resumed
 
 
-def _warn_bad_input(dist, sources, units):
+def encode_pass(run: PrepRun, workers: Workers) -> list[dict]:
+    """Pass 1: tokenize this rank's units (those a killed run finished are only read back); returns the
+    summaries of every rank's units in the global order."""
+    mine = _step(run.dist, _encode_my_units, run, workers)
+    return sorted((u for part in run.dist.allgather(mine) for u in part), key=lambda u: u["key"])
+
+
+def _warn_bad_input(run: PrepRun, units):
     per_source = {}
     for u in units:
         per_source[u["source"]] = per_source.get(u["source"], np.zeros(len(encode.STATS), np.int64)) + u["stats"]
@@ -299,21 +450,61 @@ def _warn_bad_input(dist, sources, units):
         for name, note in notes.items():
             n = int(per_source[f][encode.STATS.index(name)])
             if n:
-                _log(dist, f"warning: {sources[f].path}: {n} {note}")
+                _log(run.dist, f"warning: {run.sources[f].path}: {n} {note}")
 
 
-def _dedup(units, work: Path, enabled: bool) -> np.ndarray:
-    """keep[d] for every document in the global order: False for a repeat of an earlier one."""
-    if not enabled:
-        return np.ones(sum(u["documents"] for u in units), dtype=bool)
-    hashes = np.concatenate([np.load(work / "units" / f"{u['key']}.npz")["doc_hash"] for u in units])
-    keep = np.zeros(len(hashes), dtype=bool)
-    # np.unique's return_index gives the first occurrence of each value (stable sort).
-    keep[np.unique(np.ascontiguousarray(hashes).view("V16").ravel(), return_index=True)[1]] = True
-    return keep
+def _input_stats(run: PrepRun, units) -> dict:
+    """The units' statistics summed; stops the run when no input holds a document (an empty input
+    file has no unit at all)."""
+    totals = np.array([u["stats"] for u in units], dtype=np.int64).reshape(-1, len(encode.STATS)).sum(axis=0)
+    stats = dict(zip(encode.STATS, totals.tolist()))
+    if stats["input_documents"] == 0:
+        sources = run.sources
+        raise PrepError(f"no documents in {', '.join(s.path for s in sources[:5])}"
+                        f"{' ...' if len(sources) > 5 else ''}: every input is empty or blank; "
+                        f"nothing was written")
+    return stats
 
 
-def _shard_plan(units, counts, shard_sequences):
+# ---- dedup ------------------------------------------------------------------------------
+def _write_keep(run: PrepRun, units):
+    if run.dist.rank != 0:
+        return
+    if not run.cfg.dedup:
+        keep = np.ones(sum(u["documents"] for u in units), dtype=bool)
+    else:
+        hashes = []
+        with run.progress_bar("dedup", len(units), "units") as bar:
+            for u in units:
+                hashes.append(np.load(run.work.unit(u["key"]))["doc_hash"])
+                bar.update(1)
+        hashes = np.concatenate(hashes)
+        keep = np.zeros(len(hashes), dtype=bool)
+        # np.unique's return_index gives the first occurrence of each value (stable sort).
+        keep[np.unique(np.ascontiguousarray(hashes).view("V16").ravel(), return_index=True)[1]] = True
+    shards.save_npy(run.work.keep, keep)
+
+
+def dedup_pass(run: PrepRun, units) -> np.ndarray:
+    """keep[d] for every document in the global order: False for a repeat of an earlier one.
+    Rank 0 computes it, every rank reads it back."""
+    _step(run.dist, _write_keep, run, units)
+    return np.load(run.work.keep)
+
+
+# ---- pass 2: sequences ------------------------------------------------------------------
+def sequence_pass(run: PrepRun, workers: Workers, units, keep) -> dict:
+    """Pass 2: the sequences of this rank's units; returns {unit key: {"sequences", "document_tokens"}}
+    for every rank's units."""
+    offsets = np.concatenate([[0], np.cumsum([u["documents"] for u in units])])
+    jobs = [(u["key"], *map(int, u["key"].split("-")), keep[offsets[i]:offsets[i + 1]])
+            for i, u in enumerate(units) if i % run.dist.world == run.dist.rank]
+    mine = _step(run.dist, _run_jobs, run, workers, "sequences", "units", _sequence_job, jobs)
+    return {r["key"]: r for part in run.dist.allgather(mine) for r in part}
+
+
+# ---- pass 3: shards ---------------------------------------------------------------------
+def shard_plan(units, counts, shard_sequences) -> list[list[tuple]]:
     """For each shard: [(unit key, lo, hi)] slices of the units' sequences, in global order."""
     total = sum(counts)
     plan = [[] for _ in range(-(-total // shard_sequences))]
@@ -329,123 +520,70 @@ def _shard_plan(units, counts, shard_sequences):
     return plan
 
 
-def _validate(cfg: PrepConfig):
-    if cfg.seq_len < 8:
-        raise PrepError(f"--seq-len {cfg.seq_len}: too short (BERT uses 128, then 512)")
-    if cfg.shard_sequences < 1 or cfg.shard_sequences * cfg.seq_len > shards.MAX_SHARD_TOKENS:
-        raise PrepError(f"--shard-sequences {cfg.shard_sequences}: must be >= 1 and at most "
-                        f"{shards.MAX_SHARD_TOKENS // cfg.seq_len} at --seq-len {cfg.seq_len}")
-    if cfg.unit_bytes < 1024 or cfg.max_line_chars < 16 or not 0 <= cfg.short_seq_prob <= 1:
-        raise PrepError("--unit-kb must be >= 1, --max-line-chars >= 16, --short-seq-prob in [0, 1]")
+def shard_pass(run: PrepRun, workers: Workers, plan):
+    """Pass 3: write this rank's shards of the plan (a shard already written is kept)."""
+    jobs = [(k, p) for k, p in enumerate(plan) if k % run.dist.world == run.dist.rank]
+    _step(run.dist, _run_jobs, run, workers, "shards", "shards", _shard_job, jobs)
+
+
+# ---- manifest ---------------------------------------------------------------------------
+def manifest_pass(run: PrepRun, n_shards: int, keep, built: dict, stats: dict) -> dict | None:
+    """Rank 0: copy the tokenizer, then write manifest.json, last (its presence marks OUT complete), and
+    remove .work. Returns the manifest's counts (None on other ranks)."""
+    if run.dist.rank != 0:
+        return None
+    cfg, out, tokenizer = run.cfg, run.out, run.tokenizer
+    entries = [json.loads(run.work.shard_entry(k).read_text()) for k in range(n_shards)]
+    shards.atomic_write(out / "tokenizer.json", lambda f: f.write(tokenizer.json.encode()))
+    counts = {
+        "documents": int(keep.sum()),
+        "duplicates_dropped": int(len(keep) - keep.sum()),
+        "sequences": sum(e["sequences"] for e in entries),
+        "tokens": sum(e["token_count"] for e in entries),
+        "document_tokens": sum(r["document_tokens"] for r in built.values()),
+        **stats,
+    }
+    shards.write_manifest(
+        out, seq_len=cfg.seq_len, shard_sequences=cfg.shard_sequences, token_dtype=tokenizer.token_dtype,
+        counts=counts,
+        tokenizer={"file": "tokenizer.json", "source": tokenizer.file, "sha256": tokenizer.sha256,
+                   "vocab_size": tokenizer.vocab_size, "special_ids": tokenizer.special},
+        seed=cfg.seed,
+        options={k: getattr(cfg, k) for k in ("nsp", "short_seq_prob", "dedup", "text_field",
+                                              "unit_bytes", "max_line_chars")},
+        inputs=[{"path": s.path, "kind": s.kind, "bytes": s.size} for s in run.sources],
+        shards=entries, fingerprint=run.fingerprint,
+    )
+    shutil.rmtree(run.work.root)
+    for partial in out.glob(".*.tmp*"):  # left by a killed run: never listed, now removed
+        partial.unlink()
+    return counts
+
+
+# ---- the run ----------------------------------------------------------------------------
+def _summary(run: PrepRun, counts: dict, units, n_shards: int, seconds: float) -> str:
+    n_resumed = sum(u["resumed"] for u in units)
+    resumed = f", {n_resumed} of {len(units)} units resumed from an earlier run" if n_resumed else ""
+    return (f"{run.out}: {counts['documents']} documents ({counts['duplicates_dropped']} duplicates dropped), "
+            f"{counts['sequences']} sequences of <= {run.cfg.seq_len} tokens in {n_shards} shards, "
+            f"{sum(u['tokens'] for u in units) / seconds:,.0f} tokens/s, {seconds:.1f} s{resumed}")
 
 
 def run_prep(cfg: PrepConfig) -> dict:
     """Prepare cfg.output from cfg.inputs; returns the manifest. Raises PrepError on bad input."""
     started = time.time()
-    _validate(cfg)
-    dist = detect_dist()
-    sources = readers.discover(cfg.inputs)
-    tok, tok_json, tok_file = encode.load_tokenizer(cfg.tokenizer)
-    special = encode.special_ids(tok, tok_file)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    tok_sha = hashlib.sha256(tok_json.encode()).hexdigest()
-    out, work = Path(cfg.output), Path(cfg.output) / WORK
-    fingerprint = _fingerprint(cfg, sources, tok_sha)
-    if _step(dist, _check_output, out, fingerprint, tok_file):
-        if dist.rank == 0:  # a crash between the manifest and this clean-up leaves .work behind
-            shutil.rmtree(work, ignore_errors=True)
-        _log(dist, f"{out}: already complete with these inputs and options; nothing to do")
-        return json.loads((out / shards.MANIFEST).read_text())
-
-    def create_work():
-        if dist.rank == 0:
-            for sub in ("units", "seqs", "shards"):
-                (work / sub).mkdir(parents=True, exist_ok=True)
-            shards.write_json(work / "state.json", {"fingerprint": fingerprint, "tokenizer_file": tok_file})
-    fresh = not (work / "state.json").exists()
-    _step(dist, create_work)
-
-    workers = cfg.workers or (1 if dist.world > 1 else len(os.sched_getaffinity(0)))
-    dtype = shards.token_dtype(vocab_size).name
-    init = (cfg, tok_json, dtype, special)
-    pool = None
-    if workers > 1:
-        # fork is cheapest; an MPI process must not fork, so it uses a fork server.
-        ctx = mp.get_context("forkserver" if dist.world > 1 else "fork")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=init)
-    else:
-        _init_worker(*init)
-    window = 2 * workers + 2
-    bad_input = False
-    try:
-        mine = _step(dist, _pass1, cfg, sources, dist, pool, window, work)
-        units = sorted((u for part in dist.allgather(mine) for u in part), key=lambda u: u["key"])
-        n_resumed = sum(u["resumed"] for u in units)
-        _warn_bad_input(dist, sources, units)
-        stats = dict(zip(encode.STATS, np.sum([u["stats"] for u in units], axis=0, dtype=np.int64).tolist()))
-        if stats["input_documents"] == 0:
-            raise PrepError(f"no documents in {', '.join(s.path for s in sources[:5])}"
-                            f"{' ...' if len(sources) > 5 else ''}: every input is empty or blank; "
-                            f"nothing was written")
-
-        def dedup():
-            if dist.rank == 0:
-                shards.save_npy(work / "keep.npy", _dedup(units, work, cfg.dedup))
-        _step(dist, dedup)
-        keep = np.load(work / "keep.npy")
-        offsets = np.concatenate([[0], np.cumsum([u["documents"] for u in units])])
-        jobs = [(u["key"], *map(int, u["key"].split("-")), keep[offsets[i]:offsets[i + 1]])
-                for i, u in enumerate(units) if i % dist.world == dist.rank]
-        mine = _step(dist, lambda: list(_imap(pool, _sequence_job, jobs, window)))
-        built = {r["key"]: r for part in dist.allgather(mine) for r in part}
-        plan = _shard_plan(units, [built[u["key"]]["sequences"] for u in units], cfg.shard_sequences)
-        jobs = [(k, p) for k, p in enumerate(plan) if k % dist.world == dist.rank]
-        _step(dist, lambda: list(_imap(pool, _shard_job, jobs, window)))
-    except readers.InputError:
-        bad_input = True
-        raise
-    finally:
-        if pool is not None:
-            (pool.terminate if bad_input else pool.close)()
-            pool.join()
-        # A fresh run stopped by bad input leaves nothing behind; an interrupted one keeps
-        # .work so that the rerun resumes.
-        if bad_input and fresh and dist.rank == 0:
-            shutil.rmtree(work, ignore_errors=True)
-
-    def finish():
-        if dist.rank != 0:
-            return None
-        entries = [json.loads((work / "shards" / f"{k:05d}.json").read_text()) for k in range(len(plan))]
-        shards.atomic_write(out / "tokenizer.json", lambda f: f.write(tok_json.encode()))
-        counts_ = {
-            "documents": int(keep.sum()),
-            "duplicates_dropped": int(len(keep) - keep.sum()),
-            "sequences": sum(e["sequences"] for e in entries),
-            "tokens": sum(e["token_count"] for e in entries),
-            "document_tokens": sum(r["document_tokens"] for r in built.values()),
-            **stats,
-        }
-        manifest = dict(
-            seq_len=cfg.seq_len, shard_sequences=cfg.shard_sequences, token_dtype=dtype, counts=counts_,
-            tokenizer={"file": "tokenizer.json", "source": tok_file, "sha256": tok_sha,
-                       "vocab_size": vocab_size, "special_ids": special},
-            seed=cfg.seed,
-            options={k: getattr(cfg, k) for k in ("nsp", "short_seq_prob", "dedup", "text_field",
-                                                  "unit_bytes", "max_line_chars")},
-            inputs=[{"path": s.path, "kind": s.kind, "bytes": s.size} for s in sources],
-            shards=entries, fingerprint=fingerprint,
-        )
-        shards.write_manifest(out, **manifest)
-        shutil.rmtree(work)
-        for partial in out.glob(".*.tmp*"):  # left by a killed run: never listed, now removed
-            partial.unlink()
-        return counts_
-    totals = _step(dist, finish)
-    seconds = time.time() - started
-    if totals is not None:
-        resumed = f", {n_resumed} of {len(units)} units resumed from an earlier run" if n_resumed else ""
-        _log(dist, f"{out}: {totals['documents']} documents ({totals['duplicates_dropped']} duplicates dropped), "
-                   f"{totals['sequences']} sequences of <= {cfg.seq_len} tokens in {len(plan)} shards, "
-                   f"{sum(u['tokens'] for u in units) / seconds:,.0f} tokens/s, {seconds:.1f} s{resumed}")
-    return json.loads((out / shards.MANIFEST).read_text())
+    run = open_run(cfg)
+    if _step(run.dist, _check_output, run.out, run.fingerprint, run.tokenizer.file):
+        return _already_complete(run)
+    with open_work_dir(run), start_workers(run) as workers:
+        units = encode_pass(run, workers)
+        _warn_bad_input(run, units)
+        stats = _input_stats(run, units)
+        keep = dedup_pass(run, units)
+        built = sequence_pass(run, workers, units, keep)
+        plan = shard_plan(units, [built[u["key"]]["sequences"] for u in units], cfg.shard_sequences)
+        shard_pass(run, workers, plan)
+    counts = _step(run.dist, manifest_pass, run, len(plan), keep, built, stats)
+    if counts is not None:
+        _log(run.dist, _summary(run, counts, units, len(plan), time.time() - started))
+    return json.loads((run.out / shards.MANIFEST).read_text())

@@ -7,21 +7,27 @@ tokenizer sees exactly the lines that will be tokenized). Special tokens come fi
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from data_prep.encode import parse_unit
+from data_prep.progress import progress_bar
 from data_prep.readers import InputError, discover, read_units
 from data_prep.shards import atomic_write
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def corpus_lines(inputs: list[str], text_field: str = "text"):
-    for i, source in enumerate(discover(inputs)):
-        for unit in read_units(i, source, 1 << 20, text_field):
-            for doc in parse_unit(unit, text_field)[0]:
-                yield from doc
+def corpus_lines(inputs: list[str], text_field: str = "text", progress: bool = False):
+    """Every line of every document. The trainer counts words as it reads, so the progress of the
+    reading is that of the counting; the vocabulary computed afterwards reports none."""
+    sources = discover(inputs)
+    with progress_bar("tokenizer: reading the corpus", sum(s.size for s in sources), "B", enabled=progress) as bar:
+        for i, source in enumerate(sources):
+            for unit in read_units(i, source, 1 << 20, text_field):
+                for doc in parse_unit(unit, text_field)[0]:
+                    yield from doc
+                bar.update(unit.nbytes)
 
 
 def train_wordpiece(inputs: list[str], output, vocab_size: int = 30522, lowercase: bool = False,
-                    min_frequency: int = 2, text_field: str = "text") -> Tokenizer:
+                    min_frequency: int = 2, text_field: str = "text", progress: bool = False) -> Tokenizer:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # strip_accents=None follows `lowercase`, as in BERT's uncased models.
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
@@ -33,7 +39,7 @@ def train_wordpiece(inputs: list[str], output, vocab_size: int = 30522, lowercas
 
     def lines():
         nonlocal seen
-        for line in corpus_lines(inputs, text_field):
+        for line in corpus_lines(inputs, text_field, progress):
             seen += 1
             yield line
 

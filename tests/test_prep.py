@@ -243,7 +243,8 @@ def test_bad_bytes_empty_documents_and_enormous_lines(tmp_path, corpus, capsys):
     ShardDataset(tmp_path / "out").verify(full=True)
 
 
-@pytest.mark.parametrize("case", ["missing", "broken_link", "corrupt_gzip", "no_match", "bad_json", "empty"])
+@pytest.mark.parametrize("case", ["missing", "broken_link", "corrupt_gzip", "no_match", "bad_json", "empty",
+                                  "zero_bytes"])
 def test_bad_input_stops_with_the_file_name(tmp_path, corpus, capsys, case):
     good = tmp_path / "good.txt"
     good.write_text("A perfectly good document.\n\nAnd another one.\n")
@@ -257,16 +258,68 @@ def test_bad_input_stops_with_the_file_name(tmp_path, corpus, capsys, case):
         bad.write_text('{"text": "fine"}\n{"text": broken\n')
     elif case == "empty":
         bad.write_text("\n   \n\t\n")
+    elif case == "zero_bytes":
+        bad.write_bytes(b"")
     out = tmp_path / "out"
-    inputs = [str(bad)] if case == "empty" else [str(good), str(bad)]
+    inputs = [str(bad)] if case in ("empty", "zero_bytes") else [str(good), str(bad)]
     code = prep_main(["--input", *inputs, "--output", str(out), "--tokenizer", str(corpus["tokenizer"]),
                       "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1
     assert "error:" in err and str(bad) + (":2" if case == "bad_json" else "") in err, err
-    assert not (out / "manifest.json").exists() and not (out / ".work").exists()
-    if case == "empty":
-        assert "no documents" in err
+    assert not out.exists() or not any(out.iterdir()), "nothing may be left in the output"
+    if case in ("empty", "zero_bytes"):
+        assert "no documents" in err and "every input is empty or blank" in err
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, corpus):
+    """Under srun, mpirun or nohup: a line at the start and end of every pass and, with
+    EARLYBERT_PROGRESS_SECONDS=0, one at every step in between; --no-progress: only the summary."""
+    args = [PYTHON, "-m", "data_prep", "--input", str(corpus["text"]), "--tokenizer", str(corpus["tokenizer"]),
+            "--seq-len", "64", "--shard-sequences", "300", "--unit-kb", "64", "--workers", "1"]
+    env = dict(os.environ, EARLYBERT_PROGRESS_SECONDS="0")
+    run = lambda *extra: subprocess.run([*args, *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run("--output", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    *progress, summary = r.stderr.splitlines()
+    by_pass = {}
+    for line in progress:
+        by_pass.setdefault(line.split(":")[0], []).append(line)
+    assert list(by_pass) == ["prep encode", "prep dedup", "prep sequences", "prep shards"], progress
+    assert progress == [line for lines in by_pass.values() for line in lines], "passes must not interleave"
+    for start, *steps, end in by_pass.values():
+        assert start.endswith(" to do") and " done in " in end and len(steps) >= 2, (start, end)
+        assert all("%), " in step and "/s, " in step and " left" in step for step in steps), steps
+    assert "docs=" in by_pass["prep encode"][-1]
+    assert summary.startswith(f"{tmp_path / 'out'}: ") and "shards" in summary
+
+    r = run("--output", str(tmp_path / "quiet"), "--no-progress")
+    assert r.returncode == 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"{tmp_path / 'quiet'}: ")
+
+
+def test_progress_lines_at_most_every_interval(monkeypatch, capsys):
+    from data_prep.progress import INTERVAL_ENV, progress_bar
+
+    monkeypatch.setenv(INTERVAL_ENV, "3600")
+    with progress_bar("count", 1000, "items") as bar:  # capsys: stderr is not a terminal
+        for _ in range(1000):
+            bar.update(1)
+    start, end = capsys.readouterr().err.splitlines()  # nothing in between
+    assert start == "count: 1,000 items to do" and end.startswith("count: 1,000 items done in 00:00, ")
+
+
+def test_tokenizer_training_reports_progress_and_time(tmp_path, corpus):
+    env = dict(os.environ, EARLYBERT_PROGRESS_SECONDS="0")
+    out = tmp_path / "tok.json"
+    r = subprocess.run([PYTHON, "-m", "data_prep", "tokenizer", "--input", str(corpus["text"]), "--output", str(out),
+                        "--vocab-size", "500"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"{out}: training a WordPiece vocabulary of 500 tokens on {corpus['text']}"
+    reading = [line for line in lines if line.startswith("tokenizer: reading the corpus: ")]
+    assert reading == lines[1:-1] and len(reading) >= 3 and " done in " in reading[-1], lines
+    assert lines[-1].startswith(f"{out}: WordPiece vocabulary of 500 tokens in ") and lines[-1].endswith(" s")
 
 
 def test_output_written_with_another_tokenizer_is_left_alone(tmp_path, corpus, capsys):
