@@ -41,7 +41,8 @@ from data_prep.shards import atomic_write
 from pipeline.distributed import free_port
 from pipeline.evaluate import evaluate
 from pipeline.export import load_run_model
-from pipeline.report import read_metrics, read_ticket, tail_mean, write_report
+from pipeline.report import tail_mean, write_report
+from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable))
@@ -112,7 +113,7 @@ def train_command(run_dir: Path, shards: Path, args, *overrides: str) -> list[st
 def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
     """Subtract the time each step spent suspended from its step time and rates; the raw records
     stay in metrics.wallclock.jsonl."""
-    raw = run_dir / "metrics.jsonl"
+    raw = RunDir(run_dir).metrics_file
     lines = raw.read_text().splitlines()
     shutil.copyfile(raw, run_dir / "metrics.wallclock.jsonl")  # before the rewrite below, which is atomic
     corrected = []
@@ -130,9 +131,9 @@ def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
 
 
 def summarize(run_dir: Path, active_s: float, heldout: ShardDataset) -> dict:
-    records = read_metrics(run_dir)
+    records = RunDir(run_dir).read_metrics()
     model, _ = load_run_model(run_dir)
-    ticket = read_ticket(run_dir)
+    ticket = RunDir(run_dir).read_ticket()
     return {
         "active_s": active_s,
         "train_s": records[-1]["wall_s"],
@@ -160,10 +161,10 @@ def bench_corpus(corpus: str, args) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
 
     def random_after_draw():
-        ticket = runs["earlybert"] / "ticket.json"
-        if not ticket.exists():
+        ticket = RunDir(runs["earlybert"]).read_ticket()
+        if ticket is None:
             return None
-        draw = json.loads(ticket.read_text())["draw_step"]
+        draw = ticket["draw_step"]
         return train_command(runs["random"], train_shards, args, "earlybert.mode=random", f"earlybert.draw_step={draw}")
 
     jobs = run_interleaved({

@@ -23,11 +23,11 @@ from bench.common import median_time, write_results
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
 from pipeline.model import flops_per_sequence, parameter_count
-from pipeline.rebuild import rebuild_engine
+from pipeline.config import OptimConfig
+from pipeline.engine import EngineSpec, build_engine, prune_engine
 
 
 def main(argv=None) -> int:
-    import deepspeed
 
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,9 +50,7 @@ def main(argv=None) -> int:
         "steps_per_print": 10**9,
     }
 
-    def build(model):
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-        return engine
+    spec = EngineSpec(ds_config, OptimConfig(lr=1e-4, schedule="constant"), total_steps=10**6)
 
     torch.manual_seed(0)
     config = EarlyBertConfig.from_preset(args.preset, vocab_size=30522)
@@ -60,7 +58,7 @@ def main(argv=None) -> int:
     with torch.no_grad():  # gates as a search leaves them: spread out, so the masks are not trivial
         for gate in model.head_gates() + model.ffn_gates():
             gate.copy_(1.0 + 0.3 * torch.randn(gate.shape))
-    engine = build(model)
+    engine = build_engine(model, spec)
     del model
     batch = make_batch(config, args.batch, args.seq_len, engine.device)
 
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     dense_params, dense_flops = parameter_count(engine.module), flops_per_sequence(config, args.seq_len)
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    engine, plan = rebuild_engine(engine, masks, build, fold_gates=True, carry_moments=True)
+    engine = prune_engine(engine, spec, masks, fold_gates=True, carry_moments=True)
     rebuild_t = time.perf_counter() - start
     rss_after_rebuild = psutil.Process().memory_info().rss
 

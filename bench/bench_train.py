@@ -16,7 +16,6 @@ Vocabulary 30,522 (BERT's) for the MLM head's cost; shards from text on this mac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import yaml
 from bench.common import write_results
 from data_prep import ShardDataset
 from pipeline.loader import PhaseLoader
+from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -66,7 +66,7 @@ def run_case(root: Path, shards: Path, preset: str, ranks: int, micro: int, step
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(run_dir).read_metrics()
 
 
 def loader_cost_s(shards: Path, micro: int, reps: int = 20) -> float:

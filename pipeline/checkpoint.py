@@ -42,10 +42,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+RUN_STATE_FORMAT = 2  # 1 (no "format" key): the search stage's state was under "extra"
+
+
 @dataclass
 class RunState:
     """What the loop needs, besides DeepSpeed's engine state, to continue exactly where it stopped."""
 
+    format: int = RUN_STATE_FORMAT
     step: int = 0  # optimizer steps done
     samples: int = 0  # samples consumed, all phases
     phase: int = 0  # index into the run config's phases
@@ -53,10 +57,24 @@ class RunState:
     world_size: int = 1  # ranks that wrote the checkpoint
     zero_stage: int = 0
     tokenizer_hash: str = ""  # of the shards trained on; another tokenizer's shards are refused
-    extra: dict = field(default_factory=dict)  # state of later stages (early-bird detector, ...), JSON-able
+    search: dict = field(default_factory=dict)  # SearchStage.state_dict(): detector state, ticket; JSON-able
+    task: dict = field(default_factory=dict)  # fine-tuning: the stage of the recipe, best metrics; JSON-able
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> "RunState":
+        data = dict(data)
+        if "format" not in data:  # format 1: the search stage's state under "extra", with the same keys
+            data["format"], data["search"] = RUN_STATE_FORMAT, data.pop("extra", {})
+        if data["format"] > RUN_STATE_FORMAT:
+            raise CheckpointError(f"{where}: run state format {data['format']} is newer than this version reads "
+                                  f"({RUN_STATE_FORMAT}); update the project")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise CheckpointError(f"{where}: unknown fields {sorted(unknown)} (written by a newer version?)")
+        return cls(**data)
 
 
 def tag_for(step: int) -> str:
@@ -83,12 +101,8 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 def read_tag(ckpt_dir: Path, tag: str) -> tuple[RunState, dict]:
     """(run state, architecture) of a checkpoint, without touching DeepSpeed's pickles."""
     folder = Path(ckpt_dir) / tag
-    state = json.loads((folder / RUN_STATE).read_text())
-    known = {f.name for f in dataclasses.fields(RunState)}
-    unknown = set(state) - known
-    if unknown:
-        raise CheckpointError(f"{folder / RUN_STATE}: unknown fields {sorted(unknown)} (written by a newer version?)")
-    return RunState(**state), json.loads((folder / ARCHITECTURE).read_text())
+    state = RunState.from_dict(json.loads((folder / RUN_STATE).read_text()), folder / RUN_STATE)
+    return state, json.loads((folder / ARCHITECTURE).read_text())
 
 
 def save(engine, ckpt_dir: Path, state: RunState, architecture: dict, dist_info, keep: int) -> str:
@@ -111,7 +125,7 @@ def save(engine, ckpt_dir: Path, state: RunState, architecture: dict, dist_info,
     if dist_info.is_main:
         atomic_write(ckpt_dir / LATEST, lambda f: f.write(tag.encode()))
         _fsync_dir(ckpt_dir)
-        prune(ckpt_dir, keep)
+        remove_old(ckpt_dir, keep)
     return tag
 
 
@@ -123,8 +137,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` tags up to `latest`; tags after it are leftovers of crashed saves."""
+def remove_old(ckpt_dir: Path, keep: int) -> None:
+    """Delete old checkpoints: keep the newest `keep` tags up to `latest`; tags after it are leftovers of crashed saves."""
     last = _step_of(latest_tag(ckpt_dir))
     tags = sorted((s, p) for p in Path(ckpt_dir).iterdir() if p.is_dir() and (s := _step_of(p.name)) is not None)
     kept = [p for s, p in tags if s <= last][-keep:]

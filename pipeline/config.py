@@ -14,10 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from pipeline.detector import DetectorConfig
+from pipeline.rundir import RunDir
 
 
 class ConfigError(ValueError):
@@ -26,17 +28,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "bert-tiny"  # EarlyBertConfig.from_preset name
+    """The architecture of a fresh run; a resumed run is rebuilt from its checkpoint's architecture.json."""
+
+    preset: str = "bert-tiny"  # EarlyBertConfig.from_preset name (bert-tiny ... bert-large)
     init_from: str | None = None  # a Hugging Face checkpoint (directory or hub id) instead of random init
     overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.0}
 
 
-EARLYBERT_MODES = ("earlybert", "fixed", "random", "dense")
-
-
 @dataclass
-class EarlyBertSection:
-    """The search stage, the draw and what follows it (see pipeline/search.py).
+class SearchConfig:
+    """The search stage, the draw and what follows it (YAML key `earlybert:`; see pipeline/search.py).
 
     mode: earlybert  gates + L1, the early-bird detector draws the ticket when the masks stop changing
           fixed      gates + L1, the ticket is drawn at draw_step          (baseline: hand-set draw step)
@@ -44,14 +45,17 @@ class EarlyBertSection:
           dense      plain BERT: no gates, no draw                          (baseline: full BERT)
     """
 
-    mode: str = "earlybert"
+    mode: Literal["earlybert", "fixed", "random", "dense"] = "earlybert"
     lambda_heads: float = 1e-4  # L1 on the head gates (a sum over heads, per micro-batch)
     lambda_ffn: float = 1e-4  # L1 on the FFN gates
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     draw_step: int | None = None  # fixed and random modes
-    fold_gates: bool = True  # after the draw: fold the gates into W_O / W_2 (exact), or keep them as free parameters without L1
-    optimizer_after_draw: str = "carry"  # carry: slice the Adam moments to the ticket; reset: start them from zero
-    after_draw: str = "continue"  # continue from the current weights, or rewind the pruned structure to the starting weights
+    # After the draw: fold the gates into W_O / W_2 (exact), or keep them as free parameters without L1.
+    fold_gates: bool = True
+    # carry: slice the Adam moments to the ticket; reset: start them from zero.
+    optimizer_after_draw: Literal["carry", "reset"] = "carry"
+    # continue from the current weights, or rewind the pruned structure to the starting weights.
+    after_draw: Literal["continue", "rewind"] = "continue"
 
     @property
     def use_gates(self) -> bool:
@@ -67,7 +71,7 @@ class Phase:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4  # peak learning rate
-    schedule: str = "linear"  # after warmup: linear or cosine decay towards 0, or constant
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warmup: decay towards 0, or constant
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps
 
 
@@ -94,12 +98,14 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
-    run_dir: str
+    """`earlybert train`: what the training loop must agree with; the DeepSpeed JSON owns the rest."""
+
+    run_dir: str  # RUN/ (pipeline/rundir.py): config, metrics, ticket, checkpoints
     phases: list[Phase]  # BERT's recipe: seq 128 for 90% of the steps, then seq 512
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
-    earlybert: EarlyBertSection = field(default_factory=EarlyBertSection)
-    deepspeed: str = "ds_configs/zero1.json"
+    earlybert: SearchConfig = field(default_factory=SearchConfig)
+    deepspeed: str = "ds_configs/zero1.json"  # ZeRO stage, precision, optimizer type, clipping
     deepspeed_overrides: dict = field(default_factory=dict)  # deep-merged into the DeepSpeed JSON
     micro_batch_size: int = 8  # per rank and forward pass
     global_batch_size: int = 32  # per optimizer step; gradient accumulation = global / (micro * ranks)
@@ -113,14 +119,13 @@ class RunConfig:
         return sum(p.steps for p in self.phases)
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.run_dir) / "checkpoints"
+    def rundir(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SCHEDULES = ("linear", "cosine", "constant")
 # DeepSpeed keys the run config sets (the schedule is the loop's own LambdaLR): a DeepSpeed JSON that
 # sets them too would be silently overridden.
 RUN_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "scheduler")
@@ -199,6 +204,10 @@ def _coerce(tp, value, where: str):
             return None
         (tp,) = [a for a in args if a is not type(None)]
         return _coerce(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} {value!r}: choose one of {', '.join(map(str, args))}")
+        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where + ".")
     if origin is list:
@@ -231,22 +240,16 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} must be > 0, got {value}")
     if not 0.0 < cfg.data.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {cfg.data.mask_prob}")
-    if cfg.optim.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule {cfg.optim.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if not 0 <= cfg.optim.warmup_steps <= cfg.total_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be in [0, total steps {cfg.total_steps}]")
-    validate_earlybert(cfg.earlybert, cfg.total_steps)
+    validate_search(cfg.earlybert, cfg.total_steps)
     if cfg.global_batch_size % cfg.micro_batch_size:
         raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of "
                           f"micro_batch_size={cfg.micro_batch_size}")
     validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
 
 
-def validate_earlybert(eb: EarlyBertSection, total_steps: int) -> None:
-    choices = {"mode": EARLYBERT_MODES, "optimizer_after_draw": ("carry", "reset"), "after_draw": ("continue", "rewind")}
-    for name, allowed in choices.items():
-        if getattr(eb, name) not in allowed:
-            raise ConfigError(f"earlybert.{name} {getattr(eb, name)!r}: choose one of {', '.join(allowed)}")
+def validate_search(eb: SearchConfig, total_steps: int) -> None:
     if eb.lambda_heads < 0 or eb.lambda_ffn < 0:
         raise ConfigError("earlybert.lambda_heads and lambda_ffn must be >= 0")
     if eb.mode in ("fixed", "random") and not (eb.draw_step and 0 < eb.draw_step < total_steps):
@@ -317,7 +320,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     # The loop's metrics also go to TensorBoard / W&B through DeepSpeed's monitor; both are optional
     # packages, enabled only where installed (train.py says so when one is asked for and missing).
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard"):
-        ds.setdefault("tensorboard", {"enabled": True, "output_path": str(Path(cfg.run_dir) / "tensorboard"),
+        ds.setdefault("tensorboard", {"enabled": True, "output_path": str(cfg.rundir.tensorboard),
                                       "job_name": "train"})
     if cfg.log.wandb and importlib.util.find_spec("wandb"):
         ds.setdefault("wandb", {"enabled": True, "project": cfg.log.wandb_project})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 
@@ -30,8 +31,8 @@ class DetectorConfig:
     epsilon: float = 0.1  # max normalized Hamming distance counted as "unchanged"
     head_prune_ratio: float = 1 / 3
     ffn_prune_ratio: float = 0.4
-    head_scope: str = "layer"  # "layer" (BERT-base keeps 8 of 12 per layer) or "global"
-    ffn_scope: str = "global"  # "global" (later layers lose more) or "layer"
+    head_scope: Literal["layer", "global"] = "layer"  # layer: BERT-base keeps 8 of 12 per layer
+    ffn_scope: Literal["layer", "global"] = "global"  # global: later layers lose more
     min_search_steps: int = 500  # never draw before this step
     max_search_steps: int = 10_000  # draw at this step whatever the distances say
 

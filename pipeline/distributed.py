@@ -12,6 +12,7 @@ own variables go first. Backend: NCCL on GPUs, gloo on CPUs.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+from data_prep.launchers import detect_launcher
+
 DEFAULT_PORT = 29500
 
 
@@ -55,16 +56,6 @@ def slurm_env(env: dict) -> dict:
         # Every task must pick the same port without talking to the others: derive it from the job id.
         out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return out
-
-
-def detect_launcher(env: dict) -> str:
-    if all(k in env for k in TORCH_ENV):
-        return "env"
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        return "slurm"  # an srun step; the batch script itself (no step) is a world of one
-    if any(k in env for k in MPI_ENV):
-        return "mpi"
-    return "single"
 
 
 def setup() -> DistInfo:
@@ -109,13 +100,38 @@ def release_shm_segment() -> None:
     name.unlink(missing_ok=True)
 
 
+class StopRequest:
+    """SIGTERM / SIGUSR1 (a Slurm time limit, a preemption) set a flag; the training loop agrees on it
+    across ranks after each step, then checkpoints and exits."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
 def barrier() -> None:
     dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Named scalars summed over every rank in one all-reduce (every rank passes the same names, in
+    the same order); reading the result waits for the device."""
+    packed = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return dict(zip(values, packed.tolist()))
+
+
+def set_cpu_threads(d: DistInfo) -> None:
+    """Split a host's CPU cores between its ranks (each would otherwise use them all)."""
+    if d.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    hosts = [None] * d.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // hosts.count(socket.gethostname())))
 
 
 def teardown(clean: bool) -> None:

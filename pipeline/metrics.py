@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-METRICS = "metrics.jsonl"
 # Dense bf16/fp16 tensor-core peak TFLOP/s per device, by name; the more specific names come first.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
                ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
@@ -40,8 +39,8 @@ def _duration(seconds: float) -> str:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, interval: int, monitor, is_main: bool):
-        self.path = Path(run_dir) / METRICS
+    def __init__(self, path: Path, *, total_steps: int, start_step: int, interval: int, monitor, is_main: bool):
+        self.path = Path(path)
         self.total, self.start_step, self.interval = total_steps, start_step, interval
         self.monitor, self.is_main = monitor, is_main
         self.t0 = time.perf_counter()

@@ -85,12 +85,13 @@ def snapshot_engine(engine, weights_only: bool = False) -> EngineSnapshot:
 
 
 def rebuild_engine(engine, masks: Masks, build: Callable, fold_gates: bool = True, carry_moments: bool = True,
-                   start_weights: dict[str, torch.Tensor] | None = None):
+                   start_weights: dict[str, torch.Tensor] | None = None, carry_schedule: bool = True):
     """Prune `engine`'s model to `masks` and return (new engine, plan). `engine` is destroyed.
 
     build(model) -> engine must create the engine exactly as the first one was created.
     start_weights (name -> full fp32 tensor): rewind, i.e. prune these weights (the run's starting
     point) instead of the current ones; the moments then start from zero.
+    carry_schedule=False: the new engine keeps its own fresh counters and LR schedule.
     Drop every other reference to the old engine after this returns.
     """
     model_class, config = type(engine.module), engine.module.config
@@ -115,7 +116,7 @@ def rebuild_engine(engine, masks: Masks, build: Callable, fold_gates: bool = Tru
         for name, p in model.named_parameters():
             p.copy_(weights[name])
     new = build(model)
-    restore_engine(new, snap, weights, moments if carry_moments else {})
+    restore_engine(new, snap, weights, moments if carry_moments else {}, carry_schedule)
     del snap, source, weights, moments, model
     gc.collect()
     release_freed_host_memory()
@@ -132,8 +133,8 @@ def release_freed_host_memory() -> None:
         pass
 
 
-def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict) -> None:
-    """Write masters, moments, counters, schedule and loss scale into a freshly built engine."""
+def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict, carry_schedule: bool = True) -> None:
+    """Write masters, moments and, by option, counters, schedule and loss scale into a freshly built engine."""
     base = base_optimizer(engine)
     if moments:
         _create_adam_state(base, _optimizer_tensors(engine), snap.optimizer_step or 0.0)
@@ -142,6 +143,8 @@ def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict) -
         _set_full(p, weights[name], None, base)
         for key, values in moments.items():
             _set_full(p, values[name], key, base)
+    if not carry_schedule:
+        return
     for k, v in snap.counters.items():
         setattr(engine, k, v)
     if snap.scheduler_state is not None and engine.lr_scheduler is not None:

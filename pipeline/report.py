@@ -12,7 +12,6 @@ again): the last record of each step wins.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,43 +21,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import yaml  # noqa: E402
-
 from data_prep.shards import atomic_write  # noqa: E402
+from pipeline.rundir import RunDir, RunDirError  # noqa: E402
 
 
-class ReportError(RuntimeError):
-    pass
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise ReportError(f"{path} not found: is {run} a run directory of `earlybert train`?")
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    if not by_step:
-        raise ReportError(f"{path} has no records yet")
-    records = [by_step[s] for s in sorted(by_step)]
-    elapsed = 0.0
-    for r in records:  # wall time of training, without start-up and replayed steps
-        elapsed += r.get("step_time_s", 0.0)
-        r["wall_s"] = elapsed
-    return records
-
-
-def read_ticket(run: Path) -> dict | None:
-    path = run / "ticket.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def run_label(run: Path) -> str:
-    config = run / "config.yaml"
-    mode = (yaml.safe_load(config.read_text()) or {}).get("earlybert", {}).get("mode") if config.is_file() else None
-    return f"{run.name} ({mode})" if mode else run.name
+def run_label(run: RunDir) -> str:
+    mode = run.mode()
+    return f"{run.path.name} ({mode})" if mode else run.path.name
 
 
 def tail_mean(records: list[dict], key: str, n: int = 20) -> float | None:
@@ -155,14 +124,15 @@ def throughput_split(records: list[dict], ticket: dict | None) -> tuple[float | 
     return (statistics.median(before) if before else None), (statistics.median(after) if after else None)
 
 
-def write_report(runs: list[Path]) -> Path:
-    out = runs[0] / "report"
+def write_report(paths: list[Path]) -> Path:
+    runs = [RunDir(p) for p in paths]
+    out = runs[0].report
     out.mkdir(parents=True, exist_ok=True)
-    loaded = [(run_label(r), read_metrics(r), read_ticket(r)) for r in runs]
+    loaded = [(run_label(r), r.read_metrics(), r.read_ticket()) for r in runs]
     figures = [plot_curves(loaded, out), plot_throughput(loaded, out)]
     md = ["# EarlyBERT run report", "", "| run | steps | wall time (min) | loss (last 20) | MLM acc (last 20) "
           "| draw step | params before -> after | FLOPs/seq after / before | seq/s before -> after draw |", "|---|---|---|---|---|---|---|---|---|"]
-    for (label, records, ticket), run in zip(loaded, runs):
+    for label, records, ticket in loaded:
         before, after = throughput_split(records, ticket)
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         if ticket:
@@ -176,7 +146,7 @@ def write_report(runs: list[Path]) -> Path:
                   f"| {fmt(before, '.1f')} -> {fmt(after, '.1f')} |")
     ticket = loaded[0][2]
     if ticket:
-        config = yaml.safe_load((runs[0] / "config.yaml").read_text()) if (runs[0] / "config.yaml").is_file() else {}
+        config = runs[0].read_config() if runs[0].config_file.is_file() else {}
         detector = (config.get("earlybert") or {}).get("detector") or {}
         arch = _dense_structure(runs[0])
         figures += [plot_distances(ticket, detector.get("epsilon"), out), plot_structure(ticket, *arch, out)]
@@ -188,14 +158,11 @@ def write_report(runs: list[Path]) -> Path:
     return path
 
 
-def _dense_structure(run: Path) -> tuple[int | None, int | None]:
-    """The dense model's heads and FFN width (from the run's first preset), for the structure figure."""
-    config = run / "config.yaml"
-    if not config.is_file():
-        return None, None
+def _dense_structure(run: RunDir) -> tuple[int | None, int | None]:
+    """The dense model's heads and FFN width (from the run's preset), for the structure figure."""
     from pipeline.model import PRESETS
 
-    preset = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("preset")
+    preset = run.preset()
     if preset not in PRESETS:
         return None, None
     _, _, heads, ffn = PRESETS[preset]
@@ -208,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = write_report(args.runs)
-    except ReportError as err:
+    except RunDirError as err:
         print(f"earlybert report: {err}", file=sys.stderr)
         return 1
     print(f"report: {path}")

@@ -1,10 +1,11 @@
-"""EarlyBERT's search stage inside the training loop: when to look at the gates, and the draw.
+"""EarlyBERT's search stage, as one object the training loop calls once per step.
 
     every `detector.interval` steps    all ranks read the fp32 gates (a collective under ZeRO),
-                                       rank 0 runs the detector, broadcasts its decision and masks
-    on a draw                          every rank checks it holds the same masks, rank 0 writes
-                                       RUN/ticket.json, the engine is rebuilt around the pruned model
-                                       (pipeline/rebuild.py) and training goes on
+                                       rank 0 runs the detector (pipeline/detector.py, pure math),
+                                       broadcasts its decision and masks
+    on a draw                          every rank checks it holds the same masks; the loop prunes and
+                                       rebuilds the engine (pipeline/engine.py), then `record_draw`
+                                       writes RUN/ticket.json
 
 Modes (`earlybert.mode`), all in the same command so that baselines differ in one key only:
     earlybert   detect the early-bird ticket (draw when the masks stop changing)
@@ -12,26 +13,89 @@ Modes (`earlybert.mode`), all in the same command so that baselines differ in on
     random      at `earlybert.draw_step`, prune random units at the same ratios (the paper's baseline)
     dense       no gates, no draw: plain BERT
 
-The run state keeps the detector state (`extra["detector"]`) and, after the draw, the ticket
-(`extra["ticket"]`), so a resumed search continues where it stopped and a resumed pruned run knows
-its ticket.
+`state_dict()` (the detector's FIFO and history, and the ticket once drawn) goes into every
+checkpoint, so a resumed search continues where it stopped and a resumed pruned run knows its ticket.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from data_prep.shards import atomic_write
+from pipeline.config import SearchConfig
 from pipeline.detector import (
     Decision, DetectorConfig, DetectorState, Masks, broadcast_decision, check_same_masks, keep_mask, masks_from_gates,
     observe,
 )
 from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining, flops_per_sequence, parameter_count
 from pipeline.rebuild import full_fp32
+from pipeline.rundir import RunDir
 
-TICKET = "ticket.json"
+
+class SearchStage:
+    def __init__(self, cfg: SearchConfig, seed: int, rundir: RunDir, is_main: bool):
+        self.cfg, self.seed, self.rundir, self.is_main = cfg, seed, rundir, is_main
+        self.detector = DetectorState()  # rank 0's is the one that counts (and is checkpointed)
+        self.ticket: dict | None = None  # {"draw_step", "mask_digest"} once drawn
+
+    @property
+    def searching(self) -> bool:
+        return self.cfg.use_gates and self.ticket is None
+
+    def gate_lambdas(self) -> tuple[float, float] | None:
+        """The L1 weights while searching; None for plain BERT and after the draw (gates, if kept,
+        train on as free parameters)."""
+        return (self.cfg.lambda_heads, self.cfg.lambda_ffn) if self.searching else None
+
+    def _due(self, step: int) -> bool:
+        if self.cfg.mode == "earlybert":
+            return step % self.cfg.detector.interval == 0 or step >= self.cfg.detector.max_search_steps
+        return step == self.cfg.draw_step
+
+    def decide(self, model, step: int) -> Decision | None:
+        """After optimizer step `step`: the ticket to draw now, the same on every rank, or None.
+        Every rank calls it (the gate reads, the broadcast and the mask check are collectives)."""
+        if not self.searching or not self._due(step):
+            return None
+        heads, ffn = read_gates(model)
+        decision = None
+        if self.is_main:
+            decision = self._decide_on_main(model.config, step, heads, ffn)
+        config = model.config
+        decision = broadcast_decision(decision, (config.num_heads_per_layer, config.intermediate_size_per_layer))
+        if not decision.draw:
+            return None
+        check_same_masks(decision.masks)
+        return decision
+
+    def _decide_on_main(self, config: EarlyBertConfig, step: int, heads, ffn) -> Decision:
+        detector = self.cfg.detector
+        if self.cfg.mode == "earlybert":
+            return observe(self.detector, step, masks_from_gates(heads, ffn, detector), detector)
+        if self.cfg.mode == "fixed":
+            decision = Decision(True, step, masks_from_gates(heads, ffn, detector),
+                                reason=f"fixed draw_step={self.cfg.draw_step}")
+        else:
+            decision = Decision(True, step, random_masks(config, detector, self.seed),
+                                reason=f"random masks at draw_step={self.cfg.draw_step}")
+        self.detector.drawn_step = step
+        return decision
+
+    def record_draw(self, decision: Decision, before: EarlyBertConfig, after: EarlyBertConfig, seq_len: int,
+                    rebuild_s: float) -> dict:
+        """After the rebuild: the ticket's record, written to RUN/ticket.json by rank 0."""
+        record = ticket_record(decision, self.cfg.mode, self.detector.history, before, after, seq_len)
+        record["rebuild_s"] = rebuild_s
+        self.ticket = {"draw_step": decision.step, "mask_digest": record["mask_digest"]}
+        if self.is_main:
+            self.rundir.write_ticket(record)
+        return record
+
+    def state_dict(self) -> dict:
+        return {"detector": self.detector.to_json(), "ticket": self.ticket}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Run states of the first format hold "detector" only once the first detector step has run.
+        self.detector = DetectorState.from_json(state["detector"]) if state.get("detector") else DetectorState()
+        self.ticket = state.get("ticket")
 
 
 def read_gates(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -42,36 +106,11 @@ def read_gates(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int) -> Masks:
     """Random units at the detector's ratios and scopes: the same rule applied to random scores."""
     g = torch.Generator().manual_seed(seed)
-    heads = keep_mask([torch.rand(n, generator=g) for n in config.num_heads_per_layer], detector.head_prune_ratio, detector.head_scope)
-    ffn = keep_mask([torch.rand(n, generator=g) for n in config.intermediate_size_per_layer], detector.ffn_prune_ratio, detector.ffn_scope)
+    heads = keep_mask([torch.rand(n, generator=g) for n in config.num_heads_per_layer], detector.head_prune_ratio,
+                      detector.head_scope)
+    ffn = keep_mask([torch.rand(n, generator=g) for n in config.intermediate_size_per_layer], detector.ffn_prune_ratio,
+                    detector.ffn_scope)
     return Masks(heads=heads, ffn=ffn)
-
-
-def search_step(model, mode: str, detector: DetectorConfig, draw_step: int | None, seed: int, step: int,
-                state_json: dict | None, is_main: bool) -> tuple[Decision | None, dict | None]:
-    """After optimizer step `step`: (the broadcast decision, the new detector state) or (None, state)
-    when this step is not a detector step. Every rank calls it with the same arguments."""
-    if mode == "earlybert":
-        if step % detector.interval != 0 and step < detector.max_search_steps:
-            return None, state_json
-    elif step != draw_step:
-        return None, state_json
-    config = model.config
-    heads, ffn = read_gates(model)  # collective: outside the rank-0 branch
-    state = DetectorState.from_json(state_json) if state_json else DetectorState()
-    decision = None
-    if is_main:
-        if mode == "earlybert":
-            decision = observe(state, step, masks_from_gates(heads, ffn, detector), detector)
-        elif mode == "fixed":
-            decision = Decision(True, step, masks_from_gates(heads, ffn, detector), reason=f"fixed draw_step={draw_step}")
-        else:
-            decision = Decision(True, step, random_masks(config, detector, seed), reason=f"random masks at draw_step={draw_step}")
-        state.drawn_step = step if decision.draw else state.drawn_step
-    decision = broadcast_decision(decision, (config.num_heads_per_layer, config.intermediate_size_per_layer))
-    if decision.draw:
-        check_same_masks(decision.masks)
-    return decision, state.to_json() if is_main else state_json
 
 
 def parameters_of(config: EarlyBertConfig) -> int:
@@ -81,7 +120,7 @@ def parameters_of(config: EarlyBertConfig) -> int:
         return parameter_count(EarlyBertForPreTraining(config))
 
 
-def ticket_record(decision: Decision, mode: str, detector_state: dict | None, before: EarlyBertConfig,
+def ticket_record(decision: Decision, mode: str, distance_history: list[dict], before: EarlyBertConfig,
                   after: EarlyBertConfig, seq_len: int) -> dict:
     """The content of RUN/ticket.json."""
     return {
@@ -94,18 +133,10 @@ def ticket_record(decision: Decision, mode: str, detector_state: dict | None, be
         "ffn_per_layer": [len(n) for n in decision.masks.kept_neurons()],
         "kept_neurons": decision.masks.kept_neurons(),
         "mask_digest": decision.masks.digest(),
-        "distance_history": (detector_state or {}).get("history", []),
+        "distance_history": distance_history,
         "params_before": parameters_of(before),
         "params_after": parameters_of(after),
         "seq_len": seq_len,
         "flops_per_sequence_before": flops_per_sequence(before, seq_len),
         "flops_per_sequence_after": flops_per_sequence(after, seq_len),
     }
-
-
-def write_ticket(run_dir: Path, record: dict) -> Path:
-    path = Path(run_dir) / TICKET
-    # One key per line, each value on its line: readable, and the id lists stay compact.
-    text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path

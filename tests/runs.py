@@ -1,5 +1,6 @@
-"""Shared by the end-to-end run tests: a real corpus and shards, a tiny run config, the launcher
-helpers, and the uninterrupted 2-rank ZeRO-1 `reference` run the others are compared with."""
+"""Helpers of the end-to-end run tests: launching `earlybert train`, reading what a run wrote, comparing
+losses, and injecting faults. The fixtures they work on (shards, the tiny config, the reference run)
+are in conftest.py."""
 import json
 import os
 import subprocess
@@ -8,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.distributed import free_port
 
@@ -23,44 +23,35 @@ def run_env() -> dict:
             "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory):
-    """A real corpus (text on this machine), a WordPiece tokenizer, NSP shards at seq 32 and 64,
-    plus seq-32 shards of another tokenizer."""
-    root = tmp_path_factory.mktemp("data")
-    prep = [str(BIN / "python"), "-m", "data_prep"]
-
-    def run(*args):
-        subprocess.run(prep + list(args), check=True, cwd=root, capture_output=True)
-
-    run("local-corpus", "--output", "corpus.txt", "--max-mb", "1")
-    run("tokenizer", "--input", "corpus.txt", "--output", "tok.json", "--vocab-size", "2000", "--lowercase")
-    run("tokenizer", "--input", "corpus.txt", "--output", "other.json", "--vocab-size", "1500")
-    for name, tok, seq_len in (("seq32", "tok.json", 32), ("seq64", "tok.json", 64), ("other32", "other.json", 32)):
-        run("--input", "corpus.txt", "--output", name, "--tokenizer", tok, "--seq-len", str(seq_len), "--workers", "1")
-    return root
-
-
-@pytest.fixture(scope="session")
-def config(shards, tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": "unused", "seed": 7,
-        "model": {"preset": "bert-tiny"},
-        "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
-        "phases": [{"shards": str(shards / "seq32"), "steps": STEPS[0]},
-                   {"shards": str(shards / "seq64"), "steps": STEPS[1]}],
-        # 32 sequences per rank: steps long enough (~0.1 s) to be interrupted at a chosen point
-        "micro_batch_size": 32, "global_batch_size": 64,
-        "optim": {"lr": 2e-3, "warmup_steps": 2},
-        "checkpoint": {"interval": 3, "keep": 2},
-        "log": {"interval": 4},
-    }))
-    return path
-
-
 def train_cmd(config, run_dir, *overrides) -> list[str]:
     return ["--config", str(config), f"run_dir={run_dir}", *overrides]
+
+
+def faulty_train(tmp_path, target: str, when: str = "before", condition: str = "True") -> str:
+    """A script running `earlybert train` that exits hard (os._exit: no clean-up, as kill -9 or a
+    crash leaves things) before or after `target` runs, the first time `condition` holds.
+
+    target: "module:attribute.path", e.g. "pipeline.engine:prune_engine" or
+    "pipeline.rundir:RunDir.write_ticket". condition: a Python expression of `args` and `kwargs`, the
+    target's call arguments (for a method, args[0] is self)."""
+    module, _, path = target.partition(":")
+    *owners, name = path.split(".")
+    script = tmp_path / f"exit_{when}_{name}.py"
+    call = ("    if hit:\n        os._exit(9)\n    return original(*args, **kwargs)\n" if when == "before" else
+            "    out = original(*args, **kwargs)\n    if hit:\n        os._exit(9)\n    return out\n")
+    script.write_text(
+        "import functools, importlib, os, sys\n"
+        "from pipeline.train import main\n"
+        f"owner = importlib.import_module({module!r})\n"
+        + "".join(f"owner = getattr(owner, {o!r})\n" for o in owners)
+        + f"original = getattr(owner, {name!r})\n"
+        "@functools.wraps(original)\n"
+        "def faulty(*args, **kwargs):\n"
+        f"    hit = {condition}\n"
+        + call
+        + f"setattr(owner, {name!r}, faulty)\n"
+        "sys.exit(main([a for a in sys.argv[1:] if not a.startswith('--local_rank')]))\n")
+    return str(script)
 
 
 def deepspeed(config, run_dir, *overrides, ranks=2, script=None):
@@ -103,13 +94,3 @@ def assert_same_losses(run_dir, reference, tol=1e-6, keys=("loss", "mlm_loss", "
     for g, r in zip(got[:until], ref[:until]):
         for k in keys:
             assert g[k] == pytest.approx(r[k], abs=tol), f"step {g['step']} {k}: {g[k]} != reference {r[k]}"
-
-
-@pytest.fixture(scope="session")
-def reference(config, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    code, out = finish(deepspeed(config, run_dir))
-    assert code == 0, out
-    return run_dir
-
-

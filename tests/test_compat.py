@@ -8,6 +8,8 @@ import pytest
 
 from runs import BIN, REPO, run_env
 
+pytestmark = pytest.mark.slow  # launches ranks
+
 FIXTURE = REPO / "tests" / "fixtures" / "v0_runs"
 TWO_PHASES = "phases=[{shards: shards/seq32, steps: 4}, {shards: shards/seq32, steps: 4}]"
 

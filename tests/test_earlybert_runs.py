@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from runs import REPO, TOTAL, assert_same_losses, deepspeed, finish, metrics
+from runs import REPO, TOTAL, assert_same_losses, deepspeed, faulty_train, finish, metrics
+
+pytestmark = pytest.mark.slow
 
 # Detector every 2 steps, FIFO of 3, draw allowed from step 4, forced at step 6 (of 12).
 EARLYBERT = ("earlybert.mode=earlybert", "earlybert.lambda_heads=0.01", "earlybert.lambda_ffn=0.01",
@@ -52,36 +54,17 @@ def test_search_draw_prune_rebuild_and_train_on(eb_reference):
     assert m[-1]["loss"] < m[0]["loss"]
 
 
-KILL_POINTS = {
-    # module, function, kill before or after it runs
-    "before the draw": ("pipeline.train", "rebuild_engine", "before"),
-    "during the rebuild": ("pipeline.rebuild", "restore_engine", "before"),
-    "just after the draw": ("pipeline.train", "write_ticket", "after"),
+KILL_POINTS = {  # what fails, and when
+    "before the draw": ("pipeline.train:prune_engine", "before"),
+    "during the rebuild": ("pipeline.rebuild:restore_engine", "before"),
+    "just after the draw": ("pipeline.rundir:RunDir.write_ticket", "after"),
 }
-
-
-def killing_script(tmp_path: Path, module: str, function: str, when: str, when_arg: str = "True") -> str:
-    """`earlybert train`, exiting hard (no clean-up, like kill -9) before or after `module.function`
-    runs, the first time `when_arg` (an expression of its args) holds."""
-    script = tmp_path / f"kill_{function}.py"
-    script.write_text(
-        "import importlib, os, sys\n"
-        "from pipeline.train import main\n"
-        f"mod = importlib.import_module({module!r})\n"
-        f"original = getattr(mod, {function!r})\n"
-        "def killed(*args, **kwargs):\n"
-        f"    hit = {when_arg}\n"
-        + ("    if hit:\n        os._exit(9)\n    return original(*args, **kwargs)\n" if when == "before" else
-           "    out = original(*args, **kwargs)\n    if hit:\n        os._exit(9)\n    return out\n")
-        + f"setattr(mod, {function!r}, killed)\n"
-        "sys.exit(main([a for a in sys.argv[1:] if not a.startswith('--local_rank')]))\n")
-    return str(script)
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_killed_around_the_draw_resumes_to_the_same_ticket_and_losses(config, eb_reference, tmp_path, point):
     run_dir = tmp_path / "run"
-    code, out = finish(deepspeed(config, run_dir, *EARLYBERT, script=killing_script(tmp_path, *KILL_POINTS[point])))
+    code, out = finish(deepspeed(config, run_dir, *EARLYBERT, script=faulty_train(tmp_path, *KILL_POINTS[point])))
     assert code != 0, out
     assert (run_dir / "ticket.json").exists() == (point == "just after the draw")
     code, out = finish(deepspeed(config, run_dir, *EARLYBERT))
@@ -98,7 +81,7 @@ def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_check
     resumed from it (the pruned model is built from architecture.json before DeepSpeed loads)."""
     run_dir = tmp_path / "run"
     args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
-    after_draw_save = killing_script(tmp_path, "pipeline.checkpoint", "save", "after", when_arg="'ticket' in args[2].extra")
+    after_draw_save = faulty_train(tmp_path, "pipeline.checkpoint:save", "after", condition="args[2].search['ticket']")
     code, out = finish(deepspeed(config, run_dir, *args, script=after_draw_save))
     assert code != 0 and "ticket drawn at step" in out, out
     draw = ticket(eb_reference)["draw_step"]

@@ -15,6 +15,8 @@ from pipeline.export import load_run_model
 from pipeline.pruner import PrunePlan, gate_values, prune_tensors
 from runs import BIN, run_env, train_cmd
 
+pytestmark = pytest.mark.slow  # launches ranks
+
 DRAW = 5
 
 

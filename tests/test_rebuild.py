@@ -10,6 +10,8 @@ import pytest
 
 from pipeline.distributed import free_port
 
+pytestmark = pytest.mark.slow  # launches ranks
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

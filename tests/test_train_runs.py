@@ -15,8 +15,10 @@ import pytest
 from cluster import mpi_unavailable, slurm_cluster, slurm_unavailable
 from pipeline.distributed import free_port
 from pipeline.train import main
-from runs import (BIN, REPO, STEPS, TOTAL, assert_same_losses, deepspeed, finish, latest, metrics, run_env, train_cmd,
-                  wait_for_step)
+from runs import (BIN, REPO, STEPS, TOTAL, assert_same_losses, deepspeed, faulty_train, finish, latest, metrics, run_env,
+                  train_cmd, wait_for_step)
+
+pytestmark = pytest.mark.slow
 
 def test_zero1_trains_two_phases_and_logs_every_step(reference):
     logged = metrics(reference)
@@ -91,19 +93,9 @@ def test_kill9_sigterm_and_a_crash_during_save_resume_exactly(config, reference,
 
     # 3. relaunch, crashing in the middle of the final save (model states written, optimizer states
     # not, `latest` not moved): the previous checkpoint stays the one to resume from.
-    crashing = tmp_path / "crash_in_save.py"
-    crashing.write_text(
-        "import os, sys\n"
-        "from deepspeed.runtime.engine import DeepSpeedEngine\n"
-        "from pipeline.train import main\n"
-        "save_optimizer_states = DeepSpeedEngine._save_zero_checkpoint\n"
-        "def crash(self, save_dir, tag):\n"
-        f"    if tag == 'step_{TOTAL:08d}':\n"
-        "        os._exit(9)\n"
-        "    save_optimizer_states(self, save_dir, tag)\n"
-        "DeepSpeedEngine._save_zero_checkpoint = crash\n"
-        "sys.exit(main([a for a in sys.argv[1:] if not a.startswith('--local_rank')]))\n")
-    code, out = finish(deepspeed(config, run_dir, script=str(crashing)))
+    crashing = faulty_train(tmp_path, "deepspeed.runtime.engine:DeepSpeedEngine._save_zero_checkpoint", "before",
+                            condition=f"args[2] == 'step_{TOTAL:08d}'")
+    code, out = finish(deepspeed(config, run_dir, script=crashing))
     assert code != 0
     partial = run_dir / "checkpoints" / f"step_{TOTAL:08d}"
     assert (partial / "mp_rank_00_model_states.pt").exists() and not list(partial.glob("*optim_states.pt"))

@@ -12,7 +12,8 @@ from pipeline import checkpoint, distributed
 from pipeline.config import ConfigError, OptimConfig, deepspeed_config, load_config
 from pipeline.loader import Permutation, mask_tokens, rank_positions, stream_samples
 from pipeline.metrics import truncate_after
-from pipeline.train import StopRequest, lr_factor, phase_at
+from pipeline.engine import lr_factor
+from pipeline.resume import phase_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -207,7 +208,7 @@ def test_prune_keeps_the_newest_complete_tags_and_drops_crash_leftovers(tmp_path
     for step in (10, 20, 30, 40, 50):
         _fake_tag(tmp_path, step)
     (tmp_path / checkpoint.LATEST).write_text(checkpoint.tag_for(40))  # step_50: a save that crashed
-    checkpoint.prune(tmp_path, keep=2)
+    checkpoint.remove_old(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000030", "step_00000040"]
     state, arch = checkpoint.read_tag(tmp_path, checkpoint.latest_tag(tmp_path))
     assert state.step == 40 and arch == {}
@@ -231,7 +232,7 @@ def test_sigterm_and_sigusr1_only_raise_a_flag():
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            stop = StopRequest()
+            stop = distributed.StopRequest()
             os.kill(os.getpid(), sig)
             assert stop.signum == sig
     finally:
