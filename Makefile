@@ -14,6 +14,7 @@ setup: $(STAMP)
 # torch first: the CUDA build where an NVIDIA GPU is present, the CPU build otherwise
 # (plain `pip install torch` on a CPU machine pulls a multi-GB CUDA build). Pass
 # TORCH_PIP_ARGS="--index-url <your CPU wheel index>" where the CPU build is not local.
+# Optional extras of pyproject.toml: `make setup EXTRAS=wandb` (or wandb,s3,gcs,mpi); TensorBoard is always in.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -24,6 +25,10 @@ $(STAMP): requirements.txt pyproject.toml
 	fi
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(if $(EXTRAS),$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]")
+	# DeepSpeed's CPU communication op is built here, not by the first launch (pipeline/distributed.py
+	# build_extensions; it also clears a lock left by a build that was killed).
+	$(PY) -c "from pipeline.distributed import build_extensions; build_extensions()"
 	touch $@
 
 test: setup

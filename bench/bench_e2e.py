@@ -27,7 +27,6 @@ within 3% of dense, and beats random pruning.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -35,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, paused_within, run_interleaved, write_results
+from bench.common import RESULTS, kernel_docs_root, run_interleaved, take_out_pauses, write_results
 from data_prep import ShardDataset
-from data_prep.shards import atomic_write
 from pipeline.distributed import free_port
 from pipeline.evaluate import evaluate
 from pipeline.export import load_run_model
@@ -47,34 +45,6 @@ from pipeline.rundir import RunDir
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable))
 CORPORA = ("python-docs", "kernel-docs")
-# Throughput fields of a metrics record, all proportional to 1 / step_time_s.
-RATES = ("seq_per_s", "tokens_per_s", "tflops", "mfu")
-
-
-def kernel_docs_root(work: Path) -> Path:
-    """The Linux kernel's Documentation directory from Debian's linux-doc package."""
-    def newest(root: Path) -> Path | None:
-        found = sorted(root.glob("usr/share/doc/linux-doc-*/Documentation"))
-        return found[-1] if found else None
-
-    root = newest(Path("/")) or newest(work / "linux-doc")
-    if root:
-        return root
-    debs = work / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    try:
-        depends = subprocess.run(["apt-cache", "depends", "linux-doc"], capture_output=True, text=True, check=True).stdout
-        package = next(line.split(":", 1)[1].strip() for line in depends.splitlines() if "Depends:" in line)
-        subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
-        deb = next(debs.glob(f"{package}_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "linux-doc")], check=True)
-    except (OSError, subprocess.CalledProcessError, StopIteration) as err:
-        raise SystemExit(f"kernel-docs corpus: cannot get Debian's linux-doc package ({err!r}). Install it "
-                         f"(apt-get install linux-doc) or run with --corpus python-docs.") from err
-    root = newest(work / "linux-doc")
-    if root is None:
-        raise SystemExit(f"kernel-docs corpus: {deb} holds no usr/share/doc/linux-doc-*/Documentation")
-    return root
 
 
 def split_documents(corpus: Path, train: Path, heldout: Path, every: int = 20) -> tuple[int, int]:
@@ -108,26 +78,6 @@ def train_command(run_dir: Path, shards: Path, args, *overrides: str) -> list[st
             "--module", "pipeline.train", "--config", str(ROOT / "launch/configs/demo.yaml"), f"run_dir={run_dir}",
             f"phases=[{{shards: {shards}, steps: {args.steps}}}]", f"model.preset={args.preset}",
             f"checkpoint.interval={args.steps}", f"optim.warmup_steps={args.steps // 20}", *overrides]
-
-
-def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
-    """Subtract the time each step spent suspended from its step time and rates; the raw records
-    stay in metrics.wallclock.jsonl."""
-    raw = RunDir(run_dir).metrics_file
-    lines = raw.read_text().splitlines()
-    shutil.copyfile(raw, run_dir / "metrics.wallclock.jsonl")  # before the rewrite below, which is atomic
-    corrected = []
-    for line in lines:
-        r = json.loads(line)
-        paused = paused_within(pauses, r["time"] - r["step_time_s"], r["time"])
-        if paused > 0:
-            active = r["step_time_s"] - paused
-            for key in RATES:
-                if key in r:
-                    r[key] *= r["step_time_s"] / active
-            r["step_time_s"], r["data_wait_s"] = active, min(r["data_wait_s"], active)
-        corrected.append(json.dumps(r))
-    atomic_write(raw, lambda f: f.write(("\n".join(corrected) + "\n").encode()))
 
 
 def summarize(run_dir: Path, active_s: float, heldout: ShardDataset) -> dict:

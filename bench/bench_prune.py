@@ -5,7 +5,10 @@
   - the detector's cost (read the gates, build the masks, update the FIFO) as a share of the
     search stage at the default interval (target < 1%);
   - the engine rebuild in dense steps (target <= 10);
-  - host memory (RSS) before and after the rebuild.
+  - host memory (RSS) before and after the rebuild;
+  - the training-efficiency options (unpad, activation_checkpointing, fused_qkv, compile), each on
+    alone against all off, dense and pruned: step time (interleaved repetitions, medians) and the
+    peak host memory of a step above the RSS before it.
 
     python -m bench.bench_prune                       # CPU default: bert-base, seq 128, batch 8, fp32
     python -m bench.bench_prune --preset bert-large --batch 64 --dtype bf16   # on a GPU
@@ -13,18 +16,60 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import psutil
 import torch
 
-from bench.bench_model import make_batch
+from bench.bench_model import OPTIONS, PAD_FRACTION, make_batch, peak_rss_mb
 from bench.common import median_time, write_results
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
-from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
-from pipeline.model import flops_per_sequence, parameter_count
 from pipeline.config import OptimConfig
+from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
 from pipeline.engine import EngineSpec, build_engine, prune_engine
+from pipeline.model import EarlyBertSelfAttention, flops_per_sequence, parameter_count
+
+
+def switch_options(model: EarlyBertForPreTraining, option: str | None) -> None:
+    """`option` on in the model, the other config options off (compile is a separate callable)."""
+    model.config.unpad = option == "unpad"
+    model.config.fused_qkv = option == "fused_qkv"
+    for module in model.modules():
+        if isinstance(module, EarlyBertSelfAttention):
+            module.fused_qkv = model.config.fused_qkv
+    if option == "activation_checkpointing":
+        model.activation_checkpointing_enable()
+    else:
+        model.activation_checkpointing_disable()
+
+
+def measure_options(engine, batch: dict, reps: int) -> dict[str, dict]:
+    """Each option alone and none, interleaved: median step seconds, and peak host memory of a step above the
+    RSS before it (MB). compile: torch.compile of the engine's module, called in place of the engine."""
+    torch._dynamo.reset()
+    compiled = torch.compile(engine.module)
+    variants = ["none", *OPTIONS]
+
+    def step(option: str):
+        switch_options(engine.module, None if option in ("none", "compile") else option)
+        out = (compiled if option == "compile" else engine)(**batch, gate_lambdas=(1e-4, 1e-4))
+        engine.backward(out.loss)
+        engine.step()
+
+    for option in variants:  # warm-up (and compilation)
+        step(option), step(option)
+    samples = {option: [] for option in variants}
+    for _ in range(reps):
+        for option in variants:
+            samples[option].append(median_time(lambda option=option: step(option), 1)[0])
+    result = {}
+    for option in variants:
+        before, peak = peak_rss_mb(lambda option=option: step(option))
+        result[option] = {"step_s": statistics.median(samples[option]), "step_samples": samples[option],
+                          "step_excess_mb": peak - before}
+    switch_options(engine.module, None)
+    return result
 
 
 def main(argv=None) -> int:
@@ -38,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if on_gpu else "fp32")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--interval", type=int, default=DetectorConfig().interval, help="detector interval the share is computed for")
+    parser.add_argument("--pad-fraction", type=float, default=PAD_FRACTION, help="share of padding in the batch")
+    parser.add_argument("--no-options", action="store_true", help="skip the training-efficiency options")
     args = parser.parse_args(argv)
 
     distributed.setup()  # a world of one
@@ -60,7 +107,7 @@ def main(argv=None) -> int:
             gate.copy_(1.0 + 0.3 * torch.randn(gate.shape))
     engine = build_engine(model, spec)
     del model
-    batch = make_batch(config, args.batch, args.seq_len, engine.device)
+    batch = make_batch(config, args.batch, args.seq_len, engine.device, pad_fraction=args.pad_fraction)
 
     def step():
         out = engine(**batch, gate_lambdas=(1e-4, 1e-4))
@@ -69,6 +116,7 @@ def main(argv=None) -> int:
 
     step(), step()  # warm-up
     dense_t, dense_samples = median_time(step, args.reps)
+    options = {"dense": {} if args.no_options else measure_options(engine, batch, args.reps)}
 
     detector_cfg = DetectorConfig(interval=args.interval)
     state = DetectorState()
@@ -91,6 +139,7 @@ def main(argv=None) -> int:
     step(), step()
     pruned_t, pruned_samples = median_time(step, args.reps)
     rss_after_steps = psutil.Process().memory_info().rss
+    options["pruned"] = {} if args.no_options else measure_options(engine, batch, args.reps)
     pruned_cfg = engine.module.config
     pruned_flops = flops_per_sequence(pruned_cfg, args.seq_len)
 
@@ -106,7 +155,7 @@ def main(argv=None) -> int:
         detector_s=detect_t, detector_share_of_search=detect_t / (args.interval * dense_t), detector_interval=args.interval,
         rebuild_s=rebuild_t, rebuild_in_dense_steps=rebuild_t / dense_t,
         rss_before_rebuild_mb=rss_before / 2**20, rss_after_rebuild_mb=rss_after_rebuild / 2**20,
-        rss_after_pruned_steps_mb=rss_after_steps / 2**20,
+        rss_after_pruned_steps_mb=rss_after_steps / 2**20, pad_fraction=args.pad_fraction, options=options,
     )
     rows = [
         ["step time, dense gated (s)", f"{dense_t:.3f}", ""],
@@ -118,10 +167,16 @@ def main(argv=None) -> int:
         ["host RSS before / after rebuild / after steps (MB)",
          f"{rss_before / 2**20:.0f} / {rss_after_rebuild / 2**20:.0f} / {rss_after_steps / 2**20:.0f}", ""],
     ]
+    for structure, measured in options.items():
+        for option, m in measured.items():
+            ratio = m["step_s"] / measured["none"]["step_s"]
+            rows.append([f"{structure}, {option}: step s (x all off), step memory MB",
+                         f"{m['step_s']:.3f} ({ratio:.3f}x), {m['step_excess_mb']:.0f}", ""])
     # Another preset than the machine's default gets its own result files (prune_bert-large.md, ...).
     name = "prune" if args.preset == default_preset else f"prune_{args.preset}"
     path = write_results(name, results, ["measure", "value", "target"], rows,
-                         notes=f"{args.preset}, seq {args.seq_len}, batch {args.batch}, {args.dtype}, ZeRO-2 on one rank, "
+                         notes=f"{args.preset}, seq {args.seq_len}, batch {args.batch} ({args.pad_fraction:.0%} padding), "
+                               f"{args.dtype}, ZeRO-2 on one rank, "
                                f"median of {args.reps} steps each; kept heads {pruned_cfg.num_heads_per_layer}, "
                                f"FFN widths {pruned_cfg.intermediate_size_per_layer}.")
     print(path.read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from data_prep.shards import atomic_write
+from pipeline.rundir import RunDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,6 +55,10 @@ def write_results(name: str, results: dict, table_header: list[str], table_rows:
     for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", "\n".join(md) + "\n")):
         atomic_write(RESULTS / f"{name}{suffix}", lambda f, text=text: f.write(text.encode()))
     return RESULTS / f"{name}.md"
+
+
+# Throughput fields of a metrics record, all proportional to 1 / step_time_s.
+RATES = ("seq_per_s", "tokens_per_s", "tflops", "mfu")
 
 
 @dataclass
@@ -122,3 +128,51 @@ def run_interleaved(jobs: dict[str, Callable[[], list[str] | None]], logs: Path,
 def paused_within(pauses: list[list[float]], start: float, end: float) -> float:
     """Seconds of [start, end] that fall inside the pauses."""
     return sum(max(0.0, min(end, b) - max(start, a)) for a, b in pauses)
+
+
+def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
+    """Subtract the time each step spent suspended from its step time and rates; the raw records
+    stay in metrics.wallclock.jsonl."""
+    raw = RunDir(run_dir).metrics_file
+    lines = raw.read_text().splitlines()
+    shutil.copyfile(raw, run_dir / "metrics.wallclock.jsonl")  # before the rewrite below, which is atomic
+    corrected = []
+    for line in lines:
+        r = json.loads(line)
+        paused = paused_within(pauses, r["time"] - r["step_time_s"], r["time"])
+        if paused > 0:
+            active = r["step_time_s"] - paused
+            for key in RATES:
+                if key in r:
+                    r[key] *= r["step_time_s"] / active
+            r["step_time_s"] = active
+            if "data_wait_s" in r:  # pre-training records
+                r["data_wait_s"] = min(r["data_wait_s"], active)
+        corrected.append(json.dumps(r))
+    atomic_write(raw, lambda f: f.write(("\n".join(corrected) + "\n").encode()))
+
+
+def kernel_docs_root(work: Path) -> Path:
+    """The Linux kernel's Documentation directory from Debian's linux-doc package."""
+    def newest(root: Path) -> Path | None:
+        found = sorted(root.glob("usr/share/doc/linux-doc-*/Documentation"))
+        return found[-1] if found else None
+
+    root = newest(Path("/")) or newest(work / "linux-doc")
+    if root:
+        return root
+    debs = work / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        depends = subprocess.run(["apt-cache", "depends", "linux-doc"], capture_output=True, text=True, check=True).stdout
+        package = next(line.split(":", 1)[1].strip() for line in depends.splitlines() if "Depends:" in line)
+        subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
+        deb = next(debs.glob(f"{package}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "linux-doc")], check=True)
+    except (OSError, subprocess.CalledProcessError, StopIteration) as err:
+        raise SystemExit(f"kernel-docs corpus: cannot get Debian's linux-doc package ({err!r}). Install it "
+                         f"(apt-get install linux-doc) or run with --corpus python-docs.") from err
+    root = newest(work / "linux-doc")
+    if root is None:
+        raise SystemExit(f"kernel-docs corpus: {deb} holds no usr/share/doc/linux-doc-*/Documentation")
+    return root

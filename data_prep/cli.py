@@ -7,60 +7,76 @@
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from data_prep.progress import DEFAULT_INTERVAL, INTERVAL_ENV
 from data_prep.readers import InputError
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default in its help (none for required options and
+    for defaults of None: they mean "not given")."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)  # False: a flag, off unless given
+        if action.option_strings and not action.required and shown and "%(default)" not in help_:
+            help_ += " (default: %(default)s)"
+        return help_
+
+
 def _prep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="earlybert prep",
-        description="Tokenize a corpus into memory-mapped BERT pre-training shards. Other actions: "
+        prog="earlybert prep", formatter_class=HelpFormatter,
+        description="Tokenize a corpus into memory-mapped BERT pre-training shards.\nOther actions: "
                     "`earlybert prep tokenizer --help`, `earlybert prep local-corpus --help`.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="plain text (blank line between documents), JSONL, Parquet, a saved `datasets` "
-                        "directory; .gz/.bz2/.zst; files, directories or globs")
+                        "directory; .gz/.bz2/.zst; files, directories or globs, local or fsspec URLs (hf://, "
+                        "s3://, gs://, ...); dataset:NAME[:CONFIG][:SPLIT] streams a `datasets` dataset "
+                        "(default split: train)")
     p.add_argument("--output", required=True, metavar="DIR", help="shard directory (rerun the same command to resume)")
     p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.json or a directory holding one")
-    p.add_argument("--seq-len", type=int, default=128, metavar="N", help="sequence length (default 128)")
+    p.add_argument("--seq-len", type=int, default=128, metavar="N", help="sequence length")
     p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="worker processes per rank (default: every usable core; 1 per rank under MPI)")
+                   help="worker processes per rank; 0: every usable core (1 per rank under MPI)")
     p.add_argument("--nsp", action=argparse.BooleanOptionalAction, default=True,
-                   help="sentence pairs with next-sentence labels (default), or --no-nsp: packed full sentences")
-    p.add_argument("--seed", type=int, default=12345)
+                   help="sentence pairs with next-sentence labels, or --no-nsp: packed full sentences")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the sentence pairing")
     p.add_argument("--short-seq-prob", type=float, default=0.1, help="NSP: chance of a shorter target length")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop exact duplicate documents (default on)")
+                   help="drop exact duplicate documents")
     p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet/datasets input")
     p.add_argument("--shard-sequences", type=int, default=32768, metavar="N", help="sequences per shard")
     p.add_argument("--unit-kb", type=int, default=1024, metavar="KB",
-                   help="input per work unit; part of the output's identity (default 1024)")
+                   help="input per work unit; part of the output's identity")
     p.add_argument("--max-line-chars", type=int, default=100_000, metavar="N", help="longer lines are split")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress on stderr (default on): a bar on a terminal, else a line every "
-                        f"${INTERVAL_ENV} seconds (default {DEFAULT_INTERVAL:.0f})")
+                   help="progress on stderr: a bar on a terminal, else a line every "
+                        f"${INTERVAL_ENV} seconds ({DEFAULT_INTERVAL:.0f} when unset)")
     return p
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="earlybert prep tokenizer",
+    p = argparse.ArgumentParser(prog="earlybert prep tokenizer", formatter_class=HelpFormatter,
                                 description="Train a BERT-style WordPiece tokenizer.json on a corpus.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="same inputs as `earlybert prep`")
-    p.add_argument("--output", required=True, metavar="FILE", help="tokenizer.json to write")
-    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--output", required=True, metavar="PATH",
+                   help="tokenizer.json to write, or a directory to write it into")
+    p.add_argument("--vocab-size", type=int, default=30522, help="tokens in the vocabulary, special ones included")
     p.add_argument("--lowercase", action="store_true", help="lower-case and strip accents (BERT uncased)")
-    p.add_argument("--min-frequency", type=int, default=2)
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--min-frequency", type=int, default=2, help="rarer pieces are not merged into the vocabulary")
+    p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet/datasets input")
     return p
 
 
 def _corpus_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="earlybert prep local-corpus",
+        prog="earlybert prep local-corpus", formatter_class=HelpFormatter,
         description="Write a plain-text corpus from text already on this machine: docstrings of the Python "
                     "standard library and installed packages, and their .rst/.md/.txt documentation.")
-    p.add_argument("--output", required=True, metavar="FILE")
-    p.add_argument("--max-mb", type=float, default=20.0, help="stop at this many MB (default 20)")
+    p.add_argument("--output", required=True, metavar="FILE", help="plain-text corpus to write")
+    p.add_argument("--max-mb", type=float, default=20.0, help="stop at this many MB")
     p.add_argument("--from", dest="doc_roots", nargs="+", metavar="DIR",
                    help="read only the .rst/.md/.txt files (optionally .gz) under these directories, e.g. "
                         "/usr/share/doc/linux-doc-6.1/Documentation (the Linux kernel documentation)")
@@ -75,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.wordpiece import train_wordpiece
 
             a = _tokenizer_parser().parse_args(argv[1:])
+            if Path(a.output).is_dir():
+                a.output = str(Path(a.output) / "tokenizer.json")
             started = time.time()
             print(f"{a.output}: training a WordPiece vocabulary of {a.vocab_size} tokens on {' '.join(a.input)}",
                   file=sys.stderr, flush=True)

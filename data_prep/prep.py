@@ -39,6 +39,7 @@ import numpy as np
 from data_prep import encode, readers, sequences, shards
 from data_prep.launchers import launched_tasks
 from data_prep.progress import progress_bar
+from pipeline import runlock
 
 WORK = ".work"
 
@@ -330,8 +331,6 @@ def open_run(cfg: PrepConfig) -> PrepRun:
 def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
     """True when OUT already holds this exact prep. Refuses, without touching anything, an
     OUT written from other inputs, options or another tokenizer."""
-    if out.exists() and not out.is_dir():
-        raise PrepError(f"{out}: exists and is not a directory; choose another --output")
     found = None
     for path in (out / shards.MANIFEST, WorkDir(out / WORK).state):
         if path.is_file():
@@ -573,6 +572,31 @@ def run_prep(cfg: PrepConfig) -> dict:
     """Prepare cfg.output from cfg.inputs; returns the manifest. Raises PrepError on bad input."""
     started = time.time()
     run = open_run(cfg)
+    fresh = not run.out.exists()
+    lock = _step(run.dist, _lock_output, run)
+    try:
+        return _prepare(run, started)
+    finally:
+        if lock is not None:
+            runlock.release(lock)
+            if fresh and not any(run.out.iterdir()):  # stopped before writing anything: leave nothing
+                run.out.rmdir()
+
+
+def _lock_output(run: PrepRun) -> Path | None:
+    """OUT's lock (pipeline/runlock.py), held by rank 0: a second prep into OUT is refused."""
+    if run.dist.rank != 0:
+        return None
+    if run.out.exists() and not run.out.is_dir():
+        raise PrepError(f"{run.out}: exists and is not a directory; choose another --output")
+    try:
+        return runlock.acquire(run.out, "earlybert prep")
+    except runlock.LockError as e:
+        raise PrepError(str(e)) from None
+
+
+def _prepare(run: PrepRun, started: float) -> dict:
+    cfg = run.cfg
     if _step(run.dist, _check_output, run.out, run.fingerprint, run.tokenizer.file):
         return _already_complete(run)
     with open_work_dir(run), start_workers(run) as workers:

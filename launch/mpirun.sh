@@ -4,6 +4,7 @@
 #
 #   NP=2 launch/mpirun.sh CONFIG [key=value ...]
 #   NP=16 MPI_ARGS="--hostfile hosts --map-by ppr:8:node" launch/mpirun.sh launch/configs/bert-large.yaml
+#   MODULE=pipeline.finetune NP=2 launch/mpirun.sh launch/configs/finetune-sst2.yaml      # fine-tuning
 #
 # Exit status 75: the run checkpointed after SIGTERM/SIGUSR1; the same command resumes it.
 set -euo pipefail
@@ -18,4 +19,4 @@ for var in MASTER_PORT PATH PYTHONPATH TORCH_EXTENSIONS_DIR OMP_NUM_THREADS; do
     if [[ -n "${!var:-}" ]]; then args+=(-x "$var"); fi
 done
 # shellcheck disable=SC2086  # MPI_ARGS is a list of options
-exec mpirun "${args[@]}" ${MPI_ARGS:-} "${PYTHON:-python}" -m pipeline.train --config "$config" "$@"
+exec mpirun "${args[@]}" ${MPI_ARGS:-} "${PYTHON:-python}" -m "${MODULE:-pipeline.train}" --config "$config" "$@"

@@ -1,10 +1,18 @@
 """EarlyBERT pre-training pipeline: gated BERT, DeepSpeed training, early-bird detection, pruning.
 
-`from pipeline import EarlyBertConfig, EarlyBertModel, EarlyBertForPreTraining` imports the model
-(and torch and transformers) on first use only, so `earlybert prep` starts without them; the
-classes are registered with transformers' Auto classes at that point.
+`from pipeline import EarlyBertConfig, EarlyBertForPreTraining, EarlyBertForSequenceClassification, ...`
+imports the model (and torch and transformers) on first use only, so `earlybert prep` starts without them;
+the classes are registered with transformers' Auto classes at that point.
 """
-__all__ = ["EarlyBertConfig", "EarlyBertModel", "EarlyBertForPreTraining"]
+__all__ = [
+    "EarlyBertConfig",
+    "EarlyBertModel",
+    "EarlyBertForPreTraining",
+    "EarlyBertForMaskedLM",
+    "EarlyBertForSequenceClassification",
+    "EarlyBertForQuestionAnswering",
+    "EarlyBertForTokenClassification",
+]
 
 
 def __getattr__(name: str):

@@ -6,8 +6,16 @@
         architecture.json                 the model config with its per-layer structure (rank 0)
         rng_rank{r}.safetensors           torch RNG states of rank r (dropout)
         mp_rank_00_model_states.pt ...    DeepSpeed's model and per-rank optimizer states
+        manifest.json                     every file above with its size and sha256 (rank 0, once every
+                                          rank's files are on disk, before `latest` moves)
         universal/                        DeepSpeed universal checkpoint, made on demand to resume
                                           on another number of ranks
+    RUN/checkpoints/step_00000900.set-aside/   a checkpoint after the one resumed from (damaged, or
+                                               passed over by `resume_from`): never read again
+
+A resume checks the tag against its manifest before anything is built (resume_tag); a damaged `latest`
+(a truncated shard: a failing disk, an interrupted copy) gives way to the newest intact checkpoint, with a
+message. Checkpoints written before manifests existed have none and are accepted as they are.
 
 The project's files are JSON and safetensors, never pickles. DeepSpeed's own files are pickles:
 they are only ever loaded from the run's own checkpoint directory. run_state.json and
@@ -17,11 +25,13 @@ the right shapes before DeepSpeed loads into it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +39,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_prep.shards import atomic_write, write_json
-from pipeline import distributed
+from pipeline import distributed, guards
 
 LATEST = "latest"
 RUN_STATE = "run_state.json"
 ARCHITECTURE = "architecture.json"
+MANIFEST = "manifest.json"
 UNIVERSAL = "universal"
+SET_ASIDE = ".set-aside"
 CLIENT_KEY = "earlybert"  # the one key of DeepSpeed's client_state that holds the project's state
 
 
@@ -42,7 +54,8 @@ class CheckpointError(RuntimeError):
     pass
 
 
-RUN_STATE_FORMAT = 2  # 1 (no "format" key): the search stage's state was under "extra"
+# 1 (no "format" key): the search stage's state was under "extra"; 2: no nonfinite_skipped (0)
+RUN_STATE_FORMAT = 3
 
 
 @dataclass
@@ -59,6 +72,7 @@ class RunState:
     tokenizer_hash: str = ""  # of the shards trained on; another tokenizer's shards are refused
     search: dict = field(default_factory=dict)  # SearchStage.state_dict(): detector state, ticket; JSON-able
     task: dict = field(default_factory=dict)  # fine-tuning: the stage of the recipe, best metrics; JSON-able
+    nonfinite_skipped: int = 0  # steps skipped on a NaN/inf loss (nonfinite.action: skip)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,14 +81,14 @@ class RunState:
     def from_dict(cls, data: dict, where: Path) -> "RunState":
         data = dict(data)
         if "format" not in data:  # format 1: the search stage's state under "extra", with the same keys
-            data["format"], data["search"] = RUN_STATE_FORMAT, data.pop("extra", {})
+            data["format"], data["search"] = 2, data.pop("extra", {})
         if data["format"] > RUN_STATE_FORMAT:
             raise CheckpointError(f"{where}: run state format {data['format']} is newer than this version reads "
                                   f"({RUN_STATE_FORMAT}); update the project")
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise CheckpointError(f"{where}: unknown fields {sorted(unknown)} (written by a newer version?)")
-        return cls(**data)
+        return cls(**{**data, "format": RUN_STATE_FORMAT})  # format 2 lacks only fields with defaults
 
 
 def tag_for(step: int) -> str:
@@ -105,28 +119,126 @@ def read_tag(ckpt_dir: Path, tag: str) -> tuple[RunState, dict]:
     return state, json.loads((folder / ARCHITECTURE).read_text())
 
 
-def save(engine, ckpt_dir: Path, state: RunState, architecture: dict, dist_info, keep: int) -> str:
-    """Save on all ranks (a collective). `latest` moves to the new tag only once every rank's files
-    are written, so a crash at any point leaves the previous checkpoint as the one resumed from."""
+def save(engine, ckpt_dir: Path, state: RunState, architecture: dict, dist_info, settings) -> str:
+    """Save on all ranks (a collective; `settings`: the run config's CheckpointConfig). `latest` moves to the
+    new tag only once every rank's files and the manifest are written, so a crash or a full disk at any point
+    leaves the previous checkpoint as the one resumed from."""
     ckpt_dir, tag = Path(ckpt_dir), tag_for(state.step)
     folder = ckpt_dir / tag
     if latest_tag(ckpt_dir) == tag:  # on every rank, so that all of them stop
         raise CheckpointError(f"{folder} is the latest checkpoint already; refusing to overwrite it")
-    if dist_info.is_main:
-        if folder.exists():  # left by a save that crashed before `latest` named it
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        write_json(folder / RUN_STATE, state.to_dict())
-        write_json(folder / ARCHITECTURE, architecture)
-    distributed.barrier()
-    save_file(_rng_state(), str(folder / f"rng_rank{dist_info.rank}.safetensors"))
-    engine.save_checkpoint(str(ckpt_dir), tag, client_state={CLIENT_KEY: state.to_dict()}, save_latest=False)
-    distributed.barrier()  # every rank's DeepSpeed files are on disk
-    if dist_info.is_main:
-        atomic_write(ckpt_dir / LATEST, lambda f: f.write(tag.encode()))
-        _fsync_dir(ckpt_dir)
-        remove_old(ckpt_dir, keep)
+    with guards.patient(), _failing_writes(ckpt_dir, folder):
+        if dist_info.is_main:
+            if folder.exists():  # left by a save that crashed before `latest` named it
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            write_json(folder / RUN_STATE, state.to_dict())
+            write_json(folder / ARCHITECTURE, architecture)
+        distributed.barrier()
+        save_file(_rng_state(), str(folder / f"rng_rank{dist_info.rank}.safetensors"))
+        engine.save_checkpoint(str(ckpt_dir), tag, client_state={CLIENT_KEY: state.to_dict()}, save_latest=False)
+        distributed.barrier()  # every rank's DeepSpeed files are on disk
+        if dist_info.is_main:
+            write_manifest(folder, checksum=settings.verify == "checksum")
+            atomic_write(ckpt_dir / LATEST, lambda f: f.write(tag.encode()))
+            _fsync_dir(ckpt_dir)
+            remove_old(ckpt_dir, settings.keep)
     return tag
+
+
+@contextmanager
+def _failing_writes(ckpt_dir: Path, folder: Path):
+    """A write that fails (a full disk, a quota, an I/O error) stops this rank with a message; the partial
+    folder goes (freeing the space it took) and `latest` still names the previous checkpoint. The other ranks
+    fail in their next collective, within dist_timeout."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, torch.distributed.DistError) or "gloo" in str(err):  # a collective: not a write
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        previous = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
+        kept = f"{ckpt_dir / previous} is intact and still `latest`" if previous else "no checkpoint was written yet"
+        raise guards.RunFault(f"saving checkpoint {folder} failed: {str(err).strip()[:300]}; {kept}. Free space "
+                              f"(or fix the disk) under {ckpt_dir} and relaunch the same command to resume") from None
+
+
+def write_manifest(folder: Path, checksum: bool) -> None:
+    """FOLDER/manifest.json: every file of the checkpoint with its size and (checksum=True) sha256."""
+    files = {}
+    for path in sorted(_checkpoint_files(folder)):
+        entry = {"size": path.stat().st_size}
+        if checksum:
+            entry["sha256"] = _sha256(path)
+        files[str(path.relative_to(folder))] = entry
+    write_json(folder / MANIFEST, {"format": 1, "files": files})
+
+
+def _checkpoint_files(folder: Path):
+    return (p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+            and p.relative_to(folder).parts[0] not in (UNIVERSAL, f"{UNIVERSAL}.tmp", "latest_universal"))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def damage(folder: Path, verify: str = "checksum") -> str | None:
+    """What is wrong with a checkpoint folder, naming the file; None when it is intact (or, written before
+    manifests existed, has all of the project's files)."""
+    for name in (RUN_STATE, ARCHITECTURE):
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"{folder / MANIFEST} is unreadable ({err})"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {entry['size']} when it was saved (truncated or damaged)"
+        if verify == "checksum" and "sha256" in entry and _sha256(path) != entry["sha256"]:
+            return f"{path} does not match its checksum in {MANIFEST} (damaged)"
+    return None
+
+
+def resume_tag(ckpt_dir: Path, resume_from: str | None = None, verify: str = "checksum") -> str | None:
+    """The checkpoint a run resumes from, verified: `resume_from`, else `latest`, else (a damaged `latest`,
+    with a message) the newest intact checkpoint before it; None for a fresh run."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.parent.exists() and not ckpt_dir.parent.is_dir():
+        raise CheckpointError(f"run_dir {ckpt_dir.parent} is a file, not a directory; choose another run_dir")
+    if resume_from:
+        problem = damage(ckpt_dir / resume_from, verify)
+        if problem:
+            raise CheckpointError(f"resume_from {resume_from}: {problem}; intact checkpoints: "
+                                  f"{_intact(ckpt_dir, None, verify) or 'none'}")
+        return resume_from
+    latest = ckpt_dir / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    problem = damage(ckpt_dir / tag, verify)
+    if problem is None:
+        return tag
+    older = _intact(ckpt_dir, _step_of(tag), verify)
+    if not older:
+        raise CheckpointError(f"{latest} names {tag}, and {problem}; there is no intact checkpoint before it. "
+                              f"Restore the file, or start again in a new run_dir")
+    print(f"earlybert: {latest} names {tag}, and {problem}. Resuming from the newest intact checkpoint, "
+          f"{older[-1]}, instead; {tag} will be moved aside to {tag}{SET_ASIDE}", file=sys.stderr, flush=True)
+    return older[-1]
+
+
+def _intact(ckpt_dir: Path, before: int | None, verify: str) -> list[str]:
+    """Intact tags, oldest first (only those before step `before` when given)."""
+    tags = sorted((s, p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (s := _step_of(p.name)) is not None)
+    return [t for s, t in tags if (before is None or s < before) and damage(ckpt_dir / t, verify) is None]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -182,6 +294,25 @@ def load(engine, ckpt_dir: Path, tag: str, state: RunState, dist_info, universal
     rng = Path(ckpt_dir) / tag / f"rng_rank{dist_info.rank}.safetensors"
     if rng.is_file():  # a rank that did not exist before starts from its seeded RNG
         _set_rng_state(load_file(str(rng)))
+    if dist_info.is_main:
+        _continue_from(Path(ckpt_dir), tag)
+    distributed.barrier()
+
+
+def _continue_from(ckpt_dir: Path, tag: str) -> None:
+    """The run goes on from `tag`: later checkpoints (a damaged `latest`, or passed over by resume_from) are
+    moved aside, so that this history's checkpoints never mix with theirs, and `latest` names `tag`."""
+    if latest_tag(ckpt_dir) == tag:
+        return
+    for path in ckpt_dir.iterdir():
+        step = _step_of(path.name)
+        if path.is_dir() and step is not None and step > _step_of(tag):
+            aside = path.with_name(path.name + SET_ASIDE)
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(f"earlybert: {path} moved aside to {aside}; delete it once you no longer need it", flush=True)
+    atomic_write(ckpt_dir / LATEST, lambda f: f.write(tag.encode()))
+    _fsync_dir(ckpt_dir)
 
 
 def _rng_state() -> dict:

@@ -1,5 +1,9 @@
 """The typed run config of `earlybert train`: YAML file + dotted `key=value` overrides.
 
+Relative paths in the file (RUN_PATHS) are relative to the file's directory, those given as overrides to
+the current directory; `ds_configs/NAME.json` that is not there is the project's own (shipped with the
+package), so a config works from any directory.
+
 Every key is checked against the dataclasses below, so a typo fails before any process group,
 model or DeepSpeed engine exists. The run config owns what the training loop must agree with
 (batch sizes, learning rate and schedule, steps); the DeepSpeed JSON owns the rest (ZeRO stage,
@@ -8,8 +12,9 @@ offload, precision, optimizer type, clipping, communication). `deepspeed_config(
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +29,13 @@ from pipeline.rundir import RunDir
 
 class ConfigError(ValueError):
     """A run or DeepSpeed config that cannot work; the message says what to change."""
+
+
+# The keys that hold paths ("*": every item of a list or value of a mapping), and the project's DeepSpeed
+# configs, shipped with the package (pipeline/ds_configs links to the repository's ds_configs/).
+RUN_PATHS = ("run_dir", "deepspeed", "phases.*.shards", "earlybert.random_like")
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
+DEFAULT_DS_CONFIG = str(SHIPPED_DS_CONFIGS / "zero1.json")
 
 
 @dataclass
@@ -50,6 +62,10 @@ class SearchConfig:
     lambda_ffn: float = 1e-4  # L1 on the FFN gates
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     draw_step: int | None = None  # fixed and random modes
+    mask_seed: int | None = None  # random mode: the seed of the random masks (default: the run's seed)
+    # random mode: a ticket.json whose per-layer head and FFN counts the random masks keep (the baseline at
+    # the ticket's own structure); default: the detector's ratios and scopes.
+    random_like: str | None = None
     # After the draw: fold the gates into W_O / W_2 (exact), or keep them as free parameters without L1.
     fold_gates: bool = True
     # carry: slice the Adam moments to the ticket; reset: start them from zero.
@@ -85,13 +101,32 @@ class DataConfig:
 class CheckpointConfig:
     interval: int = 1000  # save every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)
     keep: int = 3  # complete checkpoints kept in RUN/checkpoints
+    # Each checkpoint's manifest.json records its files' sizes, and by default their sha256, checked on resume;
+    # size: sizes only (no hashing of large shards on save and resume).
+    verify: Literal["checksum", "size"] = "checksum"
+
+
+@dataclass
+class DistTimeoutConfig:
+    """How long a rank waits in a collective for the others before the run stops with a message."""
+
+    step_s: float = 300.0  # in the steps (gradients, statistics, evaluation)
+    long_s: float = 1800.0  # start-up (rendezvous, universal conversion, engine), checkpoints, the draw's rebuild
+
+
+@dataclass
+class NonFiniteConfig:
+    """A NaN or inf loss in bf16 or fp32 (fp16: DeepSpeed's loss scaler skips and counts the step)."""
+
+    action: Literal["stop", "skip"] = "stop"  # stop: exit, the latest checkpoint intact; skip: go on
+    max_skipped: int = 0  # skip: stop at the (N+1)-th such step of the run
 
 
 @dataclass
 class LogConfig:
     interval: int = 10  # progress line every N steps (metrics.jsonl gets every step)
-    tensorboard: bool = True  # through DeepSpeed's monitor, when the tensorboard package is installed
-    wandb: bool = False  # through DeepSpeed's monitor, when wandb is installed
+    tensorboard: bool = True  # RUN/tensorboard/ (pipeline/metrics.py)
+    wandb: bool = False  # W&B: pip install 'earlybert[wandb]'; the run id is kept in RUN/wandb_id
     wandb_project: str = "earlybert"
     peak_tflops: float | None = None  # per-device peak for MFU; None = look the device up
 
@@ -105,7 +140,7 @@ class RunConfig:
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
     earlybert: SearchConfig = field(default_factory=SearchConfig)
-    deepspeed: str = "ds_configs/zero1.json"  # ZeRO stage, precision, optimizer type, clipping
+    deepspeed: str = DEFAULT_DS_CONFIG  # ZeRO stage, precision, optimizer type, clipping (ds_configs/zero1.json)
     deepspeed_overrides: dict = field(default_factory=dict)  # deep-merged into the DeepSpeed JSON
     micro_batch_size: int = 8  # per rank and forward pass
     global_batch_size: int = 32  # per optimizer step; gradient accumulation = global / (micro * ranks)
@@ -113,6 +148,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    resume_from: str | None = None  # a checkpoint tag (step_NNNNNNNN) to resume from instead of `latest`
+    dist_timeout: DistTimeoutConfig = field(default_factory=DistTimeoutConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
 
     @property
     def total_steps(self) -> int:
@@ -136,20 +174,59 @@ LAMB_OPTIMIZERS = ("lamb", "onebitlamb")  # DeepSpeed optimizer type names, lowe
 
 def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
     """Read the YAML run config, apply `a.b.c=value` overrides, build and validate the dataclasses."""
+    cfg = from_dict(RunConfig, read_yaml(path, overrides, RUN_PATHS), "")
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: str, overrides: list[str] = (), path_keys: tuple[str, ...] = ()) -> dict:
+    """The YAML mapping of a config file with `a.b.c=value` overrides applied (values parsed as YAML), the
+    paths under `path_keys` made absolute: the file's against its directory, the overrides' against the
+    current one."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read run config {path}: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = resolve_paths(raw, path_keys, Path(path).parent)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
         set_dotted(raw, key, yaml.safe_load(value))
-    cfg = from_dict(RunConfig, raw, "")
-    validate(cfg)
-    return cfg
+    return resolve_paths(raw, path_keys, Path.cwd())  # what is still relative came from an override
+
+
+def resolve_paths(tree: dict, keys: tuple[str, ...], base: Path) -> dict:
+    for key in keys:
+        tree = _resolved(tree, key.split("."), base)
+    return tree
+
+
+def _resolved(node, parts: list[str], base: Path):
+    if not parts:
+        if isinstance(node, list):  # a list of files
+            return [_absolute(v, base) if isinstance(v, str) else v for v in node]
+        return _absolute(node, base) if isinstance(node, str) else node
+    head, *rest = parts
+    if head == "*" and isinstance(node, list):
+        return [_resolved(v, rest, base) for v in node]
+    if head == "*" and isinstance(node, dict):
+        return {k: _resolved(v, rest, base) for k, v in node.items()}
+    if isinstance(node, dict) and head in node:
+        return {**node, head: _resolved(node[head], rest, base)}
+    return node
+
+
+def _absolute(value: str, base: Path) -> str:
+    """`value` if absolute, else base/value; `ds_configs/...` not found there is the shipped one."""
+    path = Path(value).expanduser()
+    local = base / path
+    shipped = SHIPPED_DS_CONFIGS.joinpath(*path.parts[1:])
+    if not path.is_absolute() and not local.exists() and path.parts[:1] == ("ds_configs",) and shipped.is_file():
+        return str(shipped)
+    return os.path.abspath(local)  # base/absolute is the absolute path
 
 
 def set_dotted(tree: dict, key: str, value) -> None:
@@ -232,26 +309,48 @@ def validate(cfg: RunConfig) -> None:
     for i, p in enumerate(cfg.phases):
         if p.steps < 1:
             raise ConfigError(f"phases.{i}.steps must be >= 1, got {p.steps}")
-    positive = {"micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size,
-                "checkpoint.interval": cfg.checkpoint.interval, "checkpoint.keep": cfg.checkpoint.keep,
-                "log.interval": cfg.log.interval, "data.prefetch": cfg.data.prefetch, "optim.lr": cfg.optim.lr}
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
+    require_positive({"data.prefetch": cfg.data.prefetch, "optim.lr": cfg.optim.lr})
+    validate_batches_and_logs(cfg)
     if not 0.0 < cfg.data.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {cfg.data.mask_prob}")
     if not 0 <= cfg.optim.warmup_steps <= cfg.total_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be in [0, total steps {cfg.total_steps}]")
     validate_search(cfg.earlybert, cfg.total_steps)
+    validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
+
+
+def require_positive(values: dict) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def validate_batches_and_logs(cfg) -> None:
+    """The sections a pre-training and a fine-tuning config share."""
+    require_positive({"micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size,
+                      "checkpoint.interval": cfg.checkpoint.interval, "checkpoint.keep": cfg.checkpoint.keep,
+                      "log.interval": cfg.log.interval})
     if cfg.global_batch_size % cfg.micro_batch_size:
         raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of "
                           f"micro_batch_size={cfg.micro_batch_size}")
-    validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
+    validate_faults(cfg)
+
+
+def validate_faults(cfg) -> None:
+    """resume_from, dist_timeout and nonfinite: a pre-training and a fine-tuning config have them alike."""
+    require_positive({"dist_timeout.step_s": cfg.dist_timeout.step_s, "dist_timeout.long_s": cfg.dist_timeout.long_s})
+    if cfg.nonfinite.max_skipped < 0:
+        raise ConfigError(f"nonfinite.max_skipped must be >= 0, got {cfg.nonfinite.max_skipped}")
+    if cfg.resume_from is not None and not re.fullmatch(r"step_\d{8}", cfg.resume_from):
+        raise ConfigError(f"resume_from {cfg.resume_from!r}: expected a checkpoint tag such as step_00001000, the "
+                          f"name of a folder in {cfg.rundir.checkpoints}")
 
 
 def validate_search(eb: SearchConfig, total_steps: int) -> None:
     if eb.lambda_heads < 0 or eb.lambda_ffn < 0:
         raise ConfigError("earlybert.lambda_heads and lambda_ffn must be >= 0")
+    if eb.random_like is not None and eb.mode != "random":
+        raise ConfigError(f"earlybert.random_like is for earlybert.mode=random, not {eb.mode}; remove it")
     if eb.mode in ("fixed", "random") and not (eb.draw_step and 0 < eb.draw_step < total_steps):
         raise ConfigError(f"earlybert.mode={eb.mode} draws at earlybert.draw_step: set it to a step in "
                           f"[1, {total_steps - 1}], got {eb.draw_step}")
@@ -259,12 +358,14 @@ def validate_search(eb: SearchConfig, total_steps: int) -> None:
 
 # ---- DeepSpeed --------------------------------------------------------------------------------
 
-def read_deepspeed(cfg: RunConfig) -> dict:
+def read_deepspeed(cfg) -> dict:
     """The DeepSpeed JSON named by the run config with `deepspeed_overrides` merged in."""
     try:
         ds = json.loads(Path(cfg.deepspeed).read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"deepspeed: cannot read {cfg.deepspeed}: {e}") from e
+        shipped = ", ".join(sorted(p.name for p in SHIPPED_DS_CONFIGS.glob("*.json")))
+        raise ConfigError(f"deepspeed: cannot read {cfg.deepspeed}: {e}; give a DeepSpeed JSON relative to the "
+                          f"config file, or ds_configs/NAME.json for one of the project's: {shipped}") from e
     return _deep_merge(ds, cfg.deepspeed_overrides)
 
 
@@ -305,8 +406,9 @@ def validate_deepspeed(ds: dict, source: str) -> None:
         raise ConfigError(f"{source}: bf16 and fp16 are both enabled; pick one")
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed config the engine is built with: the JSON plus what the run config owns."""
+def deepspeed_config(cfg, world_size: int, load_universal: bool = False, lr: float | None = None) -> dict:
+    """The DeepSpeed config the engine is built with: the JSON plus what the run config owns (`cfg`, a
+    RunConfig or a FinetuneConfig; lr: the peak learning rate, by default the run config's)."""
     ds = read_deepspeed(cfg)
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step:
@@ -315,15 +417,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.global_batch_size // per_step
     ds["train_batch_size"] = cfg.global_batch_size
-    ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = cfg.optim.lr
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = cfg.optim.lr if lr is None else lr
     ds.setdefault("steps_per_print", 2**31 - 1)  # the loop prints its own progress line
-    # The loop's metrics also go to TensorBoard / W&B through DeepSpeed's monitor; both are optional
-    # packages, enabled only where installed (train.py says so when one is asked for and missing).
-    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard"):
-        ds.setdefault("tensorboard", {"enabled": True, "output_path": str(cfg.rundir.tensorboard),
-                                      "job_name": "train"})
-    if cfg.log.wandb and importlib.util.find_spec("wandb"):
-        ds.setdefault("wandb", {"enabled": True, "project": cfg.log.wandb_project})
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds

@@ -3,23 +3,30 @@ around a pruned model in the same process.
 
     EngineSpec        what every engine of a run is built with: the DeepSpeed config, the optimizer
                       settings and the length of the LR schedule
-    build_engine      deepspeed.initialize with our parameter groups and LR schedule
+    build_engine      deepspeed.initialize with our parameter groups and LR schedule; by option the
+                      model compiled (torch.compile); DeepSpeed's fused Adam where it can run, else
+                      torch's fused AdamW (with_available_adam)
     prune_engine      the draw: destroy the engine, build the pruned model's (pipeline/rebuild.py
                       carries the fp32 masters, moments, counters and schedule across)
+    train_step        one optimizer step over a step's micro-batches
 
 The LR schedule is the loop's own LambdaLR over optimizer steps (not a DeepSpeed scheduler), so
 that the run config, not the DeepSpeed JSON, owns it.
 """
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 
-from pipeline.config import OptimConfig
+from pipeline.config import OptimConfig, zero_stage
 from pipeline.detector import Masks
+from pipeline.model import EarlyBertSelfAttention
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,7 @@ class EngineSpec:
     ds_config: dict  # the merged DeepSpeed config (pipeline/config.py: deepspeed_config)
     optim: OptimConfig
     total_steps: int  # optimizer steps the LR schedule spans
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile), again after each rebuild
 
 
 def lr_factor(optim: OptimConfig, total_steps: int, step: int) -> float:
@@ -51,15 +59,72 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@functools.cache
+def fused_adam_unavailable() -> str | None:
+    """Why DeepSpeed's fused Adam cannot run in this process, or None when it can. It is a CUDA extension,
+    prebuilt or compiled on first use (which needs nvcc and the CUDA toolkit). Said once per process."""
+    if not torch.cuda.is_available():
+        reason = "it needs a CUDA device"
+    else:
+        try:
+            from deepspeed.ops.op_builder import FusedAdamBuilder
+
+            FusedAdamBuilder().load(verbose=False)
+            return None
+        except Exception as err:  # no toolkit, no compiler, a failed build: all end here
+            reason = f"its CUDA extension cannot be built or loaded: {type(err).__name__}: {err}"
+    print(f"DeepSpeed's fused Adam is unavailable ({reason}); training with torch's fused AdamW instead",
+          file=sys.stderr, flush=True)
+    return reason
+
+
+def with_available_adam(ds_config: dict) -> dict:
+    """`ds_config`, or, where it asks for DeepSpeed's fused Adam (Adam/AdamW without `torch_adam`, optimizer
+    on the device) and that cannot run, a copy asking for torch's fused AdamW: same update, same settings."""
+    optimizer = ds_config.get("optimizer", {})
+    params = optimizer.get("params", {})
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if optimizer.get("type", "").lower() not in ("adam", "adamw") or params.get("torch_adam") or offload != "none":
+        return ds_config
+    if fused_adam_unavailable() is None:
+        return ds_config
+    return {**ds_config, "optimizer": {**optimizer, "params": {**params, "torch_adam": True, "fused": True}}}
+
+
 def build_engine(model: torch.nn.Module, spec: EngineSpec):
     """The DeepSpeed engine of `model`; its LR scheduler is `engine.lr_scheduler`."""
     import deepspeed
 
+    ds_config = with_available_adam(spec.ds_config)
+    if zero_stage(ds_config) == 3 and getattr(model.config, "fused_qkv", False):
+        # The fused projection reads query/key/value's weights from their parent module: ZeRO-3 gathers a
+        # module's own parameters only, unless it is a leaf (then all of its submodules' with it).
+        deepspeed.utils.set_z3_leaf_modules(model, [EarlyBertSelfAttention])
     schedule = partial(lr_factor, spec.optim, spec.total_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model), config=spec.ds_config,
+        model=model, model_parameters=param_groups(model), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if spec.compile:
+        # The dense and the pruned model run the same code objects: drop the earlier model's graphs first,
+        # or dynamo piles the new shapes onto them up to its recompile limit.
+        torch._dynamo.reset()
+        engine.compile()
     return engine
+
+
+def train_step(engine, micro_batches: list[dict], device: torch.device, stats_of: Callable[..., dict],
+               **forward_kwargs) -> dict[str, torch.Tensor]:
+    """One optimizer step: DeepSpeed accumulates the gradients of the micro-batches and steps on the last
+    one. Returns this rank's sums over its micro-batches of `stats_of(output)` (named scalars)."""
+    totals: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        out = engine(**batch, **forward_kwargs)
+        engine.backward(out.loss)
+        engine.step()
+        for k, v in stats_of(out).items():
+            totals[k] = totals.get(k, 0.0) + v.detach().float()
+    return totals
 
 
 def prune_engine(engine, spec: EngineSpec, masks: Masks, *, fold_gates: bool, carry_moments: bool,

@@ -2,12 +2,23 @@
 
     checkpoint (any ZeRO stage) --zero_to_fp32--> fp32 weights --fold gates--> save_pretrained
 
+The model class is the checkpoint's: the `architectures` entry of its architecture.json (a fine-tuning
+run's task head, e.g. EarlyBertForSequenceClassification, with its num_labels, id2label, label2id and
+problem_type), EarlyBertForPreTraining where there is none (pre-training runs).
+
 The gates are folded into W_O and W_2 (exact), so the export has no EarlyBERT-specific parameters.
-A uniform structure (every layer with the same heads and FFN width: the dense baseline) is written
-as plain transformers `BertForPreTraining` (or `BertForMaskedLM` without the NSP head). A pruned
-structure is written as `EarlyBertForPreTraining` with its modeling file beside the weights, so
-that `AutoModelForPreTraining.from_pretrained(DIR, trust_remote_code=True)` loads it without this
-project installed. The tokenizer of the run's shards goes along.
+A uniform structure (every layer with the same heads and FFN width: the dense baseline) is written as
+transformers' own class: BertForPreTraining (BertForMaskedLM without the NSP head), BertForMaskedLM,
+BertForSequenceClassification, BertForQuestionAnswering, BertForTokenClassification. A pruned structure
+is written as the EarlyBERT class with its modeling file beside the weights and an `auto_map` for every
+Auto class, so that `AutoModelFor<Task>.from_pretrained(DIR, trust_remote_code=True)` loads it (a
+pre-training export with a fresh task head) without this project installed. Its config.json says
+model_type "bert": AutoConfig and AutoTokenizer then read it without remote code and without asking
+whether to run it (the EarlyBERT config reads "bert" as its own).
+
+The tokenizer goes along: tokenizer.json (lower-casing and splitting live in its normalizer and
+pre-tokenizer) and tokenizer_config.json, which transformers' AutoTokenizer loads as is, with
+model_max_length = the model's max_position_embeddings and token_type_ids among the model inputs.
 """
 from __future__ import annotations
 
@@ -20,57 +31,69 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline.detector import Masks
-from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel
 from pipeline.pruner import prune_model
+from pipeline.rundir import RunDir, RunDirError
 
 MODELING_FILE = "modeling_earlybert.py"
-AUTO_MAP = {
-    "AutoConfig": "modeling_earlybert.EarlyBertConfig",
-    "AutoModel": "modeling_earlybert.EarlyBertModel",
-    "AutoModelForPreTraining": "modeling_earlybert.EarlyBertForPreTraining",
-}
+AUTO_MAP = {"AutoConfig": "modeling_earlybert.EarlyBertConfig",
+            **{auto: f"modeling_earlybert.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()}}
+MODEL_CLASSES = {cls.__name__: cls for cls in AUTO_CLASSES.values()}  # architectures entry -> class
+DEFAULT_ARCHITECTURE = "EarlyBertForPreTraining"  # checkpoints of pre-training runs name none
 SPECIAL_TOKENS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask"]  # BERT's; the tokenizer's default omits token types
 
 
 class ExportError(RuntimeError):
     pass
 
 
-def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertForPreTraining, str]:
-    """The model of a run's checkpoint (the latest complete one by default), in fp32, and its tag."""
-    from pipeline.checkpoint import ARCHITECTURE, RUN_STATE, CheckpointError, latest_tag
+def model_class(config: EarlyBertConfig) -> type[EarlyBertPreTrainedModel]:
+    """The EarlyBERT class a checkpoint's config names (its first `architectures` entry)."""
+    name = (config.architectures or [DEFAULT_ARCHITECTURE])[0]
+    if name not in MODEL_CLASSES:
+        raise ExportError(f"architectures names {name!r}, which is not an EarlyBERT model class; "
+                          f"expected one of {sorted(MODEL_CLASSES)}")
+    return MODEL_CLASSES[name]
 
-    ckpt_dir = Path(run_dir) / "checkpoints"
+
+def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreTrainedModel, str]:
+    """The model of a run's checkpoint (the latest complete one by default), in fp32, and its tag."""
+    from pipeline.checkpoint import ARCHITECTURE, CheckpointError, damage, latest_tag, read_tag
+
+    ckpt_dir = RunDir(run_dir).checkpoints
     try:
         tag = tag or latest_tag(ckpt_dir)
+        if tag is None or not (ckpt_dir / tag / ARCHITECTURE).is_file():
+            raise ExportError(f"{ckpt_dir} has no complete checkpoint{' ' + tag if tag else ''}: train the run first "
+                              f"(earlybert train --config ...), or pass --tag with one of its step_* folders")
+        if problem := damage(ckpt_dir / tag):
+            raise ExportError(f"{problem}: pass --tag with an intact step_* folder of {ckpt_dir}")
+        state, architecture = read_tag(ckpt_dir, tag)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    if tag is None or not (ckpt_dir / tag / ARCHITECTURE).is_file():
-        raise ExportError(f"{ckpt_dir} has no complete checkpoint{' ' + tag if tag else ''}: train the run first "
-                          f"(earlybert train --config ...), or pass --tag with one of its step_* folders")
-    arch = json.loads((ckpt_dir / tag / ARCHITECTURE).read_text())
-    config = EarlyBertConfig(**{k: v for k, v in arch.items() if k not in ("model_type", "transformers_version", "architectures")})
-    zero_stage = json.loads((ckpt_dir / tag / RUN_STATE).read_text()).get("zero_stage", 0)
-    if zero_stage > 0:
+    config = EarlyBertConfig.from_dict(architecture)
+    cls = model_class(config)
+    if state.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # no ZeRO: DeepSpeed keeps the module's weights in the model-states file (a pickle of its own)
-        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model = EarlyBertForPreTraining(config)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-    if unexpected or set(missing) - tied:
-        raise ExportError(f"checkpoint {ckpt_dir / tag} does not match its {ARCHITECTURE}: "
-                          f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+        weights = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                             weights_only=False)["module"]
+    model = cls(config)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    missing = set(missing) - set(cls._tied_weights_keys or ())
+    if unexpected or missing:
+        raise ExportError(f"checkpoint {ckpt_dir / tag} does not match its {ARCHITECTURE} ({cls.__name__}): "
+                          f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
     return model.eval(), tag
 
 
-def fold_all_gates(model: EarlyBertForPreTraining) -> EarlyBertForPreTraining:
+def fold_all_gates(model: EarlyBertPreTrainedModel) -> EarlyBertPreTrainedModel:
     """The same function without gate parameters: every unit kept, each gate folded into its weights."""
     if not model.config.use_gates:
         return model
@@ -80,63 +103,95 @@ def fold_all_gates(model: EarlyBertForPreTraining) -> EarlyBertForPreTraining:
     return folded.eval()
 
 
-def plain_bert(model: EarlyBertForPreTraining):
-    """transformers' own BERT class with the same weights, for a uniform, gate-free structure."""
-    from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+def plain_bert(model: EarlyBertPreTrainedModel):
+    """transformers' own BERT class with the same weights and config (labels included), for a uniform,
+    gate-free structure: EarlyBertFor<X> -> BertFor<X>, EarlyBertForPreTraining without NSP -> BertForMaskedLM."""
+    import transformers
+    from transformers import BertConfig
 
     c = model.config
-    fields = {k: v for k, v in c.to_dict().items() if k in BertConfig().to_dict() and k not in ("model_type", "architectures")}
+    name = type(model).__name__.replace("EarlyBert", "Bert", 1)
+    if name == "BertForPreTraining" and not c.use_nsp:
+        name = "BertForMaskedLM"
+    known = BertConfig().to_dict()
+    fields = {k: v for k, v in c.to_dict().items() if k in known and k not in ("model_type", "architectures")}
     fields.update(num_attention_heads=c.num_heads_per_layer[0], intermediate_size=c.intermediate_size_per_layer[0])
-    cls = BertForPreTraining if c.use_nsp else BertForMaskedLM
-    bert = cls(BertConfig(**fields))
+    bert = getattr(transformers, name)(BertConfig(**fields))
     bert.load_state_dict(model.state_dict(), strict=True)
     return bert.eval()
 
 
-def save_tokenizer(run_dir: Path, out: Path, tokenizer: str | None) -> Path | None:
+def save_remote_code_model(model: EarlyBertPreTrainedModel, out: Path) -> None:
+    """A pruned model as its EarlyBERT class, with modeling_earlybert.py and an auto_map for every Auto class."""
+    from transformers.utils import CONFIG_NAME
+
+    model.save_pretrained(out)
+    shutil.copyfile(Path(__file__).with_name("model.py"), out / MODELING_FILE)
+    config = {**json.loads((out / CONFIG_NAME).read_text()), "model_type": "bert", "auto_map": AUTO_MAP}
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_tokenizer(tokenizer: Path, out: Path, model_max_length: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    if tokenizer is None:
-        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-        tokenizer = str(Path(config["phases"][0]["shards"]) / "tokenizer.json")
-    if not Path(tokenizer).is_file():
-        raise ExportError(f"tokenizer {tokenizer} not found: pass --tokenizer PATH/tokenizer.json")
-    # Lower-casing and splitting live in tokenizer.json's normalizer and pre-tokenizer.
-    tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer, **SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer), model_max_length=model_max_length,
+                                  model_input_names=MODEL_INPUTS, **SPECIAL_TOKENS)
     tok.save_pretrained(out)
-    return Path(tokenizer)
 
 
-def export_run(run_dir: Path, output: Path, tag: str | None = None, tokenizer: str | None = None, fmt: str = "auto") -> dict:
-    model, tag = load_run_model(run_dir, tag)
+def run_tokenizer(run_dir: Path) -> Path:
+    """The tokenizer.json of a run: a fine-tuning run's own, or the one beside a pre-training run's shards."""
+    try:
+        return RunDir(run_dir).tokenizer_file()
+    except (RunDirError, KeyError, IndexError, TypeError):
+        raise ExportError(f"{run_dir} has no tokenizer of its own and names no shards to take it from: "
+                          f"pass --tokenizer PATH/tokenizer.json") from None
+
+
+def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path, fmt: str = "auto") -> dict:
+    """Write an in-memory EarlyBERT model and a tokenizer.json as a Hugging Face directory (what `earlybert
+    export` does once the checkpoint is loaded). The directory appears whole or not at all."""
+    tokenizer = Path(tokenizer)
+    if not tokenizer.is_file():
+        raise ExportError(f"tokenizer {tokenizer} not found: pass --tokenizer PATH/tokenizer.json")
     folded = fold_all_gates(model)
-    as_bert = fmt == "bert" or (fmt == "auto" and folded.config.is_uniform)
     if fmt == "bert" and not folded.config.is_uniform:
         raise ExportError("--format bert needs a uniform structure (same heads and FFN width in every layer); "
-                          "this run is pruned: use --format earlybert")
+                          "this model is pruned: use --format earlybert")
+    as_bert = fmt == "bert" or (fmt == "auto" and folded.config.is_uniform)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} exists and is not a directory; choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         if as_bert:
-            plain_bert(folded).save_pretrained(tmp)
+            exported = plain_bert(folded)
+            exported.save_pretrained(tmp)
         else:
-            folded.config.auto_map = AUTO_MAP
-            folded.save_pretrained(tmp)
-            shutil.copyfile(Path(__file__).with_name("model.py"), tmp / MODELING_FILE)
-        tok = save_tokenizer(run_dir, tmp, tokenizer)
+            exported = folded
+            save_remote_code_model(folded, tmp)
+        save_tokenizer(tokenizer, tmp, folded.config.max_position_embeddings)
         if output.exists():
             shutil.rmtree(output)
-        os.replace(tmp, output)  # the export appears whole or not at all
+        os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"output": str(output), "checkpoint": tag, "format": "bert" if as_bert else "earlybert",
+    return {"output": str(output), "format": "bert" if as_bert else "earlybert", "class": type(exported).__name__,
             "heads_per_layer": folded.config.num_heads_per_layer,
-            "ffn_per_layer": folded.config.intermediate_size_per_layer, "tokenizer": str(tok)}
+            "ffn_per_layer": folded.config.intermediate_size_per_layer, "tokenizer": str(tokenizer)}
+
+
+def export_run(run_dir: Path, output: Path, tag: str | None = None, tokenizer: str | None = None,
+               fmt: str = "auto") -> dict:
+    model, tag = load_run_model(run_dir, tag)
+    info = export_model(model, output, Path(tokenizer) if tokenizer else run_tokenizer(run_dir), fmt)
+    return {**info, "checkpoint": tag}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="earlybert export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="earlybert export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run directory (RUN, with RUN/checkpoints)")
     parser.add_argument("--output", type=Path, required=True, help="the Hugging Face model directory to write")
     parser.add_argument("--tag", help="checkpoint tag (default: the latest complete checkpoint)")

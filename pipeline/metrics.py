@@ -1,16 +1,29 @@
-"""RUN/metrics.jsonl (one line per optimizer step), the progress line, and DeepSpeed's monitor.
+"""RUN/metrics.jsonl (one line per optimizer step), the progress line, TensorBoard and W&B.
 
 Only rank 0 writes. Values are global: losses and accuracy averaged over every rank's
 micro-batches, throughput for the whole job, MFU against the sum of the devices' peaks.
+
+MetricsLog owns the TensorBoard writer and the W&B run for the whole process, so the engine rebuilt
+at the draw changes nothing. A relaunch that resumes at step S redoes the steps after S: metrics.jsonl
+is cut at S, TensorBoard purges its events after S (`purge_step`), and W&B resumes the run whose id
+is kept in RUN/wandb_id (W&B keeps the first logging of a replayed step; a resume is exact, so the
+values are the same). The resolved config goes to both as hyperparameters.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import secrets
+import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
+
+from data_prep.shards import atomic_write
+from pipeline.rundir import RunDir
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s per device, by name; the more specific names come first.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
@@ -38,42 +51,124 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def optimizer_stats(engine) -> dict:
+    """The DeepSpeed engine's view of the step: gradient norm before clipping (where DeepSpeed computes it),
+    fp16 loss scale, steps skipped on fp16 overflow since the engine was built or loaded."""
+    r = {"skipped_steps": engine.skipped_steps}
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        r["grad_norm"] = float(norm)
+    if engine.fp16_enabled():
+        r["loss_scale"] = float(engine.optimizer.loss_scale)
+    return r
+
+
 class MetricsLog:
-    def __init__(self, path: Path, *, total_steps: int, start_step: int, interval: int, monitor, is_main: bool):
-        self.path = Path(path)
-        self.total, self.start_step, self.interval = total_steps, start_step, interval
+    """`log` is the run config's LogConfig; `config` the resolved config, logged as hyperparameters;
+    `monitor` DeepSpeed's, for monitors the DeepSpeed JSON itself enables (csv_monitor, comet)."""
+
+    def __init__(self, rundir: RunDir, log, *, total_steps: int, start_step: int, config: dict, monitor,
+                 is_main: bool):
+        self.path = rundir.metrics_file
+        self.total, self.start_step, self.interval = total_steps, start_step, log.interval
         self.monitor, self.is_main = monitor, is_main
+        self.tensorboard = self.wandb = None
         self.t0 = time.perf_counter()
-        if is_main:
-            truncate_after(self.path, start_step)
-            self.file = open(self.path, "a", buffering=1)
+        if not is_main:
+            return
+        truncate_after(self.path, start_step)
+        self.file = open(self.path, "a", buffering=1)
+        if log.tensorboard:
+            self.tensorboard = open_tensorboard(rundir.tensorboard, start_step, config)
+        if log.wandb:
+            self.wandb = open_wandb(rundir, log.wandb_project, config)
 
     def log(self, record: dict) -> None:
         if not self.is_main:
             return
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        if self.tensorboard is not None:
+            for k, v in scalars.items():
+                self.tensorboard.add_scalar(f"Train/{k}", v, step)
+        if self.wandb is not None and step >= self.wandb.step:  # below: a replayed step W&B has already
+            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
         if self.monitor is not None and self.monitor.enabled:
-            self.monitor.write_events([(f"Train/{k}", v, step) for k, v in record.items()
-                                       if k != "step" and isinstance(v, float)])
+            self.monitor.write_events([(f"Train/{k}", float(v), step) for k, v in scalars.items()])
         if step % self.interval == 0 or step == self.total:
             print(self.progress_line(record), flush=True)
 
     def progress_line(self, r: dict) -> str:
+        """step, where it is (pre-training phase or fine-tuning stage), loss, rates, ETA: the fields the
+        record has."""
         done = r["step"] - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - r["step"]) if done else math.nan
-        parts = [f"step {r['step']}/{self.total}", f"phase {r['phase']} (seq {r['seq_len']})",
-                 f"loss {r['loss']:.4f}", f"mlm acc {r['mlm_acc']:.3f}", f"lr {r['lr']:.2e}",
-                 f"{r['seq_per_s']:.1f} seq/s", f"{r['tokens_per_s']:.0f} tok/s"]
-        parts.append(f"{r['tflops']:.3g} TFLOP/s")
+        parts = [f"step {r['step']}/{self.total}"]
+        if "seq_len" in r:
+            parts.append(f"phase {r['phase']} (seq {r['seq_len']})")
+        if "stage" in r:
+            parts.append(f"stage {r['stage']} (epoch {r['epoch']:.2f})")
+        parts.append(f"loss {r['loss']:.4f}")
+        if "mlm_acc" in r:
+            parts.append(f"mlm acc {r['mlm_acc']:.3f}")
+        parts += [f"lr {r['lr']:.2e}", f"{r['seq_per_s']:.1f} seq/s"]
+        if "tokens_per_s" in r:
+            parts += [f"{r['tokens_per_s']:.0f} tok/s", f"{r['tflops']:.3g} TFLOP/s"]
         if "mfu" in r:
             parts.append(f"MFU {100 * r['mfu']:.1f}%")
-        parts.append(f"data {100 * r['data_wait_s'] / r['step_time_s']:.1f}%")
+        if "data_wait_s" in r:
+            parts.append(f"data {100 * r['data_wait_s'] / r['step_time_s']:.1f}%")
         parts.append(f"ETA {_duration(eta) if done else '?'}")
         return " | ".join(parts)
 
     def close(self) -> None:
-        if self.is_main:
-            self.file.close()
+        if not self.is_main:
+            return
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def open_tensorboard(directory: Path, start_step: int, config: dict):
+    """A SummaryWriter on RUN/tensorboard that hides the events a previous launch wrote after `start_step`."""
+    tensorboard = _optional("torch.utils.tensorboard", "log.tensorboard", "tensorboard")
+    if tensorboard is None:
+        return None
+    writer = tensorboard.SummaryWriter(str(directory), purge_step=start_step + 1 if start_step else None)
+    writer.add_text("config", _as_markdown_code(config), start_step)
+    return writer
+
+
+def open_wandb(rundir: RunDir, project: str, config: dict):
+    """The W&B run of this run directory: created on the first launch, resumed on every later one."""
+    wandb = _optional("wandb", "log.wandb", "'earlybert[wandb]'")
+    if wandb is None:
+        return None
+    id_file = rundir.wandb_id_file
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
+    run = wandb.init(project=project, id=run_id, resume="allow", dir=str(rundir.path), name=rundir.path.name)
+    run.config.update(config, allow_val_change=True)
+    if not id_file.is_file():
+        atomic_write(id_file, lambda f: f.write(run_id.encode()))
+    return run
+
+
+def _optional(module: str, key: str, package: str):
+    """The module, or None (and a note) where its package is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        print(f"{key}: not installed (pip install {package}); metrics go to metrics.jsonl and the other "
+              f"monitors only", file=sys.stderr)
+        return None
+
+
+def _as_markdown_code(config: dict) -> str:
+    """TensorBoard renders text as Markdown: an indented block keeps the YAML as it is."""
+    return "".join(f"    {line}\n" for line in yaml.safe_dump(config, sort_keys=False).splitlines())
 

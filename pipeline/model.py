@@ -1,4 +1,4 @@
-"""Gated BERT for EarlyBERT pre-training, in one file.
+"""Gated BERT for EarlyBERT pre-training and fine-tuning, in one file.
 
 Original post-LayerNorm BERT (Devlin et al.) with two kinds of learnable gates (EarlyBERT, Chen et al.
 2021), both initialised to 1.0:
@@ -13,7 +13,15 @@ to the loss; `gate_penalty()` computes the same from materialised parameters.
 
 Every layer has its own head count and FFN width (`num_heads_per_layer`, `intermediate_size_per_layer`)
 so that any pruned structure is a plain config. Module and parameter names follow transformers'
-`modeling_bert.py`, so standard BERT checkpoints load with `from_pretrained`.
+`modeling_bert.py`, so standard BERT checkpoints load with `from_pretrained`, and so do the heads:
+EarlyBertForPreTraining, ForMaskedLM, ForSequenceClassification, ForQuestionAnswering and
+ForTokenClassification compute what transformers' BertFor* classes compute (same weights, same
+losses, same output fields and tuples) with the gates at 1.
+
+Outputs: transformers' fields first (`loss` where labels are given, the logits, `hidden_states`,
+`attentions`), then EarlyBERT's: `task_loss` (the loss without the gate penalty), `gate_penalty`
+(only with `gate_lambdas`) and `gate_l1` = (sum |c_head|, sum |c_ffn|) over all layers (only with gates:
+a model without gates returns what transformers' BERT returns).
 
 This file imports nothing from the project and registers nothing on import: it is shipped as-is next to
 exported weights (`trust_remote_code`), so keep it self-contained. `from pipeline import ...` calls
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 # name -> (layers, hidden, heads, ffn). bert-base/large as Devlin et al.; the small ones follow
@@ -40,6 +49,8 @@ PRESETS = {
     "bert-mini": (4, 256, 4, 1024),
     "bert-tiny": (2, 64, 4, 256),
 }
+# EarlyBERT's output fields, which transformers' Trainer must not take for predictions.
+EXTRA_OUTPUTS = ["task_loss", "mlm_loss", "nsp_loss", "gate_penalty", "gate_l1", "mlm_correct", "mlm_count"]
 
 
 class EarlyBertConfig(BertConfig):
@@ -53,9 +64,25 @@ class EarlyBertConfig(BertConfig):
     use_nsp                         build the next-sentence head (and the pooler it needs)
     Missing per-layer fields are filled from the uniform BERT fields, so a standard BERT
     `config.json` loads as is.
+
+    Training-efficiency options: they change speed and memory, not the losses and gradients (equal in fp32;
+    with dropout, `unpad` draws other masks of the same distribution), and travel with the config through
+    pruning, engine rebuilds and exports:
+    unpad                     drop the padding tokens before the encoder and restore them after: every
+                              per-token layer runs on the real tokens only (outputs at the padding are 0),
+                              attention runs per sequence
+                              (flash-attention's varlen kernel on GPU where installed, else SDPA on the
+                              batch re-packed to its longest sequence); question answering stays padded
+                              (its span softmax reads the logits of the padding, as transformers')
+    activation_checkpointing  recompute each layer's activations in the backward instead of keeping them
+                              (what `activation_checkpointing_enable()` / `gradient_checkpointing_enable()` set)
+    fused_qkv                 one GEMM for Q, K and V (their weights concatenated at compute time; the
+                              parameters stay transformers' query/key/value, so checkpoints and the pruner
+                              see the usual names)
     """
 
     model_type = "earlybert"
+    keys_to_ignore_at_inference = EXTRA_OUTPUTS
 
     def __init__(
         self,
@@ -64,6 +91,9 @@ class EarlyBertConfig(BertConfig):
         head_size: int | None = None,
         use_gates: bool = True,
         use_nsp: bool = True,
+        unpad: bool = False,
+        activation_checkpointing: bool = False,
+        fused_qkv: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -73,12 +103,24 @@ class EarlyBertConfig(BertConfig):
         self.head_size = int(head_size or self.hidden_size // self.num_attention_heads)
         self.use_gates = bool(use_gates)
         self.use_nsp = bool(use_nsp)
+        self.unpad = bool(unpad)
+        self.activation_checkpointing = bool(activation_checkpointing)
+        self.fused_qkv = bool(fused_qkv)
         for name in ("num_heads_per_layer", "intermediate_size_per_layer"):
             values = getattr(self, name)
             if len(values) != layers or any(int(v) < 1 for v in values):
                 raise ValueError(
                     f"EarlyBertConfig.{name} must list {layers} positive sizes (one per layer), got {values}"
                 )
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        # A `config.json` of model_type "bert" is an EarlyBERT config too: transformers' BERT checkpoints, and
+        # pruned exports (which say "bert" so that AutoConfig and AutoTokenizer read them without remote code).
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "bert":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "EarlyBertConfig":
@@ -98,31 +140,125 @@ class EarlyBertConfig(BertConfig):
         )
 
 
-@dataclass
-class EarlyBertPreTrainingOutput(ModelOutput):
-    """loss = mlm_loss (+ nsp_loss) (+ gate_penalty). mlm_logits are (N_masked, V) when labels are given, else (B, T, V).
-    gate_l1 = (sum |c_head|, sum |c_ffn|) over all layers (zeros without gates)."""
-
-    loss: torch.Tensor | None = None
-    mlm_loss: torch.Tensor | None = None
-    nsp_loss: torch.Tensor | None = None
-    gate_penalty: torch.Tensor | None = None
-    gate_l1: tuple[torch.Tensor, torch.Tensor] | None = None
-    mlm_logits: torch.Tensor | None = None
-    nsp_logits: torch.Tensor | None = None
-    mlm_correct: torch.Tensor | None = None
-    mlm_count: torch.Tensor | None = None
+GateL1 = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class EarlyBertModelOutput(ModelOutput):
+    """transformers' BaseModelOutputWithPooling, plus gate_l1 (None without gates)."""
+
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
-    gate_l1: tuple[torch.Tensor, torch.Tensor] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    gate_l1: GateL1 | None = None
 
 
-def _l1(gates: nn.Parameter | None, like: torch.Tensor) -> torch.Tensor:
-    return gates.float().abs().sum() if gates is not None else like.new_zeros((), dtype=torch.float32)
+@dataclass
+class EarlyBertForPreTrainingOutput(ModelOutput):
+    """transformers' BertForPreTrainingOutput, then EarlyBERT's fields.
+
+    loss = task_loss (+ gate_penalty), task_loss = mlm_loss (+ nsp_loss). prediction_logits are (B, T, V), or
+    (N_masked, V) with `masked_logits_only=True` and labels. mlm_correct / mlm_count: masked tokens predicted
+    right / masked tokens (with labels)."""
+
+    loss: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    task_loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+    gate_penalty: torch.Tensor | None = None
+    gate_l1: GateL1 | None = None
+    mlm_correct: torch.Tensor | None = None
+    mlm_count: torch.Tensor | None = None
+
+@dataclass
+class EarlyBertTaskOutput(ModelOutput):
+    """transformers' SequenceClassifierOutput / TokenClassifierOutput / MaskedLMOutput, then EarlyBERT's fields.
+    loss = task_loss (+ gate_penalty)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    task_loss: torch.Tensor | None = None
+    gate_penalty: torch.Tensor | None = None
+    gate_l1: GateL1 | None = None
+
+
+@dataclass
+class EarlyBertQuestionAnsweringOutput(ModelOutput):
+    """transformers' QuestionAnsweringModelOutput, then EarlyBERT's fields. loss = task_loss (+ gate_penalty)."""
+
+    loss: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    task_loss: torch.Tensor | None = None
+    gate_penalty: torch.Tensor | None = None
+    gate_l1: GateL1 | None = None
+
+
+def _l1(gates: nn.Parameter | None) -> torch.Tensor | float:
+    return gates.float().abs().sum() if gates is not None else 0.0
+
+
+def _varlen_kernel():
+    """flash-attention's variable-length kernel (q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p),
+    or None where the package is not installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+class Unpadded:
+    """The real tokens of a padded batch, one after the other (the `unpad` option).
+
+    attention_mask (B, T), 1 = token. Tokens are flattened to (N, ...), N = number of real tokens, in row order,
+    so sequence b is tokens cu_seqlens[b]:cu_seqlens[b + 1]. Attention without a varlen kernel runs on the
+    sequences re-packed to (B, L, ...), L = the longest sequence, each left-aligned and masked after its length:
+    exact for any padding pattern (attention does not depend on where the padding was)."""
+
+    varlen_kernel = staticmethod(_varlen_kernel)
+
+    def __init__(self, attention_mask: torch.Tensor):
+        mask = attention_mask.bool()  # (B, T)
+        self.batch, self.seq_len = mask.shape
+        self.indices = mask.flatten().nonzero().squeeze(1)  # (N,) into B * T
+        lengths = mask.sum(1)  # (B,)
+        self.cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
+        self.max_seqlen = int(lengths.max())
+        # (N,) into B * L: row b, column = the token's rank among the row's real tokens
+        rank = mask.cumsum(1) - 1  # (B, T)
+        self.packed = (self.indices // self.seq_len) * self.max_seqlen + rank.flatten().index_select(0, self.indices)
+        positions = torch.arange(self.max_seqlen, device=mask.device)
+        self.packed_mask = (positions[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, ...) -> (N, ...)
+        return x.flatten(0, 1).index_select(0, self.indices)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, ...) -> (B, T, ...), zeros at the padding
+        out = x.new_zeros(self.batch * self.seq_len, *x.shape[1:]).index_copy(0, self.indices, x)
+        return out.view(self.batch, self.seq_len, *x.shape[1:])
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        # q, k, v: (N, H, d) -> context (N, H, d), each token attending to the real tokens of its sequence
+        kernel = self.varlen_kernel() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+        if kernel is not None:
+            return kernel(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen, dropout_p)
+        B, L, (_, H, d) = self.batch, self.max_seqlen, q.shape
+        q, k, v = (x.new_zeros(B * L, H, d).index_copy(0, self.packed, x).view(B, L, H, d).transpose(1, 2)
+                   for x in (q, k, v))  # (B, H, L, d)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=self.packed_mask, dropout_p=dropout_p)
+        return context.transpose(1, 2).reshape(B * L, H, d).index_select(0, self.packed)  # (N, H, d)
 
 
 class EarlyBertEmbeddings(nn.Module):
@@ -134,11 +270,10 @@ class EarlyBertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids, token_type_ids: (B, T) -> (B, T, hidden)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor):
+        # input_ids, token_type_ids: (B, T); position_ids: (B, T) or (1, T) -> (B, T, hidden)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        x = x + self.position_embeddings(positions)[None]
+        x = x + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -151,20 +286,42 @@ class EarlyBertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, inner)
         self.value = nn.Linear(config.hidden_size, inner)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.fused_qkv = config.fused_qkv
         self.head_gates = nn.Parameter(torch.ones(num_heads)) if config.use_gates else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (..., hidden) -> q, k, v (..., H * d)
+        if not self.fused_qkv:
+            return self.query(x), self.key(x), self.value(x)
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))  # (3 * H * d, hidden)
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))  # (3 * H * d,)
+        return F.linear(x, weight, bias).chunk(3, dim=-1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Unpadded | None, output_attentions: bool):
         # x: (B, T, hidden); attn_mask: (B, 1, 1, T) bool, True = attend, or None (no padding)
-        # -> context (B, T, H * d) and sum |head gates|
+        # -> context (B, T, H * d), attention probabilities (B, H, T, T) or None, sum |head gates|
+        # Unpadded: x (N, hidden) -> context (N, H * d), no probabilities
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(attn_mask, Unpadded):
+            q, k, v = (t.view(-1, self.num_heads, self.head_size) for t in self.qkv(x))  # (N, H, d)
+            context = attn_mask.attention(q, k, v, dropout_p)  # (N, H, d)
+            if self.head_gates is not None:
+                context = context * self.head_gates.to(context.dtype)[None, :, None]
+            return context.flatten(1), None, _l1(self.head_gates)
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, self.num_heads, self.head_size).transpose(1, 2) for proj in (self.query, self.key, self.value))
-        # (B, H, T, d): SDPA picks flash / memory-efficient kernels on GPU
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
-        )
+        q, k, v = (t.view(B, T, self.num_heads, self.head_size).transpose(1, 2) for t in self.qkv(x))  # (B, H, T, d)
+        probs = None
+        if output_attentions:  # the probabilities are asked for: computed explicitly, as transformers' eager attention
+            scores = q @ k.transpose(-1, -2) * self.head_size**-0.5  # (B, H, T, T)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            probs = F.dropout(scores.softmax(-1), dropout_p)
+            context = probs @ v
+        else:  # SDPA picks flash / memory-efficient kernels on GPU
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         if self.head_gates is not None:
             context = context * self.head_gates.to(context.dtype)[None, :, None, None]
-        return context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size), _l1(self.head_gates, x)
+        return context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size), probs, _l1(self.head_gates)
 
 
 class EarlyBertSelfOutput(nn.Module):
@@ -184,9 +341,9 @@ class EarlyBertAttention(nn.Module):
         self.self = EarlyBertSelfAttention(config, num_heads)
         self.output = EarlyBertSelfOutput(config, num_heads)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        context, l1 = self.self(x, attn_mask)
-        return self.output(context, x), l1
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool):
+        context, probs, l1 = self.self(x, attn_mask, output_attentions)
+        return self.output(context, x), probs, l1
 
 
 class EarlyBertIntermediate(nn.Module):
@@ -196,12 +353,12 @@ class EarlyBertIntermediate(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.ffn_gates = nn.Parameter(torch.ones(width)) if config.use_gates else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor):
         # (B, T, hidden) -> (B, T, width) and sum |FFN gates|
         h = self.act(self.dense(x))
         if self.ffn_gates is not None:
             h = h * self.ffn_gates.to(h.dtype)
-        return h, _l1(self.ffn_gates, x)
+        return h, _l1(self.ffn_gates)
 
 
 class EarlyBertOutput(nn.Module):
@@ -215,7 +372,7 @@ class EarlyBertOutput(nn.Module):
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
 
 
-class EarlyBertLayer(nn.Module):
+class EarlyBertLayer(GradientCheckpointingLayer):
     def __init__(self, config: EarlyBertConfig, layer_idx: int):
         super().__init__()
         heads, width = config.num_heads_per_layer[layer_idx], config.intermediate_size_per_layer[layer_idx]
@@ -223,23 +380,33 @@ class EarlyBertLayer(nn.Module):
         self.intermediate = EarlyBertIntermediate(config, width)
         self.output = EarlyBertOutput(config, width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, head_l1 = self.attention(x, attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool):
+        # (B, T, hidden) -> (B, T, hidden), attention probabilities or None, sum |head gates|, sum |FFN gates|
+        x, probs, head_l1 = self.attention(x, attn_mask, output_attentions)
         h, ffn_l1 = self.intermediate(x)
-        return self.output(h, x), head_l1, ffn_l1
+        return self.output(h, x), probs, head_l1, ffn_l1
 
 
 class EarlyBertEncoder(nn.Module):
     def __init__(self, config: EarlyBertConfig):
         super().__init__()
         self.layer = nn.ModuleList(EarlyBertLayer(config, i) for i in range(config.num_hidden_layers))
+        self.use_gates = config.use_gates
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool,
+                output_hidden_states: bool):
+        # x: (B, T, hidden) -> the last layer's output (B, T, hidden); the input and every layer's output
+        # (output_hidden_states, else None); every layer's attention probabilities (output_attentions, else
+        # None); (sum |head gates|, sum |FFN gates|) over the layers (None without gates)
+        hidden_states = (x,) if output_hidden_states else None
+        attentions = () if output_attentions else None
         head_l1 = ffn_l1 = 0.0
         for layer in self.layer:
-            x, h, f = layer(x, attn_mask)
+            x, probs, h, f = layer(x, attn_mask, output_attentions)
             head_l1, ffn_l1 = head_l1 + h, ffn_l1 + f
-        return x, (head_l1, ffn_l1)
+            hidden_states = hidden_states + (x,) if output_hidden_states else None
+            attentions = attentions + (probs,) if output_attentions else None
+        return x, hidden_states, attentions, (head_l1, ffn_l1) if self.use_gates else None
 
 
 class EarlyBertPooler(nn.Module):
@@ -254,7 +421,18 @@ class EarlyBertPooler(nn.Module):
 class EarlyBertPreTrainedModel(PreTrainedModel):
     config_class = EarlyBertConfig
     base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+
+    def post_init(self):
+        super().post_init()
+        if self.config.activation_checkpointing:  # set in the config: e.g. a pruned model rebuilt from it
+            self.activation_checkpointing_enable()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, **kwargs):
+        # transformers' switch (activation_checkpointing_enable / _disable and their gradient_checkpointing_*
+        # aliases), recorded in the config so that it travels with it
+        super()._set_gradient_checkpointing(enable, **kwargs)
+        self.config.activation_checkpointing = enable
 
     def _init_weights(self, module):
         super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, LayerNorm to (1, 0)
@@ -272,7 +450,8 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         # A pruned checkpoint loaded into the wrong structure must fail loudly, never re-initialise.
         if kwargs.get("ignore_mismatched_sizes"):
-            raise ValueError("EarlyBERT never loads with ignore_mismatched_sizes=True: it would silently re-initialise pruned weights")
+            raise ValueError("EarlyBERT never loads with ignore_mismatched_sizes=True: it would silently re-initialise "
+                             "pruned weights")
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as err:
@@ -284,7 +463,8 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
     # ---- gates -------------------------------------------------------------------------------
     def head_gates(self) -> list[nn.Parameter]:
         """One (num_heads_i,) tensor per layer; empty when the model has no gates."""
-        return [layer.attention.self.head_gates for layer in self._layers() if layer.attention.self.head_gates is not None]
+        return [layer.attention.self.head_gates for layer in self._layers()
+                if layer.attention.self.head_gates is not None]
 
     def ffn_gates(self) -> list[nn.Parameter]:
         """One (intermediate_size_i,) tensor per layer; empty when the model has no gates."""
@@ -306,6 +486,23 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
 
     def _layers(self):
         return getattr(self, self.base_model_prefix, self).encoder.layer
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def _return_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
+
+    def _head_output(self, output_class, encoded: EarlyBertModelOutput, task_loss: torch.Tensor | None,
+                     gate_lambdas: tuple[float, float] | None, return_dict: bool | None, **fields):
+        """What every head returns: `fields` (its logits, ...), the encoder's hidden states and attentions, and
+        loss = task_loss + EarlyBERT's L1 penalty on the gates (with gate_lambdas, on a model with gates), as
+        `output_class` or, with return_dict=False, its tuple (None fields left out, as in transformers)."""
+        gate_l1, penalty = encoded.gate_l1, None
+        if gate_lambdas is not None and gate_l1 is not None:
+            penalty = gate_lambdas[0] * gate_l1[0] + gate_lambdas[1] * gate_l1[1]
+        loss = task_loss + penalty if task_loss is not None and penalty is not None else task_loss
+        out = output_class(loss=loss, **fields, hidden_states=encoded.hidden_states, attentions=encoded.attentions,
+                           task_loss=task_loss, gate_penalty=penalty, gate_l1=gate_l1)
+        return out if self._return_dict(return_dict) else out.to_tuple()
 
 
 def checkpoint_shapes(directory: str) -> dict[str, tuple[int, ...]]:
@@ -347,6 +544,10 @@ def describe_shape_mismatch(model_class, config: "EarlyBertConfig", directory: s
 class EarlyBertModel(EarlyBertPreTrainedModel):
     """The encoder: embeddings, layers, optional pooler. Outputs equal transformers' BertModel with gates at 1."""
 
+    # With `unpad` the outputs at padding positions are zeros, not what the padded model computes there; a head
+    # whose loss reads them (question answering's span softmax, as transformers') sets this and stays padded.
+    keep_padding_outputs = False
+
     def __init__(self, config: EarlyBertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = EarlyBertEmbeddings(config)
@@ -354,23 +555,51 @@ class EarlyBertModel(EarlyBertPreTrainedModel):
         self.pooler = EarlyBertPooler(config) if add_pooling_layer else None
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        **_,
-    ) -> EarlyBertModelOutput:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> EarlyBertModelOutput | tuple:
+        """input_ids, attention_mask (1 = token, 0 = padding), token_type_ids, position_ids: (B, T).
+        output_attentions computes the attention probabilities explicitly (not with SDPA), only when asked."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         # Padding mask (B, T) -> (B, 1, 1, T) bool. Without padding pass None, so SDPA can use flash attention.
+        # With `unpad` (and no attention probabilities asked for) the encoder gets the real tokens only.
         attn_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             attn_mask = attention_mask.bool()[:, None, None, :]
-        x, gate_l1 = self.encoder(x, attn_mask)
-        pooled = self.pooler(x) if self.pooler is not None else None
-        return EarlyBertModelOutput(last_hidden_state=x, pooler_output=pooled, gate_l1=gate_l1)
+            if self.config.unpad and not output_attentions and not self.keep_padding_outputs:
+                attn_mask = Unpadded(attention_mask)
+        if isinstance(attn_mask, Unpadded):
+            tokens = (input_ids, token_type_ids, position_ids.expand_as(input_ids))
+            x = self.embeddings(*(attn_mask.unpad(t) for t in tokens))  # (N, hidden)
+            x, hidden_states, attentions, gate_l1 = self.encoder(x, attn_mask, False, output_hidden_states)
+            x = attn_mask.pad(x)  # (B, T, hidden)
+            hidden_states = tuple(map(attn_mask.pad, hidden_states)) if output_hidden_states else None
+        else:
+            x = self.embeddings(input_ids, token_type_ids, position_ids)
+            x, hidden_states, attentions, gate_l1 = self.encoder(x, attn_mask, output_attentions, output_hidden_states)
+        out = EarlyBertModelOutput(
+            last_hidden_state=x,
+            pooler_output=self.pooler(x) if self.pooler is not None else None,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            gate_l1=gate_l1,
+        )
+        return out if self._return_dict(return_dict) else out.to_tuple()
 
 
 class EarlyBertPredictionHeadTransform(nn.Module):
@@ -397,6 +626,12 @@ class EarlyBertLMPredictionHead(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
+class EarlyBertOnlyMLMHead(nn.Module):
+    def __init__(self, config: EarlyBertConfig):
+        super().__init__()
+        self.predictions = EarlyBertLMPredictionHead(config)
+
+
 class EarlyBertPreTrainingHeads(nn.Module):
     def __init__(self, config: EarlyBertConfig):
         super().__init__()
@@ -404,17 +639,24 @@ class EarlyBertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2) if config.use_nsp else None
 
 
+# The MLM decoder's weight is the word embedding matrix; its bias is the head's `bias`.
+MLM_TIED_WEIGHTS = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in fp32) over the labelled positions (labels != -100); 0, not NaN, without any.
+    logits (..., V), labels (...): every position, or the masked ones only."""
+    count = (labels != -100).sum()
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum") / count.clamp(min=1)
+
+
 class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
-    """Encoder + MLM head (decoder tied to the word embeddings) + optional NSP head.
+    """Encoder + MLM head (decoder tied to the word embeddings) + optional NSP head."""
 
-    The MLM decoder runs on the masked positions only (labels != -100), gathered before the
-    vocabulary projection: ~15% of the tokens, which is where most of the head's cost goes.
-    """
-
-    _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-    }
+    _tied_weights_keys = MLM_TIED_WEIGHTS
 
     def __init__(self, config: EarlyBertConfig):
         super().__init__(config)
@@ -429,54 +671,184 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        next_sentence_label: torch.Tensor | None = None,
-        gate_lambdas: tuple[float, float] | None = None,
-        **_,
-    ) -> EarlyBertPreTrainingOutput:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, next_sentence_label: torch.Tensor | None = None,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        return_dict: bool | None = None, gate_lambdas: tuple[float, float] | None = None,
+        masked_logits_only: bool = False,
+    ) -> EarlyBertForPreTrainingOutput | tuple:
         """labels: (B, T), -100 where not masked. next_sentence_label: (B,), negative = no NSP for that row.
-        gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss."""
-        encoded = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss.
+        masked_logits_only (with labels): the vocabulary projection runs on the masked positions only, gathered
+        before the decoder (~15% of the tokens, where most of the head's cost goes), and prediction_logits are
+        (N_masked, V); the loss is the same."""
+        encoded = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                            output_hidden_states, return_dict=True)
         hidden = encoded.last_hidden_state  # (B, T, hidden)
-        nsp_logits = self.cls.seq_relationship(encoded.pooler_output) if self.cls.seq_relationship is not None else None
-
-        gate_l1 = encoded.gate_l1
+        nsp_logits = None  # (B, 2)
+        if self.cls.seq_relationship is not None:
+            nsp_logits = self.cls.seq_relationship(encoded.pooler_output)
+        if labels is not None and masked_logits_only:
+            masked = labels != -100
+            hidden, labels = hidden[masked], labels[masked]  # (N, hidden), (N,)
+        prediction_logits = self.cls.predictions(hidden)  # (B, T, V), or (N, V)
         if labels is None:
-            return EarlyBertPreTrainingOutput(mlm_logits=self.cls.predictions(hidden), nsp_logits=nsp_logits, gate_l1=gate_l1)
+            return self._head_output(EarlyBertForPreTrainingOutput, encoded, None, gate_lambdas, return_dict,
+                                     prediction_logits=prediction_logits, seq_relationship_logits=nsp_logits)
 
-        masked = labels != -100  # (B, T)
-        targets = labels[masked]  # (N,)
-        mlm_logits = self.cls.predictions(hidden[masked])  # (N, V): the decoder only sees masked tokens
-        count = targets.numel()
-        # A sum divided by max(N, 1): a batch with no masked token gives 0, not NaN.
-        mlm_loss = F.cross_entropy(mlm_logits.float(), targets, reduction="sum") / max(count, 1)
-        loss, nsp_loss = mlm_loss, None
+        mlm_loss = task_loss = masked_lm_loss(prediction_logits, labels)
+        nsp_loss = None
         if nsp_logits is not None and next_sentence_label is not None:
+            # A sum divided by max(rows with a label, 1): a batch without NSP labels gives 0, not NaN.
             nsp_targets = next_sentence_label.masked_fill(next_sentence_label < 0, -100)
-            valid = int((nsp_targets >= 0).sum())
-            nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_targets, ignore_index=-100, reduction="sum") / max(valid, 1)
-            loss = loss + nsp_loss
-        penalty = None
-        if gate_lambdas is not None:
-            penalty = gate_lambdas[0] * gate_l1[0] + gate_lambdas[1] * gate_l1[1]
-            loss = loss + penalty
+            valid = (nsp_targets >= 0).sum()
+            nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_targets, reduction="sum") / valid.clamp(min=1)
+            task_loss = mlm_loss + nsp_loss
         with torch.no_grad():
-            correct = (mlm_logits.argmax(-1) == targets).sum()
-        return EarlyBertPreTrainingOutput(
-            loss=loss,
-            mlm_loss=mlm_loss,
-            nsp_loss=nsp_loss,
-            gate_penalty=penalty,
-            gate_l1=gate_l1,
-            mlm_logits=mlm_logits,
-            nsp_logits=nsp_logits,
-            mlm_correct=correct,
-            mlm_count=torch.tensor(count, device=correct.device),
+            correct = ((prediction_logits.argmax(-1) == labels) & (labels != -100)).sum()
+        return self._head_output(
+            EarlyBertForPreTrainingOutput, encoded, task_loss, gate_lambdas, return_dict,
+            prediction_logits=prediction_logits, seq_relationship_logits=nsp_logits, mlm_loss=mlm_loss,
+            nsp_loss=nsp_loss, mlm_correct=correct, mlm_count=(labels != -100).sum(),
         )
+
+
+class EarlyBertLogitsModel(EarlyBertPreTrainedModel):
+    """The forward shared by the heads with one `logits` output and `labels` (masked LM, sequence and token
+    classification): encoder, `_logits`, and `_loss` where labels are given."""
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None, return_dict: bool | None = None,
+        gate_lambdas: tuple[float, float] | None = None,
+    ) -> EarlyBertTaskOutput | tuple:
+        """gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss."""
+        encoded = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                            output_hidden_states, return_dict=True)
+        logits = self._logits(encoded)
+        task_loss = None if labels is None else self._loss(logits, labels)
+        return self._head_output(EarlyBertTaskOutput, encoded, task_loss, gate_lambdas, return_dict, logits=logits)
+
+
+class EarlyBertForMaskedLM(EarlyBertLogitsModel):
+    """Encoder + MLM head, as transformers' BertForMaskedLM: logits (B, T, V); labels (B, T), -100 = no loss."""
+
+    _tied_weights_keys = MLM_TIED_WEIGHTS
+
+    def __init__(self, config: EarlyBertConfig):
+        super().__init__(config)
+        self.bert = EarlyBertModel(config, add_pooling_layer=False)
+        self.cls = EarlyBertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+
+    def _logits(self, encoded: EarlyBertModelOutput) -> torch.Tensor:
+        return self.cls.predictions(encoded.last_hidden_state)  # (B, T, V)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return masked_lm_loss(logits, labels)
+
+
+def classifier_dropout(config: EarlyBertConfig) -> nn.Dropout:
+    return nn.Dropout(config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout)
+
+
+class EarlyBertForSequenceClassification(EarlyBertLogitsModel):
+    """Encoder + pooler + classifier, as transformers' BertForSequenceClassification: logits (B, num_labels).
+
+    labels (B,): class ids (cross-entropy); floats with num_labels == 1 or problem_type "regression" (MSE);
+    (B, num_labels) floats for problem_type "multi_label_classification" (binary cross-entropy). Without
+    problem_type it is decided as transformers decides it (from num_labels and the labels' dtype)."""
+
+    def __init__(self, config: EarlyBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = EarlyBertModel(config)
+        self.dropout = classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def _logits(self, encoded: EarlyBertModelOutput) -> torch.Tensor:
+        return self.classifier(self.dropout(encoded.pooler_output))  # (B, num_labels)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression" and self.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        if problem == "regression":
+            return F.mse_loss(logits, labels)
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class EarlyBertForTokenClassification(EarlyBertLogitsModel):
+    """Encoder + per-token classifier, as transformers' BertForTokenClassification: logits (B, T, num_labels);
+    labels (B, T), -100 = no loss."""
+
+    def __init__(self, config: EarlyBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = EarlyBertModel(config, add_pooling_layer=False)
+        self.dropout = classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def _logits(self, encoded: EarlyBertModelOutput) -> torch.Tensor:
+        return self.classifier(self.dropout(encoded.last_hidden_state))  # (B, T, num_labels)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+
+
+class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
+    """Encoder + span head, as transformers' BertForQuestionAnswering: start_logits, end_logits (B, T)."""
+
+    def __init__(self, config: EarlyBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = EarlyBertModel(config, add_pooling_layer=False)
+        self.bert.keep_padding_outputs = True
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None, end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        return_dict: bool | None = None, gate_lambdas: tuple[float, float] | None = None,
+    ) -> EarlyBertQuestionAnsweringOutput | tuple:
+        """start_positions, end_positions: (B,) token indices of the answer span; positions outside the sequence
+        are clamped to T and ignored, as in transformers. loss = mean of the start and end cross-entropies.
+        gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss."""
+        encoded = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                            output_hidden_states, return_dict=True)
+        logits = self.qa_outputs(encoded.last_hidden_state)  # (B, T, 2)
+        start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))  # (B, T) each
+        task_loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]
+            start, end = (p.reshape(-1).clamp(0, ignored) for p in (start_positions, end_positions))
+            task_loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
+                         + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+        return self._head_output(EarlyBertQuestionAnsweringOutput, encoded, task_loss, gate_lambdas, return_dict,
+                                 start_logits=start_logits, end_logits=end_logits)
 
 
 def flops_per_sequence(config: EarlyBertConfig, seq_len: int, masked_fraction: float = 0.15) -> float:
@@ -488,7 +860,7 @@ def flops_per_sequence(config: EarlyBertConfig, seq_len: int, masked_fraction: f
     """
     h, d = config.hidden_size, config.head_size
     per_token = 0.0
-    for heads, width in zip(config.num_heads_per_layer, config.intermediate_size_per_layer):
+    for heads, width in zip(config.num_heads_per_layer, config.intermediate_size_per_layer, strict=True):
         inner = heads * d
         per_token += 2 * h * 3 * inner + 2 * inner * h  # Q, K, V, W_O
         per_token += 2 * 2 * seq_len * inner  # Q K^T and attn V
@@ -501,11 +873,21 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# transformers' Auto class -> the EarlyBERT class it builds (also the `auto_map` of exports).
+AUTO_CLASSES = {
+    "AutoModel": EarlyBertModel,
+    "AutoModelForPreTraining": EarlyBertForPreTraining,
+    "AutoModelForMaskedLM": EarlyBertForMaskedLM,
+    "AutoModelForSequenceClassification": EarlyBertForSequenceClassification,
+    "AutoModelForQuestionAnswering": EarlyBertForQuestionAnswering,
+    "AutoModelForTokenClassification": EarlyBertForTokenClassification,
+}
+
 
 def register_auto_classes() -> None:
-    """Make AutoConfig / AutoModel / AutoModelForPreTraining know model_type "earlybert"."""
-    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+    """Make AutoConfig and the Auto model classes know model_type "earlybert"."""
+    import transformers
 
-    AutoConfig.register("earlybert", EarlyBertConfig, exist_ok=True)
-    AutoModel.register(EarlyBertConfig, EarlyBertModel, exist_ok=True)
-    AutoModelForPreTraining.register(EarlyBertConfig, EarlyBertForPreTraining, exist_ok=True)
+    transformers.AutoConfig.register("earlybert", EarlyBertConfig, exist_ok=True)
+    for auto_class, model_class in AUTO_CLASSES.items():
+        getattr(transformers, auto_class).register(EarlyBertConfig, model_class, exist_ok=True)

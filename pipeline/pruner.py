@@ -55,9 +55,7 @@ def pruned_config(config: EarlyBertConfig, plan: PrunePlan) -> EarlyBertConfig:
         intermediate_size_per_layer=[len(n) for n in plan.kept_neurons],
         use_gates=config.use_gates and not plan.fold_gates,
     )
-    for name in ("model_type", "transformers_version", "architectures"):
-        fields.pop(name, None)
-    return EarlyBertConfig(**fields)
+    return EarlyBertConfig.from_dict(fields)  # architectures (the task head) and label maps carry over
 
 
 def prune_tensors(

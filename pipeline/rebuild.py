@@ -179,11 +179,13 @@ def _optimizer_tensors(engine) -> list[torch.Tensor]:
 
 def _create_adam_state(base: torch.optim.Optimizer, tensors: list[torch.Tensor], step: float) -> None:
     """Adam-family optimizers create their state lazily at the first step; create it now (zeros),
-    with the step count carried over so that bias correction continues where it was."""
+    with the step count carried over so that bias correction continues where it was. torch's Adam keeps the
+    count as a tensor, DeepSpeed's FusedAdam as an int (handed to its CUDA kernel)."""
+    int_step = type(base).__name__ == "FusedAdam"
     for p in tensors:
         if not base.state.get(p):
             base.state[p] = {
-                "step": torch.tensor(float(step)),
+                "step": int(step) if int_step else torch.tensor(float(step)),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }

@@ -12,6 +12,7 @@ again): the last record of each step wins.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -126,9 +127,9 @@ def throughput_split(records: list[dict], ticket: dict | None) -> tuple[float | 
 
 def write_report(paths: list[Path]) -> Path:
     runs = [RunDir(p) for p in paths]
+    loaded = [(run_label(r), _metrics(r), r.read_ticket()) for r in runs]
     out = runs[0].report
     out.mkdir(parents=True, exist_ok=True)
-    loaded = [(run_label(r), r.read_metrics(), r.read_ticket()) for r in runs]
     figures = [plot_curves(loaded, out), plot_throughput(loaded, out)]
     md = ["# EarlyBERT run report", "", "| run | steps | wall time (min) | loss (last 20) | MLM acc (last 20) "
           "| draw step | params before -> after | FLOPs/seq after / before | seq/s before -> after draw |", "|---|---|---|---|---|---|---|---|---|"]
@@ -156,6 +157,23 @@ def write_report(paths: list[Path]) -> Path:
     path = out / "report.md"
     atomic_write(path, lambda f: f.write(("\n".join(md) + "\n").encode()))
     return path
+
+
+def _metrics(run: RunDir) -> list[dict]:
+    try:
+        return run.read_metrics()
+    except ValueError:  # a line cut short or edited by hand
+        lines = run.metrics_file.read_text().splitlines()
+        bad = next(i for i, line in enumerate(lines, 1) if line.strip() and not _is_json(line))
+        raise RunDirError(f"{run.metrics_file}: line {bad} is not JSON; delete or repair it") from None
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _dense_structure(run: RunDir) -> tuple[int | None, int | None]:

@@ -1,9 +1,11 @@
 """Where a pre-training run starts, decided from files before any process group or model exists.
 
     fresh run    step 0, the architecture of the config (a preset or a Hugging Face checkpoint)
-    resume       RUN/checkpoints/latest: its run state and architecture, checked against the config
-                 and the shards (another model, another tokenizer, a phase plan it does not fit are
-                 refused with a message saying what to change)
+    resume       RUN/checkpoints/latest (or `resume_from`), verified against its manifest (a damaged
+                 latest gives way to the newest intact checkpoint: checkpoint.resume_tag), its run
+                 state and architecture checked against the config and the shards (another model,
+                 another tokenizer, a phase plan it does not fit are refused with a message saying
+                 what to change)
 
 Every check here runs in `earlybert train`'s main() before `distributed.setup()`, so a bad config
 fails in a second, on every rank alike, instead of after the process group and engine are built.
@@ -31,9 +33,10 @@ class Start:
 
 
 def find_start(cfg: RunConfig, datasets: list[ShardDataset]) -> Start:
-    """RUN/checkpoints/latest, read and checked against the config and the shards; or step 0."""
+    """The checkpoint to resume from (checkpoint.resume_tag), read and checked against the config and the
+    shards; or step 0."""
     ckpt_dir = cfg.rundir.checkpoints
-    tag = checkpoint.latest_tag(ckpt_dir)
+    tag = checkpoint.resume_tag(ckpt_dir, cfg.resume_from, cfg.checkpoint.verify)
     if tag is None:
         state = RunState(tokenizer_hash=datasets[0].tokenizer_hash)
         start = Start(None, state, model_config_for(cfg, datasets[0]))

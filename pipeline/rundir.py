@@ -5,8 +5,10 @@
     RUN/ticket.json                 the early-bird ticket, once drawn
     RUN/start_weights.safetensors   the full fp32 weights at step 0, for `after_draw: rewind`
     RUN/checkpoints/                DeepSpeed checkpoints; their inner layout is pipeline/checkpoint.py's
-    RUN/tensorboard/                TensorBoard events of DeepSpeed's monitor
+    RUN/tensorboard/                TensorBoard events (pipeline/metrics.py)
+    RUN/wandb_id, RUN/wandb/        the W&B run id (every relaunch logs into the same W&B run), W&B's files
     RUN/eval.jsonl, RUN/results.json   fine-tuning: evaluations during the run, final and best metrics
+    RUN/tokenizer/                  fine-tuning: the tokenizer the run tokenized its task with
     RUN/report/                     `earlybert report`
 
 Every file is written atomically (a temporary name, then a rename): a crash leaves the old file or
@@ -61,12 +63,25 @@ class RunDir:
         return self.path / "tensorboard"
 
     @property
+    def wandb_id_file(self) -> Path:
+        return self.path / "wandb_id"
+
+    @property
     def eval_file(self) -> Path:
         return self.path / "eval.jsonl"
 
     @property
     def results_file(self) -> Path:
         return self.path / "results.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    def tokenizer_file(self) -> Path:
+        """The tokenizer.json of the run: its own (fine-tuning), or the one beside its shards (pre-training)."""
+        own = self.tokenizer / "tokenizer.json"
+        return own if own.is_file() else self.shards(0) / "tokenizer.json"
 
     @property
     def report(self) -> Path:

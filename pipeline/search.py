@@ -18,21 +18,37 @@ checkpoint, so a resumed search continues where it stopped and a resumed pruned 
 """
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import torch
 
-from pipeline.config import SearchConfig
+from pipeline import model as model_classes
+from pipeline.config import ConfigError, SearchConfig
 from pipeline.detector import (
-    Decision, DetectorConfig, DetectorState, Masks, broadcast_decision, check_same_masks, keep_mask, masks_from_gates,
+    Decision,
+    DetectorConfig,
+    DetectorState,
+    Masks,
+    broadcast_decision,
+    check_same_masks,
+    keep_counts,
+    keep_mask,
+    masks_from_gates,
+    natural_draw_problems,
     observe,
 )
-from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining, flops_per_sequence, parameter_count
+from pipeline.model import EarlyBertConfig, flops_per_sequence, parameter_count
 from pipeline.rebuild import full_fp32
 from pipeline.rundir import RunDir
 
 
 class SearchStage:
-    def __init__(self, cfg: SearchConfig, seed: int, rundir: RunDir, is_main: bool):
+    def __init__(self, cfg: SearchConfig, seed: int, rundir: RunDir, is_main: bool, model_config: EarlyBertConfig):
         self.cfg, self.seed, self.rundir, self.is_main = cfg, seed, rundir, is_main
+        # random mode: the ticket whose per-layer counts the random masks keep (checked before the process group)
+        self.random_like = read_random_like(cfg, model_config)
         self.detector = DetectorState()  # rank 0's is the one that counts (and is checkpointed)
         self.ticket: dict | None = None  # {"draw_step", "mask_digest"} once drawn
 
@@ -74,8 +90,11 @@ class SearchStage:
             decision = Decision(True, step, masks_from_gates(heads, ffn, detector),
                                 reason=f"fixed draw_step={self.cfg.draw_step}")
         else:
-            decision = Decision(True, step, random_masks(config, detector, self.seed),
-                                reason=f"random masks at draw_step={self.cfg.draw_step}")
+            seed = self.seed if self.cfg.mask_seed is None else self.cfg.mask_seed
+            decision = Decision(True, step, random_masks(config, detector, seed, self.random_like),
+                                reason=f"random masks (seed {seed}"
+                                       f"{', counts of ' + self.cfg.random_like if self.random_like else ''}) "
+                                       f"at draw_step={self.cfg.draw_step}")
         self.detector.drawn_step = step
         return decision
 
@@ -98,26 +117,58 @@ class SearchStage:
         self.ticket = state.get("ticket")
 
 
+def warn_if_no_natural_draw(cfg: SearchConfig, start_step: int, model_config: EarlyBertConfig, warmup_steps: int,
+                            prog: str) -> None:
+    """Say (before any process group) when the detector's settings leave no room for a natural draw."""
+    if cfg.mode != "earlybert" or not model_config.use_gates or start_step >= cfg.detector.max_search_steps:
+        return
+    heads, neurons = sum(model_config.num_heads_per_layer), sum(model_config.intermediate_size_per_layer)
+    for problem in natural_draw_problems(cfg.detector, heads, neurons, first_step=warmup_steps):
+        print(f"{prog}: note: earlybert.detector: {problem}", file=sys.stderr, flush=True)
+
+
 def read_gates(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """fp32 masters of the gates (not their bf16 copies, whose rounding makes ties); every rank calls it."""
     return [full_fp32(g) for g in model.head_gates()], [full_fp32(g) for g in model.ffn_gates()]
 
 
-def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int) -> Masks:
-    """Random units at the detector's ratios and scopes: the same rule applied to random scores."""
+def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int, like: dict | None = None) -> Masks:
+    """Random units at the detector's ratios and scopes (the same rule applied to random scores), or at the
+    per-layer counts of the ticket `like` (a ticket.json's content)."""
     g = torch.Generator().manual_seed(seed)
-    heads = keep_mask([torch.rand(n, generator=g) for n in config.num_heads_per_layer], detector.head_prune_ratio,
-                      detector.head_scope)
-    ffn = keep_mask([torch.rand(n, generator=g) for n in config.intermediate_size_per_layer], detector.ffn_prune_ratio,
-                    detector.ffn_scope)
-    return Masks(heads=heads, ffn=ffn)
+    head_scores = [torch.rand(n, generator=g) for n in config.num_heads_per_layer]
+    ffn_scores = [torch.rand(n, generator=g) for n in config.intermediate_size_per_layer]
+    if like is not None:
+        return Masks(heads=keep_counts(head_scores, like["heads_per_layer"]),
+                     ffn=keep_counts(ffn_scores, like["ffn_per_layer"]))
+    return Masks(heads=keep_mask(head_scores, detector.head_prune_ratio, detector.head_scope),
+                 ffn=keep_mask(ffn_scores, detector.ffn_prune_ratio, detector.ffn_scope, detector.ffn_multiple_of))
+
+
+def read_random_like(cfg: SearchConfig, model_config: EarlyBertConfig) -> dict | None:
+    """The ticket `earlybert.random_like` names, checked against the model before any process group."""
+    if cfg.random_like is None:
+        return None
+    try:
+        ticket = json.loads(Path(cfg.random_like).read_text())
+        heads, ffn = ticket["heads_per_layer"], ticket["ffn_per_layer"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"earlybert.random_like: cannot read a ticket's heads_per_layer and ffn_per_layer "
+                          f"from {cfg.random_like} ({e}); name the ticket.json of an EarlyBERT run") from None
+    sizes = (model_config.num_heads_per_layer, model_config.intermediate_size_per_layer)
+    if [len(heads), len(ffn)] != [len(sizes[0])] * 2 or any(k > n for k, n in zip(heads + ffn, sum(sizes, []))):
+        raise ConfigError(f"earlybert.random_like: {cfg.random_like} is the ticket of another model (heads "
+                          f"{heads}, FFN {ffn}) than this run's (heads {sizes[0]}, FFN {sizes[1]})")
+    return ticket
 
 
 def parameters_of(config: EarlyBertConfig) -> int:
-    """Parameter count of the model a config describes (built on the meta device: no memory, no init;
-    the engine's own parameters are partitioned under ZeRO-3)."""
+    """Parameter count of the model a config describes: the class it names (a task model), else the
+    pre-training model. Built on the meta device: no memory, no init (the engine's own parameters are
+    partitioned under ZeRO-3)."""
+    cls = getattr(model_classes, (config.architectures or ["EarlyBertForPreTraining"])[0])
     with torch.device("meta"):
-        return parameter_count(EarlyBertForPreTraining(config))
+        return parameter_count(cls(config))
 
 
 def ticket_record(decision: Decision, mode: str, distance_history: list[dict], before: EarlyBertConfig,

@@ -14,8 +14,6 @@ checkpoint and exit with EXIT_INTERRUPTED so job scripts can requeue.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -23,43 +21,33 @@ from dataclasses import dataclass
 import torch
 
 from data_prep import ShardDataset, ShardError
-from pipeline import checkpoint, distributed
+from pipeline import checkpoint, distributed, guards
 from pipeline.checkpoint import CheckpointError, RunState
+from pipeline.cli import EXIT_INTERRUPTED, run_config_stage
 from pipeline.config import ConfigError, RunConfig, deepspeed_config, load_config, precision, zero_stage
 from pipeline.detector import Decision
-from pipeline.engine import EngineSpec, build_engine, full_weights, prune_engine
+from pipeline.engine import EngineSpec, build_engine, full_weights, prune_engine, train_step
 from pipeline.loader import PhaseLoader
-from pipeline.metrics import MetricsLog, device_peak_tflops
+from pipeline.metrics import MetricsLog, device_peak_tflops, optimizer_stats
 from pipeline.model import EarlyBertForPreTraining, flops_per_sequence
 from pipeline.resume import Start, find_start, open_phases, resumes_on_other_ranks
-from pipeline.search import SearchStage
-
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; relaunch the same command to resume
-EXIT_CONFIG = 2
+from pipeline.search import SearchStage, read_random_like, warn_if_no_natural_draw
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:  # everything that can be checked from files, before any process group exists
-        cfg = load_config(args.config, args.overrides)
-        datasets = open_phases(cfg)
-        start = find_start(cfg, datasets)
-    except (ConfigError, CheckpointError, ShardError) as e:
-        print(f"earlybert train: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    d = distributed.setup()
-    distributed.set_cpu_threads(d)
-    clean = False
-    try:
-        code = train(cfg, datasets, start, d)
-        clean = True
-        return code
-    except (ConfigError, CheckpointError) as e:
-        print(f"earlybert train (rank {d.rank}): {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    finally:
-        distributed.teardown(clean)
+    return run_config_stage("train", sys.argv[1:] if argv is None else argv, prepare,
+                            lambda prepared, d: train(*prepared, d), (ConfigError, CheckpointError, ShardError))
+
+
+def prepare(args) -> tuple[RunConfig, list[ShardDataset], Start]:
+    """The config, the shards and where the run starts, all checked from files."""
+    cfg = load_config(args.config, args.overrides)
+    datasets = open_phases(cfg)
+    start = find_start(cfg, datasets)
+    read_random_like(cfg.earlybert, start.model_config)
+    warn_if_no_natural_draw(cfg.earlybert, start.state.step, start.model_config, cfg.optim.warmup_steps,
+                            "earlybert train")
+    return cfg, datasets, start
 
 
 @dataclass
@@ -80,7 +68,7 @@ class Run:
         self.state.search = self.search.state_dict()
         ckpt_dir = self.cfg.rundir.checkpoints
         tag = checkpoint.save(self.engine, ckpt_dir, self.state, self.engine.module.config.to_dict(), self.dist,
-                              self.cfg.checkpoint.keep)
+                              self.cfg.checkpoint)
         _say(self.dist, f"checkpoint {ckpt_dir / tag}")
 
 
@@ -102,10 +90,11 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         model = EarlyBertForPreTraining.from_pretrained(cfg.model.init_from, config=start.model_config)
     else:
         model = EarlyBertForPreTraining(start.model_config)
+    model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     ds_config = deepspeed_config(cfg, d.world_size, load_universal=universal)
     spec = EngineSpec(ds_config, cfg.optim, cfg.total_steps)
     engine = build_engine(model, spec)
-    search = SearchStage(cfg.earlybert, cfg.seed, rundir, d.is_main)
+    search = SearchStage(cfg.earlybert, cfg.seed, rundir, d.is_main, start.model_config)
     if start.tag:
         checkpoint.load(engine, rundir.checkpoints, start.tag, state, d, universal)
         search.load_state_dict(state.search)
@@ -117,19 +106,17 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
             if d.is_main:
                 rundir.save_start_weights(weights)
     state.world_size, state.zero_stage = d.world_size, zero_stage(ds_config)
-    for name in ("tensorboard", "wandb"):
-        if getattr(cfg.log, name) and name not in ds_config:
-            _say(d, f"log.{name}: the {name} package is not installed; metrics go to metrics.jsonl only")
 
-    log = MetricsLog(rundir.metrics_file, total_steps=cfg.total_steps, start_step=state.step,
-                     interval=cfg.log.interval, monitor=engine.monitor, is_main=d.is_main)
+    log = MetricsLog(rundir, cfg.log, total_steps=cfg.total_steps, start_step=state.step, config=cfg.to_dict(),
+                     monitor=engine.monitor, is_main=d.is_main)
     run = Run(cfg, d, state, engine, spec, search, log, stop=distributed.StopRequest(),
               peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)))
     try:
-        while state.phase < len(cfg.phases):
-            if not run_phase(run, datasets[state.phase]):
-                _say(d, f"stopped by a signal at step {state.step}; relaunch the same command to resume")
-                return EXIT_INTERRUPTED
+        with guards.steps(cfg.dist_timeout.step_s, lambda: state.step + 1, d):
+            while state.phase < len(cfg.phases):
+                if not run_phase(run, datasets[state.phase]):
+                    _say(d, f"stopped by a signal at step {state.step}; relaunch the same command to resume")
+                    return EXIT_INTERRUPTED
     finally:
         run.log.close()
         run.engine.destroy()  # ZeRO-3's hooks and buffers go before the process group does
@@ -151,10 +138,16 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
     try:
         while state.step < phase_end:
             t0, wait0, lr = time.perf_counter(), loader.wait_s, run.engine.lr_scheduler.get_last_lr()[0]
-            lambdas = run.search.gate_lambdas()
-            stats = train_step(run.engine, loader.next_step(), lambdas, run.dist.device)
+            # MLM (+ NSP where the shards have sentence pairs) + EarlyBERT's L1 penalty on the gates, once per
+            # micro-batch; the model adds the penalty inside its forward, the only place where ZeRO-3 has the
+            # gates whole. The vocabulary projection runs on the masked tokens only.
+            lambdas, skipped = run.search.gate_lambdas(), run.engine.skipped_steps
+            stats = train_step(run.engine, loader.next_step(), run.dist.device, pretraining_stats,
+                               gate_lambdas=lambdas, masked_logits_only=True)
             stats["stop"] = torch.tensor(float(run.stop.signum != 0))
             totals = distributed.sum_over_ranks(stats)  # the step's one collective of its own
+            guards.check_finite(totals["loss"], run.engine.skipped_steps == skipped, cfg.nonfinite,
+                                run.engine.fp16_enabled(), state)
             step_time = time.perf_counter() - t0
             state.step += 1
             state.samples += global_batch
@@ -165,7 +158,8 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
                                     step_time=step_time, data_wait=loader.wait_s - wait0))
             decision = run.search.decide(run.engine.module, state.step)
             if decision is not None:
-                draw(run, decision, data.seq_len)
+                with guards.patient():
+                    draw(run, decision, data.seq_len)
             stopping = totals["stop"] > 0
             # A checkpoint right after the draw: a relaunch then starts from the pruned engine.
             if stopping or decision or state.step % cfg.checkpoint.interval == 0 or state.step == cfg.total_steps:
@@ -177,28 +171,13 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
     return True
 
 
-def train_step(engine, micro_batches: list[dict], lambdas: tuple[float, float] | None,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """One optimizer step (DeepSpeed accumulates over the micro-batches and steps on the last one);
-    returns this rank's sums over its micro-batches."""
-    totals: dict[str, torch.Tensor] = {}
-    for batch in micro_batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        # MLM (+ NSP where the shards have sentence pairs) + EarlyBERT's L1 penalty on the gates, once
-        # per micro-batch; the model adds the penalty inside its forward, the only place where ZeRO-3
-        # has the gates whole.
-        out = engine(**batch, gate_lambdas=lambdas, masked_logits_only=True)
-        engine.backward(out.loss)
-        engine.step()
-        zero = torch.zeros((), device=out.loss.device)
-        stats = {"loss": out.loss, "mlm_loss": out.mlm_loss, "mlm_correct": out.mlm_correct,
-                 "mlm_masked": out.mlm_count, "micro_batches": zero + 1,
-                 "nsp_loss": zero if out.nsp_loss is None else out.nsp_loss,
-                 "gate_l1": sum(out.gate_l1) if out.gate_l1 is not None else zero,
-                 "gate_penalty": zero if out.gate_penalty is None else out.gate_penalty}
-        for k, v in stats.items():
-            totals[k] = totals.get(k, zero) + v.detach().float()
-    return totals
+def pretraining_stats(out) -> dict[str, torch.Tensor]:
+    """The named sums a pre-training step logs, from one micro-batch's output."""
+    zero = torch.zeros((), device=out.loss.device)
+    return {"loss": out.loss, "mlm_loss": out.mlm_loss, "mlm_correct": out.mlm_correct, "mlm_masked": out.mlm_count,
+            "micro_batches": zero + 1, "nsp_loss": zero if out.nsp_loss is None else out.nsp_loss,
+            "gate_l1": zero if out.gate_l1 is None else sum(out.gate_l1),
+            "gate_penalty": zero if out.gate_penalty is None else out.gate_penalty}
 
 
 def draw(run: Run, decision: Decision, seq_len: int) -> None:
@@ -230,7 +209,8 @@ def step_record(run: Run, s: dict[str, float], searching: bool, *, phase: int, s
          "mlm_loss": s["mlm_loss"] / micro, "mlm_acc": s["mlm_correct"] / max(s["mlm_masked"], 1.0), "lr": lr,
          "samples": run.state.samples, "time": time.time(), "step_time_s": step_time, "data_wait_s": data_wait,
          "seq_per_s": seq_per_s, "tokens_per_s": seq_per_s * seq_len,
-         "tflops": flops_per_sequence(config, seq_len) * seq_per_s / 1e12}
+         "tflops": flops_per_sequence(config, seq_len) * seq_per_s / 1e12, **optimizer_stats(run.engine),
+         "nonfinite_skipped": run.state.nonfinite_skipped}
     if config.use_nsp:
         r["nsp_loss"] = s["nsp_loss"] / micro
     if config.use_gates:
@@ -240,17 +220,6 @@ def step_record(run: Run, s: dict[str, float], searching: bool, *, phase: int, s
     if run.peak_tflops:
         r["mfu"] = r["tflops"] / (run.peak_tflops * run.dist.world_size)
     return r
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="earlybert train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: earlybert train --config launch/configs/tiny.yaml optim.lr=5e-4 "
-                                       "phases.0.steps=200")
-    p.add_argument("--config", required=True, help="YAML run config (see launch/configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. checkpoint.interval=50")
-    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
-    return p.parse_intermixed_args(argv)
 
 
 def _say(d: distributed.DistInfo, msg: str) -> None:

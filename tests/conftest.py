@@ -1,12 +1,22 @@
-"""Fixtures shared by the test files: a real corpus and its shards, the tiny run config, and the
-uninterrupted 2-rank ZeRO-1 `reference` run that the interrupted and other-launcher runs are compared
-with. Helpers that work on them are in runs.py."""
+"""Fixtures shared by the test files: a real corpus and its shards, the tiny run config, the uninterrupted
+2-rank ZeRO-1 runs the interrupted and other-launcher runs are compared with (`reference`, and
+`eb_reference` with an EarlyBERT draw), and the fine-tuning fixtures (a Hugging Face BERT directory, a
+task from the corpus, its config). Helpers that work on them are in runs.py."""
+import argparse
+import collections
+import csv
+import inspect
+import json
 import subprocess
 
 import pytest
 import yaml
+from runs import BIN, EARLYBERT, REPO, STEPS, deepspeed, finish
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
-from runs import BIN, REPO, STEPS, deepspeed, finish
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SPECIAL = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +63,80 @@ def reference(config, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def eb_reference(config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eb_reference") / "run"
+    code, out = finish(deepspeed(config, run_dir, *EARLYBERT))
+    assert code == 0, out
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def hf_bert(shards, tmp_path_factory):
+    """A Hugging Face BERT directory as users have them: transformers' own BertForMaskedLM (bert-tiny's
+    shape; random weights, there is no hub here) and its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("hf_bert")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shards / "tok.json"), **SPECIAL)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=128)
+    BertForMaskedLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def task_files(shards, tmp_path_factory):
+    """Lines of the local corpus labelled "long" or "short" (string labels: mapped in sorted order)."""
+    out = tmp_path_factory.mktemp("task")
+    lines = [x.strip() for x in (shards / "corpus.txt").read_text().splitlines() if len(x.split()) >= 4][:400]
+    median = sorted(len(x.split()) for x in lines)[len(lines) // 2]
+    rows = [{"sentence": x, "label": "long" if len(x.split()) > median else "short"} for x in lines]
+    for name, part in (("train.csv", rows[:320]), ("dev.csv", rows[320:])):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["sentence", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ft_config(hf_bert, task_files, tmp_path_factory):
+    """10 steps per epoch; the detector looks every 2 steps, may draw from step 4 and must by step 6."""
+    path = tmp_path_factory.mktemp("ft_config") / "finetune.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": "unused", "seed": 3,
+        "task": {"kind": "classification", "train_files": [str(task_files / "train.csv")],
+                 "validation_files": {"validation": [str(task_files / "dev.csv")]},
+                 "text_fields": ["sentence"], "label_field": "label", "max_seq_length": 64},
+        "model": {"init_from": str(hf_bert)},
+        "earlybert": {"mode": "earlybert", "lambda_heads": 0.01, "lambda_ffn": 0.01, "detector": {"window": 3}},
+        "recipe": {"search_lr": 1e-3, "lr": 1e-3, "epochs": 1.0, "dense_epochs": 1.0, "search_epochs": 1.0,
+                   "detector_interval_epochs": 0.2, "min_search_epochs": 0.4, "max_search_epochs": 0.6},
+        "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
+        "micro_batch_size": 16, "global_batch_size": 32,
+        "checkpoint": {"interval": 3, "keep": 2}, "log": {"interval": 5},
+    }))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real fast WordPiece tokenizer (uncased, BERT's pair template) trained on docstrings of the standard
+    library, so offsets, truncation and overflow behave as with the pre-training tokenizer."""
+    lines = [line for m in (inspect, json, collections, argparse, str, dict) for line in inspect.getdoc(m).splitlines()]
+    lines += ["the cat sat on the mat", "paris is the capital of france", "what is the capital of france"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=1000, min_frequency=1,
+                                                             special_tokens=SPECIAL_TOKENS, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                   unk_token="[UNK]", mask_token="[MASK]")

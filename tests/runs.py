@@ -27,8 +27,9 @@ def train_cmd(config, run_dir, *overrides) -> list[str]:
     return ["--config", str(config), f"run_dir={run_dir}", *overrides]
 
 
-def faulty_train(tmp_path, target: str, when: str = "before", condition: str = "True") -> str:
-    """A script running `earlybert train` that exits hard (os._exit: no clean-up, as kill -9 or a
+def faulty_train(tmp_path, target: str, when: str = "before", condition: str = "True",
+                 command: str = "pipeline.train") -> str:
+    """A script running `earlybert train` (or `command`'s main) that exits hard (os._exit: no clean-up, as kill -9 or a
     crash leaves things) before or after `target` runs, the first time `condition` holds.
 
     target: "module:attribute.path", e.g. "pipeline.engine:prune_engine" or
@@ -41,7 +42,7 @@ def faulty_train(tmp_path, target: str, when: str = "before", condition: str = "
             "    out = original(*args, **kwargs)\n    if hit:\n        os._exit(9)\n    return out\n")
     script.write_text(
         "import functools, importlib, os, sys\n"
-        "from pipeline.train import main\n"
+        f"from {command} import main\n"
         f"owner = importlib.import_module({module!r})\n"
         + "".join(f"owner = getattr(owner, {o!r})\n" for o in owners)
         + f"original = getattr(owner, {name!r})\n"
@@ -94,3 +95,18 @@ def assert_same_losses(run_dir, reference, tol=1e-6, keys=("loss", "mlm_loss", "
     for g, r in zip(got[:until], ref[:until]):
         for k in keys:
             assert g[k] == pytest.approx(r[k], abs=tol), f"step {g['step']} {k}: {g[k]} != reference {r[k]}"
+
+
+# Detector every 2 steps, FIFO of 3, draw allowed from step 4, forced at step 6 (of 12).
+EARLYBERT = ("earlybert.mode=earlybert", "earlybert.lambda_heads=0.01", "earlybert.lambda_ffn=0.01",
+             "earlybert.detector.interval=2", "earlybert.detector.window=3", "earlybert.detector.min_search_steps=4",
+             "earlybert.detector.max_search_steps=6")
+
+
+def ticket(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "ticket.json").read_text())
+
+
+def architecture(run_dir) -> dict:
+    ckpt = Path(run_dir) / "checkpoints"
+    return json.loads((ckpt / (ckpt / "latest").read_text() / "architecture.json").read_text())

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from runs import BIN, REPO, run_env
 
 pytestmark = pytest.mark.slow  # launches ranks

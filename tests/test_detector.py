@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from pipeline.detector import (
-    DetectorConfig, DetectorState, Masks, broadcast_decision, keep_mask, mask_distance, masks_from_gates, observe,
+    DetectorConfig,
+    DetectorState,
+    Masks,
+    broadcast_decision,
+    keep_mask,
+    mask_distance,
+    masks_from_gates,
+    observe,
 )
 
 
@@ -125,3 +132,66 @@ def test_bad_detector_config_is_refused():
         DetectorConfig(ffn_prune_ratio=1.0)
     with pytest.raises(ValueError, match="max_search_steps"):
         DetectorConfig(min_search_steps=10, max_search_steps=5)
+
+
+def test_combined_criterion_and_per_type_epsilons():
+    """You et al.'s rule on one mask of heads and neurons together, and a separate epsilon per unit type."""
+    moving_heads = [("1100", "1111000011110000"), ("0110", "1111000011110000"), ("1100", "1111000011110000")]
+    per_type = DetectorConfig(interval=10, window=3, epsilon=0.25, min_search_steps=0, max_search_steps=1000)
+    _, d = run(per_type, moving_heads)  # two of four heads swapped: head distance 0.5 > 0.25
+    assert not d[-1].draw
+    combined = DetectorConfig(interval=10, window=3, epsilon=0.25, criterion="combined", min_search_steps=0,
+                              max_search_steps=1000)
+    state, d = run(combined, moving_heads)  # 2 of 20 units differ: 0.1 <= 0.25
+    assert d[-1].draw and "combined" in d[-1].reason and state.history[-1]["combined_distance"] == pytest.approx(0.1)
+    loose_heads = DetectorConfig(interval=10, window=3, epsilon=0.0, head_epsilon=0.5, min_search_steps=0,
+                                 max_search_steps=1000)
+    _, d = run(loose_heads, moving_heads)
+    assert d[-1].draw and "head masks within 0.5 and FFN masks within 0.0" in d[-1].reason
+
+
+def test_ffn_widths_are_multiples_of_ffn_multiple_of():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(100, generator=g), torch.rand(100, generator=g) * 0.5, torch.rand(3, generator=g) * 0.01]
+    masks = keep_mask(scores, 0.4, "global", multiple_of=8)
+    counts = [int(m.sum()) for m in masks]
+    assert counts[0] % 8 == 0 and counts[1] % 8 == 0 and counts[2] == 3  # a layer narrower than 8 keeps itself
+    for s, m in zip(scores, masks):  # each layer keeps its largest scores
+        assert s[m].min() >= s[~m].max() if (~m).any() else True
+    assert [int(m.sum()) for m in keep_mask(scores[:2], 0.4, "layer", multiple_of=64)] == [64, 64]
+    cfg = DetectorConfig(ffn_multiple_of=8)
+    widths = [int(m.sum()) for m in masks_from_gates([torch.ones(4)] * 2, scores[:2], cfg).ffn]
+    assert all(w % 8 == 0 for w in widths)
+
+
+def test_settings_that_leave_no_room_for_a_natural_draw_are_named():
+    from pipeline.detector import natural_draw_problems
+
+    ok = DetectorConfig(interval=10, window=5, epsilon=0.15, min_search_steps=100, max_search_steps=240)
+    assert natural_draw_problems(ok, heads=16, neurons=4096) == []
+    late = natural_draw_problems(ok, heads=16, neurons=4096, first_step=200)  # warmup: masks from step 200 only
+    assert len(late) == 1 and "first full at step 250" in late[0]
+    strict = DetectorConfig(interval=10, window=5, epsilon=0.1, min_search_steps=100, max_search_steps=240)
+    (swap,) = natural_draw_problems(strict, heads=16, neurons=4096)
+    assert "below one swap of its 16 units (0.125)" in swap
+    assert natural_draw_problems(DetectorConfig(epsilon=0.1, criterion="combined"), heads=16, neurons=4096) == []
+
+
+def test_random_masks_at_a_tickets_own_counts_and_by_mask_seed(tmp_path):
+    import json
+
+    from pipeline.config import ConfigError, SearchConfig
+    from pipeline.model import EarlyBertConfig
+    from pipeline.search import random_masks, read_random_like
+
+    config = EarlyBertConfig.from_preset("bert-tiny")  # 2 layers, 4 heads, FFN 256
+    ticket = tmp_path / "ticket.json"
+    ticket.write_text(json.dumps({"heads_per_layer": [3, 2], "ffn_per_layer": [200, 40]}))
+    like = read_random_like(SearchConfig(mode="random", random_like=str(ticket)), config)
+    masks = random_masks(config, DetectorConfig(), seed=1, like=like)
+    assert [int(m.sum()) for m in masks.heads] == [3, 2] and [int(m.sum()) for m in masks.ffn] == [200, 40]
+    assert masks.digest() == random_masks(config, DetectorConfig(), seed=1, like=like).digest()
+    assert masks.digest() != random_masks(config, DetectorConfig(), seed=2, like=like).digest()
+    ticket.write_text(json.dumps({"heads_per_layer": [3, 2, 1], "ffn_per_layer": [200, 40, 1]}))
+    with pytest.raises(ConfigError, match="the ticket of another model"):
+        read_random_like(SearchConfig(mode="random", random_like=str(ticket)), config)

@@ -5,36 +5,21 @@ training on, checkpoints and resume — 2 ranks over gloo, bert-tiny, fp32, ZeRO
 same ticket and the same losses (1e-6); the other stages draw at the same step with the same
 ticket up to gates tied within rounding, and the same losses to 1e-4 up to the draw.
 """
-import json
-from pathlib import Path
-
 import pytest
-
-from runs import REPO, TOTAL, assert_same_losses, deepspeed, faulty_train, finish, metrics
+from runs import (
+    EARLYBERT,
+    REPO,
+    TOTAL,
+    architecture,
+    assert_same_losses,
+    deepspeed,
+    faulty_train,
+    finish,
+    metrics,
+    ticket,
+)
 
 pytestmark = pytest.mark.slow
-
-# Detector every 2 steps, FIFO of 3, draw allowed from step 4, forced at step 6 (of 12).
-EARLYBERT = ("earlybert.mode=earlybert", "earlybert.lambda_heads=0.01", "earlybert.lambda_ffn=0.01",
-             "earlybert.detector.interval=2", "earlybert.detector.window=3", "earlybert.detector.min_search_steps=4",
-             "earlybert.detector.max_search_steps=6")
-
-
-def ticket(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "ticket.json").read_text())
-
-
-def architecture(run_dir) -> dict:
-    ckpt = Path(run_dir) / "checkpoints"
-    return json.loads((ckpt / (ckpt / "latest").read_text() / "architecture.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def eb_reference(config, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eb_reference") / "run"
-    code, out = finish(deepspeed(config, run_dir, *EARLYBERT))
-    assert code == 0, out
-    return run_dir
 
 
 def test_search_draw_prune_rebuild_and_train_on(eb_reference):

@@ -45,8 +45,8 @@ def test_pruned_equals_dense_with_removed_gates_at_zero(fold_gates):
             g[~m] = 0.0
         ref = dense(**inputs())
         out = pruned.eval()(**inputs())
-    assert (ref.mlm_logits - out.mlm_logits).abs().max() <= 1e-5
-    assert (ref.nsp_logits - out.nsp_logits).abs().max() <= 1e-5
+    assert (ref.prediction_logits - out.prediction_logits).abs().max() <= 1e-5
+    assert (ref.seq_relationship_logits - out.seq_relationship_logits).abs().max() <= 1e-5
     assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
     assert parameter_count(pruned) < parameter_count(dense)
     assert flops_per_sequence(pruned.config, 128) < flops_per_sequence(dense.config, 128)

@@ -2,10 +2,16 @@
 import numpy as np
 import pytest
 from datasets import Dataset
-from test_tasks import tokenizer  # noqa: F401  (the fast WordPiece fixture)
 
-from pipeline.squad import (exact_match, f1, normalize_answer, postprocess_predictions, prepare_train_features,
-                            prepare_validation_features, squad_metrics)
+from pipeline.squad import (
+    exact_match,
+    f1,
+    normalize_answer,
+    postprocess_predictions,
+    prepare_train_features,
+    prepare_validation_features,
+    squad_metrics,
+)
 from pipeline.tasks import TaskError
 
 QUESTION = "what is the capital of france?"

@@ -1,40 +1,14 @@
 """pipeline/tasks.py: reading task data, label ids, features, GLUE metrics, and every bad-input error."""
-import argparse
-import collections
 import csv
-import inspect
 import json
 import math
 
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from pipeline import tasks
 from pipeline.tasks import TaskConfig, TaskError, compute_metrics, encode_classification, load_task, task_spec
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """A real fast WordPiece tokenizer (uncased, BERT's pair template) trained on docstrings of the standard
-    library, so offsets, truncation and overflow behave as with the pre-training tokenizer."""
-    lines = [line for m in (inspect, json, collections, argparse, str, dict) for line in inspect.getdoc(m).splitlines()]
-    lines += ["the cat sat on the mat", "paris is the capital of france", "what is the capital of france"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=1000, min_frequency=1,
-                                                             special_tokens=SPECIAL_TOKENS, show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
-                                   unk_token="[UNK]", mask_token="[MASK]")
 
 
 def write_rows(path, rows, header=None):

@@ -11,12 +11,25 @@ import subprocess
 
 import psutil
 import pytest
-
 from cluster import mpi_unavailable, slurm_cluster, slurm_unavailable
+from runs import (
+    BIN,
+    REPO,
+    STEPS,
+    TOTAL,
+    assert_same_losses,
+    deepspeed,
+    faulty_train,
+    finish,
+    latest,
+    metrics,
+    run_env,
+    train_cmd,
+    wait_for_step,
+)
+
 from pipeline.distributed import free_port
 from pipeline.train import main
-from runs import (BIN, REPO, STEPS, TOTAL, assert_same_losses, deepspeed, faulty_train, finish, latest, metrics, run_env,
-                  train_cmd, wait_for_step)
 
 pytestmark = pytest.mark.slow
 

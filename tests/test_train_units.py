@@ -10,9 +10,10 @@ import yaml
 
 from pipeline import checkpoint, distributed
 from pipeline.config import ConfigError, OptimConfig, deepspeed_config, load_config
+from pipeline.engine import lr_factor
+from pipeline.finetune_config import load_finetune_config
 from pipeline.loader import Permutation, mask_tokens, rank_positions, stream_samples
 from pipeline.metrics import truncate_after
-from pipeline.engine import lr_factor
 from pipeline.resume import phase_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,11 @@ def test_example_configs_load():
     names = sorted(os.listdir(os.path.join(REPO, "launch/configs")))
     assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml"} <= set(names)
     for name in names:
-        cfg = load_config(os.path.join(REPO, "launch/configs", name))
+        path = os.path.join(REPO, "launch/configs", name)
+        if name.startswith("finetune-"):
+            assert load_finetune_config(path).task.max_seq_length > 0
+            continue
+        cfg = load_config(path)
         assert cfg.total_steps == sum(p.steps for p in cfg.phases) > 0
     for name in ("bert-base", "bert-large"):  # BERT's recipe: 90% of the steps at seq 128, then 512
         assert [p.shards[-6:] for p in load_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases] == \

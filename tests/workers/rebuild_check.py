@@ -11,7 +11,7 @@ import deepspeed
 import torch
 
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
-from pipeline.detector import DetectorConfig, broadcast_decision, check_same_masks, masks_from_gates, Decision
+from pipeline.detector import Decision, DetectorConfig, broadcast_decision, check_same_masks, masks_from_gates
 from pipeline.pruner import PrunePlan, gate_values, prune_tensors
 from pipeline.rebuild import MOMENTS, rebuild_engine, snapshot_engine
 

