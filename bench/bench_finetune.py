@@ -29,6 +29,7 @@ import csv
 import gzip
 import hashlib
 import importlib.util
+import json
 import shutil
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ import yaml
 
 from bench.common import kernel_docs_root, run_interleaved, take_out_pauses, write_results
 from data_prep.local_corpus import paragraphs
+from data_prep.shards import write_json
 from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dev-per-class", type=int, default=80)
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="1 seed, 80 training paragraphs per class")
+    parser.add_argument("--summarize-only", action="store_true", help="tables from the runs already in --work")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.train_per_class, args.dev_per_class = 1, 80, 30
@@ -144,19 +147,22 @@ def main(argv=None) -> int:
                       args.dev_per_class)
     config = write_config(args.work, model, args)
     runs = {f"{mode}-seed{seed}": (mode, seed) for seed in range(1, args.seeds + 1) for mode in MODES}
-    for name in runs:
-        shutil.rmtree(args.work / name, ignore_errors=True)
-    jobs = {name: (lambda name=name, mode=mode, seed=seed: [
-        sys.executable, "-m", "pipeline.finetune", "--config", str(config), f"run_dir={args.work / name}",
-        f"earlybert.mode={mode}", f"seed={seed}"]) for name, (mode, seed) in runs.items()}
-    done = run_interleaved(jobs, args.work / "logs", cwd=ROOT)
-    failed = [name for name, job in done.items() if job.returncode != 0]
-    if failed:
-        raise SystemExit(f"runs failed: {failed}; see {args.work / 'logs'}")
-    per_run = {}
-    for name, job in done.items():
-        take_out_pauses(args.work / name, job.pauses)
-        per_run[name] = summarize(RunDir(args.work / name), job.active_s)
+    record = args.work / "jobs.json"  # the runs' active times and pauses: --summarize-only reads them back
+    if not args.summarize_only:
+        for name in runs:
+            shutil.rmtree(args.work / name, ignore_errors=True)
+        jobs = {name: (lambda name=name, mode=mode, seed=seed: [
+            sys.executable, "-m", "pipeline.finetune", "--config", str(config), f"run_dir={args.work / name}",
+            f"earlybert.mode={mode}", f"seed={seed}"]) for name, (mode, seed) in runs.items()}
+        done = run_interleaved(jobs, args.work / "logs", cwd=ROOT)
+        failed = [name for name, job in done.items() if job.returncode != 0]
+        if failed:
+            raise SystemExit(f"runs failed: {failed}; see {args.work / 'logs'}")
+        for name, job in done.items():
+            take_out_pauses(args.work / name, job.pauses)
+        write_json(record, {name: {"active_s": job.active_s, "pauses": job.pauses} for name, job in done.items()})
+    jobs_done = json.loads(record.read_text())
+    per_run = {name: summarize(RunDir(args.work / name), jobs_done[name]["active_s"]) for name in runs}
 
     by_mode = {mode: [per_run[f"{mode}-seed{s}"] for s in range(1, args.seeds + 1)] for mode in MODES}
     table, stats = [], {}

@@ -1,9 +1,11 @@
-"""`make bench`: run every bench/bench_*.py in turn (each writes bench/results/NAME.json and .md)."""
+"""`make bench`: run every bench/bench_*.py in turn (each writes bench/results/NAME.json and .md), the long
+ones in their quick form (the full runs: `python -m bench.bench_finetune`, see each module's docstring)."""
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+QUICK = {"bench_finetune": ["--quick"]}
 
 
 def main() -> int:
@@ -11,7 +13,7 @@ def main() -> int:
     for script in sorted((ROOT / "bench").glob("bench_*.py")):
         module = f"bench.{script.stem}"
         print(f"== {module}", flush=True)
-        if subprocess.call([sys.executable, "-m", module], cwd=ROOT) != 0:
+        if subprocess.call([sys.executable, "-m", module, *QUICK.get(script.stem, [])], cwd=ROOT) != 0:
             failed.append(module)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -25,3 +25,12 @@ def detect_launcher(env) -> str:
 def launched_tasks(env) -> int:
     """How many tasks the MPI launcher or the srun step started (1 for a plain process)."""
     return max(int(env.get(v) or 1) for v in MPI_SIZE_ENV + ("SLURM_STEP_NUM_TASKS",))
+
+
+def launched_rank(env) -> int:
+    """This process's global rank as its launcher set it, before any process group exists (0 for a plain
+    process): notes printed before the process group is up are printed by rank 0 only."""
+    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0

@@ -159,8 +159,10 @@ def _failing_writes(ckpt_dir: Path, folder: Path):
         shutil.rmtree(folder, ignore_errors=True)
         previous = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
         kept = f"{ckpt_dir / previous} is intact and still `latest`" if previous else "no checkpoint was written yet"
-        raise guards.RunFault(f"saving checkpoint {folder} failed: {str(err).strip()[:300]}; {kept}. Free space "
-                              f"(or fix the disk) under {ckpt_dir} and relaunch the same command to resume") from None
+        free = shutil.disk_usage(ckpt_dir).free / 2**20
+        raise guards.RunFault(f"saving checkpoint {folder} failed: {str(err).strip()[:300]} ({free:.1f} MiB free on "
+                              f"its filesystem); {kept}. Free space (or fix the disk) under {ckpt_dir} and relaunch "
+                              f"the same command to resume") from None
 
 
 def write_manifest(folder: Path, checksum: bool) -> None:
@@ -237,6 +239,8 @@ def resume_tag(ckpt_dir: Path, resume_from: str | None = None, verify: str = "ch
 
 def _intact(ckpt_dir: Path, before: int | None, verify: str) -> list[str]:
     """Intact tags, oldest first (only those before step `before` when given)."""
+    if not ckpt_dir.is_dir():
+        return []
     tags = sorted((s, p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (s := _step_of(p.name)) is not None)
     return [t for s, t in tags if (before is None or s < before) and damage(ckpt_dir / t, verify) is None]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.launchers import launched_rank
 from pipeline import checkpoint, distributed, guards
 from pipeline.checkpoint import CheckpointError, RunState
 from pipeline.cli import EXIT_INTERRUPTED, run_config_stage
@@ -115,8 +117,9 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
     if len(train) < cfg.global_batch_size:
         raise TaskError(f"the training split has {len(train)} examples (features), fewer than one batch of "
                         f"global_batch_size={cfg.global_batch_size}; lower the batch size or add data")
-    for note in notes:
-        print(f"[earlybert finetune] {note}", flush=True)
+    if launched_rank(os.environ) == 0:
+        for note in notes:
+            print(f"[earlybert finetune] {note}", flush=True)
     tokenizer_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     return Task(data.spec, tokenizer, train, validation, tokenizer_hash)
 
@@ -164,14 +167,14 @@ def find_start(cfg: FinetuneConfig, task: Task) -> tuple[Start, torch.nn.Module 
     if tag is not None:
         state, architecture = checkpoint.read_tag(rundir.checkpoints, tag)
         where = rundir.checkpoints / tag
-        if state.tokenizer_hash != task.tokenizer_hash:
-            source = cfg.model.tokenizer or cfg.model.init_from
-            raise ConfigError(f"{where} was fine-tuned with another tokenizer than {source}'s; use the run's "
-                              f"model.init_from (and model.tokenizer) or a new run_dir")
         if architecture.get("architectures") != task_fields(task.spec)["architectures"] or \
                 architecture.get("num_labels", 2) != task.spec.num_labels:
             raise ConfigError(f"{where} is a checkpoint of another task head ({architecture.get('architectures')}, "
                               f"{architecture.get('num_labels')} labels) than task {cfg.task.name or cfg.task.kind}")
+        if state.tokenizer_hash != task.tokenizer_hash:
+            source = cfg.model.tokenizer or cfg.model.init_from
+            raise ConfigError(f"{where} was fine-tuned with another tokenizer than {source}'s; use the run's "
+                              f"model.init_from (and model.tokenizer) or a new run_dir")
         return Start(tag, state, EarlyBertConfig.from_dict(architecture)), None
     model = initial_model(cfg, task.spec)
     return Start(None, RunState(tokenizer_hash=task.tokenizer_hash), model.config), model

@@ -38,19 +38,25 @@ def init_timeout(long_s: float) -> datetime.timedelta:
 
 @contextmanager
 def _timeout(value: datetime.timedelta | None):
-    from torch.distributed.distributed_c10d import _set_pg_timeout
-
     global _now
     if value is None or _now is None or not dist.is_initialized():
         yield
         return
     before, _now = _now, value
-    _set_pg_timeout(value)
+    _set_all(value)
     try:
         yield
     finally:
         _now = before
-        _set_pg_timeout(before)
+        _set_all(before)
+
+
+def _set_all(value: datetime.timedelta) -> None:
+    """Every process group: DeepSpeed reduces gradients in groups of its own, created with torch's default."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    for group in list(_world.pg_map):
+        _set_pg_timeout(value, group)
 
 
 def patient():

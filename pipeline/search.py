@@ -19,11 +19,13 @@ checkpoint, so a resumed search continues where it stopped and a resumed pruned 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from data_prep.launchers import launched_rank
 from pipeline import model as model_classes
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.detector import (
@@ -120,7 +122,8 @@ class SearchStage:
 def warn_if_no_natural_draw(cfg: SearchConfig, start_step: int, model_config: EarlyBertConfig, warmup_steps: int,
                             prog: str) -> None:
     """Say (before any process group) when the detector's settings leave no room for a natural draw."""
-    if cfg.mode != "earlybert" or not model_config.use_gates or start_step >= cfg.detector.max_search_steps:
+    if cfg.mode != "earlybert" or not model_config.use_gates or start_step >= cfg.detector.max_search_steps \
+            or launched_rank(os.environ) != 0:
         return
     heads, neurons = sum(model_config.num_heads_per_layer), sum(model_config.intermediate_size_per_layer)
     for problem in natural_draw_problems(cfg.detector, heads, neurons, first_step=warmup_steps):
