@@ -38,6 +38,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# ruff, configured in pyproject.toml: the linter, and the formatter's check (`ruff format .` fixes it).
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
 demo: setup
 	bash launch/demo.sh
 

@@ -24,6 +24,7 @@ within 3% of dense, and beats random pruning.
     python -m bench.bench_e2e                    # bert-mini, both corpora: about an hour on 2 cores
     python -m bench.bench_e2e --corpus kernel-docs --steps 2000 --preset bert-small
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,22 +63,62 @@ def prep(work: Path, corpus: str, corpus_mb: int) -> tuple[Path, Path]:
     text = work / "corpus.txt"
     if not text.exists():
         source = ["--from", str(kernel_docs_root(work))] if corpus == "kernel-docs" else []
-        subprocess.run(prep_cmd + ["local-corpus", "--output", str(text), "--max-mb", str(corpus_mb), *source], check=True)
+        subprocess.run(
+            prep_cmd + ["local-corpus", "--output", str(text), "--max-mb", str(corpus_mb), *source], check=True
+        )
     if not (work / "tokenizer.json").exists():  # kept: shards already written refuse another tokenizer
         split_documents(text, work / "train.txt", work / "heldout.txt")
-        subprocess.run(prep_cmd + ["tokenizer", "--input", str(work / "train.txt"), "--output", str(work / "tokenizer.json"),
-                                   "--vocab-size", "8000", "--lowercase"], check=True)
+        subprocess.run(
+            prep_cmd
+            + [
+                "tokenizer",
+                "--input",
+                str(work / "train.txt"),
+                "--output",
+                str(work / "tokenizer.json"),
+                "--vocab-size",
+                "8000",
+                "--lowercase",
+            ],
+            check=True,
+        )
     for name in ("train", "heldout"):
-        subprocess.run(prep_cmd + ["--input", str(work / f"{name}.txt"), "--output", str(work / name),
-                                   "--tokenizer", str(work / "tokenizer.json"), "--seq-len", "128", "--no-progress"], check=True)
+        subprocess.run(
+            prep_cmd
+            + [
+                "--input",
+                str(work / f"{name}.txt"),
+                "--output",
+                str(work / name),
+                "--tokenizer",
+                str(work / "tokenizer.json"),
+                "--seq-len",
+                "128",
+                "--no-progress",
+            ],
+            check=True,
+        )
     return work / "train", work / "heldout"
 
 
 def train_command(run_dir: Path, shards: Path, args, *overrides: str) -> list[str]:
-    return [str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "--module", "pipeline.train", "--config", str(ROOT / "launch/configs/demo.yaml"), f"run_dir={run_dir}",
-            f"phases=[{{shards: {shards}, steps: {args.steps}}}]", f"model.preset={args.preset}",
-            f"checkpoint.interval={args.steps}", f"optim.warmup_steps={args.steps // 20}", *overrides]
+    return [
+        str(Path(PY).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pipeline.train",
+        "--config",
+        str(ROOT / "launch/configs/demo.yaml"),
+        f"run_dir={run_dir}",
+        f"phases=[{{shards: {shards}, steps: {args.steps}}}]",
+        f"model.preset={args.preset}",
+        f"checkpoint.interval={args.steps}",
+        f"optim.warmup_steps={args.steps // 20}",
+        *overrides,
+    ]
 
 
 def summarize(run_dir: Path, active_s: float, heldout: ShardDataset) -> dict:
@@ -103,9 +144,12 @@ def bench_corpus(corpus: str, args) -> dict:
     train_shards, heldout_dir = prep(work, corpus, args.corpus_mb)
     heldout = ShardDataset(heldout_dir)
     # The paper's epsilon, not the demo's: the search is bounded by max_search_steps (10% of the budget) instead.
-    detector = (f"earlybert.detector.interval={max(1, args.search_steps // 8)}", "earlybert.detector.epsilon=0.1",
-                f"earlybert.detector.min_search_steps={args.search_steps // 2}",
-                f"earlybert.detector.max_search_steps={args.search_steps}")
+    detector = (
+        f"earlybert.detector.interval={max(1, args.search_steps // 8)}",
+        "earlybert.detector.epsilon=0.1",
+        f"earlybert.detector.min_search_steps={args.search_steps // 2}",
+        f"earlybert.detector.max_search_steps={args.search_steps}",
+    )
     runs = {name: work / name for name in ("earlybert", "dense", "random")}
     for run_dir in runs.values():
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -117,11 +161,18 @@ def bench_corpus(corpus: str, args) -> dict:
         draw = ticket["draw_step"]
         return train_command(runs["random"], train_shards, args, "earlybert.mode=random", f"earlybert.draw_step={draw}")
 
-    jobs = run_interleaved({
-        "earlybert": lambda: train_command(runs["earlybert"], train_shards, args, "earlybert.mode=earlybert", *detector),
-        "dense": lambda: train_command(runs["dense"], train_shards, args, "earlybert.mode=dense"),
-        "random": random_after_draw,
-    }, logs=work / "logs", slice_s=args.slice_s, cwd=ROOT)
+    jobs = run_interleaved(
+        {
+            "earlybert": lambda: train_command(
+                runs["earlybert"], train_shards, args, "earlybert.mode=earlybert", *detector
+            ),
+            "dense": lambda: train_command(runs["dense"], train_shards, args, "earlybert.mode=dense"),
+            "random": random_after_draw,
+        },
+        logs=work / "logs",
+        slice_s=args.slice_s,
+        cwd=ROOT,
+    )
     for name, job in jobs.items():
         if job.returncode is None:
             raise SystemExit(f"{corpus}/{name} never started: another run failed first (see {work / 'logs'})")
@@ -136,11 +187,13 @@ def bench_corpus(corpus: str, args) -> dict:
     for png in report.parent.glob("*.png"):
         shutil.copyfile(png, figures / png.name)
     dense, eb, rnd = summary["dense"], summary["earlybert"], summary["random"]
-    return {"runs": summary,
-            "time_saving_vs_dense": 1 - eb["active_s"] / dense["active_s"],
-            "train_time_saving_vs_dense": 1 - eb["train_s"] / dense["train_s"],
-            "heldout_loss_gap_vs_dense": eb["heldout"]["mlm_loss"] / dense["heldout"]["mlm_loss"] - 1,
-            "beats_random": eb["heldout"]["mlm_loss"] < rnd["heldout"]["mlm_loss"]}
+    return {
+        "runs": summary,
+        "time_saving_vs_dense": 1 - eb["active_s"] / dense["active_s"],
+        "train_time_saving_vs_dense": 1 - eb["train_s"] / dense["train_s"],
+        "heldout_loss_gap_vs_dense": eb["heldout"]["mlm_loss"] / dense["heldout"]["mlm_loss"] - 1,
+        "beats_random": eb["heldout"]["mlm_loss"] < rnd["heldout"]["mlm_loss"],
+    }
 
 
 def main(argv=None) -> int:
@@ -148,32 +201,63 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", choices=CORPORA, nargs="+", default=list(CORPORA))
     parser.add_argument("--preset", default="bert-mini")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--search-steps", type=int, default=100, help="max_search_steps (the paper searches ~10%% of the budget)")
+    parser.add_argument(
+        "--search-steps", type=int, default=100, help="max_search_steps (the paper searches ~10%% of the budget)"
+    )
     parser.add_argument("--corpus-mb", type=int, default=12)
     parser.add_argument("--slice-s", type=float, default=10.0, help="seconds each run holds the machine per turn")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_e2e")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    results = {"preset": args.preset, "steps": args.steps, "max_search_steps": args.search_steps,
-               "corpora": {corpus: bench_corpus(corpus, args) for corpus in args.corpus}}
+    results = {
+        "preset": args.preset,
+        "steps": args.steps,
+        "max_search_steps": args.search_steps,
+        "corpora": {corpus: bench_corpus(corpus, args) for corpus in args.corpus},
+    }
     rows, notes = [], []
     for corpus, r in results["corpora"].items():
         for name, s in r["runs"].items():
             draw = "-" if s["draw_step"] is None else f"{s['draw_step']}{' (forced)' if s['draw_forced'] else ''}"
-            rows.append([corpus, name, draw, f"{s['active_s'] / 60:.2f}", f"{s['train_s'] / 60:.2f}",
-                         f"{s['heldout']['mlm_loss']:.4f}", f"{s['heldout']['mlm_acc']:.4f}", str(s["heads_per_layer"])])
-        notes.append(f"{corpus}: EarlyBERT saves {100 * r['time_saving_vs_dense']:.1f}% of the dense run's time "
-                     f"({100 * r['train_time_saving_vs_dense']:.1f}% of its training-step time; target >= 30%); held-out "
-                     f"MLM loss {100 * r['heldout_loss_gap_vs_dense']:+.1f}% vs dense (target within 3%); beats random "
-                     f"pruning: {r['beats_random']}.")
+            rows.append(
+                [
+                    corpus,
+                    name,
+                    draw,
+                    f"{s['active_s'] / 60:.2f}",
+                    f"{s['train_s'] / 60:.2f}",
+                    f"{s['heldout']['mlm_loss']:.4f}",
+                    f"{s['heldout']['mlm_acc']:.4f}",
+                    str(s["heads_per_layer"]),
+                ]
+            )
+        notes.append(
+            f"{corpus}: EarlyBERT saves {100 * r['time_saving_vs_dense']:.1f}% of the dense run's time "
+            f"({100 * r['train_time_saving_vs_dense']:.1f}% of its training-step time; target >= 30%); held-out "
+            f"MLM loss {100 * r['heldout_loss_gap_vs_dense']:+.1f}% vs dense (target within 3%); beats random "
+            f"pruning: {r['beats_random']}."
+        )
     path = write_results(
-        "e2e", results, ["corpus", "run", "draw step", "time (min)", "training steps (min)", "held-out MLM loss",
-                         "held-out MLM acc", "heads per layer"], rows,
-        notes=f"{args.preset}, {args.steps} steps of 32 sequences (seq 128), 2 ranks, ZeRO-2, fp32, same seed; the three "
-              f"runs of a corpus take turns on the machine in {args.slice_s:g} s slices. Time: seconds the run was allowed to "
-              f"run, start-up included; training steps: the sum of its step times.\n\n" + "\n\n".join(notes)
-              + "\n\nFigures: bench/results/e2e/CORPUS/.")
+        "e2e",
+        results,
+        [
+            "corpus",
+            "run",
+            "draw step",
+            "time (min)",
+            "training steps (min)",
+            "held-out MLM loss",
+            "held-out MLM acc",
+            "heads per layer",
+        ],
+        rows,
+        notes=f"{args.preset}, {args.steps} steps of 32 sequences (seq 128), 2 ranks, ZeRO-2, fp32, same seed; "
+        f"the three runs of a corpus take turns on the machine in {args.slice_s:g} s slices. Time: seconds the run "
+        f"was allowed to run, start-up included; training steps: the sum of its step times.\n\n"
+        + "\n\n".join(notes)
+        + "\n\nFigures: bench/results/e2e/CORPUS/.",
+    )
     print(path.read_text())
     return 0
 

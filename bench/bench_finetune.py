@@ -22,6 +22,7 @@ point of dense, and above random pruning by more than the seeds' spread.
     python -m bench.bench_finetune                 # 3 seeds: about an hour on 2 cores
     python -m bench.bench_finetune --quick         # 1 seed, fewer examples (make bench)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,16 +99,27 @@ def build_task(docs: Path, out: Path, classes: int, train_per_class: int, dev_pe
 
 def write_config(work: Path, model: Path, args) -> Path:
     config = work / "finetune.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(work / "unused"),
-        "task": {"kind": "classification", "train_files": [str(work / "task" / "train.csv")],
-                 "validation_files": {"validation": [str(work / "task" / "dev.csv")]},
-                 "text_fields": ["text"], "label_field": "label", "max_seq_length": args.max_seq_length},
-        "model": {"init_from": str(model)},
-        "deepspeed": str(ROOT / "ds_configs" / "zero1.json"),
-        "micro_batch_size": 32, "global_batch_size": 32,
-        "checkpoint": {"interval": 10**6}, "log": {"interval": 20},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(work / "unused"),
+                "task": {
+                    "kind": "classification",
+                    "train_files": [str(work / "task" / "train.csv")],
+                    "validation_files": {"validation": [str(work / "task" / "dev.csv")]},
+                    "text_fields": ["text"],
+                    "label_field": "label",
+                    "max_seq_length": args.max_seq_length,
+                },
+                "model": {"init_from": str(model)},
+                "deepspeed": str(ROOT / "ds_configs" / "zero1.json"),
+                "micro_batch_size": 32,
+                "global_batch_size": 32,
+                "checkpoint": {"interval": 10**6},
+                "log": {"interval": 20},
+            }
+        )
+    )
     return config
 
 
@@ -116,11 +128,17 @@ def summarize(run: RunDir, active_s: float) -> dict:
     records = run.read_metrics()  # step times with the pauses taken out
     ticket = run.read_ticket()
     train_s = sum(r["step_time_s"] for r in records) + (ticket["rebuild_s"] if ticket else 0.0)
-    return {"active_s": active_s, "train_s": train_s, "steps": results["steps"],
-            "accuracy": results["final"]["validation"]["accuracy"],
-            "macro_f1": results["final"]["validation"]["macro_f1"],
-            "draw_step": results.get("draw_step"), "draw_forced": results.get("draw_forced"),
-            "heads_per_layer": results["heads_per_layer"], "ffn_per_layer": results["ffn_per_layer"]}
+    return {
+        "active_s": active_s,
+        "train_s": train_s,
+        "steps": results["steps"],
+        "accuracy": results["final"]["validation"]["accuracy"],
+        "macro_f1": results["final"]["validation"]["macro_f1"],
+        "draw_step": results.get("draw_step"),
+        "draw_forced": results.get("draw_forced"),
+        "heads_per_layer": results["heads_per_layer"],
+        "ffn_per_layer": results["ffn_per_layer"],
+    }
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -143,17 +161,30 @@ def main(argv=None) -> int:
         args.seeds, args.train_per_class, args.dev_per_class = 1, 80, 30
 
     model = pretrained_model()
-    task = build_task(kernel_docs_root(args.work), args.work / "task", args.classes, args.train_per_class,
-                      args.dev_per_class)
+    task = build_task(
+        kernel_docs_root(args.work), args.work / "task", args.classes, args.train_per_class, args.dev_per_class
+    )
     config = write_config(args.work, model, args)
     runs = {f"{mode}-seed{seed}": (mode, seed) for seed in range(1, args.seeds + 1) for mode in MODES}
     record = args.work / "jobs.json"  # the runs' active times and pauses: --summarize-only reads them back
     if not args.summarize_only:
         for name in runs:
             shutil.rmtree(args.work / name, ignore_errors=True)
-        jobs = {name: (lambda name=name, mode=mode, seed=seed: [
-            sys.executable, "-m", "pipeline.finetune", "--config", str(config), f"run_dir={args.work / name}",
-            f"earlybert.mode={mode}", f"seed={seed}"]) for name, (mode, seed) in runs.items()}
+        jobs = {
+            name: (
+                lambda name=name, mode=mode, seed=seed: [
+                    sys.executable,
+                    "-m",
+                    "pipeline.finetune",
+                    "--config",
+                    str(config),
+                    f"run_dir={args.work / name}",
+                    f"earlybert.mode={mode}",
+                    f"seed={seed}",
+                ]
+            )
+            for name, (mode, seed) in runs.items()
+        }
         done = run_interleaved(jobs, args.work / "logs", cwd=ROOT)
         failed = [name for name, job in done.items() if job.returncode != 0]
         if failed:
@@ -170,34 +201,51 @@ def main(argv=None) -> int:
         acc, acc_spread = mean_spread([100 * r["accuracy"] for r in results])
         train_s, train_spread = mean_spread([r["train_s"] for r in results])
         active_s, _ = mean_spread([r["active_s"] for r in results])
-        stats[mode] = {"accuracy": acc, "accuracy_spread": acc_spread, "train_s": train_s,
-                       "train_spread": train_spread, "active_s": active_s}
+        stats[mode] = {
+            "accuracy": acc,
+            "accuracy_spread": acc_spread,
+            "train_s": train_s,
+            "train_spread": train_spread,
+            "active_s": active_s,
+        }
         draws = ", ".join(str(r["draw_step"]) + ("*" if r["draw_forced"] else "") for r in results if r["draw_step"])
-        table.append([mode, f"{acc:.2f} (spread {acc_spread:.2f})", f"{train_s:.0f} (spread {train_spread:.0f})",
-                      f"{train_s / stats['dense']['train_s']:.3f}",  # dense comes first in MODES
-                      f"{active_s:.0f}", draws or "-"])
+        table.append(
+            [
+                mode,
+                f"{acc:.2f} (spread {acc_spread:.2f})",
+                f"{train_s:.0f} (spread {train_spread:.0f})",
+                f"{train_s / stats['dense']['train_s']:.3f}",  # dense comes first in MODES
+                f"{active_s:.0f}",
+                draws or "-",
+            ]
+        )
     dense, eb, rnd = stats["dense"], stats["earlybert"], stats["random"]
     targets = {
         "time_saved": 1 - eb["train_s"] / dense["train_s"],
         "time_saved_at_least_30pct": 1 - eb["train_s"] / dense["train_s"] >= 0.30,
         "accuracy_within_1_point_of_dense": abs(eb["accuracy"] - dense["accuracy"]) <= 1.0,
-        "beats_random_beyond_spread": eb["accuracy"] - rnd["accuracy"] > max(eb["accuracy_spread"],
-                                                                               rnd["accuracy_spread"]),
+        "beats_random_beyond_spread": eb["accuracy"] - rnd["accuracy"]
+        > max(eb["accuracy_spread"], rnd["accuracy_spread"]),
     }
-    notes = (f"Task: {task['train']} training and {task['dev']} validation paragraphs of the Linux kernel "
-             f"documentation, {len(task['labels'])} subsystems ({', '.join(task['labels'])}), split by document; "
-             f"max_seq_length {args.max_seq_length}, batch 32, {args.seeds} seed(s), one process each, runs "
-             f"time-sliced side by side. Accuracy in %, mean over seeds (spread = max - min); fine-tuning time "
-             f"in s: every optimizer step (search included) and the engine rebuild; active: the whole process "
-             f"(start-up, tokenization, evaluations). Draw steps: * = forced at max_search_epochs.\n\n"
-             f"Targets: time saved {100 * targets['time_saved']:.1f}% (>= 30%: "
-             f"{targets['time_saved_at_least_30pct']}); accuracy within 1 point of dense: "
-             f"{targets['accuracy_within_1_point_of_dense']}; above random by more than the spread: "
-             f"{targets['beats_random_beyond_spread']}.")
-    path = write_results("finetune", {"task": task, "model": str(model), "seeds": args.seeds, "runs": per_run,
-                                      "by_mode": stats, "targets": targets},
-                         ["mode", "accuracy %", "fine-tuning time s", "time / dense", "active s", "draw steps"],
-                         table, notes)
+    notes = (
+        f"Task: {task['train']} training and {task['dev']} validation paragraphs of the Linux kernel "
+        f"documentation, {len(task['labels'])} subsystems ({', '.join(task['labels'])}), split by document; "
+        f"max_seq_length {args.max_seq_length}, batch 32, {args.seeds} seed(s), one process each, runs "
+        f"time-sliced side by side. Accuracy in %, mean over seeds (spread = max - min); fine-tuning time "
+        f"in s: every optimizer step (search included) and the engine rebuild; active: the whole process "
+        f"(start-up, tokenization, evaluations). Draw steps: * = forced at max_search_epochs.\n\n"
+        f"Targets: time saved {100 * targets['time_saved']:.1f}% (>= 30%: "
+        f"{targets['time_saved_at_least_30pct']}); accuracy within 1 point of dense: "
+        f"{targets['accuracy_within_1_point_of_dense']}; above random by more than the spread: "
+        f"{targets['beats_random_beyond_spread']}."
+    )
+    path = write_results(
+        "finetune",
+        {"task": task, "model": str(model), "seeds": args.seeds, "runs": per_run, "by_mode": stats, "targets": targets},
+        ["mode", "accuracy %", "fine-tuning time s", "time / dense", "active s", "draw steps"],
+        table,
+        notes,
+    )
     print(path.read_text())
     return 0
 

@@ -13,6 +13,7 @@ FFN neurons globally), with each training-efficiency option on and off:
 Batches are right-padded like the shards (--pad-fraction per sequence length). tokens/s counts real tokens;
 MFU = the FLOPs of the real tokens (flops_per_sequence x real share) per second / the device's bf16 peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,15 +55,19 @@ class Case:
 
 
 def cases() -> list[Case]:
-    return [Case(seq_len, pruned, option) for seq_len in SHAPES for pruned in (False, True)
-            for option in (None, *OPTIONS)]
+    return [
+        Case(seq_len, pruned, option) for seq_len in SHAPES for pruned in (False, True) for option in (None, *OPTIONS)
+    ]
 
 
 def structures(dry_run: bool) -> dict[bool, EarlyBertForPreTraining]:
     """The dense gated bert-large (gates spread as a search leaves them) and its pruned ticket, on the CPU."""
     torch.manual_seed(0)
-    config = (EarlyBertConfig.from_preset("bert-tiny", vocab_size=1000) if dry_run
-              else EarlyBertConfig.from_preset("bert-large", vocab_size=30522))
+    config = (
+        EarlyBertConfig.from_preset("bert-tiny", vocab_size=1000)
+        if dry_run
+        else EarlyBertConfig.from_preset("bert-large", vocab_size=30522)
+    )
     dense = EarlyBertForPreTraining(config)
     with torch.no_grad():
         for gate in dense.head_gates() + dense.ffn_gates():
@@ -113,11 +118,20 @@ def measure(case: Case, source: EarlyBertForPreTraining, device: str, dry_run: b
     real = int(batch["attention_mask"].sum())
     useful_flops = flops_per_sequence(config, seq_len) * real / seq_len  # per step
     peak = device_peak_tflops(torch.device(device), "bf16")
-    row = dict(case=case.name, seq_len=seq_len, pruned=case.pruned, option=case.option or "baseline",
-               batch=batch_size, pad_fraction=1 - real / batch["attention_mask"].numel(), optimizer=opt_note,
-               step_s=step_s, step_samples=times, tokens_per_s=real / step_s,
-               mfu=useful_flops / step_s / (peak * 1e12) if peak else None,
-               peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+    row = dict(
+        case=case.name,
+        seq_len=seq_len,
+        pruned=case.pruned,
+        option=case.option or "baseline",
+        batch=batch_size,
+        pad_fraction=1 - real / batch["attention_mask"].numel(),
+        optimizer=opt_note,
+        step_s=step_s,
+        step_samples=times,
+        tokens_per_s=real / step_s,
+        mfu=useful_flops / step_s / (peak * 1e12) if peak else None,
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    )
     del model, opt, step
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -127,8 +141,17 @@ def measure(case: Case, source: EarlyBertForPreTraining, device: str, dry_run: b
 def table(rows: list[dict]) -> list[list]:
     base = {(r["seq_len"], r["pruned"]): r["tokens_per_s"] for r in rows if r["option"] == "baseline"}
     fmt = lambda x, spec: "" if x is None else format(x, spec)  # noqa: E731
-    return [[r["case"], f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / base[r['seq_len'], r['pruned']]:.3f}",
-             fmt(r["mfu"], ".1%"), fmt(r["peak_memory_gb"], ".1f"), r["optimizer"]] for r in rows]
+    return [
+        [
+            r["case"],
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['tokens_per_s'] / base[r['seq_len'], r['pruned']]:.3f}",
+            fmt(r["mfu"], ".1%"),
+            fmt(r["peak_memory_gb"], ".1f"),
+            r["optimizer"],
+        ]
+        for r in rows
+    ]
 
 
 HEADER = ["case", "tokens/s", "vs baseline", "MFU", "peak memory (GiB)", "optimizer"]
@@ -140,8 +163,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (median)")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print("bench_gpu needs a CUDA GPU (none is visible here); `--dry-run` checks the script on the CPU",
-              file=sys.stderr)
+        print(
+            "bench_gpu needs a CUDA GPU (none is visible here); `--dry-run` checks the script on the CPU",
+            file=sys.stderr,
+        )
         return 2
     device = "cpu" if args.dry_run else "cuda"
     models = structures(args.dry_run)
@@ -155,9 +180,13 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     path = write_results(
-        f"gpu-{slug}", {"cases": rows}, HEADER, table(rows),
+        f"gpu-{slug}",
+        {"cases": rows},
+        HEADER,
+        table(rows),
         notes=f"bert-large, bf16 autocast (fp32 weights), one GPU; batch/padding per seq len {SHAPES}; median of "
-              f"{args.steps} steps after 3 warm-up steps; torch fused AdamW unless the case says otherwise.")
+        f"{args.steps} steps after 3 warm-up steps; torch fused AdamW unless the case says otherwise.",
+    )
     print(path.read_text())
     return 0
 

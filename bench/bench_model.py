@@ -8,6 +8,7 @@ memory (VmHWM) of one step with each option, each in its own process (bert-large
     python -m bench.bench_model --memory              # and the bert-large seq-512 peak memory per option
     python -m bench.bench_model --preset bert-large --batch 64 --dtype bf16   # on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,17 @@ transformers.logging.set_verbosity_error()
 # seq-512 shards pad more (the benchmarks take --pad-fraction).
 PAD_FRACTION = 0.13
 # name -> EarlyBertConfig fields of each option measured against the plain model ("compile" is torch.compile).
-OPTIONS = {"unpad": {"unpad": True}, "activation_checkpointing": {"activation_checkpointing": True},
-           "fused_qkv": {"fused_qkv": True}, "compile": {}}
+OPTIONS = {
+    "unpad": {"unpad": True},
+    "activation_checkpointing": {"activation_checkpointing": True},
+    "fused_qkv": {"fused_qkv": True},
+    "compile": {},
+}
 
 
-def make_batch(config: EarlyBertConfig, batch: int, seq_len: int, device: str, seed: int = 0,
-               pad_fraction: float = 0.0) -> dict:
+def make_batch(
+    config: EarlyBertConfig, batch: int, seq_len: int, device: str, seed: int = 0, pad_fraction: float = 0.0
+) -> dict:
     """Random tokens, 15% labelled, right-padded: row lengths uniform in [(1 - 2 f) T, T] for pad fraction f."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, config.vocab_size, (batch, seq_len), generator=g)
@@ -49,8 +55,9 @@ def make_batch(config: EarlyBertConfig, batch: int, seq_len: int, device: str, s
     types = torch.zeros_like(ids)
     types[:, seq_len // 2 :] = 1
     nsp = torch.randint(0, 2, (batch,), generator=g)
-    tensors = dict(input_ids=ids * mask, attention_mask=mask, token_type_ids=types * mask, labels=labels,
-                   next_sentence_label=nsp)
+    tensors = dict(
+        input_ids=ids * mask, attention_mask=mask, token_type_ids=types * mask, labels=labels, next_sentence_label=nsp
+    )
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -67,8 +74,12 @@ def peak_memory_of_step(preset: str, seq_len: int, batch: int, option: str | Non
     model = EarlyBertForPreTraining(config).train()
     if option == "compile":
         model.compile()
-    step = train_step_fn(model, torch.optim.AdamW(model.parameters(), lr=1e-4),
-                         make_batch(config, batch, seq_len, "cpu", pad_fraction=PAD_FRACTION), torch.float32)
+    step = train_step_fn(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-4),
+        make_batch(config, batch, seq_len, "cpu", pad_fraction=PAD_FRACTION),
+        torch.float32,
+    )
     step()
     before, peak = peak_rss_mb(step)
     return {"option": option or "none", "rss_before_mb": before, "peak_rss_mb": peak, "step_excess_mb": peak - before}
@@ -94,8 +105,10 @@ def memory_table(preset: str, seq_len: int, batch: int) -> list[dict]:
     """peak_memory_of_step for no option and each option, each in its own process."""
     rows = []
     for option in (None, *OPTIONS):
-        code = (f"import json; from bench.bench_model import peak_memory_of_step; "
-                f"print(json.dumps(peak_memory_of_step({preset!r}, {seq_len}, {batch}, {option!r})))")
+        code = (
+            f"import json; from bench.bench_model import peak_memory_of_step; "
+            f"print(json.dumps(peak_memory_of_step({preset!r}, {seq_len}, {batch}, {option!r})))"
+        )
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -132,8 +145,12 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
     torch.manual_seed(0)
-    config = EarlyBertConfig.from_preset(args.preset, vocab_size=30522, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    hf_cfg = BertConfig(**{k: v for k, v in config.to_dict().items() if k in BertConfig().to_dict()}, attn_implementation="sdpa")
+    config = EarlyBertConfig.from_preset(
+        args.preset, vocab_size=30522, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
+    )
+    hf_cfg = BertConfig(
+        **{k: v for k, v in config.to_dict().items() if k in BertConfig().to_dict()}, attn_implementation="sdpa"
+    )
     hf = BertForPreTraining(hf_cfg).to(device).train()
     ours = EarlyBertForPreTraining(config).to(device).train()
     ours.load_state_dict(hf.state_dict(), strict=False)  # same weights; the gates stay at 1.0
@@ -163,9 +180,15 @@ def main(argv=None) -> int:
     ratio = med["earlybert"] / med["hf_bert"]
     memory = memory_table("bert-large", 512, 2) if args.memory else []
     results = dict(
-        preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype, reps=args.reps,
+        preset=args.preset,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        dtype=args.dtype,
+        reps=args.reps,
         pad_fraction=1 - real_tokens / batch["attention_mask"].numel(),
-        step_seconds=samples, median_step_seconds=med, ratio_earlybert_over_hf=ratio,
+        step_seconds=samples,
+        median_step_seconds=med,
+        ratio_earlybert_over_hf=ratio,
         option_step_ratio={n: med[n] / med["earlybert"] for n in med},
         sequences_per_second={n: args.batch / t for n, t in med.items()},
         real_tokens_per_second={n: real_tokens / t for n, t in med.items()},
@@ -173,12 +196,16 @@ def main(argv=None) -> int:
     )
     rows = [[n, f"{med[n] * 1e3:.1f}", f"{med[n] / med['earlybert']:.3f}", f"{args.batch / med[n]:.1f}"] for n in med]
     rows.append(["ratio (ours / HF)", f"{ratio:.3f}", "", ""])
-    rows += [[f"memory: {m['option']}", "", "", "", f"{m['peak_rss_mb']:.0f}", f"{m['step_excess_mb']:.0f}"]
-             for m in memory]
+    rows += [
+        [f"memory: {m['option']}", "", "", "", f"{m['peak_rss_mb']:.0f}", f"{m['step_excess_mb']:.0f}"] for m in memory
+    ]
     header = ["model", "median step (ms)", "step / earlybert", "sequences/s"]
     header += ["peak RSS (MB)", "step excess (MB)"] if memory else []
     path = write_results(
-        "model_step", results, header, [row[: len(header)] for row in rows],
+        "model_step",
+        results,
+        header,
+        [row[: len(header)] for row in rows],
         notes=f"{args.preset}, seq {args.seq_len}, batch {args.batch} ({results['pad_fraction']:.1%} padding), "
         f"{args.dtype}, forward+backward+AdamW, {args.reps} interleaved repetitions of {args.steps_per_rep} steps. "
         "Target: ratio <= 1.0. Memory rows: bert-large, seq 512, batch 2, fp32, one step in a fresh process per "

@@ -19,6 +19,7 @@ tokens) per second; medians (and best runs) over --reps repetitions.
     python bench/bench_prep.py [--workers 2] [--mb 10] [--reps 3]
 writes bench/results/prep.json and bench/results/prep.md.
 """
+
 import argparse
 import json
 import os
@@ -47,8 +48,17 @@ def child(method: str, corpus: str, tokenizer: str, workers: int, scratch: str) 
         from data_prep.prep import PrepConfig, run_prep
 
         start = time.perf_counter()
-        m = run_prep(PrepConfig(inputs=[corpus], output=f"{scratch}/out", tokenizer=tokenizer, seq_len=SEQ_LEN,
-                                workers=workers, nsp=method == "ours-nsp", progress=False))
+        m = run_prep(
+            PrepConfig(
+                inputs=[corpus],
+                output=f"{scratch}/out",
+                tokenizer=tokenizer,
+                seq_len=SEQ_LEN,
+                workers=workers,
+                nsp=method == "ours-nsp",
+                progress=False,
+            )
+        )
         return {"seconds": time.perf_counter() - start, "sequences": m["counts"]["sequences"]}
     if method == "hf":
         from itertools import chain
@@ -57,8 +67,14 @@ def child(method: str, corpus: str, tokenizer: str, workers: int, scratch: str) 
         from transformers import PreTrainedTokenizerFast
 
         datasets.disable_progress_bars()
-        tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                      cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=tokenizer,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
 
         def tokenize(examples):  # run_mlm.py, not line_by_line
             return tok(examples["text"], return_special_tokens_mask=True)
@@ -66,7 +82,7 @@ def child(method: str, corpus: str, tokenizer: str, workers: int, scratch: str) 
         def group_texts(examples):  # run_mlm.py
             concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
             total = len(concatenated[next(iter(examples))]) // SEQ_LEN * SEQ_LEN
-            return {k: [t[i:i + SEQ_LEN] for i in range(0, total, SEQ_LEN)] for k, t in concatenated.items()}
+            return {k: [t[i : i + SEQ_LEN] for i in range(0, total, SEQ_LEN)] for k, t in concatenated.items()}
 
         start = time.perf_counter()
         ds = datasets.load_dataset("text", data_files=corpus, split="train", cache_dir=f"{scratch}/cache")
@@ -79,15 +95,22 @@ def child(method: str, corpus: str, tokenizer: str, workers: int, scratch: str) 
         tok = Tokenizer.from_file(tokenizer)
         lines = _lines(corpus)
         start = time.perf_counter()
-        tokens = sum(len(e) for i in range(0, len(lines), 50_000)  # len(): no id list is built
-                     for e in tok.encode_batch_fast(lines[i:i + 50_000], add_special_tokens=False))
+        tokens = sum(
+            len(e)
+            for i in range(0, len(lines), 50_000)  # len(): no id list is built
+            for e in tok.encode_batch_fast(lines[i : i + 50_000], add_special_tokens=False)
+        )
         return {"seconds": time.perf_counter() - start, "tokens": tokens}
     raise ValueError(method)
 
 
 def measure(method, corpus, tokenizer, workers) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="true" if method == "raw" else "false",
-               RAYON_NUM_THREADS=str(workers), RAYON_RS_NUM_CPUS=str(workers))
+    env = dict(
+        os.environ,
+        TOKENIZERS_PARALLELISM="true" if method == "raw" else "false",
+        RAYON_NUM_THREADS=str(workers),
+        RAYON_RS_NUM_CPUS=str(workers),
+    )
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as scratch:
         cmd = [sys.executable, __file__, "--child", method, corpus, tokenizer, str(workers), scratch]
         proc = psutil.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -130,10 +153,17 @@ def main() -> int:
     for scale in (1, 4):
         path = work / f"corpus_{scale}x.txt"
         stats = gather_local_corpus(path, int(a.mb * scale * 1e6))
-        corpora[f"{scale}x"] = {"path": str(path), "bytes": stats["bytes"], "documents": stats["documents"],
-                                "gather_seconds": round(stats["seconds"], 2)}
-        print(f"corpus {scale}x: {stats['bytes'] / 1e6:.1f} MB, {stats['documents']} documents, "
-              f"gathered in {stats['seconds']:.1f} s", flush=True)
+        corpora[f"{scale}x"] = {
+            "path": str(path),
+            "bytes": stats["bytes"],
+            "documents": stats["documents"],
+            "gather_seconds": round(stats["seconds"], 2),
+        }
+        print(
+            f"corpus {scale}x: {stats['bytes'] / 1e6:.1f} MB, {stats['documents']} documents, "
+            f"gathered in {stats['seconds']:.1f} s",
+            flush=True,
+        )
     tokenizer = work / "tokenizer.json"
     train_wordpiece([corpora["1x"]["path"]], tokenizer, vocab_size=30522, lowercase=True)
 
@@ -148,54 +178,87 @@ def main() -> int:
                 runs[m].append(measure(m, info["path"], str(tokenizer), a.workers))
         info["tokens"] = runs["raw"][0]["tokens"]
         for m in methods:
-            results[m][scale] = {"seconds": [round(r["seconds"], 3) for r in runs[m]],
-                                 "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in runs[m]]}
+            results[m][scale] = {
+                "seconds": [round(r["seconds"], 3) for r in runs[m]],
+                "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in runs[m]],
+            }
             r = results[m][scale]
             r["tokens_per_s"] = info["tokens"] / statistics.median(r["seconds"])
             r["tokens_per_s_best"] = info["tokens"] / min(r["seconds"])
             r["peak_rss_mb_median"] = statistics.median(r["peak_rss_mb"])
-            print(f"{scale} {m:9s} {r['tokens_per_s']:>12,.0f} tokens/s  peak RSS {r['peak_rss_mb_median']:7.0f} MB",
-                  flush=True)
+            print(
+                f"{scale} {m:9s} {r['tokens_per_s']:>12,.0f} tokens/s  peak RSS {r['peak_rss_mb_median']:7.0f} MB",
+                flush=True,
+            )
 
     rss = lambda m, scale: results[m][scale]["peak_rss_mb_median"]
     # Median and best-of-reps rates: on a machine shared with other jobs the best run is the
     # least disturbed one.
-    ratios = {f"{name}_{scale}{suffix}": results[m][scale][key] / results[base][scale][key]
-              for suffix, key in (("", "tokens_per_s"), ("_best", "tokens_per_s_best"))
-              for scale in corpora for name, m, base in (("ours_vs_hf_map", "ours", "hf"), ("ours_vs_raw", "ours", "raw"),
-                                                         ("ours_nsp_vs_raw", "ours-nsp", "raw"))}
+    ratios = {
+        f"{name}_{scale}{suffix}": results[m][scale][key] / results[base][scale][key]
+        for suffix, key in (("", "tokens_per_s"), ("_best", "tokens_per_s_best"))
+        for scale in corpora
+        for name, m, base in (
+            ("ours_vs_hf_map", "ours", "hf"),
+            ("ours_vs_raw", "ours", "raw"),
+            ("ours_nsp_vs_raw", "ours-nsp", "raw"),
+        )
+    }
     ratios["ours_rss_4x_vs_1x"] = rss("ours", "4x") / rss("ours", "1x")
     ratios["hf_rss_4x_vs_1x"] = rss("hf", "4x") / rss("hf", "1x")
-    targets = {"ours_vs_hf_map >= 1.5": min(ratios["ours_vs_hf_map_1x"], ratios["ours_vs_hf_map_4x"]) >= 1.5,
-               "ours_vs_raw >= 0.8": min(ratios["ours_vs_raw_1x"], ratios["ours_vs_raw_4x"]) >= 0.8,
-               "ours_rss_4x_vs_1x <= 1.1": ratios["ours_rss_4x_vs_1x"] <= 1.1}
+    targets = {
+        "ours_vs_hf_map >= 1.5": min(ratios["ours_vs_hf_map_1x"], ratios["ours_vs_hf_map_4x"]) >= 1.5,
+        "ours_vs_raw >= 0.8": min(ratios["ours_vs_raw_1x"], ratios["ours_vs_raw_4x"]) >= 0.8,
+        "ours_rss_4x_vs_1x <= 1.1": ratios["ours_rss_4x_vs_1x"] <= 1.1,
+    }
     report = {
-        "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
-        "workers": a.workers, "seq_len": SEQ_LEN, "reps": a.reps, "corpora": corpora,
-        "results": results, "ratios": ratios, "targets_met": targets,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "workers": a.workers,
+        "seq_len": SEQ_LEN,
+        "reps": a.reps,
+        "corpora": corpora,
+        "results": results,
+        "ratios": ratios,
+        "targets_met": targets,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "prep.json", lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
-    rows = ["| method | tokens/s 1x (best) | tokens/s 4x (best) | peak RSS 1x (MB) | peak RSS 4x (MB) |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| method | tokens/s 1x (best) | tokens/s 4x (best) | peak RSS 1x (MB) | peak RSS 4x (MB) |",
+        "|---|---|---|---|---|",
+    ]
     for m in methods:
         r1, r4 = results[m]["1x"], results[m]["4x"]
-        rows.append(f"| {m} | {r1['tokens_per_s']:,.0f} ({r1['tokens_per_s_best']:,.0f}) | "
-                    f"{r4['tokens_per_s']:,.0f} ({r4['tokens_per_s_best']:,.0f}) | "
-                    f"{r1['peak_rss_mb_median']:.0f} | {r4['peak_rss_mb_median']:.0f} |")
-    md = ["# earlybert prep benchmark", "",
-          f"W={a.workers} workers, seq_len {SEQ_LEN}, median of {a.reps}; corpus 1x = {corpora['1x']['bytes'] / 1e6:.1f} MB "
-          f"({corpora['1x']['tokens']:,} tokens), 4x = {corpora['4x']['bytes'] / 1e6:.1f} MB "
-          f"({corpora['4x']['tokens']:,} tokens) of local docstrings and docs.", "", *rows, "",
-          f"Median (best) ratios. ours / datasets.map: {ratios['ours_vs_hf_map_1x']:.2f}x "
-          f"({ratios['ours_vs_hf_map_1x_best']:.2f}x) at 1x, {ratios['ours_vs_hf_map_4x']:.2f}x "
-          f"({ratios['ours_vs_hf_map_4x_best']:.2f}x) at 4x (target >= 1.5); ours / raw encode_batch: "
-          f"{ratios['ours_vs_raw_1x']:.0%} ({ratios['ours_vs_raw_1x_best']:.0%}) at 1x, {ratios['ours_vs_raw_4x']:.0%} "
-          f"({ratios['ours_vs_raw_4x_best']:.0%}) at 4x (target >= 80%); ours peak RSS 4x / 1x: "
-          f"{ratios['ours_rss_4x_vs_1x']:.2f} (target <= 1.1; datasets.map: {ratios['hf_rss_4x_vs_1x']:.2f}). "
-          f"Load average at the end: {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores.", ""]
+        rows.append(
+            f"| {m} | {r1['tokens_per_s']:,.0f} ({r1['tokens_per_s_best']:,.0f}) | "
+            f"{r4['tokens_per_s']:,.0f} ({r4['tokens_per_s_best']:,.0f}) | "
+            f"{r1['peak_rss_mb_median']:.0f} | {r4['peak_rss_mb_median']:.0f} |"
+        )
+    md = [
+        "# earlybert prep benchmark",
+        "",
+        f"W={a.workers} workers, seq_len {SEQ_LEN}, median of {a.reps}; "
+        f"corpus 1x = {corpora['1x']['bytes'] / 1e6:.1f} MB "
+        f"({corpora['1x']['tokens']:,} tokens), 4x = {corpora['4x']['bytes'] / 1e6:.1f} MB "
+        f"({corpora['4x']['tokens']:,} tokens) of local docstrings and docs.",
+        "",
+        *rows,
+        "",
+        f"Median (best) ratios. ours / datasets.map: {ratios['ours_vs_hf_map_1x']:.2f}x "
+        f"({ratios['ours_vs_hf_map_1x_best']:.2f}x) at 1x, {ratios['ours_vs_hf_map_4x']:.2f}x "
+        f"({ratios['ours_vs_hf_map_4x_best']:.2f}x) at 4x (target >= 1.5); ours / raw encode_batch: "
+        f"{ratios['ours_vs_raw_1x']:.0%} ({ratios['ours_vs_raw_1x_best']:.0%}) at 1x, {ratios['ours_vs_raw_4x']:.0%} "
+        f"({ratios['ours_vs_raw_4x_best']:.0%}) at 4x (target >= 80%); ours peak RSS 4x / 1x: "
+        f"{ratios['ours_rss_4x_vs_1x']:.2f} (target <= 1.1; datasets.map: {ratios['hf_rss_4x_vs_1x']:.2f}). "
+        f"Load average at the end: {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores.",
+        "",
+    ]
     atomic_write(out / "prep.md", lambda f: f.write("\n".join(md).encode()))
     print("\n".join(md))
     return 0

@@ -1,18 +1,19 @@
 """What pruning buys and what the draw costs, on one DeepSpeed engine (ZeRO-2, one rank):
 
-  - step time of the dense gated model against the pruned one at the default ratios (heads 1/3 per
-    layer, FFN 0.4 globally), compared with the FLOPs ratio (target: speed-up >= 90% of it);
-  - the detector's cost (read the gates, build the masks, update the FIFO) as a share of the
-    search stage at the default interval (target < 1%);
-  - the engine rebuild in dense steps (target <= 10);
-  - host memory (RSS) before and after the rebuild;
-  - the training-efficiency options (unpad, activation_checkpointing, fused_qkv, compile), each on
-    alone against all off, dense and pruned: step time (interleaved repetitions, medians) and the
-    peak host memory of a step above the RSS before it.
+- step time of the dense gated model against the pruned one at the default ratios (heads 1/3 per
+  layer, FFN 0.4 globally), compared with the FLOPs ratio (target: speed-up >= 90% of it);
+- the detector's cost (read the gates, build the masks, update the FIFO) as a share of the
+  search stage at the default interval (target < 1%);
+- the engine rebuild in dense steps (target <= 10);
+- host memory (RSS) before and after the rebuild;
+- the training-efficiency options (unpad, activation_checkpointing, fused_qkv, compile), each on
+  alone against all off, dense and pruned: step time (interleaved repetitions, medians) and the
+  peak host memory of a step above the RSS before it.
 
-    python -m bench.bench_prune                       # CPU default: bert-base, seq 128, batch 8, fp32
-    python -m bench.bench_prune --preset bert-large --batch 64 --dtype bf16   # on a GPU
+  python -m bench.bench_prune                       # CPU default: bert-base, seq 128, batch 8, fp32
+  python -m bench.bench_prune --preset bert-large --batch 64 --dtype bf16   # on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,11 @@ def measure_options(engine, batch: dict, reps: int) -> dict[str, dict]:
     result = {}
     for option in variants:
         before, peak = peak_rss_mb(lambda option=option: step(option))
-        result[option] = {"step_s": statistics.median(samples[option]), "step_samples": samples[option],
-                          "step_excess_mb": peak - before}
+        result[option] = {
+            "step_s": statistics.median(samples[option]),
+            "step_samples": samples[option],
+            "step_excess_mb": peak - before,
+        }
     switch_options(engine.module, None)
     return result
 
@@ -82,7 +86,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64 if on_gpu else 8)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if on_gpu else "fp32")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--interval", type=int, default=DetectorConfig().interval, help="detector interval the share is computed for")
+    parser.add_argument(
+        "--interval", type=int, default=DetectorConfig().interval, help="detector interval the share is computed for"
+    )
     parser.add_argument("--pad-fraction", type=float, default=PAD_FRACTION, help="share of padding in the batch")
     parser.add_argument("--no-options", action="store_true", help="skip the training-efficiency options")
     args = parser.parse_args(argv)
@@ -146,39 +152,74 @@ def main(argv=None) -> int:
     flops_ratio = pruned_flops / dense_flops
     speedup, ideal = dense_t / pruned_t, dense_flops / pruned_flops
     results = dict(
-        preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype, reps=args.reps,
-        heads_per_layer=pruned_cfg.num_heads_per_layer, ffn_per_layer=pruned_cfg.intermediate_size_per_layer,
-        params_dense=dense_params, params_pruned=parameter_count(engine.module),
-        flops_per_sequence_dense=dense_flops, flops_per_sequence_pruned=pruned_flops, flops_ratio=flops_ratio,
-        dense_step_s=dense_t, pruned_step_s=pruned_t, dense_step_samples=dense_samples, pruned_step_samples=pruned_samples,
-        speedup=speedup, speedup_share_of_flops_ideal=speedup / ideal,
-        detector_s=detect_t, detector_share_of_search=detect_t / (args.interval * dense_t), detector_interval=args.interval,
-        rebuild_s=rebuild_t, rebuild_in_dense_steps=rebuild_t / dense_t,
-        rss_before_rebuild_mb=rss_before / 2**20, rss_after_rebuild_mb=rss_after_rebuild / 2**20,
-        rss_after_pruned_steps_mb=rss_after_steps / 2**20, pad_fraction=args.pad_fraction, options=options,
+        preset=args.preset,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        dtype=args.dtype,
+        reps=args.reps,
+        heads_per_layer=pruned_cfg.num_heads_per_layer,
+        ffn_per_layer=pruned_cfg.intermediate_size_per_layer,
+        params_dense=dense_params,
+        params_pruned=parameter_count(engine.module),
+        flops_per_sequence_dense=dense_flops,
+        flops_per_sequence_pruned=pruned_flops,
+        flops_ratio=flops_ratio,
+        dense_step_s=dense_t,
+        pruned_step_s=pruned_t,
+        dense_step_samples=dense_samples,
+        pruned_step_samples=pruned_samples,
+        speedup=speedup,
+        speedup_share_of_flops_ideal=speedup / ideal,
+        detector_s=detect_t,
+        detector_share_of_search=detect_t / (args.interval * dense_t),
+        detector_interval=args.interval,
+        rebuild_s=rebuild_t,
+        rebuild_in_dense_steps=rebuild_t / dense_t,
+        rss_before_rebuild_mb=rss_before / 2**20,
+        rss_after_rebuild_mb=rss_after_rebuild / 2**20,
+        rss_after_pruned_steps_mb=rss_after_steps / 2**20,
+        pad_fraction=args.pad_fraction,
+        options=options,
     )
     rows = [
         ["step time, dense gated (s)", f"{dense_t:.3f}", ""],
         ["step time, pruned (s)", f"{pruned_t:.3f}", ""],
         ["FLOPs ratio pruned / dense", f"{flops_ratio:.3f}", ""],
         ["speed-up / FLOPs ideal", f"{speedup:.3f} / {ideal:.3f} = {speedup / ideal:.2f}", ">= 0.90"],
-        [f"detector share of search (interval {args.interval})", f"{100 * detect_t / (args.interval * dense_t):.4f}%", "< 1%"],
+        [
+            f"detector share of search (interval {args.interval})",
+            f"{100 * detect_t / (args.interval * dense_t):.4f}%",
+            "< 1%",
+        ],
         ["rebuild (dense steps)", f"{rebuild_t / dense_t:.2f} ({rebuild_t:.2f} s)", "<= 10"],
-        ["host RSS before / after rebuild / after steps (MB)",
-         f"{rss_before / 2**20:.0f} / {rss_after_rebuild / 2**20:.0f} / {rss_after_steps / 2**20:.0f}", ""],
+        [
+            "host RSS before / after rebuild / after steps (MB)",
+            f"{rss_before / 2**20:.0f} / {rss_after_rebuild / 2**20:.0f} / {rss_after_steps / 2**20:.0f}",
+            "",
+        ],
     ]
     for structure, measured in options.items():
         for option, m in measured.items():
             ratio = m["step_s"] / measured["none"]["step_s"]
-            rows.append([f"{structure}, {option}: step s (x all off), step memory MB",
-                         f"{m['step_s']:.3f} ({ratio:.3f}x), {m['step_excess_mb']:.0f}", ""])
+            rows.append(
+                [
+                    f"{structure}, {option}: step s (x all off), step memory MB",
+                    f"{m['step_s']:.3f} ({ratio:.3f}x), {m['step_excess_mb']:.0f}",
+                    "",
+                ]
+            )
     # Another preset than the machine's default gets its own result files (prune_bert-large.md, ...).
     name = "prune" if args.preset == default_preset else f"prune_{args.preset}"
-    path = write_results(name, results, ["measure", "value", "target"], rows,
-                         notes=f"{args.preset}, seq {args.seq_len}, batch {args.batch} ({args.pad_fraction:.0%} padding), "
-                               f"{args.dtype}, ZeRO-2 on one rank, "
-                               f"median of {args.reps} steps each; kept heads {pruned_cfg.num_heads_per_layer}, "
-                               f"FFN widths {pruned_cfg.intermediate_size_per_layer}.")
+    path = write_results(
+        name,
+        results,
+        ["measure", "value", "target"],
+        rows,
+        notes=f"{args.preset}, seq {args.seq_len}, batch {args.batch} ({args.pad_fraction:.0%} padding), "
+        f"{args.dtype}, ZeRO-2 on one rank, "
+        f"median of {args.reps} steps each; kept heads {pruned_cfg.num_heads_per_layer}, "
+        f"FFN widths {pruned_cfg.intermediate_size_per_layer}.",
+    )
     print(path.read_text())
     engine.destroy()
     torch.distributed.destroy_process_group()

@@ -13,6 +13,7 @@ Vocabulary 30,522 (BERT's) for the MLM head's cost; shards from text on this mac
     python -m bench.bench_train                 # CPU suite, or the GPU suite where there is a GPU
     python -m bench.bench_train --suite cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ from pipeline.rundir import RunDir
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # (preset, ranks, micro batch per rank, steps, warm-up steps dropped, DeepSpeed config)
-CPU_CASES = [("bert-tiny", 1, 32, 40, 5, "zero1.json"), ("bert-tiny", 2, 32, 40, 5, "zero1.json"),
-             ("bert-base", 1, 8, 8, 3, "zero1.json"), ("bert-base", 2, 8, 8, 3, "zero1.json")]
+CPU_CASES = [
+    ("bert-tiny", 1, 32, 40, 5, "zero1.json"),
+    ("bert-tiny", 2, 32, 40, 5, "zero1.json"),
+    ("bert-base", 1, 8, 8, 3, "zero1.json"),
+    ("bert-base", 2, 8, 8, 3, "zero1.json"),
+]
 GPU_CASES = [("bert-large", 1, 128, 60, 20, "zero1_bf16.json")]
 VOCAB = 30522
 
@@ -54,15 +59,36 @@ def prepare_shards(root: Path, corpus_mb: int) -> Path:
 def run_case(root: Path, shards: Path, preset: str, ranks: int, micro: int, steps: int, ds_file: str) -> list[dict]:
     run_dir = root / f"{preset}-{ranks}"
     config = root / f"{preset}-{ranks}.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(run_dir), "model": {"preset": preset, "overrides": {"vocab_size": VOCAB}},
-        "deepspeed": str(ROOT / "ds_configs" / ds_file), "phases": [{"shards": str(shards), "steps": steps}],
-        "micro_batch_size": micro, "global_batch_size": micro * ranks,
-        "optim": {"lr": 1e-4, "warmup_steps": 1}, "checkpoint": {"interval": 10**9}, "log": {"interval": 10},
-    }))
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-           "--module", "pipeline.train", "--config", str(config)]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run_dir),
+                "model": {"preset": preset, "overrides": {"vocab_size": VOCAB}},
+                "deepspeed": str(ROOT / "ds_configs" / ds_file),
+                "phases": [{"shards": str(shards), "steps": steps}],
+                "micro_batch_size": micro,
+                "global_batch_size": micro * ranks,
+                "optim": {"lr": 1e-4, "warmup_steps": 1},
+                "checkpoint": {"interval": 10**9},
+                "log": {"interval": 10},
+            }
+        )
+    )
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "--module",
+        "pipeline.train",
+        "--config",
+        str(config),
+    ]
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")),
+    }
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -71,8 +97,20 @@ def run_case(root: Path, shards: Path, preset: str, ranks: int, micro: int, step
 
 def loader_cost_s(shards: Path, micro: int, reps: int = 20) -> float:
     """Median time to build one micro-batch (read, pad, mask, to torch) outside the training loop."""
-    loader = PhaseLoader(ShardDataset(shards), seed=0, phase=0, start_sample=0, steps=0, micro_batch_size=micro,
-                         grad_accum=1, world_size=1, rank=0, mask_prob=0.15, prefetch=1, pin_memory=False)
+    loader = PhaseLoader(
+        ShardDataset(shards),
+        seed=0,
+        phase=0,
+        start_sample=0,
+        steps=0,
+        micro_batch_size=micro,
+        grad_accum=1,
+        world_size=1,
+        rank=0,
+        mask_prob=0.15,
+        prefetch=1,
+        pin_memory=False,
+    )
     times = []
     for i in range(reps):
         t0 = time.perf_counter()
@@ -98,24 +136,57 @@ def main(argv=None) -> int:
             step_s = statistics.median(m["step_time_s"] for m in timed)
             wait_share = sum(m["data_wait_s"] for m in timed) / sum(m["step_time_s"] for m in timed)
             mfu = [m["mfu"] for m in timed if "mfu" in m]
-            r = {"preset": preset, "ranks": ranks, "micro_batch": micro, "global_batch": micro * ranks,
-                 "seq_len": timed[0]["seq_len"], "deepspeed": ds_file, "timed_steps": len(timed),
-                 "step_time_s": step_s, "seq_per_s": micro * ranks / step_s,
-                 "tflops": statistics.median(m["tflops"] for m in timed),
-                 "mfu": statistics.median(mfu) if mfu else None,
-                 "data_wait_share": wait_share, "loader_cost_per_micro_batch_s": loader_cost_s(shards, micro)}
+            r = {
+                "preset": preset,
+                "ranks": ranks,
+                "micro_batch": micro,
+                "global_batch": micro * ranks,
+                "seq_len": timed[0]["seq_len"],
+                "deepspeed": ds_file,
+                "timed_steps": len(timed),
+                "step_time_s": step_s,
+                "seq_per_s": micro * ranks / step_s,
+                "tflops": statistics.median(m["tflops"] for m in timed),
+                "mfu": statistics.median(mfu) if mfu else None,
+                "data_wait_share": wait_share,
+                "loader_cost_per_micro_batch_s": loader_cost_s(shards, micro),
+            }
             results.append(r)
-            rows.append([preset, ranks, micro * ranks, f"{step_s:.3f}", f"{r['seq_per_s']:.1f}",
-                         f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a",
-                         f"{100 * wait_share:.2f}%", f"{1000 * r['loader_cost_per_micro_batch_s']:.1f}"])
-    notes = (f"`earlybert train` under the deepspeed launcher, seq 128, vocabulary {VOCAB}, median over the "
-             f"timed steps (warm-up dropped). Data wait: time the loop blocked on the loader thread / step time "
-             f"(target < 1%). Loader cost: one micro-batch built outside the loop (read + mask), which the "
-             f"thread overlaps with the step.")
+            rows.append(
+                [
+                    preset,
+                    ranks,
+                    micro * ranks,
+                    f"{step_s:.3f}",
+                    f"{r['seq_per_s']:.1f}",
+                    f"{r['tflops']:.3g}",
+                    f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a",
+                    f"{100 * wait_share:.2f}%",
+                    f"{1000 * r['loader_cost_per_micro_batch_s']:.1f}",
+                ]
+            )
+    notes = (
+        f"`earlybert train` under the deepspeed launcher, seq 128, vocabulary {VOCAB}, median over the "
+        f"timed steps (warm-up dropped). Data wait: time the loop blocked on the loader thread / step time "
+        f"(target < 1%). Loader cost: one micro-batch built outside the loop (read + mask), which the "
+        f"thread overlaps with the step."
+    )
     if args.suite == "cpu":
-        notes += (" GPU suite (bert-large, seq 128, bf16, one GPU; goal >= 50% MFU, ~1,900 seq/s on an H100): "
-                  "`python -m bench.bench_train --suite gpu` on a GPU machine; not run here (no GPU).")
-    header = ["preset", "ranks", "global batch", "step (s)", "seq/s", "TFLOP/s", "MFU", "data wait", "loader ms/micro-batch"]
+        notes += (
+            " GPU suite (bert-large, seq 128, bf16, one GPU; goal >= 50% MFU, ~1,900 seq/s on an H100): "
+            "`python -m bench.bench_train --suite gpu` on a GPU machine; not run here (no GPU)."
+        )
+    header = [
+        "preset",
+        "ranks",
+        "global batch",
+        "step (s)",
+        "seq/s",
+        "TFLOP/s",
+        "MFU",
+        "data wait",
+        "loader ms/micro-batch",
+    ]
     print(write_results("train", {"suite": args.suite, "cases": results}, header, rows, notes))
     return 0
 

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: repeated timing with medians, whole jobs run side by side by
 time-slicing, and results written as JSON + markdown."""
+
 from __future__ import annotations
 
 import json
@@ -65,13 +66,15 @@ RATES = ("seq_per_s", "tokens_per_s", "tflops", "mfu")
 class SlicedJob:
     """One command run by run_interleaved: its exit code, the seconds it was allowed to run, and the
     (unix start, unix end) intervals it spent suspended, to take out of its own timings."""
+
     returncode: int | None = None
     active_s: float = 0.0
     pauses: list[list[float]] = field(default_factory=list)
 
 
-def run_interleaved(jobs: dict[str, Callable[[], list[str] | None]], logs: Path, slice_s: float = 10.0,
-                    cwd: Path | None = None) -> dict[str, SlicedJob]:
+def run_interleaved(
+    jobs: dict[str, Callable[[], list[str] | None]], logs: Path, slice_s: float = 10.0, cwd: Path | None = None
+) -> dict[str, SlicedJob]:
     """Run whole jobs side by side on a noisy machine: one job at a time runs for slice_s while the
     others are suspended (SIGSTOP/SIGCONT on each job's process group, so the launcher and all its
     ranks stop together), round-robin until all exit. A slow spell of the machine then falls on
@@ -93,8 +96,9 @@ def run_interleaved(jobs: dict[str, Callable[[], list[str] | None]], logs: Path,
             if cmd is not None:
                 del pending[name]
                 with open(logs / f"{name}.log", "w") as log:
-                    procs[name] = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True)
+                    procs[name] = subprocess.Popen(
+                        cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
                 signal_job(procs[name], signal.SIGSTOP)
                 result[name].pauses.append([time.time(), 0.0])
 
@@ -154,6 +158,7 @@ def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
 
 def kernel_docs_root(work: Path) -> Path:
     """The Linux kernel's Documentation directory from Debian's linux-doc package."""
+
     def newest(root: Path) -> Path | None:
         found = sorted(root.glob("usr/share/doc/linux-doc-*/Documentation"))
         return found[-1] if found else None
@@ -164,14 +169,18 @@ def kernel_docs_root(work: Path) -> Path:
     debs = work / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     try:
-        depends = subprocess.run(["apt-cache", "depends", "linux-doc"], capture_output=True, text=True, check=True).stdout
+        depends = subprocess.run(
+            ["apt-cache", "depends", "linux-doc"], capture_output=True, text=True, check=True
+        ).stdout
         package = next(line.split(":", 1)[1].strip() for line in depends.splitlines() if "Depends:" in line)
         subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
         deb = next(debs.glob(f"{package}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "linux-doc")], check=True)
     except (OSError, subprocess.CalledProcessError, StopIteration) as err:
-        raise SystemExit(f"kernel-docs corpus: cannot get Debian's linux-doc package ({err!r}). Install it "
-                         f"(apt-get install linux-doc) or run with --corpus python-docs.") from err
+        raise SystemExit(
+            f"kernel-docs corpus: cannot get Debian's linux-doc package ({err!r}). Install it "
+            f"(apt-get install linux-doc) or run with --corpus python-docs."
+        ) from err
     root = newest(work / "linux-doc")
     if root is None:
         raise SystemExit(f"kernel-docs corpus: {deb} holds no usr/share/doc/linux-doc-*/Documentation")

@@ -1,16 +1,23 @@
 """`make bench`: run every bench/bench_*.py in turn (each writes bench/results/NAME.json and .md), the long
 ones in their quick form (the full runs: `python -m bench.bench_finetune`, see each module's docstring)."""
+
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"bench_finetune": ["--quick"]}
+GPU_ONLY = {"bench_gpu"}  # refuses to run without CUDA (exit 2): left out on CPU machines
 
 
 def main() -> int:
+    import torch
+
     failed = []
     for script in sorted((ROOT / "bench").glob("bench_*.py")):
+        if script.stem in GPU_ONLY and not torch.cuda.is_available():
+            print(f"== bench.{script.stem}: skipped, no CUDA device", flush=True)
+            continue
         module = f"bench.{script.stem}"
         print(f"== {module}", flush=True)
         if subprocess.call([sys.executable, "-m", module, *QUICK.get(script.stem, [])], cwd=ROOT) != 0:

@@ -1,9 +1,10 @@
 """Command line of `earlybert prep` (also `python -m data_prep`).
 
-    earlybert prep --input PATH [PATH ...] --output DIR --tokenizer PATH --seq-len N [--workers N] ...
-    earlybert prep tokenizer --input PATH [PATH ...] --output tokenizer.json [--vocab-size 30522] [--lowercase]
-    earlybert prep local-corpus --output FILE [--max-mb 20] [--from DIR ...]
+earlybert prep --input PATH [PATH ...] --output DIR --tokenizer PATH --seq-len N [--workers N] ...
+earlybert prep tokenizer --input PATH [PATH ...] --output tokenizer.json [--vocab-size 30522] [--lowercase]
+earlybert prep local-corpus --output FILE [--max-mb 20] [--from DIR ...]
 """
+
 import argparse
 import sys
 import time
@@ -27,42 +28,68 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _prep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="earlybert prep", formatter_class=HelpFormatter,
+        prog="earlybert prep",
+        formatter_class=HelpFormatter,
         description="Tokenize a corpus into memory-mapped BERT pre-training shards.\nOther actions: "
-                    "`earlybert prep tokenizer --help`, `earlybert prep local-corpus --help`.")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="plain text (blank line between documents), JSONL, Parquet, a saved `datasets` "
-                        "directory; .gz/.bz2/.zst; files, directories or globs, local or fsspec URLs (hf://, "
-                        "s3://, gs://, ...); dataset:NAME[:CONFIG][:SPLIT] streams a `datasets` dataset "
-                        "(default split: train)")
+        "`earlybert prep tokenizer --help`, `earlybert prep local-corpus --help`.",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="plain text (blank line between documents), JSONL, Parquet, a saved `datasets` "
+        "directory; .gz/.bz2/.zst; files, directories or globs, local or fsspec URLs (hf://, "
+        "s3://, gs://, ...); dataset:NAME[:CONFIG][:SPLIT] streams a `datasets` dataset "
+        "(default split: train)",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="shard directory (rerun the same command to resume)")
     p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.json or a directory holding one")
     p.add_argument("--seq-len", type=int, default=128, metavar="N", help="sequence length")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="worker processes per rank; 0: every usable core (1 per rank under MPI)")
-    p.add_argument("--nsp", action=argparse.BooleanOptionalAction, default=True,
-                   help="sentence pairs with next-sentence labels, or --no-nsp: packed full sentences")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="worker processes per rank; 0: every usable core (1 per rank under MPI)",
+    )
+    p.add_argument(
+        "--nsp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sentence pairs with next-sentence labels, or --no-nsp: packed full sentences",
+    )
     p.add_argument("--seed", type=int, default=12345, help="seed of the sentence pairing")
     p.add_argument("--short-seq-prob", type=float, default=0.1, help="NSP: chance of a shorter target length")
-    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop exact duplicate documents")
+    p.add_argument(
+        "--dedup", action=argparse.BooleanOptionalAction, default=True, help="drop exact duplicate documents"
+    )
     p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet/datasets input")
     p.add_argument("--shard-sequences", type=int, default=32768, metavar="N", help="sequences per shard")
-    p.add_argument("--unit-kb", type=int, default=1024, metavar="KB",
-                   help="input per work unit; part of the output's identity")
+    p.add_argument(
+        "--unit-kb", type=int, default=1024, metavar="KB", help="input per work unit; part of the output's identity"
+    )
     p.add_argument("--max-line-chars", type=int, default=100_000, metavar="N", help="longer lines are split")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress on stderr: a bar on a terminal, else a line every "
-                        f"${INTERVAL_ENV} seconds ({DEFAULT_INTERVAL:.0f} when unset)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress on stderr: a bar on a terminal, else a line every "
+        f"${INTERVAL_ENV} seconds ({DEFAULT_INTERVAL:.0f} when unset)",
+    )
     return p
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="earlybert prep tokenizer", formatter_class=HelpFormatter,
-                                description="Train a BERT-style WordPiece tokenizer.json on a corpus.")
+    p = argparse.ArgumentParser(
+        prog="earlybert prep tokenizer",
+        formatter_class=HelpFormatter,
+        description="Train a BERT-style WordPiece tokenizer.json on a corpus.",
+    )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="same inputs as `earlybert prep`")
-    p.add_argument("--output", required=True, metavar="PATH",
-                   help="tokenizer.json to write, or a directory to write it into")
+    p.add_argument(
+        "--output", required=True, metavar="PATH", help="tokenizer.json to write, or a directory to write it into"
+    )
     p.add_argument("--vocab-size", type=int, default=30522, help="tokens in the vocabulary, special ones included")
     p.add_argument("--lowercase", action="store_true", help="lower-case and strip accents (BERT uncased)")
     p.add_argument("--min-frequency", type=int, default=2, help="rarer pieces are not merged into the vocabulary")
@@ -72,14 +99,21 @@ def _tokenizer_parser() -> argparse.ArgumentParser:
 
 def _corpus_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="earlybert prep local-corpus", formatter_class=HelpFormatter,
+        prog="earlybert prep local-corpus",
+        formatter_class=HelpFormatter,
         description="Write a plain-text corpus from text already on this machine: docstrings of the Python "
-                    "standard library and installed packages, and their .rst/.md/.txt documentation.")
+        "standard library and installed packages, and their .rst/.md/.txt documentation.",
+    )
     p.add_argument("--output", required=True, metavar="FILE", help="plain-text corpus to write")
     p.add_argument("--max-mb", type=float, default=20.0, help="stop at this many MB")
-    p.add_argument("--from", dest="doc_roots", nargs="+", metavar="DIR",
-                   help="read only the .rst/.md/.txt files (optionally .gz) under these directories, e.g. "
-                        "/usr/share/doc/linux-doc-6.1/Documentation (the Linux kernel documentation)")
+    p.add_argument(
+        "--from",
+        dest="doc_roots",
+        nargs="+",
+        metavar="DIR",
+        help="read only the .rst/.md/.txt files (optionally .gz) under these directories, e.g. "
+        "/usr/share/doc/linux-doc-6.1/Documentation (the Linux kernel documentation)",
+    )
     return p
 
 
@@ -94,27 +128,54 @@ def main(argv: list[str] | None = None) -> int:
             if Path(a.output).is_dir():
                 a.output = str(Path(a.output) / "tokenizer.json")
             started = time.time()
-            print(f"{a.output}: training a WordPiece vocabulary of {a.vocab_size} tokens on {' '.join(a.input)}",
-                  file=sys.stderr, flush=True)
-            tok = train_wordpiece(a.input, a.output, vocab_size=a.vocab_size, lowercase=a.lowercase,
-                                  min_frequency=a.min_frequency, text_field=a.text_field, progress=True)
-            print(f"{a.output}: WordPiece vocabulary of {tok.get_vocab_size()} tokens in "
-                  f"{time.time() - started:.1f} s", file=sys.stderr)
+            print(
+                f"{a.output}: training a WordPiece vocabulary of {a.vocab_size} tokens on {' '.join(a.input)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            tok = train_wordpiece(
+                a.input,
+                a.output,
+                vocab_size=a.vocab_size,
+                lowercase=a.lowercase,
+                min_frequency=a.min_frequency,
+                text_field=a.text_field,
+                progress=True,
+            )
+            print(
+                f"{a.output}: WordPiece vocabulary of {tok.get_vocab_size()} tokens in {time.time() - started:.1f} s",
+                file=sys.stderr,
+            )
         elif action == "local-corpus":
             from data_prep.local_corpus import gather_local_corpus
 
             a = _corpus_parser().parse_args(argv[1:])
             stats = gather_local_corpus(a.output, int(a.max_mb * 1e6), doc_roots=a.doc_roots)
-            print(f"{a.output}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB "
-                  f"from {stats['files_scanned']} files in {stats['seconds']:.1f} s", file=sys.stderr)
+            print(
+                f"{a.output}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB "
+                f"from {stats['files_scanned']} files in {stats['seconds']:.1f} s",
+                file=sys.stderr,
+            )
         else:
             from data_prep.prep import PrepConfig, run_prep
 
             a = _prep_parser().parse_args(argv)
-            cfg = PrepConfig(inputs=a.input, output=a.output, tokenizer=a.tokenizer, seq_len=a.seq_len,
-                             workers=a.workers, nsp=a.nsp, seed=a.seed, short_seq_prob=a.short_seq_prob,
-                             dedup=a.dedup, text_field=a.text_field, shard_sequences=a.shard_sequences,
-                             unit_bytes=a.unit_kb * 1024, max_line_chars=a.max_line_chars, progress=a.progress)
+            cfg = PrepConfig(
+                inputs=a.input,
+                output=a.output,
+                tokenizer=a.tokenizer,
+                seq_len=a.seq_len,
+                workers=a.workers,
+                nsp=a.nsp,
+                seed=a.seed,
+                short_seq_prob=a.short_seq_prob,
+                dedup=a.dedup,
+                text_field=a.text_field,
+                shard_sequences=a.shard_sequences,
+                unit_bytes=a.unit_kb * 1024,
+                max_line_chars=a.max_line_chars,
+                progress=a.progress,
+            )
             run_prep(cfg)
     except InputError as e:
         print(f"earlybert prep: error: {e}", file=sys.stderr)

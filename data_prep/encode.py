@@ -5,6 +5,7 @@ Documents are lists of lines ("segments": one sentence or paragraph each, BERT's
 A unit's output is stored as flat token ids plus per-line token counts and per-document line
 counts, so pass 2 can rebuild the segments without re-tokenizing.
 """
+
 import hashlib
 import itertools
 import json
@@ -19,8 +20,11 @@ from data_prep.readers import InputError, Unit
 # Statistics a unit reports, in this order (stored as an int64 array in the unit file).
 STATS = ("input_documents", "empty_documents", "replaced_bytes", "split_lines", "split_documents")
 SPECIAL_NAMES = {
-    "cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>"),
-    "pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"),
+    "cls": ("[CLS]", "<s>"),
+    "sep": ("[SEP]", "</s>"),
+    "mask": ("[MASK]", "<mask>"),
+    "pad": ("[PAD]", "<pad>"),
+    "unk": ("[UNK]", "<unk>"),
 }
 _ESCAPED = re.compile("[\udc80-\udcff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -32,8 +36,10 @@ def load_tokenizer(path) -> tuple[Tokenizer, str, str]:
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise InputError(f"{file}: tokenizer not found; pass a tokenizer.json or a directory holding one "
-                         f"(train one with `earlybert prep tokenizer`)")
+        raise InputError(
+            f"{file}: tokenizer not found; pass a tokenizer.json or a directory holding one "
+            f"(train one with `earlybert prep tokenizer`)"
+        )
     text = file.read_text(encoding="utf-8")
     try:
         tok = tokenizer_from_json(text)
@@ -55,8 +61,10 @@ def special_ids(tok: Tokenizer, file: str) -> dict:
     for name, candidates in SPECIAL_NAMES.items():
         found = [tok.token_to_id(c) for c in candidates if tok.token_to_id(c) is not None]
         if not found:
-            raise InputError(f"{file}: no {' or '.join(candidates)} token; BERT pre-training needs "
-                             f"[CLS], [SEP], [MASK], [PAD] and [UNK]")
+            raise InputError(
+                f"{file}: no {' or '.join(candidates)} token; BERT pre-training needs "
+                f"[CLS], [SEP], [MASK], [PAD] and [UNK]"
+            )
         ids[name] = found[0]
     return ids
 
@@ -113,12 +121,15 @@ def parse_unit(unit: Unit, text_field: str) -> tuple[list[list[str]], dict]:
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise InputError(f"{unit.path}:{unit.first_line + offset}: invalid JSON ({e}); "
-                                 f"JSONL needs one JSON object per line") from e
+                raise InputError(
+                    f"{unit.path}:{unit.first_line + offset}: invalid JSON ({e}); JSONL needs one JSON object per line"
+                ) from e
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise InputError(f"{unit.path}:{unit.first_line + offset}: no {text_field!r} field "
-                                 f"(found: {keys}); pass --text-field")
+                raise InputError(
+                    f"{unit.path}:{unit.first_line + offset}: no {text_field!r} field "
+                    f"(found: {keys}); pass --text-field"
+                )
             value = record[text_field] if isinstance(record[text_field], str) else ""
             # JSON escapes can encode lone surrogates, which are not text: replace and count them.
             value, bad = _SURROGATE.subn("\ufffd", value)

@@ -6,6 +6,7 @@ one place for `earlybert prep` (MPI ranks through mpi4py) and `earlybert train` 
     mpi      mpirun (OpenMPI, MPICH, Intel MPI) or another PMI/PMIx launcher
     single   a plain process
 """
+
 TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # The world size as OpenMPI, PMI (MPICH, Intel MPI) and PMIx launchers set it.
 MPI_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")

@@ -16,6 +16,7 @@ this corpus must take. A regular expression walks the comments and string litera
 docstring is a triple-quoted string that starts a line right after a line ending in ':' (def,
 class, ...) or at the top of a module; `ast.literal_eval` decodes it.
 """
+
 import ast
 import gzip
 import inspect
@@ -32,17 +33,29 @@ from data_prep.shards import atomic_write
 # Comments and string literals in source order, so that quotes inside them are never taken for
 # the start of a docstring. No prefix letters in the pattern: every match then starts with
 # '#' or a quote, which the regex engine finds by a fast scan.
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     \#[^\n]*
   | (?P<triple>"{3}(?:[^"\\]+|\\.|"(?!""))*"{3}|'{3}(?:[^'\\]+|\\.|'(?!''))*'{3})
   | "(?:[^"\\\n]+|\\.)*"
   | '(?:[^'\\\n]+|\\.)*'
-""", re.X | re.S)
+""",
+    re.X | re.S,
+)
 _BLOCK_SPLIT = re.compile(r"\n[ \t]*\n")
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "test", "tests", "idle_test"}
 # Package metadata that is not prose.
-_SKIP_FILES = {"top_level.txt", "entry_points.txt", "SOURCES.txt", "dependency_links.txt", "requires.txt",
-               "namespace_packages.txt", "installed-files.txt", "RECORD", "CMakeLists.txt"}
+_SKIP_FILES = {
+    "top_level.txt",
+    "entry_points.txt",
+    "SOURCES.txt",
+    "dependency_links.txt",
+    "requires.txt",
+    "namespace_packages.txt",
+    "installed-files.txt",
+    "RECORD",
+    "CMakeLists.txt",
+}
 _MAX_DOC_FILE = 2_000_000
 _DOC_SUFFIXES = (".rst", ".md", ".txt")
 # reST/Markdown markup lines that are not prose: directives and comments, heading underlines and
@@ -78,7 +91,7 @@ def docstrings(src: str) -> list[str]:
         if not m.group("triple"):
             continue
         line_start = src.rfind("\n", 0, m.start()) + 1
-        prefix = src[line_start:m.start()].strip()
+        prefix = src[line_start : m.start()].strip()
         if prefix not in ("", "r", "R", "u", "U") or not _after_colon_or_top(src, line_start):
             continue
         body = m.group(0)[3:-3]
@@ -156,8 +169,10 @@ def gather_local_corpus(path, max_bytes: int, workers: int | None = None, doc_ro
     doc_roots = [Path(r) for r in doc_roots or []]
     for root in doc_roots:
         if not root.is_dir():
-            raise InputError(f"{root}: not a directory; --from takes a directory of .rst/.md/.txt documentation "
-                             f"(optionally .gz), e.g. /usr/share/doc/linux-doc-6.1/Documentation")
+            raise InputError(
+                f"{root}: not a directory; --from takes a directory of .rst/.md/.txt documentation "
+                f"(optionally .gz), e.g. /usr/share/doc/linux-doc-6.1/Documentation"
+            )
     started = time.time()
     workers = workers or len(os.sched_getaffinity(0))
     stats = {"bytes": 0, "documents": 0, "paragraphs": 0, "files_scanned": 0, "sources": {}}

@@ -20,6 +20,7 @@ the input files (or, with fewer files than ranks, the units of every file), exch
 summaries with allgather, and rank 0 writes the manifest. Memory per process is bounded by a
 unit and a shard; only the dedup step holds 16 bytes per document.
 """
+
 import hashlib
 import json
 import multiprocessing as mp
@@ -50,7 +51,7 @@ class PrepConfig:
     output: str
     tokenizer: str
     seq_len: int
-    workers: int = 0          # 0: every usable core (1 per rank under MPI)
+    workers: int = 0  # 0: every usable core (1 per rank under MPI)
     nsp: bool = True
     seed: int = 12345
     short_seq_prob: float = 0.1
@@ -59,7 +60,7 @@ class PrepConfig:
     shard_sequences: int = 32768
     unit_bytes: int = 1 << 20
     max_line_chars: int = 100_000
-    progress: bool = True     # a bar on a terminal, else a line now and then (progress.py)
+    progress: bool = True  # a bar on a terminal, else a line now and then (progress.py)
 
 
 class PrepError(readers.InputError):
@@ -85,12 +86,16 @@ def detect_dist() -> Dist:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise PrepError(f"launched as {launched} ranks but mpi4py is not importable ({e}); "
-                        f"pip install mpi4py, or run without mpirun/srun") from e
+        raise PrepError(
+            f"launched as {launched} ranks but mpi4py is not importable ({e}); "
+            f"pip install mpi4py, or run without mpirun/srun"
+        ) from e
     comm = MPI.COMM_WORLD
     if comm.Get_size() != launched:
-        raise PrepError(f"launched as {launched} tasks but MPI sees {comm.Get_size()}; under Slurm use "
-                        f"`srun --mpi=pmix` (or pmi2) so the tasks form one MPI job")
+        raise PrepError(
+            f"launched as {launched} tasks but MPI sees {comm.Get_size()}; under Slurm use "
+            f"`srun --mpi=pmix` (or pmi2) so the tasks form one MPI job"
+        )
     return Dist(comm.Get_rank(), comm.Get_size(), comm)
 
 
@@ -119,25 +124,28 @@ def _log(dist: Dist, msg: str):
 @dataclass(frozen=True)
 class TokenizerInfo:
     """The tokenizer as the workers rebuild it and the manifest records it."""
-    json: str          # tokenizer.json text, copied into OUT
-    file: str          # where it was read from
+
+    json: str  # tokenizer.json text, copied into OUT
+    file: str  # where it was read from
     sha256: str
     vocab_size: int
-    special: dict      # special token ids by name ("cls", "sep", ...)
-    token_dtype: str   # of the token ids on disk
+    special: dict  # special token ids by name ("cls", "sep", ...)
+    token_dtype: str  # of the token ids on disk
 
 
 def load_tokenizer(path: str) -> TokenizerInfo:
     tok, text, file = encode.load_tokenizer(path)
     special = encode.special_ids(tok, file)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    return TokenizerInfo(text, file, hashlib.sha256(text.encode()).hexdigest(), vocab_size, special,
-                         shards.token_dtype(vocab_size).name)
+    return TokenizerInfo(
+        text, file, hashlib.sha256(text.encode()).hexdigest(), vocab_size, special, shards.token_dtype(vocab_size).name
+    )
 
 
 @dataclass(frozen=True)
 class WorkDir:
     """OUT/.work: what a killed run leaves for the rerun to resume from; removed once OUT is complete."""
+
     root: Path
 
     @property
@@ -161,6 +169,7 @@ class WorkDir:
 @dataclass(frozen=True)
 class PrepRun:
     """What the passes of one run share: options, ranks, inputs and tokenizer."""
+
     cfg: PrepConfig
     dist: Dist
     sources: list[readers.Source]
@@ -181,8 +190,20 @@ class PrepRun:
             "format_version": shards.FORMAT_VERSION,
             "inputs": [[s.path, s.size, s.mtime_ns] for s in self.sources],
             "tokenizer_sha256": self.tokenizer.sha256,
-            **{k: getattr(self.cfg, k) for k in ("seq_len", "nsp", "seed", "short_seq_prob", "dedup", "text_field",
-                                                 "shard_sequences", "unit_bytes", "max_line_chars")},
+            **{
+                k: getattr(self.cfg, k)
+                for k in (
+                    "seq_len",
+                    "nsp",
+                    "seed",
+                    "short_seq_prob",
+                    "dedup",
+                    "text_field",
+                    "shard_sequences",
+                    "unit_bytes",
+                    "max_line_chars",
+                )
+            },
         }
 
     def progress_bar(self, desc: str, total: int, unit: str):
@@ -196,8 +217,12 @@ _WORKER = {}
 def _init_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
     # One core per worker: the tokenizer's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(cfg=cfg, tokenizer=tokenizer, tok=encode.tokenizer_from_json(tokenizer.json),
-                   work=WorkDir(Path(cfg.output) / WORK))
+    _WORKER.update(
+        cfg=cfg,
+        tokenizer=tokenizer,
+        tok=encode.tokenizer_from_json(tokenizer.json),
+        work=WorkDir(Path(cfg.output) / WORK),
+    )
 
 
 def _save_npz(path: Path, arrays: dict):
@@ -205,14 +230,26 @@ def _save_npz(path: Path, arrays: dict):
 
 
 def _unit_summary(key, source, arrays, nbytes, resumed=False) -> dict:
-    return {"key": key, "source": source, "documents": len(arrays["doc_lines"]), "tokens": len(arrays["tokens"]),
-            "stats": arrays["stats"].tolist(), "nbytes": nbytes, "resumed": resumed}
+    return {
+        "key": key,
+        "source": source,
+        "documents": len(arrays["doc_lines"]),
+        "tokens": len(arrays["tokens"]),
+        "stats": arrays["stats"].tolist(),
+        "nbytes": nbytes,
+        "resumed": resumed,
+    }
 
 
 def _encode_job(unit: readers.Unit) -> dict:
     cfg = _WORKER["cfg"]
-    arrays = encode.encode_unit(unit, _WORKER["tok"], text_field=cfg.text_field,
-                                max_line_chars=cfg.max_line_chars, token_dtype=_WORKER["tokenizer"].token_dtype)
+    arrays = encode.encode_unit(
+        unit,
+        _WORKER["tok"],
+        text_field=cfg.text_field,
+        max_line_chars=cfg.max_line_chars,
+        token_dtype=_WORKER["tokenizer"].token_dtype,
+    )
     _save_npz(_WORKER["work"].unit(unit.key), arrays)
     return _unit_summary(unit.key, unit.source, arrays, unit.nbytes)
 
@@ -223,12 +260,22 @@ def _sequence_job(job) -> dict:
     path = work.sequences(key)
     with np.load(work.unit(key)) as z:
         arrays = dict(z)
-    doc_tokens = np.add.reduceat(arrays["line_tokens"], np.cumsum(arrays["doc_lines"]) - arrays["doc_lines"]) \
-        if len(arrays["doc_lines"]) else np.zeros(0, np.int64)
+    doc_tokens = (
+        np.add.reduceat(arrays["line_tokens"], np.cumsum(arrays["doc_lines"]) - arrays["doc_lines"])
+        if len(arrays["doc_lines"])
+        else np.zeros(0, np.int64)
+    )
     if not path.exists():
         tokens, table = sequences.build_sequences(
-            arrays, keep, nsp=cfg.nsp, seq_len=cfg.seq_len, short_seq_prob=cfg.short_seq_prob,
-            rng=sequences.unit_rng(cfg.seed, source, index), cls=special["cls"], sep=special["sep"])
+            arrays,
+            keep,
+            nsp=cfg.nsp,
+            seq_len=cfg.seq_len,
+            short_seq_prob=cfg.short_seq_prob,
+            rng=sequences.unit_rng(cfg.seed, source, index),
+            cls=special["cls"],
+            sep=special["sep"],
+        )
         _save_npz(path, {"tokens": tokens, "table": table})
     with np.load(path) as z:
         return {"key": key, "sequences": len(z["table"]), "document_tokens": int(doc_tokens[keep].sum())}
@@ -246,7 +293,7 @@ def _shard_job(job) -> dict:
         with np.load(work.sequences(key)) as z:
             table, tokens = z["table"], z["tokens"]
         starts = np.concatenate([[0], np.cumsum(table[:, 0], dtype=np.int64)])
-        toks.append(tokens[starts[lo]:starts[hi]])
+        toks.append(tokens[starts[lo] : starts[hi]])
         tables.append(table[lo:hi])
     tokens, table = np.concatenate(toks), np.concatenate(tables)
     starts = np.concatenate([[0], np.cumsum(table[:-1, 0], dtype=np.int64)])
@@ -259,6 +306,7 @@ def _shard_job(job) -> dict:
 @dataclass
 class Workers:
     """This rank's worker processes; pool None: one worker, this process."""
+
     pool: Pool | None
     window: int  # jobs in flight at most
 
@@ -315,8 +363,10 @@ def _validate(cfg: PrepConfig):
     if cfg.seq_len < 8:
         raise PrepError(f"--seq-len {cfg.seq_len}: too short (BERT uses 128, then 512)")
     if cfg.shard_sequences < 1 or cfg.shard_sequences * cfg.seq_len > shards.MAX_SHARD_TOKENS:
-        raise PrepError(f"--shard-sequences {cfg.shard_sequences}: must be >= 1 and at most "
-                        f"{shards.MAX_SHARD_TOKENS // cfg.seq_len} at --seq-len {cfg.seq_len}")
+        raise PrepError(
+            f"--shard-sequences {cfg.shard_sequences}: must be >= 1 and at most "
+            f"{shards.MAX_SHARD_TOKENS // cfg.seq_len} at --seq-len {cfg.seq_len}"
+        )
     if cfg.unit_bytes < 1024 or cfg.max_line_chars < 16 or not 0 <= cfg.short_seq_prob <= 1:
         raise PrepError("--unit-kb must be >= 1, --max-line-chars >= 16, --short-seq-prob in [0, 1]")
 
@@ -341,8 +391,10 @@ def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
             break
     if found is None:
         if any(out.glob("shard_*.npy")):
-            raise PrepError(f"{out}: holds shard files but no manifest.json or {WORK}/state.json; "
-                            f"delete them or choose another --output")
+            raise PrepError(
+                f"{out}: holds shard files but no manifest.json or {WORK}/state.json; "
+                f"delete them or choose another --output"
+            )
         return False
     path, data = found
     old = data["fingerprint"]
@@ -351,12 +403,16 @@ def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
     if old.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
         # state.json names the tokenizer file as given; a finished manifest records it under "tokenizer".
         written_with = data.get("tokenizer_file") or data.get("tokenizer", {}).get("source", "?")
-        raise PrepError(f"{path}: {out} was written with another tokenizer ({written_with}, sha256 "
-                        f"{old.get('tokenizer_sha256', '?')[:12]}), not {tokenizer_file} (sha256 "
-                        f"{fingerprint['tokenizer_sha256'][:12]}); choose another --output or delete {out}")
+        raise PrepError(
+            f"{path}: {out} was written with another tokenizer ({written_with}, sha256 "
+            f"{old.get('tokenizer_sha256', '?')[:12]}), not {tokenizer_file} (sha256 "
+            f"{fingerprint['tokenizer_sha256'][:12]}); choose another --output or delete {out}"
+        )
     changed = ", ".join(k for k in fingerprint if old.get(k) != fingerprint[k])
-    raise PrepError(f"{path}: {out} was written with different {changed}; rerun with the same inputs and "
-                    f"options to resume, or choose another --output or delete {out}")
+    raise PrepError(
+        f"{path}: {out} was written with different {changed}; rerun with the same inputs and "
+        f"options to resume, or choose another --output or delete {out}"
+    )
 
 
 def _already_complete(run: PrepRun) -> dict:
@@ -443,8 +499,12 @@ def _warn_bad_input(run: PrepRun, units):
     per_source = {}
     for u in units:
         per_source[u["source"]] = per_source.get(u["source"], np.zeros(len(encode.STATS), np.int64)) + u["stats"]
-    notes = {"empty_documents": "empty documents skipped", "replaced_bytes": "non-UTF-8 bytes replaced with U+FFFD",
-             "split_lines": "over-long lines split", "split_documents": "documents without blank lines cut"}
+    notes = {
+        "empty_documents": "empty documents skipped",
+        "replaced_bytes": "non-UTF-8 bytes replaced with U+FFFD",
+        "split_lines": "over-long lines split",
+        "split_documents": "documents without blank lines cut",
+    }
     for f in sorted(per_source):
         for name, note in notes.items():
             n = int(per_source[f][encode.STATS.index(name)])
@@ -459,9 +519,11 @@ def _input_stats(run: PrepRun, units) -> dict:
     stats = dict(zip(encode.STATS, totals.tolist()))
     if stats["input_documents"] == 0:
         sources = run.sources
-        raise PrepError(f"no documents in {', '.join(s.path for s in sources[:5])}"
-                        f"{' ...' if len(sources) > 5 else ''}: every input is empty or blank; "
-                        f"nothing was written")
+        raise PrepError(
+            f"no documents in {', '.join(s.path for s in sources[:5])}"
+            f"{' ...' if len(sources) > 5 else ''}: every input is empty or blank; "
+            f"nothing was written"
+        )
     return stats
 
 
@@ -496,8 +558,11 @@ def sequence_pass(run: PrepRun, workers: Workers, units, keep) -> dict:
     """Pass 2: the sequences of this rank's units; returns {unit key: {"sequences", "document_tokens"}}
     for every rank's units."""
     offsets = np.concatenate([[0], np.cumsum([u["documents"] for u in units])])
-    jobs = [(u["key"], *map(int, u["key"].split("-")), keep[offsets[i]:offsets[i + 1]])
-            for i, u in enumerate(units) if i % run.dist.world == run.dist.rank]
+    jobs = [
+        (u["key"], *map(int, u["key"].split("-")), keep[offsets[i] : offsets[i + 1]])
+        for i, u in enumerate(units)
+        if i % run.dist.world == run.dist.rank
+    ]
     mine = _step(run.dist, _run_jobs, run, workers, "sequences", "units", _sequence_job, jobs)
     return {r["key"]: r for part in run.dist.allgather(mine) for r in part}
 
@@ -543,15 +608,25 @@ def manifest_pass(run: PrepRun, n_shards: int, keep, built: dict, stats: dict) -
         **stats,
     }
     shards.write_manifest(
-        out, seq_len=cfg.seq_len, shard_sequences=cfg.shard_sequences, token_dtype=tokenizer.token_dtype,
+        out,
+        seq_len=cfg.seq_len,
+        shard_sequences=cfg.shard_sequences,
+        token_dtype=tokenizer.token_dtype,
         counts=counts,
-        tokenizer={"file": "tokenizer.json", "source": tokenizer.file, "sha256": tokenizer.sha256,
-                   "vocab_size": tokenizer.vocab_size, "special_ids": tokenizer.special},
+        tokenizer={
+            "file": "tokenizer.json",
+            "source": tokenizer.file,
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "special_ids": tokenizer.special,
+        },
         seed=cfg.seed,
-        options={k: getattr(cfg, k) for k in ("nsp", "short_seq_prob", "dedup", "text_field",
-                                              "unit_bytes", "max_line_chars")},
+        options={
+            k: getattr(cfg, k) for k in ("nsp", "short_seq_prob", "dedup", "text_field", "unit_bytes", "max_line_chars")
+        },
         inputs=[{"path": s.path, "kind": s.kind, "bytes": s.size} for s in run.sources],
-        shards=entries, fingerprint=run.fingerprint,
+        shards=entries,
+        fingerprint=run.fingerprint,
     )
     shutil.rmtree(run.work.root)
     for partial in out.glob(".*.tmp*"):  # left by a killed run: never listed, now removed
@@ -563,9 +638,11 @@ def manifest_pass(run: PrepRun, n_shards: int, keep, built: dict, stats: dict) -
 def _summary(run: PrepRun, counts: dict, units, n_shards: int, seconds: float) -> str:
     n_resumed = sum(u["resumed"] for u in units)
     resumed = f", {n_resumed} of {len(units)} units resumed from an earlier run" if n_resumed else ""
-    return (f"{run.out}: {counts['documents']} documents ({counts['duplicates_dropped']} duplicates dropped), "
-            f"{counts['sequences']} sequences of <= {run.cfg.seq_len} tokens in {n_shards} shards, "
-            f"{sum(u['tokens'] for u in units) / seconds:,.0f} tokens/s, {seconds:.1f} s{resumed}")
+    return (
+        f"{run.out}: {counts['documents']} documents ({counts['duplicates_dropped']} duplicates dropped), "
+        f"{counts['sequences']} sequences of <= {run.cfg.seq_len} tokens in {n_shards} shards, "
+        f"{sum(u['tokens'] for u in units) / seconds:,.0f} tokens/s, {seconds:.1f} s{resumed}"
+    )
 
 
 def run_prep(cfg: PrepConfig) -> dict:

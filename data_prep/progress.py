@@ -4,6 +4,7 @@ On a terminal: a tqdm bar. Elsewhere (srun, mpirun, nohup, a log file), where a 
 endless line and no output at all looks like a hung job: a line when the loop starts and ends and,
 in between, at most one every EARLYBERT_PROGRESS_SECONDS (default 30) with the rate and the time left.
 """
+
 import os
 import sys
 import time
@@ -47,8 +48,9 @@ class ProgressLines:
 
     def close(self):
         seconds = time.monotonic() - self.started
-        self._print(f"{self._amount(self.n)} done in {tqdm.format_interval(seconds)}, "
-                    f"{self._rate(self.n / max(seconds, 1e-9))}")
+        self._print(
+            f"{self._amount(self.n)} done in {tqdm.format_interval(seconds)}, {self._rate(self.n / max(seconds, 1e-9))}"
+        )
 
     def __enter__(self):
         return self
@@ -61,8 +63,11 @@ class ProgressLines:
         return tqdm.format_sizeof(n, "B") if self.unit == "B" else f"{n:,} {self.unit}"
 
     def _rate(self, per_second: float) -> str:
-        return tqdm.format_sizeof(per_second, "B/s") if self.unit == "B" else \
-            f"{tqdm.format_sizeof(per_second)} {self.unit}/s"
+        return (
+            tqdm.format_sizeof(per_second, "B/s")
+            if self.unit == "B"
+            else f"{tqdm.format_sizeof(per_second)} {self.unit}/s"
+        )
 
     def _print(self, text: str):
         fields = "".join(f", {k}={v}" for k, v in self.postfix.items())

@@ -13,6 +13,7 @@ Inputs are local paths, fsspec URLs (hf://, s3://, gs://, file://, memory://, ..
 read through fsspec) or `dataset:NAME[:SPLIT]` / `dataset:NAME:CONFIG:SPLIT`: a `datasets` dataset
 (hub name or local directory) streamed in its own order, never downloaded whole.
 """
+
 import bz2
 import glob
 import gzip
@@ -42,22 +43,22 @@ class InputError(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    path: str   # absolute path, fsspec URL, or dataset:NAME...
-    kind: str   # "text", "jsonl", "parquet", "dataset" (a `datasets` save_to_disk directory) or "stream"
-    size: int   # bytes on disk (for a dataset: of its Arrow files; for a stream: 0, unknown)
+    path: str  # absolute path, fsspec URL, or dataset:NAME...
+    kind: str  # "text", "jsonl", "parquet", "dataset" (a `datasets` save_to_disk directory) or "stream"
+    size: int  # bytes on disk (for a dataset: of its Arrow files; for a stream: 0, unknown)
     mtime_ns: int
 
 
 @dataclass
 class Unit:
-    source: int        # index into the source list
-    index: int         # unit number within the source
-    kind: str          # "text" and "jsonl": payload is bytes; "records": payload is list[str]
+    source: int  # index into the source list
+    index: int  # unit number within the source
+    kind: str  # "text" and "jsonl": payload is bytes; "records": payload is list[str]
     payload: object
     path: str
-    first_line: int    # line number of the payload's first line (text, jsonl), for messages
-    nbytes: int        # input bytes consumed (on disk, i.e. compressed), for the progress bar
-    split_lines: int = 0      # 1 when the unit was cut inside a line (hard cap)
+    first_line: int  # line number of the payload's first line (text, jsonl), for messages
+    nbytes: int  # input bytes consumed (on disk, i.e. compressed), for the progress bar
+    split_lines: int = 0  # 1 when the unit was cut inside a line (hard cap)
     split_documents: int = 0  # 1 when the unit was cut inside a document (hard cap)
 
     @property
@@ -132,8 +133,10 @@ def _sources(arg: str) -> list[Source]:
         if path.is_dir() and not _is_dataset_dir(path):
             found = sorted(p for p in path.rglob("*") if p.is_file() and _wanted_in_dir(p))
             if not found:
-                raise InputError(f"{path}: directory holds no .txt/.jsonl/.json/.parquet files "
-                                 f"(optionally .gz/.bz2/.zst) and is not a saved `datasets` dataset")
+                raise InputError(
+                    f"{path}: directory holds no .txt/.jsonl/.json/.parquet files "
+                    f"(optionally .gz/.bz2/.zst) and is not a saved `datasets` dataset"
+                )
             paths += found
         else:
             paths.append(path)
@@ -143,8 +146,12 @@ def _sources(arg: str) -> list[Source]:
 def _local_source(path: Path) -> Source:
     if path.is_dir():
         files = list(path.rglob("*.arrow"))
-        return Source(str(path), "dataset", sum(f.stat().st_size for f in files),
-                      max((f.stat().st_mtime_ns for f in files), default=0))
+        return Source(
+            str(path),
+            "dataset",
+            sum(f.stat().st_size for f in files),
+            max((f.stat().st_mtime_ns for f in files), default=0),
+        )
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -173,8 +180,10 @@ def _remote_sources(url: str) -> list[Source]:
         raise InputError(f"{url}: cannot list ({type(e).__name__}: {e}); check the URL and its credentials") from e
     if not paths:
         raise InputError(f"{url}: no such file, no data files under it, or no match for the pattern; check the URL")
-    return [Source(fs.unstrip_protocol(p), _kind(PurePosixPath(p)), info["size"], _mtime_ns(info))
-            for p, info in zip(paths, infos, strict=True)]
+    return [
+        Source(fs.unstrip_protocol(p), _kind(PurePosixPath(p)), info["size"], _mtime_ns(info))
+        for p, info in zip(paths, infos, strict=True)
+    ]
 
 
 def _mtime_ns(info: dict) -> int:
@@ -208,8 +217,9 @@ def _load_stream(arg: str):
     try:
         return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # datasets raises many types: missing name, config or split, no network
-        raise InputError(f"{arg}: cannot load the dataset ({type(e).__name__}: {e}); check its name, config "
-                         f"and split") from e
+        raise InputError(
+            f"{arg}: cannot load the dataset ({type(e).__name__}: {e}); check its name, config and split"
+        ) from e
 
 
 class _Counted:
@@ -278,8 +288,9 @@ def _byte_units(source_id, source: Source, unit_bytes: int, boundary: re.Pattern
                     split_lines = 1
             payload = bytes(buf[:cut])
             del buf[:cut]
-            yield Unit(source_id, index, kind, payload, source.path, line, counted.pos - reported,
-                       split_lines, split_docs)
+            yield Unit(
+                source_id, index, kind, payload, source.path, line, counted.pos - reported, split_lines, split_docs
+            )
             reported = counted.pos
             line += payload.count(b"\n")
             index += 1
@@ -291,8 +302,10 @@ def _parquet_batches(source: Source, text_field: str):
     with _open(source.path) as raw:
         f = pq.ParquetFile(raw)
         if text_field not in f.schema_arrow.names:
-            raise InputError(f"{source.path}: no column {text_field!r} (columns: "
-                             f"{', '.join(f.schema_arrow.names)}); pass --text-field")
+            raise InputError(
+                f"{source.path}: no column {text_field!r} (columns: "
+                f"{', '.join(f.schema_arrow.names)}); pass --text-field"
+            )
         for batch in f.iter_batches(batch_size=RECORD_BATCH, columns=[text_field]):
             yield batch.column(0).to_pylist()
 
@@ -305,8 +318,9 @@ def _dataset_batches(source: Source, text_field: str):
     parts = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
     for part in parts:
         if text_field not in part.column_names:
-            raise InputError(f"{source.path}: no column {text_field!r} (columns: {', '.join(part.column_names)}); "
-                             f"pass --text-field")
+            raise InputError(
+                f"{source.path}: no column {text_field!r} (columns: {', '.join(part.column_names)}); pass --text-field"
+            )
         for batch in part.select_columns([text_field]).iter(batch_size=RECORD_BATCH):
             yield batch[text_field]
 
@@ -314,8 +328,9 @@ def _dataset_batches(source: Source, text_field: str):
 def _stream_batches(source: Source, text_field: str):
     for batch in _load_stream(source.path).iter(batch_size=RECORD_BATCH):
         if text_field not in batch:
-            raise InputError(f"{source.path}: no column {text_field!r} (columns: {', '.join(batch)}); "
-                             f"pass --text-field")
+            raise InputError(
+                f"{source.path}: no column {text_field!r} (columns: {', '.join(batch)}); pass --text-field"
+            )
         yield batch[text_field]
 
 
@@ -358,5 +373,6 @@ def read_units(source_id: int, source: Source, unit_bytes: int, text_field: str 
     except InputError:
         raise
     except (OSError, EOFError, ValueError, zstandard.ZstdError) as e:
-        raise InputError(f"{source.path}: cannot read ({type(e).__name__}: {e}); the file is corrupt "
-                         f"or truncated: fix or remove it") from e
+        raise InputError(
+            f"{source.path}: cannot read ({type(e).__name__}: {e}); the file is corrupt or truncated: fix or remove it"
+        ) from e

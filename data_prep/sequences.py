@@ -13,6 +13,7 @@ Two layouts, both without masking (masking is dynamic at load time):
 Output: flat tokens (special tokens included) and an int32 [n, 3] table (length, len_a, label)
 where len_a counts `[CLS] A [SEP]` and label is -1 without NSP.
 """
+
 import numpy as np
 
 
@@ -24,7 +25,7 @@ def split_docs(tokens, line_tokens, doc_lines, keep) -> list[list[np.ndarray]]:
     """Kept documents as lists of per-line token arrays (views into `tokens`)."""
     lines = np.split(tokens, np.cumsum(line_tokens)[:-1]) if len(line_tokens) else []
     bounds = np.concatenate([[0], np.cumsum(doc_lines)])
-    return [lines[bounds[d]:bounds[d + 1]] for d in range(len(doc_lines)) if keep[d]]
+    return [lines[bounds[d] : bounds[d + 1]] for d in range(len(doc_lines)) if keep[d]]
 
 
 def _truncate_pair(len_a: int, len_b: int, max_tokens: int, rng) -> tuple[slice, slice]:
@@ -123,8 +124,9 @@ def packed(docs, seq_len: int, cls: int, sep: int):
     return out, table
 
 
-def build_sequences(arrays: dict, keep: np.ndarray, *, nsp: bool, seq_len: int, short_seq_prob: float,
-                    rng, cls: int, sep: int) -> tuple[np.ndarray, np.ndarray]:
+def build_sequences(
+    arrays: dict, keep: np.ndarray, *, nsp: bool, seq_len: int, short_seq_prob: float, rng, cls: int, sep: int
+) -> tuple[np.ndarray, np.ndarray]:
     docs = split_docs(arrays["tokens"], arrays["line_tokens"], arrays["doc_lines"], keep)
     if nsp:
         pieces, table = nsp_pairs(docs, seq_len, short_seq_prob, rng, cls, sep)

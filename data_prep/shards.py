@@ -14,6 +14,7 @@ i // shard_sequences: O(1) lookup with no global offset table. Nothing is padded
 padding to seq_len happens in `get_batch`. Masking is not stored either: it is dynamic at load
 time, so one prep serves any number of epochs.
 """
+
 import hashlib
 import json
 import os
@@ -76,8 +77,9 @@ def write_manifest(directory, **fields) -> None:
 def write_shard(directory, shard_id: int, tokens: np.ndarray, index: np.ndarray) -> dict:
     """Write one shard (tokens first, index last) and return its manifest entry."""
     if len(tokens) > MAX_SHARD_TOKENS:
-        raise ValueError(f"shard {shard_id} has {len(tokens)} tokens, more than the int32 index "
-                         f"allows: lower --shard-sequences")
+        raise ValueError(
+            f"shard {shard_id} has {len(tokens)} tokens, more than the int32 index allows: lower --shard-sequences"
+        )
     assert index.dtype == np.int32 and index.ndim == 2 and index.shape[1] == len(INDEX_COLUMNS)
     directory = Path(directory)
     tok_name, idx_name = shard_names(shard_id)
@@ -118,8 +120,10 @@ class ShardDataset:
             raise ShardError(f"{path}: unreadable ({e}); {fix}") from e
         m = self.manifest
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{path}: format {m.get('format')!r} version {m.get('format_version')!r}, "
-                             f"this code reads {FORMAT!r} version {FORMAT_VERSION}; {fix}")
+            raise ShardError(
+                f"{path}: format {m.get('format')!r} version {m.get('format_version')!r}, "
+                f"this code reads {FORMAT!r} version {FORMAT_VERSION}; {fix}"
+            )
         self.seq_len = int(m["seq_len"])
         self.vocab_size = int(m["tokenizer"]["vocab_size"])
         self.has_nsp = bool(m["options"]["nsp"])
@@ -129,13 +133,18 @@ class ShardDataset:
         self._dtype = token_dtype(self.vocab_size)
         self._shards = m["shards"]
         counts = [s["sequences"] for s in self._shards]
-        if not counts or any(c != self.shard_sequences for c in counts[:-1]) or not 0 < counts[-1] <= self.shard_sequences:
-            raise ShardError(f"{path}: shard sequence counts {counts[:5]}... do not match "
-                             f"shard_sequences={self.shard_sequences}; {fix}")
+        if (
+            not counts
+            or any(c != self.shard_sequences for c in counts[:-1])
+            or not 0 < counts[-1] <= self.shard_sequences
+        ):
+            raise ShardError(
+                f"{path}: shard sequence counts {counts[:5]}... do not match "
+                f"shard_sequences={self.shard_sequences}; {fix}"
+            )
         self._len = sum(counts)
         if self._len != m["counts"]["sequences"]:
-            raise ShardError(f"{path}: shards hold {self._len} sequences, counts say "
-                             f"{m['counts']['sequences']}; {fix}")
+            raise ShardError(f"{path}: shards hold {self._len} sequences, counts say {m['counts']['sequences']}; {fix}")
         for s in self._shards:
             self._check_file(s["tokens"], s["tokens_bytes"], None, fix)
             self._check_file(s["index"], s["index_bytes"], s["index_sha256"], fix)
@@ -146,8 +155,7 @@ class ShardDataset:
         if not f.is_file():
             raise ShardError(f"{f}: listed in {MANIFEST} but missing; {fix}")
         if f.stat().st_size != size:
-            raise ShardError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} says {size} (truncated "
-                             f"or overwritten); {fix}")
+            raise ShardError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} says {size} (truncated or overwritten); {fix}")
         if sha256 is not None and sha256_file(f) != sha256:
             raise ShardError(f"{f}: checksum differs from {MANIFEST}; {fix}")
 
@@ -170,8 +178,10 @@ class ShardDataset:
     def _shard(self, k: int):
         if k not in self._maps:
             s = self._shards[k]
-            self._maps[k] = (np.load(self.directory / s["tokens"], mmap_mode="r"),
-                             np.load(self.directory / s["index"], mmap_mode="r"))
+            self._maps[k] = (
+                np.load(self.directory / s["tokens"], mmap_mode="r"),
+                np.load(self.directory / s["index"], mmap_mode="r"),
+            )
         return self._maps[k]
 
     def __len__(self) -> int:
@@ -204,8 +214,12 @@ class ShardDataset:
             attention_mask[rows] = valid
             token_type_ids[rows] = valid & (pos >= len_a)
             labels[rows] = meta[:, 3]
-        return {"input_ids": input_ids, "token_type_ids": token_type_ids,
-                "attention_mask": attention_mask, "next_sentence_label": labels}
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "attention_mask": attention_mask,
+            "next_sentence_label": labels,
+        }
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -213,5 +227,7 @@ class ShardDataset:
         return state
 
     def __repr__(self):
-        return (f"ShardDataset({str(self.directory)!r}, sequences={self._len}, seq_len={self.seq_len}, "
-                f"shards={len(self._shards)}, nsp={self.has_nsp})")
+        return (
+            f"ShardDataset({str(self.directory)!r}, sequences={self._len}, seq_len={self.seq_len}, "
+            f"shards={len(self._shards)}, nsp={self.has_nsp})"
+        )

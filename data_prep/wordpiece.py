@@ -4,6 +4,7 @@ Same inputs as `earlybert prep` (read by readers.py and parsed by encode.parse_u
 tokenizer sees exactly the lines that will be tokenized). Special tokens come first:
 [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
 """
+
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from data_prep.encode import parse_unit
@@ -26,15 +27,23 @@ def corpus_lines(inputs: list[str], text_field: str = "text", progress: bool = F
                 bar.update(unit.nbytes)
 
 
-def train_wordpiece(inputs: list[str], output, vocab_size: int = 30522, lowercase: bool = False,
-                    min_frequency: int = 2, text_field: str = "text", progress: bool = False) -> Tokenizer:
+def train_wordpiece(
+    inputs: list[str],
+    output,
+    vocab_size: int = 30522,
+    lowercase: bool = False,
+    min_frequency: int = 2,
+    text_field: str = "text",
+    progress: bool = False,
+) -> Tokenizer:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # strip_accents=None follows `lowercase`, as in BERT's uncased models.
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     seen = 0
 
     def lines():
@@ -48,6 +57,7 @@ def train_wordpiece(inputs: list[str], output, vocab_size: int = 30522, lowercas
         raise InputError(f"no text in {' '.join(inputs)}: cannot train a tokenizer on an empty corpus")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     atomic_write(output, lambda f: f.write(tok.to_str().encode()))
     return tok

@@ -4,6 +4,7 @@
 imports the model (and torch and transformers) on first use only, so `earlybert prep` starts without them;
 the classes are registered with transformers' Auto classes at that point.
 """
+
 __all__ = [
     "EarlyBertConfig",
     "EarlyBertModel",

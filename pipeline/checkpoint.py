@@ -22,6 +22,7 @@ they are only ever loaded from the run's own checkpoint directory. run_state.jso
 architecture.json are read before the model exists, so a pruned (smaller) model is rebuilt with
 the right shapes before DeepSpeed loads into it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +84,10 @@ class RunState:
         if "format" not in data:  # format 1: the search stage's state under "extra", with the same keys
             data["format"], data["search"] = 2, data.pop("extra", {})
         if data["format"] > RUN_STATE_FORMAT:
-            raise CheckpointError(f"{where}: run state format {data['format']} is newer than this version reads "
-                                  f"({RUN_STATE_FORMAT}); update the project")
+            raise CheckpointError(
+                f"{where}: run state format {data['format']} is newer than this version reads "
+                f"({RUN_STATE_FORMAT}); update the project"
+            )
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise CheckpointError(f"{where}: unknown fields {sorted(unknown)} (written by a newer version?)")
@@ -107,8 +110,10 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         return None
     tag = path.read_text().strip()
     if not (Path(ckpt_dir) / tag / RUN_STATE).is_file():
-        raise CheckpointError(f"{path} names {tag!r}, which has no {RUN_STATE}: the checkpoint directory was "
-                              f"changed by hand; point `latest` at a complete step_* folder")
+        raise CheckpointError(
+            f"{path} names {tag!r}, which has no {RUN_STATE}: the checkpoint directory was "
+            f"changed by hand; point `latest` at a complete step_* folder"
+        )
     return tag
 
 
@@ -160,9 +165,11 @@ def _failing_writes(ckpt_dir: Path, folder: Path):
         previous = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
         kept = f"{ckpt_dir / previous} is intact and still `latest`" if previous else "no checkpoint was written yet"
         free = shutil.disk_usage(ckpt_dir).free / 2**20
-        raise guards.RunFault(f"saving checkpoint {folder} failed: {str(err).strip()[:300]} ({free:.1f} MiB free on "
-                              f"its filesystem); {kept}. Free space (or fix the disk) under {ckpt_dir} and relaunch "
-                              f"the same command to resume") from None
+        raise guards.RunFault(
+            f"saving checkpoint {folder} failed: {str(err).strip()[:300]} ({free:.1f} MiB free on "
+            f"its filesystem); {kept}. Free space (or fix the disk) under {ckpt_dir} and relaunch "
+            f"the same command to resume"
+        ) from None
 
 
 def write_manifest(folder: Path, checksum: bool) -> None:
@@ -177,8 +184,13 @@ def write_manifest(folder: Path, checksum: bool) -> None:
 
 
 def _checkpoint_files(folder: Path):
-    return (p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
-            and p.relative_to(folder).parts[0] not in (UNIVERSAL, f"{UNIVERSAL}.tmp", "latest_universal"))
+    return (
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.name != MANIFEST
+        and p.relative_to(folder).parts[0] not in (UNIVERSAL, f"{UNIVERSAL}.tmp", "latest_universal")
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -218,8 +230,9 @@ def resume_tag(ckpt_dir: Path, resume_from: str | None = None, verify: str = "ch
     if resume_from:
         problem = damage(ckpt_dir / resume_from, verify)
         if problem:
-            raise CheckpointError(f"resume_from {resume_from}: {problem}; intact checkpoints: "
-                                  f"{_intact(ckpt_dir, None, verify) or 'none'}")
+            raise CheckpointError(
+                f"resume_from {resume_from}: {problem}; intact checkpoints: {_intact(ckpt_dir, None, verify) or 'none'}"
+            )
         return resume_from
     latest = ckpt_dir / LATEST
     if not latest.is_file():
@@ -230,10 +243,16 @@ def resume_tag(ckpt_dir: Path, resume_from: str | None = None, verify: str = "ch
         return tag
     older = _intact(ckpt_dir, _step_of(tag), verify)
     if not older:
-        raise CheckpointError(f"{latest} names {tag}, and {problem}; there is no intact checkpoint before it. "
-                              f"Restore the file, or start again in a new run_dir")
-    print(f"earlybert: {latest} names {tag}, and {problem}. Resuming from the newest intact checkpoint, "
-          f"{older[-1]}, instead; {tag} will be moved aside to {tag}{SET_ASIDE}", file=sys.stderr, flush=True)
+        raise CheckpointError(
+            f"{latest} names {tag}, and {problem}; there is no intact checkpoint before it. "
+            f"Restore the file, or start again in a new run_dir"
+        )
+    print(
+        f"earlybert: {latest} names {tag}, and {problem}. Resuming from the newest intact checkpoint, "
+        f"{older[-1]}, instead; {tag} will be moved aside to {tag}{SET_ASIDE}",
+        file=sys.stderr,
+        flush=True,
+    )
     return older[-1]
 
 
@@ -254,7 +273,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def remove_old(ckpt_dir: Path, keep: int) -> None:
-    """Delete old checkpoints: keep the newest `keep` tags up to `latest`; tags after it are leftovers of crashed saves."""
+    """Delete old checkpoints: keep the newest `keep` tags up to `latest`; tags after it are leftovers of
+    crashed saves."""
     last = _step_of(latest_tag(ckpt_dir))
     tags = sorted((s, p) for p in Path(ckpt_dir).iterdir() if p.is_dir() and (s := _step_of(p.name)) is not None)
     kept = [p for s, p in tags if s <= last][-keep:]
@@ -270,15 +290,27 @@ def make_universal(ckpt_dir: Path, tag: str, dist_info) -> None:
     if dist_info.is_main and not (folder / UNIVERSAL).is_dir():
         tmp = folder / f"{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
-               # DeepSpeed asks models outside Megatron to declare universal-checkpoint info; plain
-               # data parallelism needs none beyond the version it injects.
-               "--inject_missing_state"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(folder),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            # DeepSpeed asks models outside Megatron to declare universal-checkpoint info; plain
+            # data parallelism needs none beyond the version it injects.
+            "--inject_missing_state",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise CheckpointError(f"converting {folder} to a universal checkpoint failed:\n{done.stdout[-3000:]}"
-                                  f"\n{done.stderr[-3000:]}")
+            raise CheckpointError(
+                f"converting {folder} to a universal checkpoint failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
         (folder / "latest_universal").unlink(missing_ok=True)  # names the temporary folder
         tmp.rename(folder / UNIVERSAL)
     distributed.barrier()
@@ -287,14 +319,17 @@ def make_universal(ckpt_dir: Path, tag: str, dist_info) -> None:
 def load(engine, ckpt_dir: Path, tag: str, state: RunState, dist_info, universal: bool) -> None:
     """Load DeepSpeed's engine state (weights, optimizer, LR schedule) and this rank's RNG state."""
     load_dir, load_tag = (Path(ckpt_dir) / tag, UNIVERSAL) if universal else (Path(ckpt_dir), tag)
-    path, client = engine.load_checkpoint(str(load_dir), load_tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    path, client = engine.load_checkpoint(
+        str(load_dir), load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:  # DeepSpeed only warns when it finds nothing to load
         raise CheckpointError(f"DeepSpeed found no checkpoint to load in {load_dir / load_tag}")
     saved = (client or {}).get(CLIENT_KEY, {})
     if saved.get("step") != state.step:
-        raise CheckpointError(f"{load_dir / load_tag}: DeepSpeed's files are from step {saved.get('step')}, "
-                              f"{RUN_STATE} from step {state.step}; the folder mixes two saves")
+        raise CheckpointError(
+            f"{load_dir / load_tag}: DeepSpeed's files are from step {saved.get('step')}, "
+            f"{RUN_STATE} from step {state.step}; the folder mixes two saves"
+        )
     rng = Path(ckpt_dir) / tag / f"rng_rank{dist_info.rank}.safetensors"
     if rng.is_file():  # a rank that did not exist before starts from its seeded RNG
         _set_rng_state(load_file(str(rng)))

@@ -12,6 +12,7 @@ Each stage owns its argument parser; this file only dispatches, importing the st
 DeepSpeed at the top, so their command line is checked here first: `--help` and `--print-config`
 answer without them.
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -34,8 +35,10 @@ STAGES = {
 # The config-driven stages: (the config's dataclass, an example command line).
 CONFIGS = {
     "train": ("pipeline.config:RunConfig", "--config launch/configs/tiny.yaml optim.lr=5e-4 phases.0.steps=200"),
-    "finetune": ("pipeline.finetune_config:FinetuneConfig",
-                 "--config launch/configs/finetune-sst2.yaml earlybert.mode=dense seed=2"),
+    "finetune": (
+        "pipeline.finetune_config:FinetuneConfig",
+        "--config launch/configs/finetune-sst2.yaml earlybert.mode=dense seed=2",
+    ),
 }
 REQUIRED = "(required)"
 EXIT_CONFIG = 2  # a config, checkpoint or input that cannot work: nothing was trained
@@ -44,8 +47,12 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; relaun
 
 
 def _usage() -> str:
-    lines = ["usage: earlybert <stage> [options]   (earlybert <stage> --help for details)",
-             "       earlybert --version", "", "stages:"]
+    lines = [
+        "usage: earlybert <stage> [options]   (earlybert <stage> --help for details)",
+        "       earlybert --version",
+        "",
+        "stages:",
+    ]
     lines += [f"  {name:<10}{help_}" for name, (_, help_) in STAGES.items() if _available(name)]
     return "\n".join(lines)
 
@@ -58,11 +65,14 @@ def config_parser(stage: str) -> argparse.ArgumentParser:
     """The command line of `earlybert train` and `earlybert finetune`."""
     example = CONFIGS[stage][1]
     p = argparse.ArgumentParser(
-        prog=f"earlybert {stage}", description=STAGES[stage][1], formatter_class=HelpFormatter,
+        prog=f"earlybert {stage}",
+        description=STAGES[stage][1],
+        formatter_class=HelpFormatter,
         epilog=f"Paths in the config file are relative to its directory, in overrides to the current one;\n"
-               f"ds_configs/NAME.json is one of the project's DeepSpeed configs, from any directory.\n"
-               f"Every key with its default: `earlybert {stage} --print-config`; what each means: README.md,\n"
-               f"section \"Config reference\".\n\nexample: earlybert {stage} {example}")
+        f"ds_configs/NAME.json is one of the project's DeepSpeed configs, from any directory.\n"
+        f"Every key with its default: `earlybert {stage} --print-config`; what each means: README.md,\n"
+        f'section "Config reference".\n\nexample: earlybert {stage} {example}',
+    )
     p.add_argument("--config", help="YAML config (examples in launch/configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. checkpoint.interval=50")
     p.add_argument("--print-config", action="store_true", help="print every key with its default, then exit")

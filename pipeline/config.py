@@ -9,6 +9,7 @@ model or DeepSpeed engine exists. The run config owns what the training loop mus
 (batch sizes, learning rate and schedule, steps); the DeepSpeed JSON owns the rest (ZeRO stage,
 offload, precision, optimizer type, clipping, communication). `deepspeed_config()` merges them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -138,6 +139,9 @@ class RunConfig:
     run_dir: str  # RUN/ (pipeline/rundir.py): config, metrics, ticket, checkpoints
     phases: list[Phase]  # BERT's recipe: seq 128 for 90% of the steps, then seq 512
     seed: int = 1234
+    compile: bool = (
+        False  # torch.compile the model (recompiled after the draw); CPU: 0.5x step time, minutes to compile
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     earlybert: SearchConfig = field(default_factory=SearchConfig)
     deepspeed: str = DEFAULT_DS_CONFIG  # ZeRO stage, precision, optimizer type, clipping (ds_configs/zero1.json)
@@ -171,6 +175,7 @@ LAMB_OPTIMIZERS = ("lamb", "onebitlamb")  # DeepSpeed optimizer type names, lowe
 
 
 # ---- loading ----------------------------------------------------------------------------------
+
 
 def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
     """Read the YAML run config, apply `a.b.c=value` overrides, build and validate the dataclasses."""
@@ -260,8 +265,10 @@ def from_dict(cls, data, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
-                          f"valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+            f"valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(names)}"
+        )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -327,12 +334,19 @@ def require_positive(values: dict) -> None:
 
 def validate_batches_and_logs(cfg) -> None:
     """The sections a pre-training and a fine-tuning config share."""
-    require_positive({"micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size,
-                      "checkpoint.interval": cfg.checkpoint.interval, "checkpoint.keep": cfg.checkpoint.keep,
-                      "log.interval": cfg.log.interval})
+    require_positive(
+        {
+            "micro_batch_size": cfg.micro_batch_size,
+            "global_batch_size": cfg.global_batch_size,
+            "checkpoint.interval": cfg.checkpoint.interval,
+            "checkpoint.keep": cfg.checkpoint.keep,
+            "log.interval": cfg.log.interval,
+        }
+    )
     if cfg.global_batch_size % cfg.micro_batch_size:
-        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of "
-                          f"micro_batch_size={cfg.micro_batch_size}")
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size}"
+        )
     validate_faults(cfg)
 
 
@@ -342,8 +356,10 @@ def validate_faults(cfg) -> None:
     if cfg.nonfinite.max_skipped < 0:
         raise ConfigError(f"nonfinite.max_skipped must be >= 0, got {cfg.nonfinite.max_skipped}")
     if cfg.resume_from is not None and not re.fullmatch(r"step_\d{8}", cfg.resume_from):
-        raise ConfigError(f"resume_from {cfg.resume_from!r}: expected a checkpoint tag such as step_00001000, the "
-                          f"name of a folder in {cfg.rundir.checkpoints}")
+        raise ConfigError(
+            f"resume_from {cfg.resume_from!r}: expected a checkpoint tag such as step_00001000, the "
+            f"name of a folder in {cfg.rundir.checkpoints}"
+        )
 
 
 def validate_search(eb: SearchConfig, total_steps: int) -> None:
@@ -352,11 +368,14 @@ def validate_search(eb: SearchConfig, total_steps: int) -> None:
     if eb.random_like is not None and eb.mode != "random":
         raise ConfigError(f"earlybert.random_like is for earlybert.mode=random, not {eb.mode}; remove it")
     if eb.mode in ("fixed", "random") and not (eb.draw_step and 0 < eb.draw_step < total_steps):
-        raise ConfigError(f"earlybert.mode={eb.mode} draws at earlybert.draw_step: set it to a step in "
-                          f"[1, {total_steps - 1}], got {eb.draw_step}")
+        raise ConfigError(
+            f"earlybert.mode={eb.mode} draws at earlybert.draw_step: set it to a step in "
+            f"[1, {total_steps - 1}], got {eb.draw_step}"
+        )
 
 
 # ---- DeepSpeed --------------------------------------------------------------------------------
+
 
 def read_deepspeed(cfg) -> dict:
     """The DeepSpeed JSON named by the run config with `deepspeed_overrides` merged in."""
@@ -364,8 +383,10 @@ def read_deepspeed(cfg) -> dict:
         ds = json.loads(Path(cfg.deepspeed).read_text())
     except (OSError, ValueError) as e:
         shipped = ", ".join(sorted(p.name for p in SHIPPED_DS_CONFIGS.glob("*.json")))
-        raise ConfigError(f"deepspeed: cannot read {cfg.deepspeed}: {e}; give a DeepSpeed JSON relative to the "
-                          f"config file, or ds_configs/NAME.json for one of the project's: {shipped}") from e
+        raise ConfigError(
+            f"deepspeed: cannot read {cfg.deepspeed}: {e}; give a DeepSpeed JSON relative to the "
+            f"config file, or ds_configs/NAME.json for one of the project's: {shipped}"
+        ) from e
     return _deep_merge(ds, cfg.deepspeed_overrides)
 
 
@@ -391,17 +412,22 @@ def validate_deepspeed(ds: dict, source: str) -> None:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage={stage!r}; DeepSpeed ZeRO has stages 0, 1, 2 and 3")
-    owned = [k for k in RUN_OWNED_DS_KEYS if k in ds] + (["optimizer.params.lr"] if "lr" in ds.get("optimizer", {}).get("params", {}) else [])
+    owned = [k for k in RUN_OWNED_DS_KEYS if k in ds] + (
+        ["optimizer.params.lr"] if "lr" in ds.get("optimizer", {}).get("params", {}) else []
+    )
     if owned:
-        raise ConfigError(f"{source}: {', '.join(owned)} are set by the run config (micro_batch_size, "
-                          f"global_batch_size, optim.*); remove them from the DeepSpeed JSON")
+        raise ConfigError(
+            f"{source}: {', '.join(owned)} are set by the run config (micro_batch_size, "
+            f"global_batch_size, optim.*); remove them from the DeepSpeed JSON"
+        )
     opt = ds.get("optimizer", {}).get("type", "")
     if opt.lower() in LAMB_OPTIMIZERS and stage > 0:
         raise ConfigError(
             f"{source}: optimizer {opt} with ZeRO stage {stage} is refused. LAMB scales each layer's update by "
             f"a per-layer trust ratio ||w|| / ||update||; ZeRO partitions flattened parameters across ranks, so "
             f"each rank computes the ratio on a fragment and the update is wrong (DeepSpeed issues #88, #490, "
-            f"#1217, #4187). Use LAMB with zero_optimization.stage 0, or AdamW with ZeRO.")
+            f"#1217, #4187). Use LAMB with zero_optimization.stage 0, or AdamW with ZeRO."
+        )
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{source}: bf16 and fp16 are both enabled; pick one")
 
@@ -412,14 +438,17 @@ def deepspeed_config(cfg, world_size: int, load_universal: bool = False, lr: flo
     ds = read_deepspeed(cfg)
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step:
-        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size "
-                          f"({cfg.micro_batch_size}) x ranks ({world_size}); change either so that it is")
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size "
+            f"({cfg.micro_batch_size}) x ranks ({world_size}); change either so that it is"
+        )
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.global_batch_size // per_step
     ds["train_batch_size"] = cfg.global_batch_size
-    ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = cfg.optim.lr if lr is None else lr
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = (
+        cfg.optim.lr if lr is None else lr
+    )
     ds.setdefault("steps_per_print", 2**31 - 1)  # the loop prints its own progress line
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds
-

@@ -18,6 +18,7 @@ as one tensor, and `check_same_masks` proves every rank holds the identical mask
 The state is plain data (`DetectorState.to_json` / `from_json`) and goes into every checkpoint,
 so a resumed search continues where it stopped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,7 +80,9 @@ class Masks:
     def digest(self) -> str:
         heads, ffn = self.flat()
         sizes = [len(m) for m in self.heads] + [len(m) for m in self.ffn]
-        payload = bytes(heads.to(torch.uint8).tolist()) + b"|" + bytes(ffn.to(torch.uint8).tolist()) + repr(sizes).encode()
+        payload = (
+            bytes(heads.to(torch.uint8).tolist()) + b"|" + bytes(ffn.to(torch.uint8).tolist()) + repr(sizes).encode()
+        )
         return hashlib.sha256(payload).hexdigest()
 
     def to_json(self) -> dict:
@@ -130,8 +133,9 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 def masks_from_gates(head_gates: list[torch.Tensor], ffn_gates: list[torch.Tensor], cfg: DetectorConfig) -> Masks:
     """Rank units by |gate| (the CV Early-Bird rule; raw values would favour sign flips)."""
     heads = keep_mask([g.detach().float().abs().cpu() for g in head_gates], cfg.head_prune_ratio, cfg.head_scope)
-    ffn = keep_mask([g.detach().float().abs().cpu() for g in ffn_gates], cfg.ffn_prune_ratio, cfg.ffn_scope,
-                    cfg.ffn_multiple_of)
+    ffn = keep_mask(
+        [g.detach().float().abs().cpu() for g in ffn_gates], cfg.ffn_prune_ratio, cfg.ffn_scope, cfg.ffn_multiple_of
+    )
     return Masks(heads=heads, ffn=ffn)
 
 
@@ -171,20 +175,22 @@ class Decision:
 def observe(state: DetectorState, step: int, masks: Masks, cfg: DetectorConfig) -> Decision:
     """Push the step's masks into the FIFO, record the distances and decide whether to draw."""
     heads, ffn = masks.flat()
-    older = [Masks.from_json(entry["masks"]).flat() for entry in state.fifo[-(cfg.window - 1):]]
+    older = [Masks.from_json(entry["masks"]).flat() for entry in state.fifo[-(cfg.window - 1) :]]
     head_d = [mask_distance(heads, h) for h, _ in older]
     ffn_d = [mask_distance(ffn, f) for _, f in older]
     both = torch.cat([heads, ffn])
     combined_d = [mask_distance(both, torch.cat([h, f])) for h, f in older]
-    state.fifo = (state.fifo + [{"step": step, "masks": masks.to_json()}])[-cfg.window:]
-    state.history.append({
-        "step": step,
-        "head_distance": max(head_d) if head_d else None,  # the largest distance to the older masks
-        "ffn_distance": max(ffn_d) if ffn_d else None,
-        "combined_distance": max(combined_d) if combined_d else None,
-        "head_distance_to_previous": head_d[-1] if head_d else None,
-        "ffn_distance_to_previous": ffn_d[-1] if ffn_d else None,
-    })
+    state.fifo = (state.fifo + [{"step": step, "masks": masks.to_json()}])[-cfg.window :]
+    state.history.append(
+        {
+            "step": step,
+            "head_distance": max(head_d) if head_d else None,  # the largest distance to the older masks
+            "ffn_distance": max(ffn_d) if ffn_d else None,
+            "combined_distance": max(combined_d) if combined_d else None,
+            "head_distance_to_previous": head_d[-1] if head_d else None,
+            "ffn_distance_to_previous": ffn_d[-1] if ffn_d else None,
+        }
+    )
     full = len(older) == cfg.window - 1
     if cfg.criterion == "combined":
         stable = full and max(combined_d) <= cfg.epsilon
@@ -194,8 +200,13 @@ def observe(state: DetectorState, step: int, masks: Masks, cfg: DetectorConfig) 
         stable = full and max(head_d) <= head_eps and max(ffn_d) <= ffn_eps
         rule = f"head masks within {head_eps} and FFN masks within {ffn_eps}"
     if step >= cfg.max_search_steps:
-        decision = Decision(True, step, masks, forced=True,
-                            reason=f"max_search_steps={cfg.max_search_steps} reached without a stable mask: drawn anyway")
+        decision = Decision(
+            True,
+            step,
+            masks,
+            forced=True,
+            reason=f"max_search_steps={cfg.max_search_steps} reached without a stable mask: drawn anyway",
+        )
     elif stable and step >= cfg.min_search_steps:
         decision = Decision(True, step, masks, reason=f"{rule} of the last {cfg.window - 1}")
     else:
@@ -208,8 +219,10 @@ def observe(state: DetectorState, step: int, masks: Masks, cfg: DetectorConfig) 
 
 def epsilons(cfg: DetectorConfig) -> tuple[float, float]:
     """(heads, FFN) epsilon of the per-type rule."""
-    return (cfg.epsilon if cfg.head_epsilon is None else cfg.head_epsilon,
-            cfg.epsilon if cfg.ffn_epsilon is None else cfg.ffn_epsilon)
+    return (
+        cfg.epsilon if cfg.head_epsilon is None else cfg.head_epsilon,
+        cfg.epsilon if cfg.ffn_epsilon is None else cfg.ffn_epsilon,
+    )
 
 
 def natural_draw_problems(cfg: DetectorConfig, heads: int, neurons: int, first_step: int = 0) -> list[str]:
@@ -219,16 +232,20 @@ def natural_draw_problems(cfg: DetectorConfig, heads: int, neurons: int, first_s
     problems = []
     full = first_step + cfg.window * cfg.interval  # the first detector step with a full FIFO after first_step
     if max(full, cfg.min_search_steps) >= cfg.max_search_steps:
-        problems.append(f"the FIFO of {cfg.window} masks taken every {cfg.interval} steps is first full at step "
-                        f"{full}, min_search_steps is {cfg.min_search_steps}, and max_search_steps "
-                        f"({cfg.max_search_steps}) forces the draw before a natural one can happen")
+        problems.append(
+            f"the FIFO of {cfg.window} masks taken every {cfg.interval} steps is first full at step "
+            f"{full}, min_search_steps is {cfg.min_search_steps}, and max_search_steps "
+            f"({cfg.max_search_steps}) forces the draw before a natural one can happen"
+        )
     units = {"head": heads, "FFN": neurons} if cfg.criterion == "per_type" else {"head and FFN": heads + neurons}
     eps = dict(zip(units, epsilons(cfg) if cfg.criterion == "per_type" else (cfg.epsilon,)))
     for kind, n in units.items():
         swap = 2 / n  # one unit in, another out
         if eps[kind] < swap:
-            problems.append(f"epsilon {eps[kind]} for the {kind} mask is below one swap of its {n} units "
-                            f"({swap:.4g}): only identical masks count as stable")
+            problems.append(
+                f"epsilon {eps[kind]} for the {kind} mask is below one swap of its {n} units "
+                f"({swap:.4g}): only identical masks count as stable"
+            )
     return problems
 
 
@@ -244,7 +261,9 @@ def broadcast_decision(decision: Decision | None, sizes: tuple[list[int], list[i
     n = 3 + sum(head_sizes) + sum(ffn_sizes)
     if decision is not None:
         heads, ffn = decision.masks.flat()
-        packed = torch.cat([torch.tensor([int(decision.draw), int(decision.forced), decision.step]), heads.long(), ffn.long()])
+        packed = torch.cat(
+            [torch.tensor([int(decision.draw), int(decision.forced), decision.step]), heads.long(), ffn.long()]
+        )
     else:
         packed = torch.zeros(n, dtype=torch.long)
     if dist.is_available() and dist.is_initialized():

@@ -12,6 +12,7 @@ own variables go first. Backend: NCCL on GPUs, gloo on CPUs.
 DeepSpeed's JIT-built ops (deepspeed_shm_comm on CPUs) live in one project cache, TORCH_EXTENSIONS_DIR
 defaulting to .cache/torch_extensions, and are built under a lock that the kernel drops with its holder.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -57,8 +58,9 @@ def slurm_env(env: dict) -> dict:
     """torch.distributed's variables from an srun task's Slurm variables."""
     out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     if "MASTER_ADDR" not in env:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                               check=True, capture_output=True, text=True).stdout.split()
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], check=True, capture_output=True, text=True
+        ).stdout.split()
         out["MASTER_ADDR"] = hosts[0]
     if "MASTER_PORT" not in env:
         # Every task must pick the same port without talking to the others: derive it from the job id.
@@ -76,14 +78,25 @@ def setup(timeout: datetime.timedelta | None = None) -> DistInfo:
     if launcher == "slurm":
         os.environ.update(slurm_env(os.environ))
     elif launcher == "single":
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
+        os.environ.update(
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port())),
+            }
+        )
     build_extensions()
     accel = get_accelerator()
     backend = "nccl" if accel.device_name() == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launcher == "mpi",
-                               distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)), verbose=False,
-                               **({"timeout": timeout} if timeout else {}))
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=launcher == "mpi",
+        distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)),
+        verbose=False,
+        **({"timeout": timeout} if timeout else {}),
+    )
     if accel.device_name() == "cpu":
         release_shm_segment()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -139,8 +152,11 @@ def _clear_stale_lock(lock: Path) -> None:
         time.sleep(0.5)
     if lock.exists():
         lock.unlink(missing_ok=True)
-        print(f"earlybert: removed {lock}, left by a torch extension build that was killed; building again",
-              file=sys.stderr, flush=True)
+        print(
+            f"earlybert: removed {lock}, left by a torch extension build that was killed; building again",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _users(lock: Path) -> list[int]:
@@ -151,7 +167,8 @@ def _users(lock: Path) -> list[int]:
             continue
         try:
             if os.readlink(proc / "cwd") == str(lock.parent) or any(
-                    os.readlink(fd) == str(lock) for fd in (proc / "fd").iterdir()):
+                os.readlink(fd) == str(lock) for fd in (proc / "fd").iterdir()
+            ):
                 users.append(int(proc.name))
         except OSError:  # gone meanwhile, or not ours to read
             pass

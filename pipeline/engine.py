@@ -13,6 +13,7 @@ around a pruned model in the same process.
 The LR schedule is the loop's own LambdaLR over optimizer steps (not a DeepSpeed scheduler), so
 that the run config, not the DeepSpeed JSON, owns it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -73,8 +74,11 @@ def fused_adam_unavailable() -> str | None:
             return None
         except Exception as err:  # no toolkit, no compiler, a failed build: all end here
             reason = f"its CUDA extension cannot be built or loaded: {type(err).__name__}: {err}"
-    print(f"DeepSpeed's fused Adam is unavailable ({reason}); training with torch's fused AdamW instead",
-          file=sys.stderr, flush=True)
+    print(
+        f"DeepSpeed's fused Adam is unavailable ({reason}); training with torch's fused AdamW instead",
+        file=sys.stderr,
+        flush=True,
+    )
     return reason
 
 
@@ -102,8 +106,11 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
         deepspeed.utils.set_z3_leaf_modules(model, [EarlyBertSelfAttention])
     schedule = partial(lr_factor, spec.optim, spec.total_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model), config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        model=model,
+        model_parameters=param_groups(model),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
     if spec.compile:
         # The dense and the pruned model run the same code objects: drop the earlier model's graphs first,
         # or dynamo piles the new shapes onto them up to its recompile limit.
@@ -112,8 +119,9 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
     return engine
 
 
-def train_step(engine, micro_batches: list[dict], device: torch.device, stats_of: Callable[..., dict],
-               **forward_kwargs) -> dict[str, torch.Tensor]:
+def train_step(
+    engine, micro_batches: list[dict], device: torch.device, stats_of: Callable[..., dict], **forward_kwargs
+) -> dict[str, torch.Tensor]:
     """One optimizer step: DeepSpeed accumulates the gradients of the micro-batches and steps on the last
     one. Returns this rank's sums over its micro-batches of `stats_of(output)` (named scalars)."""
     totals: dict[str, torch.Tensor] = {}
@@ -127,16 +135,31 @@ def train_step(engine, micro_batches: list[dict], device: torch.device, stats_of
     return totals
 
 
-def prune_engine(engine, spec: EngineSpec, masks: Masks, *, fold_gates: bool, carry_moments: bool,
-                 start_weights: dict[str, torch.Tensor] | None = None, carry_schedule: bool = True):
+def prune_engine(
+    engine,
+    spec: EngineSpec,
+    masks: Masks,
+    *,
+    fold_gates: bool,
+    carry_moments: bool,
+    start_weights: dict[str, torch.Tensor] | None = None,
+    carry_schedule: bool = True,
+):
     """Prune the engine's model to `masks` and return the rebuilt engine; `engine` is destroyed (a
     collective: every rank calls it). start_weights: prune these (rewind) instead of the current
     weights. carry_schedule=False starts the new engine's optimizer counters and LR schedule afresh
     (with `spec`'s length), as EarlyBERT's fine-tuning recipe does after its rewind."""
     from pipeline.rebuild import rebuild_engine
 
-    new, _ = rebuild_engine(engine, masks, build=partial(build_engine, spec=spec), fold_gates=fold_gates,
-                            carry_moments=carry_moments, start_weights=start_weights, carry_schedule=carry_schedule)
+    new, _ = rebuild_engine(
+        engine,
+        masks,
+        build=partial(build_engine, spec=spec),
+        fold_gates=fold_gates,
+        carry_moments=carry_moments,
+        start_weights=start_weights,
+        carry_schedule=carry_schedule,
+    )
     return new
 
 

@@ -20,6 +20,7 @@ The tokenizer goes along: tokenizer.json (lower-casing and splitting live in its
 pre-tokenizer) and tokenizer_config.json, which transformers' AutoTokenizer loads as is, with
 model_max_length = the model's max_position_embeddings and token_type_ids among the model inputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ from pipeline.pruner import prune_model
 from pipeline.rundir import RunDir, RunDirError
 
 MODELING_FILE = "modeling_earlybert.py"
-AUTO_MAP = {"AutoConfig": "modeling_earlybert.EarlyBertConfig",
-            **{auto: f"modeling_earlybert.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()}}
+AUTO_MAP = {
+    "AutoConfig": "modeling_earlybert.EarlyBertConfig",
+    **{auto: f"modeling_earlybert.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()},
+}
 MODEL_CLASSES = {cls.__name__: cls for cls in AUTO_CLASSES.values()}  # architectures entry -> class
 DEFAULT_ARCHITECTURE = "EarlyBertForPreTraining"  # checkpoints of pre-training runs name none
 SPECIAL_TOKENS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
@@ -54,8 +57,10 @@ def model_class(config: EarlyBertConfig) -> type[EarlyBertPreTrainedModel]:
     """The EarlyBERT class a checkpoint's config names (its first `architectures` entry)."""
     name = (config.architectures or [DEFAULT_ARCHITECTURE])[0]
     if name not in MODEL_CLASSES:
-        raise ExportError(f"architectures names {name!r}, which is not an EarlyBERT model class; "
-                          f"expected one of {sorted(MODEL_CLASSES)}")
+        raise ExportError(
+            f"architectures names {name!r}, which is not an EarlyBERT model class; "
+            f"expected one of {sorted(MODEL_CLASSES)}"
+        )
     return MODEL_CLASSES[name]
 
 
@@ -67,8 +72,10 @@ def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreT
     try:
         tag = tag or latest_tag(ckpt_dir)
         if tag is None or not (ckpt_dir / tag / ARCHITECTURE).is_file():
-            raise ExportError(f"{ckpt_dir} has no complete checkpoint{' ' + tag if tag else ''}: train the run first "
-                              f"(earlybert train --config ...), or pass --tag with one of its step_* folders")
+            raise ExportError(
+                f"{ckpt_dir} has no complete checkpoint{' ' + tag if tag else ''}: train the run first "
+                f"(earlybert train --config ...), or pass --tag with one of its step_* folders"
+            )
         if problem := damage(ckpt_dir / tag):
             raise ExportError(f"{problem}: pass --tag with an intact step_* folder of {ckpt_dir}")
         state, architecture = read_tag(ckpt_dir, tag)
@@ -81,14 +88,17 @@ def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreT
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # no ZeRO: DeepSpeed keeps the module's weights in the model-states file (a pickle of its own)
-        weights = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                             weights_only=False)["module"]
+        weights = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+            "module"
+        ]
     model = cls(config)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     missing = set(missing) - set(cls._tied_weights_keys or ())
     if unexpected or missing:
-        raise ExportError(f"checkpoint {ckpt_dir / tag} does not match its {ARCHITECTURE} ({cls.__name__}): "
-                          f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise ExportError(
+            f"checkpoint {ckpt_dir / tag} does not match its {ARCHITECTURE} ({cls.__name__}): "
+            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     model.tie_weights()
     return model.eval(), tag
 
@@ -97,8 +107,10 @@ def fold_all_gates(model: EarlyBertPreTrainedModel) -> EarlyBertPreTrainedModel:
     """The same function without gate parameters: every unit kept, each gate folded into its weights."""
     if not model.config.use_gates:
         return model
-    keep_all = Masks(heads=[torch.ones(h, dtype=torch.bool) for h in model.config.num_heads_per_layer],
-                     ffn=[torch.ones(w, dtype=torch.bool) for w in model.config.intermediate_size_per_layer])
+    keep_all = Masks(
+        heads=[torch.ones(h, dtype=torch.bool) for h in model.config.num_heads_per_layer],
+        ffn=[torch.ones(w, dtype=torch.bool) for w in model.config.intermediate_size_per_layer],
+    )
     folded, _ = prune_model(model, keep_all, fold_gates=True)
     return folded.eval()
 
@@ -134,8 +146,12 @@ def save_remote_code_model(model: EarlyBertPreTrainedModel, out: Path) -> None:
 def save_tokenizer(tokenizer: Path, out: Path, model_max_length: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer), model_max_length=model_max_length,
-                                  model_input_names=MODEL_INPUTS, **SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer),
+        model_max_length=model_max_length,
+        model_input_names=MODEL_INPUTS,
+        **SPECIAL_TOKENS,
+    )
     tok.save_pretrained(out)
 
 
@@ -144,8 +160,10 @@ def run_tokenizer(run_dir: Path) -> Path:
     try:
         return RunDir(run_dir).tokenizer_file()
     except (RunDirError, KeyError, IndexError, TypeError):
-        raise ExportError(f"{run_dir} has no tokenizer of its own and names no shards to take it from: "
-                          f"pass --tokenizer PATH/tokenizer.json") from None
+        raise ExportError(
+            f"{run_dir} has no tokenizer of its own and names no shards to take it from: "
+            f"pass --tokenizer PATH/tokenizer.json"
+        ) from None
 
 
 def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path, fmt: str = "auto") -> dict:
@@ -156,8 +174,10 @@ def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path,
         raise ExportError(f"tokenizer {tokenizer} not found: pass --tokenizer PATH/tokenizer.json")
     folded = fold_all_gates(model)
     if fmt == "bert" and not folded.config.is_uniform:
-        raise ExportError("--format bert needs a uniform structure (same heads and FFN width in every layer); "
-                          "this model is pruned: use --format earlybert")
+        raise ExportError(
+            "--format bert needs a uniform structure (same heads and FFN width in every layer); "
+            "this model is pruned: use --format earlybert"
+        )
     as_bert = fmt == "bert" or (fmt == "auto" and folded.config.is_uniform)
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -177,27 +197,38 @@ def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path,
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"output": str(output), "format": "bert" if as_bert else "earlybert", "class": type(exported).__name__,
-            "heads_per_layer": folded.config.num_heads_per_layer,
-            "ffn_per_layer": folded.config.intermediate_size_per_layer, "tokenizer": str(tokenizer)}
+    return {
+        "output": str(output),
+        "format": "bert" if as_bert else "earlybert",
+        "class": type(exported).__name__,
+        "heads_per_layer": folded.config.num_heads_per_layer,
+        "ffn_per_layer": folded.config.intermediate_size_per_layer,
+        "tokenizer": str(tokenizer),
+    }
 
 
-def export_run(run_dir: Path, output: Path, tag: str | None = None, tokenizer: str | None = None,
-               fmt: str = "auto") -> dict:
+def export_run(
+    run_dir: Path, output: Path, tag: str | None = None, tokenizer: str | None = None, fmt: str = "auto"
+) -> dict:
     model, tag = load_run_model(run_dir, tag)
     info = export_model(model, output, Path(tokenizer) if tokenizer else run_tokenizer(run_dir), fmt)
     return {**info, "checkpoint": tag}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="earlybert export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="earlybert export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path, help="run directory (RUN, with RUN/checkpoints)")
     parser.add_argument("--output", type=Path, required=True, help="the Hugging Face model directory to write")
     parser.add_argument("--tag", help="checkpoint tag (default: the latest complete checkpoint)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the run's shards)")
-    parser.add_argument("--format", choices=["auto", "bert", "earlybert"], default="auto",
-                        help="auto: plain BERT when the structure is uniform, EarlyBERT remote code otherwise")
+    parser.add_argument(
+        "--format",
+        choices=["auto", "bert", "earlybert"],
+        default="auto",
+        help="auto: plain BERT when the structure is uniform, EarlyBERT remote code otherwise",
+    )
     args = parser.parse_args(argv)
     try:
         info = export_run(args.run, args.output, args.tag, args.tokenizer, args.format)

@@ -15,6 +15,7 @@ The same launchers, checkpoints and signals as `earlybert train`: relaunching th
 RUN/checkpoints/latest to the sample, SIGTERM/SIGUSR1 checkpoint and exit with EXIT_INTERRUPTED.
 Evaluations go to RUN/eval.jsonl, the final and best metrics with the times to RUN/results.json.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,7 @@ from pipeline.export import model_class
 from pipeline.finetune_config import FinetuneConfig, load_finetune_config, search_config_in_steps
 from pipeline.metrics import MetricsLog, optimizer_stats
 from pipeline.model import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
-from pipeline.resume import Start, resumes_on_other_ranks
+from pipeline.resume import Start, execution_options, resumes_on_other_ranks
 from pipeline.rundir import RunDir
 from pipeline.search import SearchStage, read_random_like, warn_if_no_natural_draw
 from pipeline.tasks import TaskError, TaskSpec, compute_metrics, encode_classification, load_task
@@ -48,9 +49,13 @@ INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_config_stage("finetune", sys.argv[1:] if argv is None else argv, prepare,
-                            lambda prepared, d: finetune(*prepared, d),
-                            (ConfigError, CheckpointError, TaskError, FineTuneError))
+    return run_config_stage(
+        "finetune",
+        sys.argv[1:] if argv is None else argv,
+        prepare,
+        lambda prepared, d: finetune(*prepared, d),
+        (ConfigError, CheckpointError, TaskError, FineTuneError),
+    )
 
 
 def prepare(args) -> tuple:
@@ -71,6 +76,7 @@ class FineTuneError(ValueError):
 
 
 # ---- the task, before any process group -------------------------------------------------------
+
 
 @dataclass
 class Task:
@@ -98,13 +104,16 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
         from pipeline.squad import prepare_train_features, prepare_validation_features
 
         train, stats = prepare_train_features(data.train, tokenizer, t.max_seq_length, t.doc_stride, t.max_query_length)
-        notes.append(f"train: {stats.examples} questions in {stats.features} windows; {stats.truncated_questions} "
-                     f"questions cut to {t.max_query_length} tokens; {len(stats.skipped_ids)} skipped because their "
-                     f"answer is not in their context (first: {stats.skipped_ids[:3]})")
+        notes.append(
+            f"train: {stats.examples} questions in {stats.features} windows; {stats.truncated_questions} "
+            f"questions cut to {t.max_query_length} tokens; {len(stats.skipped_ids)} skipped because their "
+            f"answer is not in their context (first: {stats.skipped_ids[:3]})"
+        )
         validation = {}
         for split, rows in data.validation.items():
-            features, stats = prepare_validation_features(rows, tokenizer, t.max_seq_length, t.doc_stride,
-                                                          t.max_query_length)
+            features, stats = prepare_validation_features(
+                rows, tokenizer, t.max_seq_length, t.doc_stride, t.max_query_length
+            )
             validation[split] = (rows, features)
     else:
         train, cut = encode_classification(data.train, tokenizer, data.spec, t.max_seq_length)
@@ -115,8 +124,10 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
             validation[split] = (rows, features)
             notes.append(f"{split}: {len(features)} examples, {cut} truncated to {t.max_seq_length} tokens")
     if len(train) < cfg.global_batch_size:
-        raise TaskError(f"the training split has {len(train)} examples (features), fewer than one batch of "
-                        f"global_batch_size={cfg.global_batch_size}; lower the batch size or add data")
+        raise TaskError(
+            f"the training split has {len(train)} examples (features), fewer than one batch of "
+            f"global_batch_size={cfg.global_batch_size}; lower the batch size or add data"
+        )
     if launched_rank(os.environ) == 0:
         for note in notes:
             print(f"[earlybert finetune] {note}", flush=True)
@@ -132,21 +143,32 @@ def load_tokenizer(cfg: FinetuneConfig):
     key = "model.tokenizer" if cfg.model.tokenizer else "model.init_from"
     source = Path(cfg.model.tokenizer or cfg.model.init_from)
     if not source.exists():
-        raise FineTuneError(f"{key} {source} does not exist: give a Hugging Face BERT directory, an `earlybert "
-                            f"export` directory or a pre-training run directory")
+        raise FineTuneError(
+            f"{key} {source} does not exist: give a Hugging Face BERT directory, an `earlybert "
+            f"export` directory or a pre-training run directory"
+        )
     if RunDir(source).checkpoints.is_dir():
         source = RunDir(source).shards(0) / "tokenizer.json"
     try:
         if source.is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(source), unk_token="[UNK]", sep_token="[SEP]",
-                                           pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+            return PreTrainedTokenizerFast(
+                tokenizer_file=str(source),
+                unk_token="[UNK]",
+                sep_token="[SEP]",
+                pad_token="[PAD]",
+                cls_token="[CLS]",
+                mask_token="[MASK]",
+            )
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as e:
-        raise FineTuneError(f"cannot load a tokenizer from {source}: {e}; set model.tokenizer to a tokenizer.json "
-                            f"or a directory holding one") from e
+        raise FineTuneError(
+            f"cannot load a tokenizer from {source}: {e}; set model.tokenizer to a tokenizer.json "
+            f"or a directory holding one"
+        ) from e
 
 
 # ---- the model and where the run starts -------------------------------------------------------
+
 
 def task_fields(spec: TaskSpec) -> dict:
     """What a config needs to build the task's model, and what an export keeps of it."""
@@ -167,15 +189,22 @@ def find_start(cfg: FinetuneConfig, task: Task) -> tuple[Start, torch.nn.Module 
     if tag is not None:
         state, architecture = checkpoint.read_tag(rundir.checkpoints, tag)
         where = rundir.checkpoints / tag
-        if architecture.get("architectures") != task_fields(task.spec)["architectures"] or \
-                architecture.get("num_labels", 2) != task.spec.num_labels:
-            raise ConfigError(f"{where} is a checkpoint of another task head ({architecture.get('architectures')}, "
-                              f"{architecture.get('num_labels')} labels) than task {cfg.task.name or cfg.task.kind}")
+        if (
+            architecture.get("architectures") != task_fields(task.spec)["architectures"]
+            or architecture.get("num_labels", 2) != task.spec.num_labels
+        ):
+            raise ConfigError(
+                f"{where} is a checkpoint of another task head ({architecture.get('architectures')}, "
+                f"{architecture.get('num_labels')} labels) than task {cfg.task.name or cfg.task.kind}"
+            )
         if state.tokenizer_hash != task.tokenizer_hash:
             source = cfg.model.tokenizer or cfg.model.init_from
-            raise ConfigError(f"{where} was fine-tuned with another tokenizer than {source}'s; use the run's "
-                              f"model.init_from (and model.tokenizer) or a new run_dir")
-        return Start(tag, state, EarlyBertConfig.from_dict(architecture)), None
+            raise ConfigError(
+                f"{where} was fine-tuned with another tokenizer than {source}'s; use the run's "
+                f"model.init_from (and model.tokenizer) or a new run_dir"
+            )
+        config = EarlyBertConfig.from_dict({**architecture, **execution_options(cfg.model.overrides)})
+        return Start(tag, state, config), None
     model = initial_model(cfg, task.spec)
     return Start(None, RunState(tokenizer_hash=task.tokenizer_hash), model.config), model
 
@@ -202,8 +231,10 @@ def initial_model(cfg: FinetuneConfig, spec: TaskSpec) -> torch.nn.Module:
             raise FineTuneError(f"{source}: the checkpoint's encoder does not fit {cls.__name__}: {unexpected[:5]}")
         return model
     if not (source / "config.json").is_file():
-        raise FineTuneError(f"model.init_from {source} is neither a model directory (config.json and weights: a "
-                            f"Hugging Face BERT or an `earlybert export`) nor a run directory with checkpoints/")
+        raise FineTuneError(
+            f"model.init_from {source} is neither a model directory (config.json and weights: a "
+            f"Hugging Face BERT or an `earlybert export`) nor a run directory with checkpoints/"
+        )
     try:
         config = EarlyBertConfig.from_pretrained(str(source), **fields)
         return cls.from_pretrained(str(source), config=config)
@@ -212,6 +243,7 @@ def initial_model(cfg: FinetuneConfig, spec: TaskSpec) -> torch.nn.Module:
 
 
 # ---- the stages -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -255,13 +287,14 @@ class Run:
     def spec(self, stage: Stage) -> EngineSpec:
         ds = deepspeed_config(self.cfg, self.dist.world_size, load_universal=self.universal, lr=stage.lr)
         optim = OptimConfig(lr=stage.lr, schedule=self.cfg.recipe.schedule, warmup_steps=stage.warmup_steps)
-        return EngineSpec(ds, optim, stage.steps)
+        return EngineSpec(ds, optim, stage.steps, compile=self.cfg.compile)
 
     def save(self) -> None:
         self.state.search = self.search.state_dict()
         ckpt_dir = self.cfg.rundir.checkpoints
-        tag = checkpoint.save(self.engine, ckpt_dir, self.state, self.engine.module.config.to_dict(), self.dist,
-                              self.cfg.checkpoint)
+        tag = checkpoint.save(
+            self.engine, ckpt_dir, self.state, self.engine.module.config.to_dict(), self.dist, self.cfg.checkpoint
+        )
         _say(self.dist, f"checkpoint {ckpt_dir / tag}")
 
 
@@ -287,10 +320,26 @@ def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, d: distribu
         checkpoint.make_universal(rundir.checkpoints, start.tag, d)
     model = initial if initial is not None else model_class(start.model_config)(start.model_config)
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off while fine-tuning
-    search = SearchStage(search_config_in_steps(cfg.earlybert, cfg.recipe, steps_per_epoch), cfg.seed, rundir,
-                         d.is_main, start.model_config)
-    run = Run(cfg, task, d, state, stages, steps_per_epoch, None, search, log=None, stop=distributed.StopRequest(),
-              universal=universal)
+    search = SearchStage(
+        search_config_in_steps(cfg.earlybert, cfg.recipe, steps_per_epoch),
+        cfg.seed,
+        rundir,
+        d.is_main,
+        start.model_config,
+    )
+    run = Run(
+        cfg,
+        task,
+        d,
+        state,
+        stages,
+        steps_per_epoch,
+        None,
+        search,
+        log=None,
+        stop=distributed.StopRequest(),
+        universal=universal,
+    )
     spec = run.spec(run.stage)
     run.engine = build_engine(model, spec)
     del model, initial
@@ -305,9 +354,16 @@ def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, d: distribu
             if d.is_main:
                 rundir.save_start_weights(weights)
     state.world_size, state.zero_stage = d.world_size, zero_stage(spec.ds_config)
-    planned = sum(s.steps for s in stages[state.phase:]) + state.step - state.phase_samples // global_batch
-    run.log = MetricsLog(rundir, cfg.log, total_steps=planned, start_step=state.step, config=cfg.to_dict(),
-                         monitor=run.engine.monitor, is_main=d.is_main)
+    planned = sum(s.steps for s in stages[state.phase :]) + state.step - state.phase_samples // global_batch
+    run.log = MetricsLog(
+        rundir,
+        cfg.log,
+        total_steps=planned,
+        start_step=state.step,
+        config=cfg.to_dict(),
+        monitor=run.engine.monitor,
+        is_main=d.is_main,
+    )
     try:
         with guards.steps(cfg.dist_timeout.step_s, lambda: state.step + 1, d):
             while state.phase < len(stages):
@@ -333,15 +389,18 @@ def run_stage(run: Run) -> bool:
         stage_step = state.phase_samples // global_batch
         t0, lr = time.perf_counter(), run.engine.lr_scheduler.get_last_lr()[0]
         order = step_examples(len(task.train), cfg.seed, state.phase, stage_step, run.steps_per_epoch, global_batch)
-        micro_batches = [collate(task.train, order[(m * world + run.dist.rank) * micro:][:micro], task.tokenizer)
-                         for m in range(global_batch // (micro * world))]
+        micro_batches = [
+            collate(task.train, order[(m * world + run.dist.rank) * micro :][:micro], task.tokenizer)
+            for m in range(global_batch // (micro * world))
+        ]
         lambdas = run.search.gate_lambdas() if stage.name == "search" else None
         skipped = run.engine.skipped_steps
         stats = train_step(run.engine, micro_batches, run.dist.device, task_stats, gate_lambdas=lambdas)
         stats["stop"] = torch.tensor(float(run.stop.signum != 0))
         totals = distributed.sum_over_ranks(stats)
-        guards.check_finite(totals["loss"], run.engine.skipped_steps == skipped, cfg.nonfinite,
-                            run.engine.fp16_enabled(), state)
+        guards.check_finite(
+            totals["loss"], run.engine.skipped_steps == skipped, cfg.nonfinite, run.engine.fp16_enabled(), state
+        )
         step_time = time.perf_counter() - t0
         state.step += 1
         state.samples += global_batch
@@ -356,8 +415,9 @@ def run_stage(run: Run) -> bool:
         elif stage_done:
             state.phase, state.phase_samples = state.phase + 1, 0
             evaluate_and_log(run, stage, epoch)
-        elif eval_due(cfg.eval.every_steps, stage, state.step, state.phase_samples // global_batch,
-                      run.steps_per_epoch):
+        elif eval_due(
+            cfg.eval.every_steps, stage, state.step, state.phase_samples // global_batch, run.steps_per_epoch
+        ):
             evaluate_and_log(run, stage, epoch)
         stopping = totals["stop"] > 0
         # A checkpoint right after the draw: a relaunch then starts from the pruned engine.
@@ -377,14 +437,16 @@ def eval_due(every_steps: int | None, stage: Stage, step: int, stage_step: int, 
     return step % every_steps == 0 if every_steps else stage_step % steps_per_epoch == 0
 
 
-def step_examples(n: int, seed: int, stage: int, stage_step: int, steps_per_epoch: int, global_batch: int) -> np.ndarray:
+def step_examples(
+    n: int, seed: int, stage: int, stage_step: int, steps_per_epoch: int, global_batch: int
+) -> np.ndarray:
     """The training examples of one step: a permutation per (seed, stage, epoch), the last batch of an
     epoch filled from the epoch's start, so that every step is whole. A function of its arguments only:
     a resumed run sees exactly the examples the interrupted one would have."""
     epoch, k = divmod(stage_step, steps_per_epoch)
     order = np.random.default_rng([seed, stage, epoch]).permutation(n)
     order = np.concatenate([order, order[: steps_per_epoch * global_batch - n]])
-    return order[k * global_batch:(k + 1) * global_batch]
+    return order[k * global_batch : (k + 1) * global_batch]
 
 
 def collate(features, indices, tokenizer) -> dict[str, torch.Tensor]:
@@ -401,17 +463,29 @@ def collate(features, indices, tokenizer) -> dict[str, torch.Tensor]:
 
 def task_stats(out) -> dict[str, torch.Tensor]:
     zero = torch.zeros((), device=out.loss.device)
-    return {"loss": out.task_loss, "micro_batches": zero + 1,
-            "gate_l1": zero if out.gate_l1 is None else sum(out.gate_l1),
-            "gate_penalty": zero if out.gate_penalty is None else out.gate_penalty}
+    return {
+        "loss": out.task_loss,
+        "micro_batches": zero + 1,
+        "gate_l1": zero if out.gate_l1 is None else sum(out.gate_l1),
+        "gate_penalty": zero if out.gate_penalty is None else out.gate_penalty,
+    }
 
 
 def step_record(run: Run, s: dict[str, float], searching: bool, *, epoch: float, lr: float, step_time: float) -> dict:
     micro = s["micro_batches"]
-    r = {"step": run.state.step, "stage": run.stage.name, "epoch": epoch, "loss": s["loss"] / micro, "lr": lr,
-         "samples": run.state.samples, "time": time.time(), "step_time_s": step_time,
-         "seq_per_s": run.cfg.global_batch_size / step_time, **optimizer_stats(run.engine),
-         "nonfinite_skipped": run.state.nonfinite_skipped}
+    r = {
+        "step": run.state.step,
+        "stage": run.stage.name,
+        "epoch": epoch,
+        "loss": s["loss"] / micro,
+        "lr": lr,
+        "samples": run.state.samples,
+        "time": time.time(),
+        "step_time_s": step_time,
+        "seq_per_s": run.cfg.global_batch_size / step_time,
+        **optimizer_stats(run.engine),
+        "nonfinite_skipped": run.state.nonfinite_skipped,
+    }
     if run.engine.module.config.use_gates:
         r["gate_l1"] = s["gate_l1"] / micro
     if searching:
@@ -421,25 +495,39 @@ def step_record(run: Run, s: dict[str, float], searching: bool, *, epoch: float,
 
 # ---- the draw ---------------------------------------------------------------------------------
 
+
 def draw(run: Run, decision: Decision) -> None:
     """Prune to the ticket and go on to the ticket stage: the pre-trained weights pruned (rewind) or the
     current ones (continue), gates kept as free parameters, a fresh optimizer and LR schedule."""
     eb, d = run.cfg.earlybert, run.dist
-    _say(d, f"ticket drawn at step {decision.step} (epoch {decision.step / run.steps_per_epoch:.2f}): "
-            f"{decision.reason}")
+    _say(
+        d, f"ticket drawn at step {decision.step} (epoch {decision.step / run.steps_per_epoch:.2f}): {decision.reason}"
+    )
     before = run.engine.module.config
     start_weights = run.cfg.rundir.load_start_weights() if eb.after_draw == "rewind" else None
     run.state.phase, run.state.phase_samples = run.state.phase + 1, 0
     t0 = time.perf_counter()
-    run.engine = prune_engine(run.engine, run.spec(run.stage), decision.masks, fold_gates=eb.fold_gates,
-                              carry_moments=False, start_weights=start_weights, carry_schedule=False)
-    record = run.search.record_draw(decision, before, run.engine.module.config, run.cfg.task.max_seq_length,
-                                    time.perf_counter() - t0)
-    _say(d, f"pruned to heads {record['heads_per_layer']}, FFN {record['ffn_per_layer']}, engine rebuilt in "
-            f"{record['rebuild_s']:.1f} s; training the ticket for {run.stage.steps} steps at lr {run.stage.lr}")
+    run.engine = prune_engine(
+        run.engine,
+        run.spec(run.stage),
+        decision.masks,
+        fold_gates=eb.fold_gates,
+        carry_moments=False,
+        start_weights=start_weights,
+        carry_schedule=False,
+    )
+    record = run.search.record_draw(
+        decision, before, run.engine.module.config, run.cfg.task.max_seq_length, time.perf_counter() - t0
+    )
+    _say(
+        d,
+        f"pruned to heads {record['heads_per_layer']}, FFN {record['ffn_per_layer']}, engine rebuilt in "
+        f"{record['rebuild_s']:.1f} s; training the ticket for {run.stage.steps} steps at lr {run.stage.lr}",
+    )
 
 
 # ---- evaluation -------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def predict(run: Run, features) -> list | None:
@@ -452,7 +540,7 @@ def predict(run: Run, features) -> list | None:
     outputs = []
     run.engine.eval()
     for start in range(0, per_rank, size):
-        indices = mine[start:start + size]
+        indices = mine[start : start + size]
         batch = collate(features, indices, run.task.tokenizer)
         lengths = batch["attention_mask"].sum(1).tolist()
         batch = {k: v.to(run.dist.device) for k, v in batch.items() if k in INPUTS}
@@ -486,8 +574,16 @@ def evaluate(run: Run) -> dict | None:
             from pipeline.squad import postprocess_predictions, squad_metrics
 
             v2 = run.task.spec.version_2_with_negative or t.version_2_with_negative
-            answers = postprocess_predictions(examples, features, [o[0] for o in outputs], [o[1] for o in outputs],
-                                              t.n_best_size, t.max_answer_length, v2, t.null_score_diff_threshold)
+            answers = postprocess_predictions(
+                examples,
+                features,
+                [o[0] for o in outputs],
+                [o[1] for o in outputs],
+                t.n_best_size,
+                t.max_answer_length,
+                v2,
+                t.null_score_diff_threshold,
+            )
             results[split] = squad_metrics(answers, examples, v2)
         else:
             results[split] = compute_metrics(run.task.spec, np.stack(outputs), np.asarray(features["labels"]))
@@ -499,12 +595,19 @@ def evaluate_and_log(run: Run, stage: Stage, epoch: float) -> None:
     results = evaluate(run)
     if results is None:
         return
-    record = {"step": run.state.step, "stage": stage.name, "epoch": epoch, "eval_s": time.perf_counter() - t0,
-              "metrics": results}
+    record = {
+        "step": run.state.step,
+        "stage": stage.name,
+        "epoch": epoch,
+        "eval_s": time.perf_counter() - t0,
+        "metrics": results,
+    }
     run.cfg.rundir.append_eval(record)
-    _say(run.dist, f"eval at step {run.state.step} ({stage.name}, epoch {epoch:.2f}): "
-                   + "; ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
-                               for split, m in results.items()))
+    _say(
+        run.dist,
+        f"eval at step {run.state.step} ({stage.name}, epoch {epoch:.2f}): "
+        + "; ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) for split, m in results.items()),
+    )
 
 
 def main_metric(metrics: dict) -> float:
@@ -523,17 +626,26 @@ def summarize(run: Run) -> dict:
     rebuild_s = (ticket or {}).get("rebuild_s", 0.0)
     search_s = sum(r["step_time_s"] for r in records if r.get("stage") == "search") + rebuild_s
     results = {
-        "task": run.cfg.task.name or run.task.kind, "mode": run.cfg.earlybert.mode, "steps": run.state.step,
-        "stages": run.state.task["stages"], "final": final[-1]["metrics"] if final else None,
+        "task": run.cfg.task.name or run.task.kind,
+        "mode": run.cfg.earlybert.mode,
+        "steps": run.state.step,
+        "stages": run.state.task["stages"],
+        "final": final[-1]["metrics"] if final else None,
         "best": max(evals, key=lambda e: main_metric(e["metrics"])) if evals else None,
         # Training time, the search and the rebuild included; evaluations and start-up apart.
-        "train_s": records[-1]["wall_s"] + rebuild_s, "search_s": search_s, "eval_s": sum(e["eval_s"] for e in evals),
+        "train_s": records[-1]["wall_s"] + rebuild_s,
+        "search_s": search_s,
+        "eval_s": sum(e["eval_s"] for e in evals),
         "heads_per_layer": run.engine.module.config.num_heads_per_layer,
         "ffn_per_layer": run.engine.module.config.intermediate_size_per_layer,
     }
     if ticket:
-        results.update(draw_step=ticket["draw_step"], draw_forced=ticket["forced"],
-                       params_before=ticket["params_before"], params_after=ticket["params_after"])
+        results.update(
+            draw_step=ticket["draw_step"],
+            draw_forced=ticket["forced"],
+            params_before=ticket["params_before"],
+            params_after=ticket["params_after"],
+        )
     return results
 
 

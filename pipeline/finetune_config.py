@@ -6,6 +6,7 @@ steps once the data is read. The defaults are EarlyBERT's official fine-tuning r
 around 0.2 epoch, then rewind the ticket to the pre-trained weights and train it 2 epochs at lr
 4e-5 with a fresh optimizer and schedule; the dense baseline trains 3 epochs at 2e-5.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,6 +80,7 @@ class FinetuneConfig:
     task: TaskConfig
     model: FinetuneModelConfig
     seed: int = 42
+    compile: bool = False  # torch.compile the model (recompiled after the draw)
     earlybert: FinetuneSearchConfig = field(default_factory=FinetuneSearchConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     deepspeed: str = DEFAULT_DS_CONFIG  # ds_configs/zero1.json
@@ -101,8 +103,15 @@ class FinetuneConfig:
 
 
 # The keys that hold paths, made absolute as in a run config (pipeline/config.py).
-FINETUNE_PATHS = ("run_dir", "deepspeed", "model.init_from", "model.tokenizer", "task.train_files",
-                  "task.validation_files.*", "earlybert.random_like")
+FINETUNE_PATHS = (
+    "run_dir",
+    "deepspeed",
+    "model.init_from",
+    "model.tokenizer",
+    "task.train_files",
+    "task.validation_files.*",
+    "earlybert.random_like",
+)
 
 # Detector fields and the draw step that the recipe sets from epochs; set in YAML they would be ignored.
 DERIVED_SEARCH_KEYS = ("interval", "min_search_steps", "max_search_steps")
@@ -111,13 +120,15 @@ DERIVED_SEARCH_KEYS = ("interval", "min_search_steps", "max_search_steps")
 def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
     raw = read_yaml(path, overrides, FINETUNE_PATHS)
     cfg = from_dict(FinetuneConfig, raw, "")
-    given = (raw.get("earlybert") or {})
+    given = raw.get("earlybert") or {}
     derived = [f"earlybert.detector.{k}" for k in DERIVED_SEARCH_KEYS if k in (given.get("detector") or {})]
     derived += ["earlybert.draw_step"] if "draw_step" in given else []
     if derived:
-        raise ConfigError(f"{', '.join(derived)}: fine-tuning sets these from the epochs of the task; use "
-                          f"recipe.detector_interval_epochs, recipe.min_search_epochs, recipe.max_search_epochs "
-                          f"and recipe.draw_epoch")
+        raise ConfigError(
+            f"{', '.join(derived)}: fine-tuning sets these from the epochs of the task; use "
+            f"recipe.detector_interval_epochs, recipe.min_search_epochs, recipe.max_search_epochs "
+            f"and recipe.draw_epoch"
+        )
     validate_finetune(cfg)
     return cfg
 
@@ -125,17 +136,30 @@ def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig
 def validate_finetune(cfg: FinetuneConfig) -> None:
     r = cfg.recipe
     validate_batches_and_logs(cfg)
-    require_positive({"recipe.search_lr": r.search_lr, "recipe.lr": r.lr, "recipe.dense_lr": r.dense_lr,
-                      "recipe.epochs": r.epochs, "recipe.dense_epochs": r.dense_epochs,
-                      "recipe.search_epochs": r.search_epochs, "recipe.draw_epoch": r.draw_epoch,
-                      "recipe.detector_interval_epochs": r.detector_interval_epochs,
-                      "recipe.max_search_epochs": r.max_search_epochs, "eval.batch_size": cfg.eval.batch_size})
+    require_positive(
+        {
+            "recipe.search_lr": r.search_lr,
+            "recipe.lr": r.lr,
+            "recipe.dense_lr": r.dense_lr,
+            "recipe.epochs": r.epochs,
+            "recipe.dense_epochs": r.dense_epochs,
+            "recipe.search_epochs": r.search_epochs,
+            "recipe.draw_epoch": r.draw_epoch,
+            "recipe.detector_interval_epochs": r.detector_interval_epochs,
+            "recipe.max_search_epochs": r.max_search_epochs,
+            "eval.batch_size": cfg.eval.batch_size,
+        }
+    )
     if not 0 <= r.min_search_epochs <= r.max_search_epochs <= r.search_epochs:
-        raise ConfigError(f"recipe: need 0 <= min_search_epochs ({r.min_search_epochs}) <= max_search_epochs "
-                          f"({r.max_search_epochs}) <= search_epochs ({r.search_epochs})")
+        raise ConfigError(
+            f"recipe: need 0 <= min_search_epochs ({r.min_search_epochs}) <= max_search_epochs "
+            f"({r.max_search_epochs}) <= search_epochs ({r.search_epochs})"
+        )
     if r.draw_epoch > r.search_epochs:
-        raise ConfigError(f"recipe.draw_epoch ({r.draw_epoch}) is after the search stage's end "
-                          f"(recipe.search_epochs {r.search_epochs})")
+        raise ConfigError(
+            f"recipe.draw_epoch ({r.draw_epoch}) is after the search stage's end "
+            f"(recipe.search_epochs {r.search_epochs})"
+        )
     if not 0.0 <= r.warmup_ratio < 1.0:
         raise ConfigError(f"recipe.warmup_ratio must be in [0, 1), got {r.warmup_ratio}")
     if cfg.eval.every_steps is not None and cfg.eval.every_steps < 1:
@@ -148,9 +172,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
 def search_config_in_steps(cfg: FinetuneSearchConfig, recipe: RecipeConfig, steps_per_epoch: int) -> SearchConfig:
     """The search stage with the recipe's epochs turned into steps of this task."""
     steps = lambda epochs: max(1, round(epochs * steps_per_epoch))
-    detector = dataclasses.replace(cfg.detector, interval=steps(recipe.detector_interval_epochs),
-                                   min_search_steps=round(recipe.min_search_epochs * steps_per_epoch),
-                                   max_search_steps=steps(recipe.max_search_epochs))
+    detector = dataclasses.replace(
+        cfg.detector,
+        interval=steps(recipe.detector_interval_epochs),
+        min_search_steps=round(recipe.min_search_epochs * steps_per_epoch),
+        max_search_steps=steps(recipe.max_search_epochs),
+    )
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SearchConfig)}
     return SearchConfig(**{**fields, "detector": detector, "draw_step": steps(recipe.draw_epoch)})
-

@@ -1,14 +1,15 @@
 """Faults the training loops of `earlybert train` and `earlybert finetune` turn into a message and an exit.
 
-    collective timeouts   the process group waits `dist_timeout.long_s` at start-up, in checkpoints and in
-                          the draw's rebuild (patient()), `dist_timeout.step_s` in the steps (steps());
-                          a collective that fails or times out stops the rank with the step and the ranks
-                          that did not answer a roll call through the rendezvous store
-    non-finite losses     fp16: DeepSpeed's loss scaler skips the step and counts it (skipped_steps);
-                          bf16 and fp32: `nonfinite.action` stop (the last checkpoint stays the one to
-                          resume from), or skip up to `nonfinite.max_skipped` steps that DeepSpeed did not
-                          apply (RunState.nonfinite_skipped, logged as nonfinite_skipped)
+collective timeouts   the process group waits `dist_timeout.long_s` at start-up, in checkpoints and in
+                      the draw's rebuild (patient()), `dist_timeout.step_s` in the steps (steps());
+                      a collective that fails or times out stops the rank with the step and the ranks
+                      that did not answer a roll call through the rendezvous store
+non-finite losses     fp16: DeepSpeed's loss scaler skips the step and counts it (skipped_steps);
+                      bf16 and fp32: `nonfinite.action` stop (the last checkpoint stays the one to
+                      resume from), or skip up to `nonfinite.max_skipped` steps that DeepSpeed did not
+                      apply (RunState.nonfinite_skipped, logged as nonfinite_skipped)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -76,9 +77,11 @@ def steps(step_s: float, next_step, d):
             raise
         step = next_step()
         missing = roll_call(step, d)
-        raise RunFault(f"step {step}: a collective of the process group failed or waited more than dist_timeout.step_s"
-                       f"={step_s:g} s ({str(err).strip()[:300]}); {missing}. Check that rank's log and host; "
-                       f"relaunch the same command to resume from the latest checkpoint") from None
+        raise RunFault(
+            f"step {step}: a collective of the process group failed or waited more than dist_timeout.step_s"
+            f"={step_s:g} s ({str(err).strip()[:300]}); {missing}. Check that rank's log and host; "
+            f"relaunch the same command to resume from the latest checkpoint"
+        ) from None
 
 
 def roll_call(step: int, d) -> str:
@@ -95,8 +98,11 @@ def roll_call(step: int, d) -> str:
         missing = [r for r in range(d.world_size) if not store.check([f"{key}{r}"])]
     except RuntimeError:  # the store lives in rank 0's process
         return "the rendezvous store (in rank 0) does not answer: rank 0 is stopped, hung or dead"
-    return (f"rank(s) {missing} did not reach it (stopped, hung or dead)" if missing else
-            "every rank answered the roll call afterwards: a network fault or a rank slower than the timeout")
+    return (
+        f"rank(s) {missing} did not reach it (stopped, hung or dead)"
+        if missing
+        else "every rank answered the roll call afterwards: a network fault or a rank slower than the timeout"
+    )
 
 
 def check_finite(loss_sum: float, applied: bool, nonfinite, fp16: bool, state) -> None:
@@ -107,15 +113,22 @@ def check_finite(loss_sum: float, applied: bool, nonfinite, fp16: bool, state) -
         return
     step = state.step + 1
     if applied:
-        raise RunFault(f"step {step}: the loss is {loss_sum} and DeepSpeed applied the update (it skips non-finite "
-                       f"gradients under ZeRO stages 1-3 only): stopping before the weights are saved; relaunch "
-                       f"resumes from the latest checkpoint, or lower optim.lr / enable gradient_clipping")
+        raise RunFault(
+            f"step {step}: the loss is {loss_sum} and DeepSpeed applied the update (it skips non-finite "
+            f"gradients under ZeRO stages 1-3 only): stopping before the weights are saved; relaunch "
+            f"resumes from the latest checkpoint, or lower optim.lr / enable gradient_clipping"
+        )
     if nonfinite.action == "skip" and state.nonfinite_skipped < nonfinite.max_skipped:
         state.nonfinite_skipped += 1
-        print(f"[earlybert] step {step}: the loss is {loss_sum}; the update was skipped "
-              f"({state.nonfinite_skipped} of nonfinite.max_skipped={nonfinite.max_skipped})", flush=True)
+        print(
+            f"[earlybert] step {step}: the loss is {loss_sum}; the update was skipped "
+            f"({state.nonfinite_skipped} of nonfinite.max_skipped={nonfinite.max_skipped})",
+            flush=True,
+        )
         return
     limit = f", after {state.nonfinite_skipped} skipped" if nonfinite.action == "skip" else ""
-    raise RunFault(f"step {step}: the loss is {loss_sum}{limit}; stopping (nonfinite.action={nonfinite.action}): "
-                   f"the latest checkpoint is intact and a relaunch resumes from it; set nonfinite.action=skip "
-                   f"(nonfinite.max_skipped=N) to skip such steps, or lower optim.lr")
+    raise RunFault(
+        f"step {step}: the loss is {loss_sum}{limit}; stopping (nonfinite.action={nonfinite.action}): "
+        f"the latest checkpoint is intact and a relaunch resumes from it; set nonfinite.action=skip "
+        f"(nonfinite.max_skipped=N) to skip such steps, or lower optim.lr"
+    )

@@ -11,6 +11,7 @@ counter-based hash of (seed, phase, epoch, sample index, position): the same sam
 mask on any rank count and after any resume, and a new one in each epoch. Both run in numpy
 without per-sample Python loops, in a background thread that stays `prefetch` micro-batches ahead.
 """
+
 from __future__ import annotations
 
 import queue
@@ -92,16 +93,27 @@ def _uniform(row_keys: np.ndarray, seq_len: int, stream: np.uint64) -> np.ndarra
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def mask_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, epochs: np.ndarray, indices: np.ndarray, *,
-                seed: int, phase: int, mask_prob: float, special_ids: dict, vocab_size: int):
+def mask_tokens(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    epochs: np.ndarray,
+    indices: np.ndarray,
+    *,
+    seed: int,
+    phase: int,
+    mask_prob: float,
+    special_ids: dict,
+    vocab_size: int,
+):
     """BERT's dynamic masking. Returns (masked input_ids, labels with -100 where not selected).
 
     Each sample gets round(mask_prob * maskable) selections (at least one): the tokens with the
     smallest hash scores among real, non-special tokens.
     """
     epoch_keys = {int(e): _keys(_MASKING, seed, phase, int(e))[0] for e in np.unique(epochs)}
-    row_keys = _mix(np.array([epoch_keys[int(e)] for e in epochs], dtype=np.uint64)
-                    ^ (indices.astype(np.uint64) * _GOLDEN))
+    row_keys = _mix(
+        np.array([epoch_keys[int(e)] for e in epochs], dtype=np.uint64) ^ (indices.astype(np.uint64) * _GOLDEN)
+    )
     B, T = input_ids.shape
     specials = [special_ids[k] for k in ("cls", "sep", "pad", "mask")]
     maskable = attention_mask.astype(bool) & ~np.isin(input_ids, specials)
@@ -129,8 +141,22 @@ class PhaseLoader:
     `wait_s` accumulates the time the training loop spent blocked on data.
     """
 
-    def __init__(self, dataset, *, seed: int, phase: int, start_sample: int, steps: int, micro_batch_size: int,
-                 grad_accum: int, world_size: int, rank: int, mask_prob: float, prefetch: int, pin_memory: bool):
+    def __init__(
+        self,
+        dataset,
+        *,
+        seed: int,
+        phase: int,
+        start_sample: int,
+        steps: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        mask_prob: float,
+        prefetch: int,
+        pin_memory: bool,
+    ):
         self.dataset, self.seed, self.phase = dataset, seed, phase
         self.start, self.steps, self.micro, self.grad_accum = start_sample, steps, micro_batch_size, grad_accum
         self.world, self.rank, self.mask_prob, self.pin = world_size, rank, mask_prob, pin_memory
@@ -147,8 +173,16 @@ class PhaseLoader:
         epochs, indices = stream_samples(positions, len(self.dataset), self.seed, self.phase)
         b = self.dataset.get_batch(indices)
         b["input_ids"], b["labels"] = mask_tokens(
-            b["input_ids"], b["attention_mask"], epochs, indices, seed=self.seed, phase=self.phase,
-            mask_prob=self.mask_prob, special_ids=self.dataset.special_ids, vocab_size=self.dataset.vocab_size)
+            b["input_ids"],
+            b["attention_mask"],
+            epochs,
+            indices,
+            seed=self.seed,
+            phase=self.phase,
+            mask_prob=self.mask_prob,
+            special_ids=self.dataset.special_ids,
+            vocab_size=self.dataset.vocab_size,
+        )
         out = {k: torch.from_numpy(v) for k, v in b.items()}
         return {k: v.pin_memory() for k, v in out.items()} if self.pin else out
 

@@ -9,6 +9,7 @@ is cut at S, TensorBoard purges its events after S (`purge_step`), and W&B resum
 is kept in RUN/wandb_id (W&B keeps the first logging of a replayed step; a resume is exact, so the
 values are the same). The resolved config goes to both as hyperparameters.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,8 +27,17 @@ from data_prep.shards import atomic_write
 from pipeline.rundir import RunDir
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s per device, by name; the more specific names come first.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-               ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
 
 
 def device_peak_tflops(device: torch.device, precision: str) -> float | None:
@@ -67,8 +77,7 @@ class MetricsLog:
     """`log` is the run config's LogConfig; `config` the resolved config, logged as hyperparameters;
     `monitor` DeepSpeed's, for monitors the DeepSpeed JSON itself enables (csv_monitor, comet)."""
 
-    def __init__(self, rundir: RunDir, log, *, total_steps: int, start_step: int, config: dict, monitor,
-                 is_main: bool):
+    def __init__(self, rundir: RunDir, log, *, total_steps: int, start_step: int, config: dict, monitor, is_main: bool):
         self.path = rundir.metrics_file
         self.total, self.start_step, self.interval = total_steps, start_step, log.interval
         self.monitor, self.is_main = monitor, is_main
@@ -88,8 +97,9 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
+        scalars = {
+            k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self.tensorboard is not None:
             for k, v in scalars.items():
                 self.tensorboard.add_scalar(f"Train/{k}", v, step)
@@ -163,12 +173,13 @@ def _optional(module: str, key: str, package: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        print(f"{key}: not installed (pip install {package}); metrics go to metrics.jsonl and the other "
-              f"monitors only", file=sys.stderr)
+        print(
+            f"{key}: not installed (pip install {package}); metrics go to metrics.jsonl and the other monitors only",
+            file=sys.stderr,
+        )
         return None
 
 
 def _as_markdown_code(config: dict) -> str:
     """TensorBoard renders text as Markdown: an indented block keeps the YAML as it is."""
     return "".join(f"    {line}\n" for line in yaml.safe_dump(config, sort_keys=False).splitlines())
-

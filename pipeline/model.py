@@ -27,6 +27,7 @@ This file imports nothing from the project and registers nothing on import: it i
 exported weights (`trust_remote_code`), so keep it self-contained. `from pipeline import ...` calls
 `register_auto_classes()` to register the classes with transformers' Auto classes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class EarlyBertConfig(BertConfig):
     fused_qkv                 one GEMM for Q, K and V (their weights concatenated at compute time; the
                               parameters stay transformers' query/key/value, so checkpoints and the pruner
                               see the usual names)
+    All three default to off, so that a config without them (an existing checkpoint, export or run directory)
+    computes what it computed before, bit for bit; run configs turn them on (`model.overrides`).
     """
 
     model_type = "earlybert"
@@ -175,6 +178,7 @@ class EarlyBertForPreTrainingOutput(ModelOutput):
     mlm_correct: torch.Tensor | None = None
     mlm_count: torch.Tensor | None = None
 
+
 @dataclass
 class EarlyBertTaskOutput(ModelOutput):
     """transformers' SequenceClassifierOutput / TokenClassifierOutput / MaskedLMOutput, then EarlyBERT's fields.
@@ -255,8 +259,9 @@ class Unpadded:
         if kernel is not None:
             return kernel(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen, dropout_p)
         B, L, (_, H, d) = self.batch, self.max_seqlen, q.shape
-        q, k, v = (x.new_zeros(B * L, H, d).index_copy(0, self.packed, x).view(B, L, H, d).transpose(1, 2)
-                   for x in (q, k, v))  # (B, H, L, d)
+        q, k, v = (
+            x.new_zeros(B * L, H, d).index_copy(0, self.packed, x).view(B, L, H, d).transpose(1, 2) for x in (q, k, v)
+        )  # (B, H, L, d)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=self.packed_mask, dropout_p=dropout_p)
         return context.transpose(1, 2).reshape(B * L, H, d).index_select(0, self.packed)  # (N, H, d)
 
@@ -393,8 +398,9 @@ class EarlyBertEncoder(nn.Module):
         self.layer = nn.ModuleList(EarlyBertLayer(config, i) for i in range(config.num_hidden_layers))
         self.use_gates = config.use_gates
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool,
-                output_hidden_states: bool):
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool, output_hidden_states: bool
+    ):
         # x: (B, T, hidden) -> the last layer's output (B, T, hidden); the input and every layer's output
         # (output_hidden_states, else None); every layer's attention probabilities (output_attentions, else
         # None); (sum |head gates|, sum |FFN gates|) over the layers (None without gates)
@@ -450,8 +456,10 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         # A pruned checkpoint loaded into the wrong structure must fail loudly, never re-initialise.
         if kwargs.get("ignore_mismatched_sizes"):
-            raise ValueError("EarlyBERT never loads with ignore_mismatched_sizes=True: it would silently re-initialise "
-                             "pruned weights")
+            raise ValueError(
+                "EarlyBERT never loads with ignore_mismatched_sizes=True: it would silently re-initialise "
+                "pruned weights"
+            )
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as err:
@@ -463,8 +471,9 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
     # ---- gates -------------------------------------------------------------------------------
     def head_gates(self) -> list[nn.Parameter]:
         """One (num_heads_i,) tensor per layer; empty when the model has no gates."""
-        return [layer.attention.self.head_gates for layer in self._layers()
-                if layer.attention.self.head_gates is not None]
+        return [
+            layer.attention.self.head_gates for layer in self._layers() if layer.attention.self.head_gates is not None
+        ]
 
     def ffn_gates(self) -> list[nn.Parameter]:
         """One (intermediate_size_i,) tensor per layer; empty when the model has no gates."""
@@ -491,8 +500,15 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
     def _return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
 
-    def _head_output(self, output_class, encoded: EarlyBertModelOutput, task_loss: torch.Tensor | None,
-                     gate_lambdas: tuple[float, float] | None, return_dict: bool | None, **fields):
+    def _head_output(
+        self,
+        output_class,
+        encoded: EarlyBertModelOutput,
+        task_loss: torch.Tensor | None,
+        gate_lambdas: tuple[float, float] | None,
+        return_dict: bool | None,
+        **fields,
+    ):
         """What every head returns: `fields` (its logits, ...), the encoder's hidden states and attentions, and
         loss = task_loss + EarlyBERT's L1 penalty on the gates (with gate_lambdas, on a model with gates), as
         `output_class` or, with return_dict=False, its tuple (None fields left out, as in transformers)."""
@@ -500,8 +516,15 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
         if gate_lambdas is not None and gate_l1 is not None:
             penalty = gate_lambdas[0] * gate_l1[0] + gate_lambdas[1] * gate_l1[1]
         loss = task_loss + penalty if task_loss is not None and penalty is not None else task_loss
-        out = output_class(loss=loss, **fields, hidden_states=encoded.hidden_states, attentions=encoded.attentions,
-                           task_loss=task_loss, gate_penalty=penalty, gate_l1=gate_l1)
+        out = output_class(
+            loss=loss,
+            **fields,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+            task_loss=task_loss,
+            gate_penalty=penalty,
+            gate_l1=gate_l1,
+        )
         return out if self._return_dict(return_dict) else out.to_tuple()
 
 
@@ -562,9 +585,13 @@ class EarlyBertModel(EarlyBertPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> EarlyBertModelOutput | tuple:
         """input_ids, attention_mask (1 = token, 0 = padding), token_type_ids, position_ids: (B, T).
@@ -671,11 +698,17 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None, next_sentence_label: torch.Tensor | None = None,
-        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-        return_dict: bool | None = None, gate_lambdas: tuple[float, float] | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        gate_lambdas: tuple[float, float] | None = None,
         masked_logits_only: bool = False,
     ) -> EarlyBertForPreTrainingOutput | tuple:
         """labels: (B, T), -100 where not masked. next_sentence_label: (B,), negative = no NSP for that row.
@@ -683,8 +716,15 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         masked_logits_only (with labels): the vocabulary projection runs on the masked positions only, gathered
         before the decoder (~15% of the tokens, where most of the head's cost goes), and prediction_logits are
         (N_masked, V); the loss is the same."""
-        encoded = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                            output_hidden_states, return_dict=True)
+        encoded = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
         hidden = encoded.last_hidden_state  # (B, T, hidden)
         nsp_logits = None  # (B, 2)
         if self.cls.seq_relationship is not None:
@@ -694,8 +734,15 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             hidden, labels = hidden[masked], labels[masked]  # (N, hidden), (N,)
         prediction_logits = self.cls.predictions(hidden)  # (B, T, V), or (N, V)
         if labels is None:
-            return self._head_output(EarlyBertForPreTrainingOutput, encoded, None, gate_lambdas, return_dict,
-                                     prediction_logits=prediction_logits, seq_relationship_logits=nsp_logits)
+            return self._head_output(
+                EarlyBertForPreTrainingOutput,
+                encoded,
+                None,
+                gate_lambdas,
+                return_dict,
+                prediction_logits=prediction_logits,
+                seq_relationship_logits=nsp_logits,
+            )
 
         mlm_loss = task_loss = masked_lm_loss(prediction_logits, labels)
         nsp_loss = None
@@ -708,9 +755,17 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         with torch.no_grad():
             correct = ((prediction_logits.argmax(-1) == labels) & (labels != -100)).sum()
         return self._head_output(
-            EarlyBertForPreTrainingOutput, encoded, task_loss, gate_lambdas, return_dict,
-            prediction_logits=prediction_logits, seq_relationship_logits=nsp_logits, mlm_loss=mlm_loss,
-            nsp_loss=nsp_loss, mlm_correct=correct, mlm_count=(labels != -100).sum(),
+            EarlyBertForPreTrainingOutput,
+            encoded,
+            task_loss,
+            gate_lambdas,
+            return_dict,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=nsp_logits,
+            mlm_loss=mlm_loss,
+            nsp_loss=nsp_loss,
+            mlm_correct=correct,
+            mlm_count=(labels != -100).sum(),
         )
 
 
@@ -719,15 +774,27 @@ class EarlyBertLogitsModel(EarlyBertPreTrainedModel):
     classification): encoder, `_logits`, and `_loss` where labels are given."""
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None, output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None, return_dict: bool | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         gate_lambdas: tuple[float, float] | None = None,
     ) -> EarlyBertTaskOutput | tuple:
         """gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss."""
-        encoded = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                            output_hidden_states, return_dict=True)
+        encoded = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
         logits = self._logits(encoded)
         task_loss = None if labels is None else self._loss(logits, labels)
         return self._head_output(EarlyBertTaskOutput, encoded, task_loss, gate_lambdas, return_dict, logits=logits)
@@ -828,27 +895,49 @@ class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
         self.post_init()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-        start_positions: torch.Tensor | None = None, end_positions: torch.Tensor | None = None,
-        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-        return_dict: bool | None = None, gate_lambdas: tuple[float, float] | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        gate_lambdas: tuple[float, float] | None = None,
     ) -> EarlyBertQuestionAnsweringOutput | tuple:
         """start_positions, end_positions: (B,) token indices of the answer span; positions outside the sequence
         are clamped to T and ignored, as in transformers. loss = mean of the start and end cross-entropies.
         gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss."""
-        encoded = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                            output_hidden_states, return_dict=True)
+        encoded = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
         logits = self.qa_outputs(encoded.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))  # (B, T) each
         task_loss = None
         if start_positions is not None and end_positions is not None:
             ignored = start_logits.shape[1]
             start, end = (p.reshape(-1).clamp(0, ignored) for p in (start_positions, end_positions))
-            task_loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
-                         + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
-        return self._head_output(EarlyBertQuestionAnsweringOutput, encoded, task_loss, gate_lambdas, return_dict,
-                                 start_logits=start_logits, end_logits=end_logits)
+            task_loss = (
+                F.cross_entropy(start_logits, start, ignore_index=ignored)
+                + F.cross_entropy(end_logits, end, ignore_index=ignored)
+            ) / 2
+        return self._head_output(
+            EarlyBertQuestionAnsweringOutput,
+            encoded,
+            task_loss,
+            gate_lambdas,
+            return_dict,
+            start_logits=start_logits,
+            end_logits=end_logits,
+        )
 
 
 def flops_per_sequence(config: EarlyBertConfig, seq_len: int, masked_fraction: float = 0.15) -> float:

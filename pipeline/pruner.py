@@ -13,6 +13,7 @@ The slicing works on name -> tensor dicts, so the same function prunes the model
 fp32 master weights and each optimizer moment (`prune_tensors`); moments of folded columns are
 rescaled the way Adam would have seen them (m / c, v / c^2).
 """
+
 from __future__ import annotations
 
 import re
@@ -78,7 +79,7 @@ def prune_tensors(
             continue
         prefix, layer, rest = match["prefix"], int(match["layer"]), match["rest"]
         rows, neurons = plan.head_rows(layer), plan.neurons(layer)
-        gate_key = lambda kind: f"{prefix}encoder.layer.{layer}.{kind}"  # noqa: E731
+        gate_key = lambda kind, prefix=prefix, layer=layer: f"{prefix}encoder.layer.{layer}.{kind}"
         if rest.startswith(("attention.self.query.", "attention.self.key.", "attention.self.value.")):
             out[name] = t.index_select(0, rows)
         elif rest == "attention.output.dense.weight":

@@ -11,6 +11,7 @@ ZeRO flattens and partitions parameters, so they cannot change shape in place. T
      partitions, and carries over the step counters, the optimizer's step count, the learning
      rate schedule position and the fp16 loss-scaler state.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,8 +22,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (
-    safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-    safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state,
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 
 from pipeline.detector import Masks
@@ -84,8 +89,15 @@ def snapshot_engine(engine, weights_only: bool = False) -> EngineSnapshot:
     )
 
 
-def rebuild_engine(engine, masks: Masks, build: Callable, fold_gates: bool = True, carry_moments: bool = True,
-                   start_weights: dict[str, torch.Tensor] | None = None, carry_schedule: bool = True):
+def rebuild_engine(
+    engine,
+    masks: Masks,
+    build: Callable,
+    fold_gates: bool = True,
+    carry_moments: bool = True,
+    start_weights: dict[str, torch.Tensor] | None = None,
+    carry_schedule: bool = True,
+):
     """Prune `engine`'s model to `masks` and return (new engine, plan). `engine` is destroyed.
 
     build(model) -> engine must create the engine exactly as the first one was created.

@@ -9,6 +9,7 @@ The report goes into the first RUN (the others are overlaid for comparison, e.g.
 EarlyBERT). metrics.jsonl may repeat steps after a resume (the steps since the last checkpoint run
 again): the last record of each step wins.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,12 @@ def plot_curves(runs: list[tuple[str, list[dict], dict | None]], out: Path) -> P
         if ticket:
             for ax in (axes[0][0], axes[1][0]):
                 ax.axvline(ticket["draw_step"], linestyle=":", color="gray")
-    for (ax, title, xlabel) in ((axes[0][0], "loss", "step"), (axes[0][1], "loss", "wall time (min)"),
-                                (axes[1][0], "MLM accuracy", "step"), (axes[1][1], "MLM accuracy", "wall time (min)")):
+    for ax, title, xlabel in (
+        (axes[0][0], "loss", "step"),
+        (axes[0][1], "loss", "wall time (min)"),
+        (axes[1][0], "MLM accuracy", "step"),
+        (axes[1][1], "MLM accuracy", "wall time (min)"),
+    ):
         ax.set_title(f"{title} against {xlabel.split(' (')[0]}")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -131,8 +136,13 @@ def write_report(paths: list[Path]) -> Path:
     out = runs[0].report
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_curves(loaded, out), plot_throughput(loaded, out)]
-    md = ["# EarlyBERT run report", "", "| run | steps | wall time (min) | loss (last 20) | MLM acc (last 20) "
-          "| draw step | params before -> after | FLOPs/seq after / before | seq/s before -> after draw |", "|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "# EarlyBERT run report",
+        "",
+        "| run | steps | wall time (min) | loss (last 20) | MLM acc (last 20) "
+        "| draw step | params before -> after | FLOPs/seq after / before | seq/s before -> after draw |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, records, ticket in loaded:
         before, after = throughput_split(records, ticket)
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -142,17 +152,23 @@ def write_report(paths: list[Path]) -> Path:
             flops = f"{ticket['flops_per_sequence_after'] / ticket['flops_per_sequence_before']:.3f}"
         else:
             draw = params = flops = "-"
-        md.append(f"| {label} | {records[-1]['step']} | {records[-1]['wall_s'] / 60:.2f} | {fmt(tail_mean(records, 'loss'), '.4f')} "
-                  f"| {fmt(tail_mean(records, 'mlm_acc'), '.4f')} | {draw} | {params} | {flops} "
-                  f"| {fmt(before, '.1f')} -> {fmt(after, '.1f')} |")
+        md.append(
+            f"| {label} | {records[-1]['step']} | {records[-1]['wall_s'] / 60:.2f} "
+            f"| {fmt(tail_mean(records, 'loss'), '.4f')} "
+            f"| {fmt(tail_mean(records, 'mlm_acc'), '.4f')} | {draw} | {params} | {flops} "
+            f"| {fmt(before, '.1f')} -> {fmt(after, '.1f')} |"
+        )
     ticket = loaded[0][2]
     if ticket:
         config = runs[0].read_config() if runs[0].config_file.is_file() else {}
         detector = (config.get("earlybert") or {}).get("detector") or {}
         arch = _dense_structure(runs[0])
         figures += [plot_distances(ticket, detector.get("epsilon"), out), plot_structure(ticket, *arch, out)]
-        md += ["", f"Ticket of {loaded[0][0]}: drawn at step {ticket['draw_step']} ({ticket['reason']}); "
-                   f"heads per layer {ticket['heads_per_layer']}, FFN widths {ticket['ffn_per_layer']}."]
+        md += [
+            "",
+            f"Ticket of {loaded[0][0]}: drawn at step {ticket['draw_step']} ({ticket['reason']}); "
+            f"heads per layer {ticket['heads_per_layer']}, FFN widths {ticket['ffn_per_layer']}.",
+        ]
     md += [""] + [f"![{f.stem}]({f.name})" for f in figures]
     path = out / "report.md"
     atomic_write(path, lambda f: f.write(("\n".join(md) + "\n").encode()))
@@ -188,7 +204,9 @@ def _dense_structure(run: RunDir) -> tuple[int | None, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="earlybert report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="earlybert report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories; the report is written into the first")
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,7 @@ Every file is written atomically (a temporary name, then a rename): a crash leav
 the new one, never half of one. Training, report, export, eval, the benchmarks and the tests all
 read runs through `RunDir`.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,10 @@ class RunDir:
     def read_config(self) -> dict:
         """The raw mapping of RUN/config.yaml (a run config, or a fine-tuning config)."""
         if not self.config_file.is_file():
-            raise RunDirError(f"{self.config_file} not found: is {self.path} a run directory written by "
-                              f"`earlybert train` or `earlybert finetune`?")
+            raise RunDirError(
+                f"{self.config_file} not found: is {self.path} a run directory written by "
+                f"`earlybert train` or `earlybert finetune`?"
+            )
         return yaml.safe_load(self.config_file.read_text()) or {}
 
     def shards(self, phase: int = 0) -> Path:
@@ -157,8 +160,10 @@ class RunDir:
         from safetensors.torch import load_file
 
         if not self.start_weights_file.is_file():
-            raise RunDirError(f"{self.start_weights_file} not found: `after_draw: rewind` needs the weights the run "
-                              f"started from, saved at step 0; this run was started without rewind")
+            raise RunDirError(
+                f"{self.start_weights_file} not found: `after_draw: rewind` needs the weights the run "
+                f"started from, saved at step 0; this run was started without rewind"
+            )
         return load_file(self.start_weights_file)
 
     # ---- fine-tuning results -----------------------------------------------------------------

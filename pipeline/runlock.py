@@ -7,6 +7,7 @@ gone is taken over with a message: the same host and a pid that is no longer tha
 job (a requeued job restarts on any node, after its previous incarnation ended). A lock of another host is
 never taken over: its holder may be alive; the message says which file to delete if it is not.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ class LockError(RuntimeError):
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time(),
-            "command": " ".join(sys.argv), "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": psutil.Process().create_time(),
+        "command": " ".join(sys.argv),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
 
 
 def _gone(holder: dict) -> bool:
@@ -59,12 +65,17 @@ def acquire(directory: Path, what: str) -> Path:
     path, me = directory / LOCK, _me()
     holder = _read(path)
     if holder is not None and not _gone(holder):
-        raise LockError(f"{directory} is in use by {what} on host {holder.get('host')}, pid {holder.get('pid')} "
-                        f"({holder.get('command')}); wait for it to end, or, if it is no longer running, delete "
-                        f"{path}")
+        raise LockError(
+            f"{directory} is in use by {what} on host {holder.get('host')}, pid {holder.get('pid')} "
+            f"({holder.get('command')}); wait for it to end, or, if it is no longer running, delete "
+            f"{path}"
+        )
     if holder is not None:
-        print(f"earlybert: taking over {path}: its holder (host {holder.get('host')}, pid {holder.get('pid')}) "
-              f"has ended", file=sys.stderr, flush=True)
+        print(
+            f"earlybert: taking over {path}: its holder (host {holder.get('host')}, pid {holder.get('pid')}) has ended",
+            file=sys.stderr,
+            flush=True,
+        )
     atomic_write(path, lambda f: f.write(json.dumps(me).encode()))
     if _read(path) != me:  # another command took it over at the same moment, after us
         raise LockError(f"{directory}: another command took {path} at the same time; wait for it to end")
@@ -76,4 +87,3 @@ def release(path: Path) -> None:
     holder = _read(path)
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
-

@@ -16,6 +16,7 @@ Modes (`earlybert.mode`), all in the same command so that baselines differ in on
 `state_dict()` (the detector's FIFO and history, and the ticket once drawn) goes into every
 checkpoint, so a resumed search continues where it stopped and a resumed pruned run knows its ticket.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,19 +90,25 @@ class SearchStage:
         if self.cfg.mode == "earlybert":
             return observe(self.detector, step, masks_from_gates(heads, ffn, detector), detector)
         if self.cfg.mode == "fixed":
-            decision = Decision(True, step, masks_from_gates(heads, ffn, detector),
-                                reason=f"fixed draw_step={self.cfg.draw_step}")
+            decision = Decision(
+                True, step, masks_from_gates(heads, ffn, detector), reason=f"fixed draw_step={self.cfg.draw_step}"
+            )
         else:
             seed = self.seed if self.cfg.mask_seed is None else self.cfg.mask_seed
-            decision = Decision(True, step, random_masks(config, detector, seed, self.random_like),
-                                reason=f"random masks (seed {seed}"
-                                       f"{', counts of ' + self.cfg.random_like if self.random_like else ''}) "
-                                       f"at draw_step={self.cfg.draw_step}")
+            decision = Decision(
+                True,
+                step,
+                random_masks(config, detector, seed, self.random_like),
+                reason=f"random masks (seed {seed}"
+                f"{', counts of ' + self.cfg.random_like if self.random_like else ''}) "
+                f"at draw_step={self.cfg.draw_step}",
+            )
         self.detector.drawn_step = step
         return decision
 
-    def record_draw(self, decision: Decision, before: EarlyBertConfig, after: EarlyBertConfig, seq_len: int,
-                    rebuild_s: float) -> dict:
+    def record_draw(
+        self, decision: Decision, before: EarlyBertConfig, after: EarlyBertConfig, seq_len: int, rebuild_s: float
+    ) -> dict:
         """After the rebuild: the ticket's record, written to RUN/ticket.json by rank 0."""
         record = ticket_record(decision, self.cfg.mode, self.detector.history, before, after, seq_len)
         record["rebuild_s"] = rebuild_s
@@ -119,11 +126,16 @@ class SearchStage:
         self.ticket = state.get("ticket")
 
 
-def warn_if_no_natural_draw(cfg: SearchConfig, start_step: int, model_config: EarlyBertConfig, warmup_steps: int,
-                            prog: str) -> None:
+def warn_if_no_natural_draw(
+    cfg: SearchConfig, start_step: int, model_config: EarlyBertConfig, warmup_steps: int, prog: str
+) -> None:
     """Say (before any process group) when the detector's settings leave no room for a natural draw."""
-    if cfg.mode != "earlybert" or not model_config.use_gates or start_step >= cfg.detector.max_search_steps \
-            or launched_rank(os.environ) != 0:
+    if (
+        cfg.mode != "earlybert"
+        or not model_config.use_gates
+        or start_step >= cfg.detector.max_search_steps
+        or launched_rank(os.environ) != 0
+    ):
         return
     heads, neurons = sum(model_config.num_heads_per_layer), sum(model_config.intermediate_size_per_layer)
     for problem in natural_draw_problems(cfg.detector, heads, neurons, first_step=warmup_steps):
@@ -142,10 +154,13 @@ def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int, l
     head_scores = [torch.rand(n, generator=g) for n in config.num_heads_per_layer]
     ffn_scores = [torch.rand(n, generator=g) for n in config.intermediate_size_per_layer]
     if like is not None:
-        return Masks(heads=keep_counts(head_scores, like["heads_per_layer"]),
-                     ffn=keep_counts(ffn_scores, like["ffn_per_layer"]))
-    return Masks(heads=keep_mask(head_scores, detector.head_prune_ratio, detector.head_scope),
-                 ffn=keep_mask(ffn_scores, detector.ffn_prune_ratio, detector.ffn_scope, detector.ffn_multiple_of))
+        return Masks(
+            heads=keep_counts(head_scores, like["heads_per_layer"]), ffn=keep_counts(ffn_scores, like["ffn_per_layer"])
+        )
+    return Masks(
+        heads=keep_mask(head_scores, detector.head_prune_ratio, detector.head_scope),
+        ffn=keep_mask(ffn_scores, detector.ffn_prune_ratio, detector.ffn_scope, detector.ffn_multiple_of),
+    )
 
 
 def read_random_like(cfg: SearchConfig, model_config: EarlyBertConfig) -> dict | None:
@@ -156,12 +171,16 @@ def read_random_like(cfg: SearchConfig, model_config: EarlyBertConfig) -> dict |
         ticket = json.loads(Path(cfg.random_like).read_text())
         heads, ffn = ticket["heads_per_layer"], ticket["ffn_per_layer"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"earlybert.random_like: cannot read a ticket's heads_per_layer and ffn_per_layer "
-                          f"from {cfg.random_like} ({e}); name the ticket.json of an EarlyBERT run") from None
+        raise ConfigError(
+            f"earlybert.random_like: cannot read a ticket's heads_per_layer and ffn_per_layer "
+            f"from {cfg.random_like} ({e}); name the ticket.json of an EarlyBERT run"
+        ) from None
     sizes = (model_config.num_heads_per_layer, model_config.intermediate_size_per_layer)
     if [len(heads), len(ffn)] != [len(sizes[0])] * 2 or any(k > n for k, n in zip(heads + ffn, sum(sizes, []))):
-        raise ConfigError(f"earlybert.random_like: {cfg.random_like} is the ticket of another model (heads "
-                          f"{heads}, FFN {ffn}) than this run's (heads {sizes[0]}, FFN {sizes[1]})")
+        raise ConfigError(
+            f"earlybert.random_like: {cfg.random_like} is the ticket of another model (heads "
+            f"{heads}, FFN {ffn}) than this run's (heads {sizes[0]}, FFN {sizes[1]})"
+        )
     return ticket
 
 
@@ -174,8 +193,14 @@ def parameters_of(config: EarlyBertConfig) -> int:
         return parameter_count(cls(config))
 
 
-def ticket_record(decision: Decision, mode: str, distance_history: list[dict], before: EarlyBertConfig,
-                  after: EarlyBertConfig, seq_len: int) -> dict:
+def ticket_record(
+    decision: Decision,
+    mode: str,
+    distance_history: list[dict],
+    before: EarlyBertConfig,
+    after: EarlyBertConfig,
+    seq_len: int,
+) -> dict:
     """The content of RUN/ticket.json."""
     return {
         "mode": mode,

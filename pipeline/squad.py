@@ -9,6 +9,7 @@ span becomes answer text for evaluation. EM and F1 follow the official evaluatio
 
 Rows are SQuAD's: id, context, question, answers {text: [...], answer_start: [...]} (pipeline.tasks.load_task).
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,6 +37,7 @@ class QAStats:
 
 # ---- features ---------------------------------------------------------------------------------
 
+
 def _windows(batch: dict, tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int) -> list[tuple]:
     """Tokenized windows of a batch of examples, in example order: (example index, model inputs, offsets with
     None outside the context, whether this is the first window of an example whose question was cut).
@@ -46,28 +48,43 @@ def _windows(batch: dict, tokenizer, max_seq_length: int, doc_stride: int, max_q
     questions = [q.lstrip() for q in batch["question"]]  # some SQuAD v2 questions start with many spaces
     question_offsets = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     lengths = [min(len(offsets), max_query_length) for offsets in question_offsets]
-    cut = [q[:offsets[max_query_length - 1][1]] if len(offsets) > max_query_length else q
-           for q, offsets in zip(questions, question_offsets)]
+    cut = [
+        q[: offsets[max_query_length - 1][1]] if len(offsets) > max_query_length else q
+        for q, offsets in zip(questions, question_offsets)
+    ]
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     windows = collections.defaultdict(list)
     for length in sorted(set(lengths)):
         group = [i for i, n in enumerate(lengths) if n == length]
         room = max_seq_length - length - specials
         if room < 1:
-            raise TaskError(f"max_seq_length={max_seq_length} leaves no room for the context after a "
-                            f"{length}-token question; raise max_seq_length or lower max_query_length")
-        enc = tokenizer([cut[i] for i in group], [batch["context"][i] for i in group], truncation="only_second",
-                        max_length=max_seq_length, stride=room - min(doc_stride, room),
-                        return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True)
+            raise TaskError(
+                f"max_seq_length={max_seq_length} leaves no room for the context after a "
+                f"{length}-token question; raise max_seq_length or lower max_query_length"
+            )
+        enc = tokenizer(
+            [cut[i] for i in group],
+            [batch["context"][i] for i in group],
+            truncation="only_second",
+            max_length=max_seq_length,
+            stride=room - min(doc_stride, room),
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            return_token_type_ids=True,
+        )
         for w, j in enumerate(enc["overflow_to_sample_mapping"]):
             offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"][w], enc.sequence_ids(w))]
             windows[group[j]].append(({key: enc[key][w] for key in MODEL_INPUTS}, offsets))
-    return [(i, inputs, offsets, n == 0 and len(question_offsets[i]) > max_query_length)
-            for i in sorted(windows) for n, (inputs, offsets) in enumerate(windows[i])]
+    return [
+        (i, inputs, offsets, n == 0 and len(question_offsets[i]) > max_query_length)
+        for i in sorted(windows)
+        for n, (inputs, offsets) in enumerate(windows[i])
+    ]
 
 
-def _featurize(examples: Dataset, tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int,
-               columns) -> tuple[Dataset, QAStats]:
+def _featurize(
+    examples: Dataset, tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int, columns
+) -> tuple[Dataset, QAStats]:
     """Map examples to windows with the model inputs plus `columns(batch, i, offsets)` of each window.
 
     Truncated questions are counted from a flag column, not inside the map function, so a map result that
@@ -100,18 +117,22 @@ def _answer_span(offsets: list, start_char: int, end_char: int) -> tuple[int, in
 def answer_matches(context: str, answers: dict) -> bool:
     """Whether the first answer's text stands in the context at its answer_start (training uses the first)."""
     text, start = answers["text"][0], answers["answer_start"][0]
-    return context[start:start + len(text)] == text
+    return context[start : start + len(text)] == text
 
 
-def prepare_train_features(examples: Dataset, tokenizer, max_seq_length: int, doc_stride: int,
-                           max_query_length: int) -> tuple[Dataset, QAStats]:
+def prepare_train_features(
+    examples: Dataset, tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int
+) -> tuple[Dataset, QAStats]:
     """Training windows with start_positions / end_positions; unanswerable questions point at [CLS] (0).
 
     An example whose answer text is not at its answer_start in the context is left out and its id is
     reported in stats.skipped_ids; it is found before the map, so a cached map result reports it too.
     """
-    skipped = [i for i, (context, answers) in enumerate(zip(examples["context"], examples["answers"]))
-               if answers["text"] and not answer_matches(context, answers)]
+    skipped = [
+        i
+        for i, (context, answers) in enumerate(zip(examples["context"], examples["answers"]))
+        if answers["text"] and not answer_matches(context, answers)
+    ]
     kept = examples.select(sorted(set(range(len(examples))) - set(skipped))) if skipped else examples
 
     def positions(batch, i, offsets):
@@ -127,19 +148,34 @@ def prepare_train_features(examples: Dataset, tokenizer, max_seq_length: int, do
     return features, stats
 
 
-def prepare_validation_features(examples: Dataset, tokenizer, max_seq_length: int, doc_stride: int,
-                                max_query_length: int) -> tuple[Dataset, QAStats]:
+def prepare_validation_features(
+    examples: Dataset, tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int
+) -> tuple[Dataset, QAStats]:
     """Evaluation windows with example_id and offset_mapping (None outside the context) for
     postprocess_predictions; drop those two columns before the forward pass."""
-    return _featurize(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
-                      lambda batch, i, offsets: {"example_id": batch["id"][i], "offset_mapping": offsets})
+    return _featurize(
+        examples,
+        tokenizer,
+        max_seq_length,
+        doc_stride,
+        max_query_length,
+        lambda batch, i, offsets: {"example_id": batch["id"][i], "offset_mapping": offsets},
+    )
 
 
 # ---- post-processing --------------------------------------------------------------------------
 
-def postprocess_predictions(examples: Dataset, features: Dataset, start_logits, end_logits, n_best_size: int = 20,
-                            max_answer_length: int = 30, version_2_with_negative: bool = False,
-                            null_score_diff_threshold: float = 0.0) -> dict[str, str]:
+
+def postprocess_predictions(
+    examples: Dataset,
+    features: Dataset,
+    start_logits,
+    end_logits,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    version_2_with_negative: bool = False,
+    null_score_diff_threshold: float = 0.0,
+) -> dict[str, str]:
     """Answer text per question id from the start/end logits of every window (feature) of the question.
 
     start_logits[f] and end_logits[f] are feature f's logits, one per token (padding after the feature's
@@ -157,15 +193,15 @@ def postprocess_predictions(examples: Dataset, features: Dataset, start_logits, 
         best_score, best_text, null_score = -np.inf, "", np.inf
         for f in by_example[example_id]:
             offsets = all_offsets[f]
-            starts = np.asarray(start_logits[f], dtype=np.float64)[:len(offsets)]
-            ends = np.asarray(end_logits[f], dtype=np.float64)[:len(offsets)]
+            starts = np.asarray(start_logits[f], dtype=np.float64)[: len(offsets)]
+            ends = np.asarray(end_logits[f], dtype=np.float64)[: len(offsets)]
             null_score = min(null_score, starts[0] + ends[0])
             for i in np.argsort(starts)[::-1][:n_best_size]:
                 for j in np.argsort(ends)[::-1][:n_best_size]:
                     if offsets[i] is None or offsets[j] is None or not 0 <= j - i < max_answer_length:
                         continue
                     if starts[i] + ends[j] > best_score:
-                        best_score, best_text = starts[i] + ends[j], context[offsets[i][0]:offsets[j][1]]
+                        best_score, best_text = starts[i] + ends[j], context[offsets[i][0] : offsets[j][1]]
         if version_2_with_negative and null_score - best_score > null_score_diff_threshold:
             best_text = ""
         predictions[example_id] = best_text
@@ -234,5 +270,8 @@ def squad_metrics(predictions: dict[str, str], examples, version_2_with_negative
 
 
 def _summary(exact: dict, f1s: dict, qids: list[str], prefix: str) -> dict[str, float]:
-    return {f"{prefix}exact": 100.0 * sum(exact[q] for q in qids) / len(qids),
-            f"{prefix}f1": 100.0 * sum(f1s[q] for q in qids) / len(qids), f"{prefix}total": len(qids)}
+    return {
+        f"{prefix}exact": 100.0 * sum(exact[q] for q in qids) / len(qids),
+        f"{prefix}f1": 100.0 * sum(f1s[q] for q in qids) / len(qids),
+        f"{prefix}total": len(qids),
+    }

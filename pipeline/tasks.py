@@ -10,6 +10,7 @@ never dies on its first evaluation. `encode_classification` turns rows into mode
 `compute_metrics` scores predictions with GLUE's official metrics (scikit-learn and scipy). SQuAD's
 windowing, span decoding and EM/F1 are in pipeline/squad.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -67,8 +68,9 @@ class TaskConfig:
         # A list of validation files (the Python API; YAML gives a mapping) is the one split "validation".
         if isinstance(self.validation_files, (list, tuple)):
             self.validation_files = {"validation": list(self.validation_files)} if self.validation_files else {}
-        self.validation_files = {split: [files] if isinstance(files, str) else list(files)
-                                 for split, files in self.validation_files.items()}
+        self.validation_files = {
+            split: [files] if isinstance(files, str) else list(files) for split, files in self.validation_files.items()
+        }
         validate_task_config(self)
 
 
@@ -115,8 +117,13 @@ TASKS = {
     "mrpc": _glue(("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1_accuracy", "mrpc"),
     "qqp": _glue(("question1", "question2"), ("not_duplicate", "duplicate"), "f1_accuracy", "qqp"),
     "stsb": _glue(("sentence1", "sentence2"), (), "pearson_spearman", "stsb"),
-    "mnli": _glue(("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy", "mnli",
-                  validation_splits=("validation_matched", "validation_mismatched")),
+    "mnli": _glue(
+        ("premise", "hypothesis"),
+        ("entailment", "neutral", "contradiction"),
+        "accuracy",
+        "mnli",
+        validation_splits=("validation_matched", "validation_mismatched"),
+    ),
     "qnli": _glue(("question", "sentence"), ("entailment", "not_entailment"), "accuracy", "qnli"),
     "rte": _glue(("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy", "rte"),
     "wnli": _glue(("sentence1", "sentence2"), ("not_entailment", "entailment"), "accuracy", "wnli"),
@@ -128,37 +135,51 @@ GENERIC_METRICS = {"classification": "accuracy_macro_f1", "regression": "pearson
 
 # ---- config -----------------------------------------------------------------------------------
 
+
 def validate_task_config(cfg: TaskConfig) -> None:
     """Checks that need no data; TaskConfig runs them on construction, so a config loader sees them at once."""
     if cfg.name is not None and cfg.name not in TASKS:
-        raise TaskError(f"task.name {cfg.name!r} is not a known task; choose one of {', '.join(TASKS)}, "
-                        f"or leave it out and set task.kind, task.text_fields and task.label_field")
+        raise TaskError(
+            f"task.name {cfg.name!r} is not a known task; choose one of {', '.join(TASKS)}, "
+            f"or leave it out and set task.kind, task.text_fields and task.label_field"
+        )
     if cfg.kind is not None and cfg.kind not in KINDS:
         raise TaskError(f"task.kind {cfg.kind!r}: choose one of {', '.join(KINDS)}")
     if cfg.name and cfg.kind and cfg.kind != TASKS[cfg.name].kind:
-        raise TaskError(f"task.name {cfg.name} is a {TASKS[cfg.name].kind} task, but task.kind is {cfg.kind}; "
-                        f"remove task.kind")
+        raise TaskError(
+            f"task.name {cfg.name} is a {TASKS[cfg.name].kind} task, but task.kind is {cfg.kind}; remove task.kind"
+        )
     if cfg.text_fields is not None and len(cfg.text_fields) not in ((2,) if _kind(cfg) == "qa" else (1, 2)):
-        raise TaskError(f"task.text_fields {cfg.text_fields}: give one column (single text) or two (a pair); "
-                        f"for qa two: the question's and the context's")
+        raise TaskError(
+            f"task.text_fields {cfg.text_fields}: give one column (single text) or two (a pair); "
+            f"for qa two: the question's and the context's"
+        )
     if not (cfg.name or cfg.dataset or cfg.train_files):
-        raise TaskError("task: give the training data: task.train_files (local files), task.dataset "
-                        "(a `datasets` hub name) or task.name (a GLUE task or squad, loaded from the hub)")
+        raise TaskError(
+            "task: give the training data: task.train_files (local files), task.dataset "
+            "(a `datasets` hub name) or task.name (a GLUE task or squad, loaded from the hub)"
+        )
     if cfg.dataset and cfg.train_files:
         raise TaskError("task.dataset and task.train_files are both set; keep one: a hub dataset or local files")
     if cfg.validation_files and not cfg.train_files:
         raise TaskError("task.validation_files is set but task.train_files is not; give both as local files")
     if cfg.num_labels is not None and cfg.num_labels < 2:
-        raise TaskError(f"task.num_labels must be >= 2 for classification, got {cfg.num_labels}; "
-                        f"for one real-valued target set task.kind: regression")
-    positive = {name: getattr(cfg, name) for name in
-                ("max_seq_length", "doc_stride", "max_query_length", "n_best_size", "max_answer_length")}
+        raise TaskError(
+            f"task.num_labels must be >= 2 for classification, got {cfg.num_labels}; "
+            f"for one real-valued target set task.kind: regression"
+        )
+    positive = {
+        name: getattr(cfg, name)
+        for name in ("max_seq_length", "doc_stride", "max_query_length", "n_best_size", "max_answer_length")
+    }
     for name, value in positive.items():
         if value < 1:
             raise TaskError(f"task.{name} must be >= 1, got {value}")
     if _kind(cfg) == "qa" and cfg.max_query_length + PAIR_SPECIAL_TOKENS >= cfg.max_seq_length:
-        raise TaskError(f"task.max_query_length={cfg.max_query_length} leaves no room for the context in "
-                        f"task.max_seq_length={cfg.max_seq_length}; lower the first or raise the second")
+        raise TaskError(
+            f"task.max_query_length={cfg.max_query_length} leaves no room for the context in "
+            f"task.max_seq_length={cfg.max_seq_length}; lower the first or raise the second"
+        )
 
 
 def _kind(cfg: TaskConfig) -> str:
@@ -168,11 +189,19 @@ def _kind(cfg: TaskConfig) -> str:
 def task_spec(cfg: TaskConfig) -> TaskSpec:
     """The task as configured, before the data is read (an unnamed classification task has no label names yet)."""
     kind = _kind(cfg)
-    base = TASKS[cfg.name] if cfg.name else TaskSpec(
-        kind, ("question", "context") if kind == "qa" else ("text",), "answers" if kind == "qa" else "label",
-        GENERIC_METRICS[kind])
-    spec = replace(base, text_fields=tuple(cfg.text_fields or base.text_fields),
-                   label_field=cfg.label_field or base.label_field)
+    base = (
+        TASKS[cfg.name]
+        if cfg.name
+        else TaskSpec(
+            kind,
+            ("question", "context") if kind == "qa" else ("text",),
+            "answers" if kind == "qa" else "label",
+            GENERIC_METRICS[kind],
+        )
+    )
+    spec = replace(
+        base, text_fields=tuple(cfg.text_fields or base.text_fields), label_field=cfg.label_field or base.label_field
+    )
     if kind == "qa" and cfg.version_2_with_negative:
         spec = replace(spec, metric="squad_v2")
     return spec
@@ -189,6 +218,7 @@ def split_dataset_name(dataset: str) -> tuple[str, str | None]:
 
 
 # ---- loading ----------------------------------------------------------------------------------
+
 
 @dataclass
 class TaskData:
@@ -235,8 +265,10 @@ def read_files(files: list[str], kind: str, split: str) -> Dataset:
     suffixes = {p.suffix.lower() for p in paths}
     unknown = sorted(suffixes - set(FILE_BUILDERS))
     if unknown:
-        raise TaskError(f"{', '.join(files)}: unsupported file type {', '.join(unknown)}; "
-                        f"use {', '.join(FILE_BUILDERS)} (SQuAD-format .json for qa)")
+        raise TaskError(
+            f"{', '.join(files)}: unsupported file type {', '.join(unknown)}; "
+            f"use {', '.join(FILE_BUILDERS)} (SQuAD-format .json for qa)"
+        )
     if len(suffixes) > 1:
         raise TaskError(f"{', '.join(files)}: the {split} split mixes file types; convert them to one")
     (suffix,) = suffixes
@@ -279,17 +311,27 @@ def read_squad_json(path) -> list[dict]:
             for paragraph in article["paragraphs"]:
                 for qa in paragraph["qas"]:
                     answers = qa.get("answers", [])
-                    rows.append({"id": str(qa["id"]), "title": article.get("title", ""),
-                                 "context": paragraph["context"], "question": qa["question"],
-                                 "answers": {"text": [a["text"] for a in answers],
-                                             "answer_start": [int(a["answer_start"]) for a in answers]},
-                                 "is_impossible": not answers})
+                    rows.append(
+                        {
+                            "id": str(qa["id"]),
+                            "title": article.get("title", ""),
+                            "context": paragraph["context"],
+                            "question": qa["question"],
+                            "answers": {
+                                "text": [a["text"] for a in answers],
+                                "answer_start": [int(a["answer_start"]) for a in answers],
+                            },
+                            "is_impossible": not answers,
+                        }
+                    )
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise TaskError(f"{path}: cannot read as SQuAD JSON: {e}") from e
     except (KeyError, TypeError) as e:
-        raise TaskError(f"{path}: not in SQuAD format (missing {e}); expected {{data: [{{title, paragraphs: "
-                        f"[{{context, qas: [{{id, question, answers: [{{text, answer_start}}]}}]}}]}}]}}; "
-                        f"flat rows (id, question, context, answers) go in a .jsonl or .parquet file") from e
+        raise TaskError(
+            f"{path}: not in SQuAD format (missing {e}); expected {{data: [{{title, paragraphs: "
+            f"[{{context, qas: [{{id, question, answers: [{{text, answer_start}}]}}]}}]}}]}}; "
+            f"flat rows (id, question, context, answers) go in a .jsonl or .parquet file"
+        ) from e
     if not rows:
         raise TaskError(f"{path}: no questions in this SQuAD file")
     return rows
@@ -300,8 +342,10 @@ def _load_hub(dataset: str, spec: TaskSpec) -> dict[str, Dataset]:
     try:
         splits = load_dataset(path, config)
     except Exception as e:  # network, unknown name or config: all end the same way
-        raise TaskError(f"cannot load dataset {dataset!r} (load_dataset({path!r}, {config!r})): {e}; "
-                        f"without the hub, give local files in task.train_files / task.validation_files") from e
+        raise TaskError(
+            f"cannot load dataset {dataset!r} (load_dataset({path!r}, {config!r})): {e}; "
+            f"without the hub, give local files in task.train_files / task.validation_files"
+        ) from e
     validation = spec.validation_splits if spec.name else [s for s in splits if s.startswith("validation")]
     missing = [s for s in ("train", *validation) if s not in splits]
     if missing:
@@ -312,8 +356,10 @@ def _load_hub(dataset: str, spec: TaskSpec) -> dict[str, Dataset]:
 def _require_columns(rows: Dataset, columns, source: str) -> None:
     missing = [c for c in columns if c not in rows.column_names]
     if missing:
-        raise TaskError(f"{source}: no column {', '.join(missing)}; its columns are {', '.join(rows.column_names)}; "
-                        f"set task.text_fields / task.label_field to the right ones")
+        raise TaskError(
+            f"{source}: no column {', '.join(missing)}; its columns are {', '.join(rows.column_names)}; "
+            f"set task.text_fields / task.label_field to the right ones"
+        )
 
 
 def _check_texts(rows: Dataset, spec: TaskSpec, source: str) -> None:
@@ -322,15 +368,18 @@ def _check_texts(rows: Dataset, spec: TaskSpec, source: str) -> None:
         values = rows[column]
         empty = [i for i, v in enumerate(values) if v is None]
         if empty:
-            raise TaskError(f"{source}: {len(empty)} row(s) have no {column} (first: row {empty[0]}); "
-                            f"fill or drop them")
+            raise TaskError(
+                f"{source}: {len(empty)} row(s) have no {column} (first: row {empty[0]}); fill or drop them"
+            )
         if not isinstance(values[0], str):
-            raise TaskError(f"{source}: column {column} holds {type(values[0]).__name__}, not text; "
-                            f"check task.text_fields")
+            raise TaskError(
+                f"{source}: column {column} holds {type(values[0]).__name__}, not text; check task.text_fields"
+            )
 
 
-def _encode_labels(data: dict[str, Dataset], spec: TaskSpec, num_labels: int | None,
-                   sources: dict[str, str]) -> tuple[dict[str, Dataset], TaskSpec]:
+def _encode_labels(
+    data: dict[str, Dataset], spec: TaskSpec, num_labels: int | None, sources: dict[str, str]
+) -> tuple[dict[str, Dataset], TaskSpec]:
     """Labels as class ids (int64) or targets (float32), checked against the label names and task.num_labels.
 
     Class ids come from the task's label names (GLUE, or a hub ClassLabel) when known, so a string label maps
@@ -346,39 +395,53 @@ def _encode_labels(data: dict[str, Dataset], spec: TaskSpec, num_labels: int | N
     if spec.kind == "regression":
         for split, labels in values.items():
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels):
-                raise TaskError(f"{sources[split]}: column {column} of a regression task must hold numbers; "
-                                f"for class labels set task.kind: classification")
+                raise TaskError(
+                    f"{sources[split]}: column {column} of a regression task must hold numbers; "
+                    f"for class labels set task.kind: classification"
+                )
         return {split: rows.cast_column(column, Value("float32")) for split, rows in data.items()}, spec
 
     names = spec.label_names or _class_label_names(data["train"], column)
     if all(isinstance(v, str) for labels in values.values() for v in labels):
         names = names or tuple(sorted({v for labels in values.values() for v in labels}))
         if num_labels is not None and num_labels != len(names):
-            raise TaskError(f"{', '.join(sources.values())}: {len(names)} label names ({', '.join(names)}) but "
-                            f"task.num_labels={num_labels}; fix task.num_labels or remove it")
+            raise TaskError(
+                f"{', '.join(sources.values())}: {len(names)} label names ({', '.join(names)}) but "
+                f"task.num_labels={num_labels}; fix task.num_labels or remove it"
+            )
         ids = {name: i for i, name in enumerate(names)}
         for split, labels in values.items():
             unknown = sorted(set(labels) - set(ids))
             if unknown:
-                raise TaskError(f"{sources[split]}: label(s) {', '.join(unknown)} are not among the task's "
-                                f"labels {', '.join(names)}")
-        data = {split: rows.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True)
-                for split, rows in data.items()}
+                raise TaskError(
+                    f"{sources[split]}: label(s) {', '.join(unknown)} are not among the task's "
+                    f"labels {', '.join(names)}"
+                )
+        data = {
+            split: rows.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True)
+            for split, rows in data.items()
+        }
     else:
         for split, labels in values.items():
             bad = [v for v in labels if isinstance(v, (str, bool)) or (isinstance(v, float) and not v.is_integer())]
             if bad:
-                raise TaskError(f"{sources[split]}: column {column} mixes class ids and other values ({bad[0]!r}); "
-                                f"for real-valued targets set task.kind: regression")
+                raise TaskError(
+                    f"{sources[split]}: column {column} mixes class ids and other values ({bad[0]!r}); "
+                    f"for real-valued targets set task.kind: regression"
+                )
         if names and num_labels is not None and num_labels != len(names):
-            raise TaskError(f"task.num_labels={num_labels} but the task has {len(names)} labels "
-                            f"({', '.join(names)}); remove task.num_labels")
+            raise TaskError(
+                f"task.num_labels={num_labels} but the task has {len(names)} labels "
+                f"({', '.join(names)}); remove task.num_labels"
+            )
         count = len(names) or num_labels or 1 + max(int(max(labels)) for labels in values.values())
         for split, labels in values.items():
             outside = sorted({int(v) for v in labels if not 0 <= v < count})
             if outside:
-                raise TaskError(f"{sources[split]}: label(s) {', '.join(map(str, outside))} do not fit {count} "
-                                f"classes (ids 0..{count - 1}); fix the labels or set task.num_labels")
+                raise TaskError(
+                    f"{sources[split]}: label(s) {', '.join(map(str, outside))} do not fit {count} "
+                    f"classes (ids 0..{count - 1}); fix the labels or set task.num_labels"
+                )
         names = names or tuple(str(i) for i in range(count))
     data = {split: rows.cast_column(column, Value("int64")) for split, rows in data.items()}
     return data, replace(spec, label_names=tuple(names))
@@ -394,12 +457,15 @@ def _check_qa(rows: Dataset, spec: TaskSpec, source: str) -> Dataset:
     and no unanswerable question unless the task is SQuAD v2."""
     _check_texts(rows, spec, source)
     _require_columns(rows, ("id",), source)
-    rows = rows.rename_columns({old: new for old, new in zip((*spec.text_fields, spec.label_field), QA_COLUMNS[1:])
-                                if old != new})
+    rows = rows.rename_columns(
+        {old: new for old, new in zip((*spec.text_fields, spec.label_field), QA_COLUMNS[1:]) if old != new}
+    )
     answers = rows[0]["answers"]
     if not (isinstance(answers, dict) and {"text", "answer_start"} <= set(answers)):
-        raise TaskError(f"{source}: column {spec.label_field} must hold {{text: [...], answer_start: [...]}} "
-                        f"as SQuAD does, got {answers!r}")
+        raise TaskError(
+            f"{source}: column {spec.label_field} must hold {{text: [...], answer_start: [...]}} "
+            f"as SQuAD does, got {answers!r}"
+        )
     ids = rows["id"]
     if len(set(ids)) != len(ids):
         raise TaskError(f"{source}: {len(ids) - len(set(ids))} duplicate question id(s); ids must be unique")
@@ -407,12 +473,15 @@ def _check_qa(rows: Dataset, spec: TaskSpec, source: str) -> Dataset:
         rows = rows.map(lambda b: {"is_impossible": [not a["text"] for a in b["answers"]]}, batched=True)
     unanswerable = sum(rows["is_impossible"])
     if unanswerable and not spec.version_2_with_negative:
-        raise TaskError(f"{source}: {unanswerable} question(s) have no answer (SQuAD v2.0 data); set "
-                        f"task.name: squad_v2 or task.version_2_with_negative: true")
+        raise TaskError(
+            f"{source}: {unanswerable} question(s) have no answer (SQuAD v2.0 data); set "
+            f"task.name: squad_v2 or task.version_2_with_negative: true"
+        )
     return rows
 
 
 # ---- features ---------------------------------------------------------------------------------
+
 
 def encode_classification(dataset: Dataset, tokenizer, spec: TaskSpec, max_length: int) -> tuple[Dataset, int]:
     """Rows -> input_ids, token_type_ids, attention_mask (not padded: pad per batch) and labels.
@@ -430,8 +499,12 @@ def encode_classification(dataset: Dataset, tokenizer, spec: TaskSpec, max_lengt
         enc = tokenizer(*texts, return_token_type_ids=True)
         long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > max_length]
         if long:  # only these pay for a second, truncating pass
-            cut = tokenizer(*[[t[i] for i in long] for t in texts], truncation=True, max_length=max_length,
-                            return_token_type_ids=True)
+            cut = tokenizer(
+                *[[t[i] for i in long] for t in texts],
+                truncation=True,
+                max_length=max_length,
+                return_token_type_ids=True,
+            )
             for j, i in enumerate(long):
                 for key in keys:
                     enc[key][i] = cut[key][j]
@@ -448,6 +521,7 @@ def encode_classification(dataset: Dataset, tokenizer, spec: TaskSpec, max_lengt
 
 
 # ---- metrics ----------------------------------------------------------------------------------
+
 
 def _accuracy(pred, labels):
     return {"accuracy": accuracy_score(labels, pred)}

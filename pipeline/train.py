@@ -12,6 +12,7 @@ resumes from RUN/checkpoints/latest: the model is built with the saved structure
 weights, optimizer and LR schedule into it. SIGTERM/SIGUSR1 (Slurm time limit, preemption)
 checkpoint and exit with EXIT_INTERRUPTED so job scripts can requeue.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,13 @@ from pipeline.search import SearchStage, read_random_like, warn_if_no_natural_dr
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_config_stage("train", sys.argv[1:] if argv is None else argv, prepare,
-                            lambda prepared, d: train(*prepared, d), (ConfigError, CheckpointError, ShardError))
+    return run_config_stage(
+        "train",
+        sys.argv[1:] if argv is None else argv,
+        prepare,
+        lambda prepared, d: train(*prepared, d),
+        (ConfigError, CheckpointError, ShardError),
+    )
 
 
 def prepare(args) -> tuple[RunConfig, list[ShardDataset], Start]:
@@ -45,8 +51,9 @@ def prepare(args) -> tuple[RunConfig, list[ShardDataset], Start]:
     datasets = open_phases(cfg)
     start = find_start(cfg, datasets)
     read_random_like(cfg.earlybert, start.model_config)
-    warn_if_no_natural_draw(cfg.earlybert, start.state.step, start.model_config, cfg.optim.warmup_steps,
-                            "earlybert train")
+    warn_if_no_natural_draw(
+        cfg.earlybert, start.state.step, start.model_config, cfg.optim.warmup_steps, "earlybert train"
+    )
     return cfg, datasets, start
 
 
@@ -67,8 +74,9 @@ class Run:
     def save(self) -> None:
         self.state.search = self.search.state_dict()
         ckpt_dir = self.cfg.rundir.checkpoints
-        tag = checkpoint.save(self.engine, ckpt_dir, self.state, self.engine.module.config.to_dict(), self.dist,
-                              self.cfg.checkpoint)
+        tag = checkpoint.save(
+            self.engine, ckpt_dir, self.state, self.engine.module.config.to_dict(), self.dist, self.cfg.checkpoint
+        )
         _say(self.dist, f"checkpoint {ckpt_dir / tag}")
 
 
@@ -81,8 +89,11 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         rundir.write_config(cfg.to_dict())
     universal = resumes_on_other_ranks(cfg, start, d.world_size)
     if universal:
-        _say(d, f"resuming the {state.world_size}-rank checkpoint {start.tag} on {d.world_size} ranks "
-                f"(DeepSpeed universal checkpoint)")
+        _say(
+            d,
+            f"resuming the {state.world_size}-rank checkpoint {start.tag} on {d.world_size} ranks "
+            f"(DeepSpeed universal checkpoint)",
+        )
         checkpoint.make_universal(rundir.checkpoints, start.tag, d)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank: ZeRO-3 partitions its own copy
@@ -92,7 +103,7 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         model = EarlyBertForPreTraining(start.model_config)
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     ds_config = deepspeed_config(cfg, d.world_size, load_universal=universal)
-    spec = EngineSpec(ds_config, cfg.optim, cfg.total_steps)
+    spec = EngineSpec(ds_config, cfg.optim, cfg.total_steps, compile=cfg.compile)
     engine = build_engine(model, spec)
     search = SearchStage(cfg.earlybert, cfg.seed, rundir, d.is_main, start.model_config)
     if start.tag:
@@ -107,10 +118,26 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
                 rundir.save_start_weights(weights)
     state.world_size, state.zero_stage = d.world_size, zero_stage(ds_config)
 
-    log = MetricsLog(rundir, cfg.log, total_steps=cfg.total_steps, start_step=state.step, config=cfg.to_dict(),
-                     monitor=engine.monitor, is_main=d.is_main)
-    run = Run(cfg, d, state, engine, spec, search, log, stop=distributed.StopRequest(),
-              peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)))
+    log = MetricsLog(
+        rundir,
+        cfg.log,
+        total_steps=cfg.total_steps,
+        start_step=state.step,
+        config=cfg.to_dict(),
+        monitor=engine.monitor,
+        is_main=d.is_main,
+    )
+    run = Run(
+        cfg,
+        d,
+        state,
+        engine,
+        spec,
+        search,
+        log,
+        stop=distributed.StopRequest(),
+        peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)),
+    )
     try:
         with guards.steps(cfg.dist_timeout.step_s, lambda: state.step + 1, d):
             while state.phase < len(cfg.phases):
@@ -128,13 +155,22 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
     """Train the current phase to its end (True), or until a signal (False), checkpointing on the way."""
     cfg, state = run.cfg, run.state
     phase = state.phase
-    phase_end = sum(p.steps for p in cfg.phases[:phase + 1])
+    phase_end = sum(p.steps for p in cfg.phases[: phase + 1])
     global_batch = cfg.global_batch_size
-    loader = PhaseLoader(data, seed=cfg.seed, phase=phase, start_sample=state.phase_samples,
-                         steps=phase_end - state.step, micro_batch_size=cfg.micro_batch_size,
-                         grad_accum=global_batch // (cfg.micro_batch_size * run.dist.world_size),
-                         world_size=run.dist.world_size, rank=run.dist.rank, mask_prob=cfg.data.mask_prob,
-                         prefetch=cfg.data.prefetch, pin_memory=run.dist.device.type == "cuda")
+    loader = PhaseLoader(
+        data,
+        seed=cfg.seed,
+        phase=phase,
+        start_sample=state.phase_samples,
+        steps=phase_end - state.step,
+        micro_batch_size=cfg.micro_batch_size,
+        grad_accum=global_batch // (cfg.micro_batch_size * run.dist.world_size),
+        world_size=run.dist.world_size,
+        rank=run.dist.rank,
+        mask_prob=cfg.data.mask_prob,
+        prefetch=cfg.data.prefetch,
+        pin_memory=run.dist.device.type == "cuda",
+    )
     try:
         while state.step < phase_end:
             t0, wait0, lr = time.perf_counter(), loader.wait_s, run.engine.lr_scheduler.get_last_lr()[0]
@@ -142,20 +178,37 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
             # micro-batch; the model adds the penalty inside its forward, the only place where ZeRO-3 has the
             # gates whole. The vocabulary projection runs on the masked tokens only.
             lambdas, skipped = run.search.gate_lambdas(), run.engine.skipped_steps
-            stats = train_step(run.engine, loader.next_step(), run.dist.device, pretraining_stats,
-                               gate_lambdas=lambdas, masked_logits_only=True)
+            stats = train_step(
+                run.engine,
+                loader.next_step(),
+                run.dist.device,
+                pretraining_stats,
+                gate_lambdas=lambdas,
+                masked_logits_only=True,
+            )
             stats["stop"] = torch.tensor(float(run.stop.signum != 0))
             totals = distributed.sum_over_ranks(stats)  # the step's one collective of its own
-            guards.check_finite(totals["loss"], run.engine.skipped_steps == skipped, cfg.nonfinite,
-                                run.engine.fp16_enabled(), state)
+            guards.check_finite(
+                totals["loss"], run.engine.skipped_steps == skipped, cfg.nonfinite, run.engine.fp16_enabled(), state
+            )
             step_time = time.perf_counter() - t0
             state.step += 1
             state.samples += global_batch
             state.phase_samples += global_batch
             if state.step == phase_end:
                 state.phase, state.phase_samples = phase + 1, 0
-            run.log.log(step_record(run, totals, lambdas is not None, phase=phase, seq_len=data.seq_len, lr=lr,
-                                    step_time=step_time, data_wait=loader.wait_s - wait0))
+            run.log.log(
+                step_record(
+                    run,
+                    totals,
+                    lambdas is not None,
+                    phase=phase,
+                    seq_len=data.seq_len,
+                    lr=lr,
+                    step_time=step_time,
+                    data_wait=loader.wait_s - wait0,
+                )
+            )
             decision = run.search.decide(run.engine.module, state.step)
             if decision is not None:
                 with guards.patient():
@@ -174,10 +227,16 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
 def pretraining_stats(out) -> dict[str, torch.Tensor]:
     """The named sums a pre-training step logs, from one micro-batch's output."""
     zero = torch.zeros((), device=out.loss.device)
-    return {"loss": out.loss, "mlm_loss": out.mlm_loss, "mlm_correct": out.mlm_correct, "mlm_masked": out.mlm_count,
-            "micro_batches": zero + 1, "nsp_loss": zero if out.nsp_loss is None else out.nsp_loss,
-            "gate_l1": zero if out.gate_l1 is None else sum(out.gate_l1),
-            "gate_penalty": zero if out.gate_penalty is None else out.gate_penalty}
+    return {
+        "loss": out.loss,
+        "mlm_loss": out.mlm_loss,
+        "mlm_correct": out.mlm_correct,
+        "mlm_masked": out.mlm_count,
+        "micro_batches": zero + 1,
+        "nsp_loss": zero if out.nsp_loss is None else out.nsp_loss,
+        "gate_l1": zero if out.gate_l1 is None else sum(out.gate_l1),
+        "gate_penalty": zero if out.gate_penalty is None else out.gate_penalty,
+    }
 
 
 def draw(run: Run, decision: Decision, seq_len: int) -> None:
@@ -187,17 +246,34 @@ def draw(run: Run, decision: Decision, seq_len: int) -> None:
     before = run.engine.module.config
     start_weights = run.cfg.rundir.load_start_weights() if eb.after_draw == "rewind" else None
     t0 = time.perf_counter()
-    run.engine = prune_engine(run.engine, run.spec, decision.masks, fold_gates=eb.fold_gates,
-                              carry_moments=eb.optimizer_after_draw == "carry" and start_weights is None,
-                              start_weights=start_weights)
+    run.engine = prune_engine(
+        run.engine,
+        run.spec,
+        decision.masks,
+        fold_gates=eb.fold_gates,
+        carry_moments=eb.optimizer_after_draw == "carry" and start_weights is None,
+        start_weights=start_weights,
+    )
     record = run.search.record_draw(decision, before, run.engine.module.config, seq_len, time.perf_counter() - t0)
-    _say(d, f"pruned to heads {record['heads_per_layer']}, FFN {record['ffn_per_layer']}: "
-            f"{record['params_before'] / 1e6:.2f}M -> {record['params_after'] / 1e6:.2f}M parameters, "
-            f"engine rebuilt in {record['rebuild_s']:.1f} s; {run.cfg.rundir.ticket_file.name} written")
+    _say(
+        d,
+        f"pruned to heads {record['heads_per_layer']}, FFN {record['ffn_per_layer']}: "
+        f"{record['params_before'] / 1e6:.2f}M -> {record['params_after'] / 1e6:.2f}M parameters, "
+        f"engine rebuilt in {record['rebuild_s']:.1f} s; {run.cfg.rundir.ticket_file.name} written",
+    )
 
 
-def step_record(run: Run, s: dict[str, float], searching: bool, *, phase: int, seq_len: int, lr: float,
-                step_time: float, data_wait: float) -> dict:
+def step_record(
+    run: Run,
+    s: dict[str, float],
+    searching: bool,
+    *,
+    phase: int,
+    seq_len: int,
+    lr: float,
+    step_time: float,
+    data_wait: float,
+) -> dict:
     """One metrics.jsonl line: global averages over every rank's micro-batches, whole-job throughput.
     "time" is the unix time at the step's end: it lines steps up with cluster logs, and lets a
     benchmark take out the time a scheduler held the job suspended."""
@@ -205,12 +281,24 @@ def step_record(run: Run, s: dict[str, float], searching: bool, *, phase: int, s
     seq_per_s = run.cfg.global_batch_size / step_time
     # "loss" is the task loss (MLM + NSP), comparable between EarlyBERT and dense runs; the search
     # stage's L1 term is "gate_penalty".
-    r = {"step": run.state.step, "phase": phase, "seq_len": seq_len, "loss": (s["loss"] - s["gate_penalty"]) / micro,
-         "mlm_loss": s["mlm_loss"] / micro, "mlm_acc": s["mlm_correct"] / max(s["mlm_masked"], 1.0), "lr": lr,
-         "samples": run.state.samples, "time": time.time(), "step_time_s": step_time, "data_wait_s": data_wait,
-         "seq_per_s": seq_per_s, "tokens_per_s": seq_per_s * seq_len,
-         "tflops": flops_per_sequence(config, seq_len) * seq_per_s / 1e12, **optimizer_stats(run.engine),
-         "nonfinite_skipped": run.state.nonfinite_skipped}
+    r = {
+        "step": run.state.step,
+        "phase": phase,
+        "seq_len": seq_len,
+        "loss": (s["loss"] - s["gate_penalty"]) / micro,
+        "mlm_loss": s["mlm_loss"] / micro,
+        "mlm_acc": s["mlm_correct"] / max(s["mlm_masked"], 1.0),
+        "lr": lr,
+        "samples": run.state.samples,
+        "time": time.time(),
+        "step_time_s": step_time,
+        "data_wait_s": data_wait,
+        "seq_per_s": seq_per_s,
+        "tokens_per_s": seq_per_s * seq_len,
+        "tflops": flops_per_sequence(config, seq_len) * seq_per_s / 1e12,
+        **optimizer_stats(run.engine),
+        "nonfinite_skipped": run.state.nonfinite_skipped,
+    }
     if config.use_nsp:
         r["nsp_loss"] = s["nsp_loss"] / micro
     if config.use_gates:

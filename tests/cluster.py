@@ -9,6 +9,7 @@ temporary directories; nothing under /etc or /run of this machine is changed.
 Both need root; `slurm_unavailable()`, `mpi_unavailable()` and `namespaces_unavailable()` name what is missing so
 that the tests can skip with that reason.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,8 +30,17 @@ from pipeline.distributed import free_port
 SLURM_BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
 NODE_BINARIES = ("unshare", "nsenter", "ip", "sshd", "ssh", "ssh-keygen", "pdsh")
 MUNGE_KEY = Path("/etc/munge/munge.key")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-                "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 NODE_NAMES = ("ebnode0", "ebnode1")
 NODE_ADDRS = ("10.87.0.1", "10.87.0.2")  # only inside the nodes' network namespaces
 PR_SET_PDEATHSIG = 1
@@ -75,8 +85,14 @@ class Slurm:
     prefix: tuple[str, ...] = ()  # runs the clients on a node of a two-node cluster
 
     def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.prefix, *cmd], env={**os.environ, **self.env, **kw.pop("env", {})},
-                              capture_output=True, text=True, check=True, **kw)
+        return subprocess.run(
+            [*self.prefix, *cmd],
+            env={**os.environ, **self.env, **kw.pop("env", {})},
+            capture_output=True,
+            text=True,
+            check=True,
+            **kw,
+        )
 
     def sbatch(self, *args: str, env: dict, cwd: Path) -> int:
         return int(self.run("sbatch", "--parsable", *args, env=env, cwd=cwd).stdout.strip().split(";")[0])
@@ -108,8 +124,9 @@ class Slurm:
 def _conf(root: Path, nodes: dict[str, str], cpus: int, munge_socket: Path, ports: tuple[int, int]) -> str:
     """slurm.conf for `nodes` (name: address), slurmctld on the first; slurmd files are per node (%n)."""
     (ctld, ctld_addr), names = next(iter(nodes.items())), ",".join(nodes)
-    lines = "".join(f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory=4000 State=UNKNOWN\n"
-                    for name, addr in nodes.items())
+    lines = "".join(
+        f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory=4000 State=UNKNOWN\n" for name, addr in nodes.items()
+    )
     return f"""ClusterName=earlybert-test
 SlurmctldHost={ctld}({ctld_addr})
 SlurmctldPort={ports[0]}
@@ -172,9 +189,21 @@ def _munged():
     munge_dir.chmod(0o711)  # munged: clients need search permission on the socket directory
     munge_socket = munge_dir / "munge.socket"
     try:
-        subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--socket={munge_socket}",
-                        f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
-                        f"--seed-file={munge_dir / 'munged.seed'}", f"--key-file={MUNGE_KEY}"], check=True)
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                "munged",
+                f"--socket={munge_socket}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--log-file={munge_dir / 'munged.log'}",
+                f"--seed-file={munge_dir / 'munged.seed'}",
+                f"--key-file={MUNGE_KEY}",
+            ],
+            check=True,
+        )
         yield munge_socket
     finally:
         _stop(munge_dir / "munged.pid")
@@ -258,9 +287,28 @@ def _start_node(root: Path, index: int) -> tuple[Node, subprocess.Popen]:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.sched_setaffinity(0, {cpu})
 
-    proc = subprocess.Popen(["unshare", "--net", "--uts", "--mount", "--propagation", "private", "sh", "-c", NODE_INIT,
-                             "node-init", name, str(root / "hosts"), str(root / "ssh" / "ssh_config"), addr,
-                             str(root / f"{name}.ready")], preexec_fn=in_child, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            "unshare",
+            "--net",
+            "--uts",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            NODE_INIT,
+            "node-init",
+            name,
+            str(root / "hosts"),
+            str(root / "ssh" / "ssh_config"),
+            addr,
+            str(root / f"{name}.ready"),
+        ],
+        preexec_fn=in_child,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     own = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "uts", "mnt")}
     deadline = time.monotonic() + 10
     while True:  # before anything is done from outside, the holder must be in namespaces of its own
@@ -282,14 +330,17 @@ def _write_ssh(root: Path) -> None:
     for key in ("host_key", "id_ed25519"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / key)], check=True)
     shutil.copy(ssh / "id_ed25519.pub", ssh / "authorized_keys")
-    (ssh / "ssh_config").write_text(f"Host *\n    User root\n    IdentityFile {ssh / 'id_ed25519'}\n"
-                                    "    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n"
-                                    "    BatchMode yes\n    LogLevel ERROR\n")
+    (ssh / "ssh_config").write_text(
+        f"Host *\n    User root\n    IdentityFile {ssh / 'id_ed25519'}\n"
+        "    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n"
+        "    BatchMode yes\n    LogLevel ERROR\n"
+    )
     for name, addr in zip(NODE_NAMES, NODE_ADDRS, strict=True):
         (ssh / f"sshd_config.{name}").write_text(
             f"ListenAddress {addr}\nHostKey {ssh / 'host_key'}\nPidFile {root / f'sshd-{name}.pid'}\n"
             f"AuthorizedKeysFile {ssh / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n")
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        )
 
 
 @contextmanager
@@ -313,16 +364,38 @@ def two_node_cluster(root: Path):
                 node, proc = _start_node(root, i)
                 nodes.append(node)
                 holders.append(proc)
-            subprocess.run(["ip", "link", "add", "eth0", "netns", str(nodes[0].pid), "type", "veth", "peer", "name",
-                            "eth0", "netns", str(nodes[1].pid)], check=True)
+            subprocess.run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    "eth0",
+                    "netns",
+                    str(nodes[0].pid),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    str(nodes[1].pid),
+                ],
+                check=True,
+            )
             deadline = time.monotonic() + 10
             while not all((root / f"{n.name}.ready").exists() for n in nodes):
                 if time.monotonic() > deadline or any(p.poll() is not None for p in holders):
                     raise RuntimeError(f"nodes not set up: {[p.poll() for p in holders]}")
                 time.sleep(0.02)
             for node in nodes:
-                subprocess.run(node.cmd(shutil.which("sshd", path="/usr/sbin:/usr/bin"), "-f",
-                                        str(root / "ssh" / f"sshd_config.{node.name}")), check=True)
+                subprocess.run(
+                    node.cmd(
+                        shutil.which("sshd", path="/usr/sbin:/usr/bin"),
+                        "-f",
+                        str(root / "ssh" / f"sshd_config.{node.name}"),
+                    ),
+                    check=True,
+                )
             daemon_env = {**os.environ, **env}
             subprocess.run(nodes[0].cmd("slurmctld", "-f", str(conf)), check=True, env=daemon_env)
             for node in nodes:

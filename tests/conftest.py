@@ -2,6 +2,7 @@
 2-rank ZeRO-1 runs the interrupted and other-launcher runs are compared with (`reference`, and
 `eb_reference` with an EarlyBERT draw), and the fine-tuning fixtures (a Hugging Face BERT directory, a
 task from the corpus, its config). Helpers that work on them are in runs.py."""
+
 import argparse
 import collections
 import csv
@@ -11,9 +12,10 @@ import subprocess
 
 import pytest
 import yaml
-from runs import BIN, EARLYBERT, REPO, STEPS, deepspeed, finish
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from runs import BIN, EARLYBERT, REPO, STEPS, deepspeed, finish
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SPECIAL = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
@@ -40,18 +42,26 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def config(shards, tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": "unused", "seed": 7,
-        "model": {"preset": "bert-tiny"},
-        "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
-        "phases": [{"shards": str(shards / "seq32"), "steps": STEPS[0]},
-                   {"shards": str(shards / "seq64"), "steps": STEPS[1]}],
-        # 32 sequences per rank: steps long enough (~0.1 s) to be interrupted at a chosen point
-        "micro_batch_size": 32, "global_batch_size": 64,
-        "optim": {"lr": 2e-3, "warmup_steps": 2},
-        "checkpoint": {"interval": 3, "keep": 2},
-        "log": {"interval": 4},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "unused",
+                "seed": 7,
+                "model": {"preset": "bert-tiny"},
+                "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
+                "phases": [
+                    {"shards": str(shards / "seq32"), "steps": STEPS[0]},
+                    {"shards": str(shards / "seq64"), "steps": STEPS[1]},
+                ],
+                # 32 sequences per rank: steps long enough (~0.1 s) to be interrupted at a chosen point
+                "micro_batch_size": 32,
+                "global_batch_size": 64,
+                "optim": {"lr": 2e-3, "warmup_steps": 2},
+                "checkpoint": {"interval": 3, "keep": 2},
+                "log": {"interval": 4},
+            }
+        )
+    )
     return path
 
 
@@ -82,8 +92,14 @@ def hf_bert(shards, tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shards / "tok.json"), **SPECIAL)
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=128,
+    )
     BertForMaskedLM(config).save_pretrained(out)
     return out
 
@@ -107,19 +123,39 @@ def task_files(shards, tmp_path_factory):
 def ft_config(hf_bert, task_files, tmp_path_factory):
     """10 steps per epoch; the detector looks every 2 steps, may draw from step 4 and must by step 6."""
     path = tmp_path_factory.mktemp("ft_config") / "finetune.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": "unused", "seed": 3,
-        "task": {"kind": "classification", "train_files": [str(task_files / "train.csv")],
-                 "validation_files": {"validation": [str(task_files / "dev.csv")]},
-                 "text_fields": ["sentence"], "label_field": "label", "max_seq_length": 64},
-        "model": {"init_from": str(hf_bert)},
-        "earlybert": {"mode": "earlybert", "lambda_heads": 0.01, "lambda_ffn": 0.01, "detector": {"window": 3}},
-        "recipe": {"search_lr": 1e-3, "lr": 1e-3, "epochs": 1.0, "dense_epochs": 1.0, "search_epochs": 1.0,
-                   "detector_interval_epochs": 0.2, "min_search_epochs": 0.4, "max_search_epochs": 0.6},
-        "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
-        "micro_batch_size": 16, "global_batch_size": 32,
-        "checkpoint": {"interval": 3, "keep": 2}, "log": {"interval": 5},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "unused",
+                "seed": 3,
+                "task": {
+                    "kind": "classification",
+                    "train_files": [str(task_files / "train.csv")],
+                    "validation_files": {"validation": [str(task_files / "dev.csv")]},
+                    "text_fields": ["sentence"],
+                    "label_field": "label",
+                    "max_seq_length": 64,
+                },
+                "model": {"init_from": str(hf_bert)},
+                "earlybert": {"mode": "earlybert", "lambda_heads": 0.01, "lambda_ffn": 0.01, "detector": {"window": 3}},
+                "recipe": {
+                    "search_lr": 1e-3,
+                    "lr": 1e-3,
+                    "epochs": 1.0,
+                    "dense_epochs": 1.0,
+                    "search_epochs": 1.0,
+                    "detector_interval_epochs": 0.2,
+                    "min_search_epochs": 0.4,
+                    "max_search_epochs": 0.6,
+                },
+                "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
+                "micro_batch_size": 16,
+                "global_batch_size": 32,
+                "checkpoint": {"interval": 3, "keep": 2},
+                "log": {"interval": 5},
+            }
+        )
+    )
     return path
 
 
@@ -133,10 +169,20 @@ def tokenizer():
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=1000, min_frequency=1,
-                                                             special_tokens=SPECIAL_TOKENS, show_progress=False))
+    tok.train_from_iterator(
+        lines,
+        trainers.WordPieceTrainer(vocab_size=1000, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
-                                   unk_token="[UNK]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+    )

@@ -1,6 +1,7 @@
 """Helpers of the end-to-end run tests: launching `earlybert train`, reading what a run wrote, comparing
 losses, and injecting faults. The fixtures they work on (shards, the tiny config, the reference run)
 are in conftest.py."""
+
 import json
 import os
 import subprocess
@@ -19,16 +20,21 @@ TOTAL = sum(STEPS)
 
 
 def run_env() -> dict:
-    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def train_cmd(config, run_dir, *overrides) -> list[str]:
     return ["--config", str(config), f"run_dir={run_dir}", *overrides]
 
 
-def faulty_train(tmp_path, target: str, when: str = "before", condition: str = "True",
-                 command: str = "pipeline.train") -> str:
+def faulty_train(
+    tmp_path, target: str, when: str = "before", condition: str = "True", command: str = "pipeline.train"
+) -> str:
     """A script running `earlybert train` (or `command`'s main) that exits hard (os._exit: no clean-up, as kill -9 or a
     crash leaves things) before or after `target` runs, the first time `condition` holds.
 
@@ -38,8 +44,11 @@ def faulty_train(tmp_path, target: str, when: str = "before", condition: str = "
     module, _, path = target.partition(":")
     *owners, name = path.split(".")
     script = tmp_path / f"exit_{when}_{name}.py"
-    call = ("    if hit:\n        os._exit(9)\n    return original(*args, **kwargs)\n" if when == "before" else
-            "    out = original(*args, **kwargs)\n    if hit:\n        os._exit(9)\n    return out\n")
+    call = (
+        "    if hit:\n        os._exit(9)\n    return original(*args, **kwargs)\n"
+        if when == "before"
+        else "    out = original(*args, **kwargs)\n    if hit:\n        os._exit(9)\n    return out\n"
+    )
     script.write_text(
         "import functools, importlib, os, sys\n"
         f"from {command} import main\n"
@@ -48,18 +57,24 @@ def faulty_train(tmp_path, target: str, when: str = "before", condition: str = "
         + f"original = getattr(owner, {name!r})\n"
         "@functools.wraps(original)\n"
         "def faulty(*args, **kwargs):\n"
-        f"    hit = {condition}\n"
-        + call
-        + f"setattr(owner, {name!r}, faulty)\n"
-        "sys.exit(main([a for a in sys.argv[1:] if not a.startswith('--local_rank')]))\n")
+        f"    hit = {condition}\n" + call + f"setattr(owner, {name!r}, faulty)\n"
+        "sys.exit(main([a for a in sys.argv[1:] if not a.startswith('--local_rank')]))\n"
+    )
     return str(script)
 
 
 def deepspeed(config, run_dir, *overrides, ranks=2, script=None):
     """Start `earlybert train` under the deepspeed launcher; returns the launcher's Popen."""
     target = [script] if script else ["--module", "pipeline.train"]
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *target,
-           *train_cmd(config, run_dir, *overrides)]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        *target,
+        *train_cmd(config, run_dir, *overrides),
+    ]
     return subprocess.Popen(cmd, env=run_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -88,7 +103,9 @@ def wait_for_step(proc, run_dir, step, timeout=120):
     raise TimeoutError(f"step {step} not reached in {timeout} s")
 
 
-def assert_same_losses(run_dir, reference, tol=1e-6, keys=("loss", "mlm_loss", "nsp_loss", "lr", "samples"), until=TOTAL):
+def assert_same_losses(
+    run_dir, reference, tol=1e-6, keys=("loss", "mlm_loss", "nsp_loss", "lr", "samples"), until=TOTAL
+):
     """Every step's losses (up to step `until`) equal the reference run's within tol."""
     got, ref = metrics(run_dir), metrics(reference)
     assert [m["step"] for m in got] == list(range(1, TOTAL + 1)), "one metrics line per step, none twice"
@@ -98,9 +115,15 @@ def assert_same_losses(run_dir, reference, tol=1e-6, keys=("loss", "mlm_loss", "
 
 
 # Detector every 2 steps, FIFO of 3, draw allowed from step 4, forced at step 6 (of 12).
-EARLYBERT = ("earlybert.mode=earlybert", "earlybert.lambda_heads=0.01", "earlybert.lambda_ffn=0.01",
-             "earlybert.detector.interval=2", "earlybert.detector.window=3", "earlybert.detector.min_search_steps=4",
-             "earlybert.detector.max_search_steps=6")
+EARLYBERT = (
+    "earlybert.mode=earlybert",
+    "earlybert.lambda_heads=0.01",
+    "earlybert.lambda_ffn=0.01",
+    "earlybert.detector.interval=2",
+    "earlybert.detector.window=3",
+    "earlybert.detector.min_search_steps=4",
+    "earlybert.detector.max_search_steps=6",
+)
 
 
 def ticket(run_dir) -> dict:

@@ -1,6 +1,7 @@
 """bench.common.run_interleaved, which the end-to-end benchmark's wall-time comparison rests on:
 jobs really take turns, a job never runs inside its recorded pauses, and a job can wait for
 another's output."""
+
 import sys
 import time
 
@@ -26,7 +27,7 @@ def stamps(path):
 
 
 def test_jobs_take_turns_and_never_run_inside_their_pauses(tmp_path):
-    cmd = lambda name, seconds: (lambda: [sys.executable, "-c", WORKER, str(tmp_path / name), str(seconds)])
+    cmd = lambda name, seconds: lambda: [sys.executable, "-c", WORKER, str(tmp_path / name), str(seconds)]
     late = lambda: cmd("c", 0.3)() if (tmp_path / "a.done").exists() else None
     started = time.time()
     jobs = run_interleaved({"a": cmd("a", 0.6), "b": cmd("b", 1.2), "c": late}, logs=tmp_path / "logs", slice_s=0.2)
@@ -46,6 +47,9 @@ def test_jobs_take_turns_and_never_run_inside_their_pauses(tmp_path):
 
 
 def test_a_failed_job_leaves_the_waiting_job_unstarted(tmp_path):
-    jobs = run_interleaved({"bad": lambda: [sys.executable, "-c", "raise SystemExit(3)"], "never": lambda: None},
-                           logs=tmp_path / "logs", slice_s=0.2)
+    jobs = run_interleaved(
+        {"bad": lambda: [sys.executable, "-c", "raise SystemExit(3)"], "never": lambda: None},
+        logs=tmp_path / "logs",
+        slice_s=0.2,
+    )
     assert jobs["bad"].returncode == 3 and jobs["never"].returncode is None

@@ -1,10 +1,12 @@
 """On-disk formats keep working: run directories written by an earlier version (tests/fixtures/v0_runs,
 see its README) still resume to the same losses and ticket, and still export."""
+
 import json
 import shutil
 import subprocess
 
 import pytest
+
 from runs import BIN, REPO, run_env
 
 pytestmark = pytest.mark.slow  # launches ranks
@@ -26,12 +28,20 @@ def _lines(path):
 @pytest.mark.parametrize("name", ["search", "drawn"])
 def test_an_old_run_resumes_to_the_same_losses_and_ticket(old_runs, name):
     """search: stopped mid-search (detector state and rewind weights of the old layout); drawn: after the draw."""
-    done = subprocess.run([str(BIN / "python"), "-m", "pipeline.train", "--config", f"{name}.yaml",
-                           f"run_dir={name}_run", TWO_PHASES], cwd=old_runs, env=run_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "python"), "-m", "pipeline.train", "--config", f"{name}.yaml", f"run_dir={name}_run", TWO_PHASES],
+        cwd=old_runs,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
-    got, expected = _lines(old_runs / f"{name}_run" / "metrics.jsonl"), _lines(old_runs / f"expected_{name}" / "metrics.jsonl")
+    got, expected = (
+        _lines(old_runs / f"{name}_run" / "metrics.jsonl"),
+        _lines(old_runs / f"expected_{name}" / "metrics.jsonl"),
+    )
     assert [g["step"] for g in got] == list(range(1, 9))
     for g, e in zip(got, expected):
         for key in ("loss", "mlm_loss", "nsp_loss", "lr"):
@@ -45,10 +55,18 @@ def test_an_old_run_resumes_to_the_same_losses_and_ticket(old_runs, name):
 @pytest.mark.parametrize("name", ["search", "drawn"])
 def test_an_old_run_exports(old_runs, name):
     out = old_runs / "export"
-    done = subprocess.run([str(BIN / "python"), "-m", "pipeline.cli", "export", f"{name}_run", "--output", str(out)],
-                          cwd=old_runs, env=run_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "python"), "-m", "pipeline.cli", "export", f"{name}_run", "--output", str(out)],
+        cwd=old_runs,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     config = json.loads((out / "config.json").read_text())
-    architecture = json.loads((old_runs / f"{name}_run" / "checkpoints" / "step_00000004" / "architecture.json").read_text())
+    architecture = json.loads(
+        (old_runs / f"{name}_run" / "checkpoints" / "step_00000004" / "architecture.json").read_text()
+    )
     assert config["num_hidden_layers"] == architecture["num_hidden_layers"]
     assert (out / "tokenizer.json").is_file()

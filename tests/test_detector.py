@@ -1,4 +1,5 @@
 """Early-bird detector: masks from gates, distances, the FIFO window, epsilon, min/max steps, ties."""
+
 import json
 
 import pytest
@@ -77,7 +78,9 @@ def test_window_compares_with_all_older_masks_and_forgets_beyond_it():
     state, d = run(cfg, [a, b, b, b])
     # step 3: [a, b, b] is not stable (a differs); step 4: [b, b, b] is: the old mask left the FIFO.
     assert [x.draw for x in d] == [False, False, False, True]
-    assert len(state.fifo) == 3 and state.history[2]["head_distance"] == 1.0 and state.history[3]["head_distance"] == 0.0
+    assert (
+        len(state.fifo) == 3 and state.history[2]["head_distance"] == 1.0 and state.history[3]["head_distance"] == 0.0
+    )
 
 
 def test_min_and_max_search_steps():
@@ -140,12 +143,14 @@ def test_combined_criterion_and_per_type_epsilons():
     per_type = DetectorConfig(interval=10, window=3, epsilon=0.25, min_search_steps=0, max_search_steps=1000)
     _, d = run(per_type, moving_heads)  # two of four heads swapped: head distance 0.5 > 0.25
     assert not d[-1].draw
-    combined = DetectorConfig(interval=10, window=3, epsilon=0.25, criterion="combined", min_search_steps=0,
-                              max_search_steps=1000)
+    combined = DetectorConfig(
+        interval=10, window=3, epsilon=0.25, criterion="combined", min_search_steps=0, max_search_steps=1000
+    )
     state, d = run(combined, moving_heads)  # 2 of 20 units differ: 0.1 <= 0.25
     assert d[-1].draw and "combined" in d[-1].reason and state.history[-1]["combined_distance"] == pytest.approx(0.1)
-    loose_heads = DetectorConfig(interval=10, window=3, epsilon=0.0, head_epsilon=0.5, min_search_steps=0,
-                                 max_search_steps=1000)
+    loose_heads = DetectorConfig(
+        interval=10, window=3, epsilon=0.0, head_epsilon=0.5, min_search_steps=0, max_search_steps=1000
+    )
     _, d = run(loose_heads, moving_heads)
     assert d[-1].draw and "head masks within 0.5 and FFN masks within 0.0" in d[-1].reason
 

@@ -5,7 +5,9 @@ training on, checkpoints and resume — 2 ranks over gloo, bert-tiny, fp32, ZeRO
 same ticket and the same losses (1e-6); the other stages draw at the same step with the same
 ticket up to gates tied within rounding, and the same losses to 1e-4 up to the draw.
 """
+
 import pytest
+
 from runs import (
     EARLYBERT,
     REPO,
@@ -35,7 +37,9 @@ def test_search_draw_prune_rebuild_and_train_on(eb_reference):
     assert arch["use_gates"] is False
     m = metrics(eb_reference)
     assert [r["step"] for r in m] == list(range(1, TOTAL + 1))
-    assert all("gate_penalty" in r for r in m[: t["draw_step"]]) and not any("gate_penalty" in r for r in m[t["draw_step"]:])
+    assert all("gate_penalty" in r for r in m[: t["draw_step"]]) and not any(
+        "gate_penalty" in r for r in m[t["draw_step"] :]
+    )
     assert m[-1]["loss"] < m[0]["loss"]
 
 
@@ -61,7 +65,9 @@ def test_killed_around_the_draw_resumes_to_the_same_ticket_and_losses(config, eb
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_checkpoint(config, eb_reference, tmp_path, stage):
+def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_checkpoint(
+    config, eb_reference, tmp_path, stage
+):
     """The whole cycle on ZeRO-2 and ZeRO-3: killed right after the checkpoint that follows the draw,
     resumed from it (the pruned model is built from architecture.json before DeepSpeed loads)."""
     run_dir = tmp_path / "run"
@@ -76,7 +82,10 @@ def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_check
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
     got, ref = ticket(run_dir), ticket(eb_reference)
     arch = architecture(run_dir)
-    assert arch["num_heads_per_layer"] == got["heads_per_layer"] and arch["intermediate_size_per_layer"] == got["ffn_per_layer"]
+    assert (
+        arch["num_heads_per_layer"] == got["heads_per_layer"]
+        and arch["intermediate_size_per_layer"] == got["ffn_per_layer"]
+    )
     assert got["draw_step"] == draw and got["kept_heads"] == ref["kept_heads"]
     # Another stage sums gradients in another order, so the gates agree with ZeRO-1's to ~1e-6 only;
     # after a 6-step search many FFN gates lie that close to the cut, and a neuron or two can swap

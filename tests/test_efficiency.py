@@ -2,6 +2,7 @@
 option) and DeepSpeed's fused Adam with its fallback. Each must leave the losses and gradients as they are.
 
 Run as a script (`test_efficiency.py worker STAGE OPTIONS OUT`), this file is one rank of the 2-rank check."""
+
 import json
 import sys
 from pathlib import Path
@@ -25,9 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def config(**fields) -> EarlyBertConfig:
     """A pruned-looking structure: per-layer heads and FFN widths, head size not hidden / heads."""
-    base = dict(vocab_size=61, hidden_size=24, num_hidden_layers=3, num_attention_heads=4, head_size=6,
-                num_heads_per_layer=[3, 1, 4], intermediate_size_per_layer=[20, 7, 16],
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base = dict(
+        vocab_size=61,
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        head_size=6,
+        num_heads_per_layer=[3, 1, 4],
+        intermediate_size_per_layer=[20, 7, 16],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return EarlyBertConfig(**{**base, **fields})
 
 
@@ -43,8 +52,13 @@ def padded_batch(seed: int = 0, B: int = 4, T: int = 16, left_pad_row: bool = Fa
         mask[3] = mask[3].roll(4)
     types = (torch.arange(T)[None] >= torch.tensor(lengths)[:, None] // 2).long() * mask
     labels = torch.where((torch.rand(B, T, generator=g) < 0.3) & mask.bool(), ids, torch.full_like(ids, -100))
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
-                next_sentence_label=torch.tensor([0, 1, 1, 0][:B]))
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        token_type_ids=types,
+        labels=labels,
+        next_sentence_label=torch.tensor([0, 1, 1, 0][:B]),
+    )
 
 
 def same_model(model_class, cfg: EarlyBertConfig, reference: torch.nn.Module, **options) -> torch.nn.Module:
@@ -86,8 +100,12 @@ HEADS = {
 def head_inputs(kind: str, batch: dict) -> dict:
     base = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     if kind == "pretraining":
-        return {**base, "labels": batch["labels"], "next_sentence_label": batch["next_sentence_label"],
-                "masked_logits_only": True}
+        return {
+            **base,
+            "labels": batch["labels"],
+            "next_sentence_label": batch["next_sentence_label"],
+            "masked_logits_only": True,
+        }
     if kind == "sequence":
         return {**base, "labels": torch.tensor([2, 0, 1, 1])}
     if kind == "tokens":
@@ -187,8 +205,15 @@ def test_activation_checkpointing_equal_with_dropout_and_survives_pruning(tmp_pa
 
 
 def test_fused_qkv_keeps_transformers_names_loads_hf_and_prunes(tmp_path):
-    hf_cfg = dict(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf_cfg = dict(
+        vocab_size=61,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     from transformers import BertConfig
 
     torch.manual_seed(0)
@@ -269,6 +294,7 @@ def test_gpu_benchmark_refuses_on_cpu_and_dry_runs(capsys):
 
 # ---- 2 ranks, ZeRO 1/2/3, through the engine rebuild -----------------------------------------------------------
 
+
 def worker(stage: int, options: dict, out_path: str) -> None:
     """Train a gated tiny BERT 3 steps on padded batches, draw, rebuild the engine, train 3 more; rank 0 writes
     the losses and whether the options are still on after the rebuild."""
@@ -277,14 +303,28 @@ def worker(stage: int, options: dict, out_path: str) -> None:
     from pipeline.engine import EngineSpec, build_engine, prune_engine
 
     rank = distributed.setup().rank
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-          "zero_optimization": {"stage": stage}}
-    spec = EngineSpec(ds, OptimConfig(lr=1e-3, schedule="constant"), total_steps=100,
-                      compile=options.pop("compile", False))
+    ds = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+    }
+    spec = EngineSpec(
+        ds, OptimConfig(lr=1e-3, schedule="constant"), total_steps=100, compile=options.pop("compile", False)
+    )
     torch.manual_seed(0)
-    model = EarlyBertForPreTraining(config(vocab_size=61, num_heads_per_layer=None, intermediate_size_per_layer=None,
-                                           head_size=None, num_attention_heads=6, intermediate_size=23, **options))
+    model = EarlyBertForPreTraining(
+        config(
+            vocab_size=61,
+            num_heads_per_layer=None,
+            intermediate_size_per_layer=None,
+            head_size=None,
+            num_attention_heads=6,
+            intermediate_size=23,
+            **options,
+        )
+    )
     randomize_gates(model)
     masks = masks_from_gates(model.head_gates(), model.ffn_gates(), DetectorConfig())
     engine = build_engine(model, spec)
@@ -303,12 +343,19 @@ def worker(stage: int, options: dict, out_path: str) -> None:
     train(3, seed=2)
     layers = engine.module.bert.encoder.layer
     if rank == 0:
-        Path(out_path).write_text(json.dumps({
-            "losses": losses, "heads": engine.module.config.num_heads_per_layer,
-            "checkpointing": [layer.gradient_checkpointing for layer in layers],
-            "config": {k: getattr(engine.module.config, k) for k in ("unpad", "activation_checkpointing", "fused_qkv")},
-            "compiled": engine.is_compiled,
-        }))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "losses": losses,
+                    "heads": engine.module.config.num_heads_per_layer,
+                    "checkpointing": [layer.gradient_checkpointing for layer in layers],
+                    "config": {
+                        k: getattr(engine.module.config, k) for k in ("unpad", "activation_checkpointing", "fused_qkv")
+                    },
+                    "compiled": engine.is_compiled,
+                }
+            )
+        )
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Everyday use: the command line (--version, fast --help, --print-config), configs that work from any
 directory, `earlybert prep` on fsspec URLs, streamed `datasets` and tokenizer directories, and
 `earlybert eval`'s progress."""
+
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -31,6 +32,7 @@ PYTHON = sys.executable
 
 # ---- the command line ---------------------------------------------------------------------------
 
+
 def test_version_and_bare_command(capsys):
     assert cli_main(["--version"]) == 0
     assert capsys.readouterr().out == f"earlybert {importlib.metadata.version('earlybert')}\n"
@@ -41,8 +43,10 @@ def test_version_and_bare_command(capsys):
 
 @pytest.mark.parametrize("stage", ["train", "finetune"])
 def test_help_answers_without_importing_torch(stage):
-    code = (f"import sys\nfrom pipeline.cli import main\ntry:\n    main([{stage!r}, '--help'])\n"
-            "except SystemExit as e:\n    assert e.code == 0\nprint(sorted({'torch', 'deepspeed'} & set(sys.modules)))")
+    code = (
+        f"import sys\nfrom pipeline.cli import main\ntry:\n    main([{stage!r}, '--help'])\n"
+        "except SystemExit as e:\n    assert e.code == 0\nprint(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
+    )
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.endswith("[]\n"), out
     assert "--print-config" in out and "Config reference" in out and f"earlybert {stage} --config" in out
@@ -63,13 +67,17 @@ def test_print_config_is_a_loadable_config_of_defaults(tmp_path, capsys):
     printed.update(run_dir=str(tmp_path / "run"), phases=[{"shards": "s", "steps": 10}])
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
     cfg = load_config(str(tmp_path / "printed.yaml"))
-    assert cfg.to_dict() == {**RunConfig(str(tmp_path / "run"), []).to_dict(), "phases": cfg.to_dict()["phases"],
-                             "deepspeed": str(SHIPPED_DS_CONFIGS / "zero1.json")}
+    assert cfg.to_dict() == {
+        **RunConfig(str(tmp_path / "run"), []).to_dict(),
+        "phases": cfg.to_dict()["phases"],
+        "deepspeed": str(SHIPPED_DS_CONFIGS / "zero1.json"),
+    }
     assert cli_main(["finetune", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_from"] == REQUIRED
 
 
 # ---- paths in configs -----------------------------------------------------------------------------
+
 
 def write_yaml(path: Path, tree: dict) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +86,10 @@ def write_yaml(path: Path, tree: dict) -> str:
 
 
 def test_config_paths_are_relative_to_the_file_and_overrides_to_the_cwd(tmp_path, monkeypatch):
-    config = write_yaml(tmp_path / "cfgs" / "run.yaml", {"run_dir": "run", "deepspeed": "ds_configs/zero2.json",
-                                                         "phases": [{"shards": "data/s", "steps": 5}]})
+    config = write_yaml(
+        tmp_path / "cfgs" / "run.yaml",
+        {"run_dir": "run", "deepspeed": "ds_configs/zero2.json", "phases": [{"shards": "data/s", "steps": 5}]},
+    )
     monkeypatch.chdir(tmp_path)
     cfg = load_config(config)
     assert cfg.run_dir == str(tmp_path / "cfgs" / "run") and cfg.phases[0].shards == str(tmp_path / "cfgs/data/s")
@@ -96,14 +106,25 @@ def test_config_paths_are_relative_to_the_file_and_overrides_to_the_cwd(tmp_path
 
 
 def test_finetune_config_paths(tmp_path, monkeypatch):
-    config = write_yaml(tmp_path / "cfgs" / "ft.yaml", {
-        "run_dir": "ft", "model": {"init_from": "../model", "tokenizer": "tok.json"},
-        "task": {"train_files": ["train.csv"], "validation_files": {"dev": "dev.csv", "test": ["t1.csv", "/t2.csv"]}}})
+    config = write_yaml(
+        tmp_path / "cfgs" / "ft.yaml",
+        {
+            "run_dir": "ft",
+            "model": {"init_from": "../model", "tokenizer": "tok.json"},
+            "task": {
+                "train_files": ["train.csv"],
+                "validation_files": {"dev": "dev.csv", "test": ["t1.csv", "/t2.csv"]},
+            },
+        },
+    )
     monkeypatch.chdir(tmp_path)
     cfg = load_finetune_config(config, ["model.tokenizer=here/tok.json"])
     d = tmp_path / "cfgs"
-    assert (cfg.run_dir, cfg.model.init_from, cfg.model.tokenizer) == (str(d / "ft"), str(tmp_path / "model"),
-                                                                        str(tmp_path / "here/tok.json"))
+    assert (cfg.run_dir, cfg.model.init_from, cfg.model.tokenizer) == (
+        str(d / "ft"),
+        str(tmp_path / "model"),
+        str(tmp_path / "here/tok.json"),
+    )
     assert cfg.task.train_files == [str(d / "train.csv")]
     assert cfg.task.validation_files == {"dev": [str(d / "dev.csv")], "test": [str(d / "t1.csv"), "/t2.csv"]}
     assert cfg.deepspeed == str(SHIPPED_DS_CONFIGS / "zero1.json")
@@ -118,6 +139,7 @@ def test_example_configs_mean_the_same_from_any_directory(tmp_path, monkeypatch)
 
 
 # ---- prep: where the data is ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
@@ -134,8 +156,18 @@ def small_corpus(tmp_path_factory):
 
 
 def prep(inputs, out, tokenizer) -> dict:
-    run_prep(PrepConfig(inputs=inputs, output=str(out), tokenizer=str(tokenizer), seq_len=32, workers=1,
-                        shard_sequences=50, unit_bytes=4096, progress=False))
+    run_prep(
+        PrepConfig(
+            inputs=inputs,
+            output=str(out),
+            tokenizer=str(tokenizer),
+            seq_len=32,
+            workers=1,
+            shard_sequences=50,
+            unit_bytes=4096,
+            progress=False,
+        )
+    )
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(out).glob("shard_*"))}
 
 
@@ -172,12 +204,27 @@ def test_bad_urls_name_the_url(tmp_path):
 
 
 def test_tokenizer_output_may_be_a_directory(small_corpus, tmp_path):
-    assert prep_main(["tokenizer", "--input", str(small_corpus / "corpus.txt"), "--output", str(tmp_path),
-                      "--vocab-size", "300", "--min-frequency", "1"]) == 0
+    assert (
+        prep_main(
+            [
+                "tokenizer",
+                "--input",
+                str(small_corpus / "corpus.txt"),
+                "--output",
+                str(tmp_path),
+                "--vocab-size",
+                "300",
+                "--min-frequency",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
 
 
 # ---- eval -----------------------------------------------------------------------------------------
+
 
 def test_eval_reports_progress_as_lines_off_a_terminal(small_corpus, tmp_path, capsys, monkeypatch):
     from data_prep import ShardDataset

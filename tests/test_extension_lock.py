@@ -1,6 +1,7 @@
 """A launch killed (SIGKILL, the whole process group) while DeepSpeed builds deepspeed_shm_comm leaves torch's `lock`
 file in the extensions cache; the next launch clears it with a message and finishes instead of waiting forever.
 A lock that a live process still holds is waited for, not removed."""
+
 import contextlib
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+
 from runs import BIN, REPO, run_env, train_cmd
 
 pytestmark = pytest.mark.slow
@@ -16,8 +18,9 @@ BUILD_S = 600  # the build takes ~20 s on an idle 2-core machine, minutes on a b
 
 
 def launch(cmd, env) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def kill(proc) -> None:
@@ -30,8 +33,12 @@ def kill(proc) -> None:
 def test_a_launch_killed_during_the_extension_build_does_not_block_the_next(config, tmp_path):
     cache = tmp_path / "torch_extensions"  # empty: the build happens here, not in the project's cache
     env = {**run_env(), "TORCH_EXTENSIONS_DIR": str(cache)}
-    cmd = [str(BIN / "python"), "-m", "pipeline.train",
-           *train_cmd(config, tmp_path / "run", "phases.0.steps=2", "phases.1.steps=1")]
+    cmd = [
+        str(BIN / "python"),
+        "-m",
+        "pipeline.train",
+        *train_cmd(config, tmp_path / "run", "phases.0.steps=2", "phases.1.steps=1"),
+    ]
     first = launch(cmd, env)
     lock = cache / "deepspeed_shm_comm" / "lock"
     deadline = time.monotonic() + BUILD_S
@@ -52,12 +59,26 @@ def test_a_launch_killed_during_the_extension_build_does_not_block_the_next(conf
     assert "done: 3 steps" in out and not lock.exists()
 
     # A lock held open by a live process (another program building) is waited for; its holder removes it.
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; f = open(sys.argv[1], 'w'); "
-                               "print(flush=True); time.sleep(3); os.remove(sys.argv[1])", str(lock)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; f = open(sys.argv[1], 'w'); "
+            "print(flush=True); time.sleep(3); os.remove(sys.argv[1])",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     holder.stdout.readline()
-    build = subprocess.run([str(BIN / "python"), "-c", "from pipeline.distributed import build_extensions; "
-                            "build_extensions()"], env=env, cwd=REPO, capture_output=True, text=True, timeout=BUILD_S)
+    build = subprocess.run(
+        [str(BIN / "python"), "-c", "from pipeline.distributed import build_extensions; build_extensions()"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_S,
+    )
     assert build.returncode == 0, build.stderr
     assert f"waiting for processes [{holder.pid}] building in {lock.parent}" in build.stderr
     assert "removed" not in build.stderr and holder.wait() == 0

@@ -1,6 +1,7 @@
 """Faults and bad inputs, tried as a user would meet them: damaged checkpoints, a full disk, two commands on one
 directory, a stopped rank, NaN losses, and bad input to every command. Each test tries the cases of
 tests/faults_table.py it names; docs/faults.md is generated from that table and checked here."""
+
 import json
 import os
 import re
@@ -44,8 +45,14 @@ def test_the_table_is_current_and_every_case_is_tried():
 def _train(config, run_dir, *overrides, script=None, timeout=240):
     """`earlybert train` as one process (no launcher); returns (exit status, stdout + stderr)."""
     target = [script] if script else ["-m", "pipeline.train"]
-    done = subprocess.run([str(BIN / "python"), *target, *train_cmd(config, run_dir, *overrides)], env=run_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [str(BIN / "python"), *target, *train_cmd(config, run_dir, *overrides)],
+        env=run_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done.returncode, done.stdout + done.stderr
 
 
@@ -60,6 +67,7 @@ def _truncate(path):
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def fake_ckpt(tmp_path):
@@ -143,8 +151,9 @@ def test_a_full_disk_during_a_save_stops_with_the_previous_checkpoint_intact(con
     run_dir = tmp_path / "small"
     run_dir.mkdir()
     # Room for one checkpoint and a half: the one at step 3 fits, the one at step 6 does not.
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(tag_bytes * 1.5) + 2**20}", "tmpfs", str(run_dir)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(tag_bytes * 1.5) + 2**20}", "tmpfs", str(run_dir)], check=True
+    )
     try:
         started = time.monotonic()
         code, out = finish(deepspeed(config, run_dir, "log.tensorboard=false", "dist_timeout.long_s=60"), timeout=180)
@@ -160,11 +169,18 @@ def test_a_full_disk_during_a_save_stops_with_the_previous_checkpoint_intact(con
 
 # ---- locks ----------------------------------------------------------------------------------------------------
 
+
 def _lock(directory, **holder):
     directory.mkdir(parents=True, exist_ok=True)
     me = psutil.Process()
-    record = {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time(), "command": "test",
-              "slurm_job": None, **holder}
+    record = {
+        "host": socket.gethostname(),
+        "pid": me.pid,
+        "started": me.create_time(),
+        "command": "test",
+        "slurm_job": None,
+        **holder,
+    }
     (directory / runlock.LOCK).write_text(json.dumps(record))
     return record
 
@@ -201,13 +217,25 @@ def test_a_second_prep_into_one_output_is_refused(shards, tmp_path, capsys):
 
     out = tmp_path / "out"
     _lock(out)
-    code = prep_main(["--input", str(shards / "corpus.txt"), "--output", str(out), "--tokenizer",
-                      str(shards / "tok.json"), "--workers", "1", "--no-progress"])
+    code = prep_main(
+        [
+            "--input",
+            str(shards / "corpus.txt"),
+            "--output",
+            str(out),
+            "--tokenizer",
+            str(shards / "tok.json"),
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert code == 1 and f"{out} is in use by earlybert prep" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == [runlock.LOCK]
 
 
 # ---- ranks and collectives ------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @tried("rank_stopped")
@@ -217,8 +245,10 @@ def test_a_stopped_rank_fails_the_others_within_the_timeout_and_the_relaunch_res
     run_dir = tmp_path / "run"
     proc = deepspeed(config, run_dir, "dist_timeout.step_s=5")
     wait_for_step(proc, run_dir, 4)
-    ranks = {r: next(p for p in psutil.Process(proc.pid).children(recursive=True) if f"--local_rank={r}" in p.cmdline())
-             for r in (0, 1)}
+    ranks = {
+        r: next(p for p in psutil.Process(proc.pid).children(recursive=True) if f"--local_rank={r}" in p.cmdline())
+        for r in (0, 1)
+    }
     ranks[1].send_signal(signal.SIGSTOP)
     started = time.monotonic()
     ranks[0].wait(timeout=60)
@@ -264,19 +294,22 @@ def test_a_nan_loss_stops_or_is_skipped_by_option(config, tmp_path):
     assert code == EXIT_FAULT and "step 5: the loss is nan; stopping" in out, out
     assert latest(stop) == "step_00000003" and checkpoint.damage(stop / "checkpoints" / "step_00000003") is None
     skip = tmp_path / "skip"
-    code, out = _train(config, skip, "nonfinite.action=skip", "nonfinite.max_skipped=1",
-                       script=_nan_script(tmp_path, [5]))
+    code, out = _train(
+        config, skip, "nonfinite.action=skip", "nonfinite.max_skipped=1", script=_nan_script(tmp_path, [5])
+    )
     assert code == 0, out
     logged = metrics(skip)
     assert [m["nonfinite_skipped"] for m in logged] == [0] * 4 + [1] * (TOTAL - 4)
     assert logged[4]["skipped_steps"] == 1  # DeepSpeed did not apply it
     limit = tmp_path / "limit"
-    code, out = _train(config, limit, "nonfinite.action=skip", "nonfinite.max_skipped=1",
-                       script=_nan_script(tmp_path, [5, 7]))
+    code, out = _train(
+        config, limit, "nonfinite.action=skip", "nonfinite.max_skipped=1", script=_nan_script(tmp_path, [5, 7])
+    )
     assert code == EXIT_FAULT and "step 7: the loss is nan, after 1 skipped" in out, out
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
+
 
 def _refused(main, config, tmp_path, capsys, argv, message):
     """`main(argv)` (overrides of `config` on a new run_dir, or a whole command line) exits with EXIT_CONFIG and
@@ -289,9 +322,19 @@ def _refused(main, config, tmp_path, capsys, argv, message):
     assert not (tmp_path / "run").exists(), "nothing written"
 
 
-@cases("train_config_missing", "train_config_not_mapping", "train_wrong_type", "train_bad_choice",
-       "train_bad_timeout", "train_bad_verify", "train_run_dir_is_file", "train_no_shards", "train_other_model",
-       "resume_from_missing", "resume_from_malformed")
+@cases(
+    "train_config_missing",
+    "train_config_not_mapping",
+    "train_wrong_type",
+    "train_bad_choice",
+    "train_bad_timeout",
+    "train_bad_verify",
+    "train_run_dir_is_file",
+    "train_no_shards",
+    "train_other_model",
+    "resume_from_missing",
+    "resume_from_malformed",
+)
 def test_bad_train_input(config, reference, tmp_path, capsys, case):
     from pipeline.train import main
 
@@ -309,16 +352,20 @@ def test_bad_train_input(config, reference, tmp_path, capsys, case):
         "train_run_dir_is_file": ([f"run_dir={a_file}"], f"run_dir {a_file} is a file, not a directory"),
         "train_no_shards": ([f"phases.0.shards={tmp_path}"], "manifest.json: not found"),
         "train_other_model": ([f"run_dir={reference}", "model.preset=bert-mini"], "checkpoint of another model"),
-        "resume_from_missing": ([f"run_dir={reference}", "resume_from=step_00000099"],
-                                "resume_from step_00000099: "),
+        "resume_from_missing": ([f"run_dir={reference}", "resume_from=step_00000099"], "resume_from step_00000099: "),
         "resume_from_malformed": (["resume_from=latest"], "expected a checkpoint tag such as step_00001000"),
     }
     _refused(main, config, tmp_path, capsys, *args[case])
 
 
 @pytest.mark.slow
-@cases("finetune_config_missing", "finetune_wrong_type", "finetune_init_from_missing",
-       "finetune_pretraining_run_dir", "finetune_resume_from_missing")
+@cases(
+    "finetune_config_missing",
+    "finetune_wrong_type",
+    "finetune_init_from_missing",
+    "finetune_pretraining_run_dir",
+    "finetune_resume_from_missing",
+)
 def test_bad_finetune_input(ft_config, reference, tmp_path, capsys, case):
     from pipeline.finetune import main
 
@@ -341,9 +388,19 @@ def damaged_run(reference, tmp_path):
     return run_dir, shard
 
 
-@cases("eval_run_missing", "eval_shards_missing", "eval_damaged", "export_run_missing", "export_bad_tag",
-       "export_damaged", "export_output_is_file", "report_run_missing", "report_metrics_corrupt",
-       "report_metrics_empty", "prep_output_is_file")
+@cases(
+    "eval_run_missing",
+    "eval_shards_missing",
+    "eval_damaged",
+    "export_run_missing",
+    "export_bad_tag",
+    "export_damaged",
+    "export_output_is_file",
+    "report_run_missing",
+    "report_metrics_corrupt",
+    "report_metrics_empty",
+    "prep_output_is_file",
+)
 def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run, tmp_path, capsys, case):
     from data_prep.cli import main as prep_main
     from pipeline.evaluate import main as eval_main
@@ -363,17 +420,33 @@ def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run
         "eval_shards_missing": (eval_main, [str(reference), "--shards", str(missing)], "manifest.json: not found"),
         "eval_damaged": (eval_main, [str(damaged), "--shards", str(shards / "seq32")], str(damaged_run[1])),
         "export_run_missing": (export_main, [str(missing), "--output", str(out)], "has no complete checkpoint"),
-        "export_bad_tag": (export_main, [str(reference), "--tag", "step_00000099", "--output", str(out)],
-                           "has no complete checkpoint step_00000099"),
+        "export_bad_tag": (
+            export_main,
+            [str(reference), "--tag", "step_00000099", "--output", str(out)],
+            "has no complete checkpoint step_00000099",
+        ),
         "export_damaged": (export_main, [str(damaged), "--output", str(out)], str(damaged_run[1])),
-        "export_output_is_file": (export_main, [str(reference), "--output", str(a_file)],
-                                  "exists and is not a directory"),
+        "export_output_is_file": (
+            export_main,
+            [str(reference), "--output", str(a_file)],
+            "exists and is not a directory",
+        ),
         "report_run_missing": (report_main, [str(missing)], f"{missing}/metrics.jsonl not found"),
         "report_metrics_corrupt": (report_main, [str(corrupt)], f"{corrupt}/metrics.jsonl: line {TOTAL} is not JSON"),
         "report_metrics_empty": (report_main, [str(empty)], "has no records yet"),
-        "prep_output_is_file": (prep_main, ["--input", str(shards / "corpus.txt"), "--output", str(a_file),
-                                            "--tokenizer", str(shards / "tok.json"), "--no-progress"],
-                                "exists and is not a directory"),
+        "prep_output_is_file": (
+            prep_main,
+            [
+                "--input",
+                str(shards / "corpus.txt"),
+                "--output",
+                str(a_file),
+                "--tokenizer",
+                str(shards / "tok.json"),
+                "--no-progress",
+            ],
+            "exists and is not a directory",
+        ),
     }
     command, argv, message = runs[case]
     assert command(argv) == 1

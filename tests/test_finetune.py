@@ -5,6 +5,7 @@ from text on this machine, 2 ranks over gloo under the deepspeed launcher.
 ticket, evaluate); ZeRO-2 and ZeRO-3 draw the same ticket, and runs killed before and after the draw
 resume to its losses and metrics.
 """
+
 import json
 import shutil
 import subprocess
@@ -12,16 +13,27 @@ import sys
 
 import pytest
 import yaml
-from runs import BIN, REPO, faulty_train, finish, metrics, run_env
 
 from pipeline.distributed import free_port
+from runs import BIN, REPO, faulty_train, finish, metrics, run_env
 
 pytestmark = pytest.mark.slow  # launches ranks
 
+
 def finetune(config, run_dir, *overrides, ranks=2, script=None):
     target = [script] if script else ["--module", "pipeline.finetune"]
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *target,
-           "--config", str(config), f"run_dir={run_dir}", *overrides]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        *target,
+        "--config",
+        str(config),
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
     return subprocess.Popen(cmd, env=run_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -56,10 +68,15 @@ def test_search_draw_rewind_train_and_evaluate(ft_reference):
     assert set(ev[0]["metrics"]["validation"]) == {"accuracy", "macro_f1"}
     results = read(ft_reference, "results.json")
     assert results["stages"] == ["search", "ticket"] and results["draw_step"] == ticket["draw_step"]
-    assert results["final"] == ev[-1]["metrics"] and results["search_s"] > 0 and results["train_s"] > results["search_s"]
+    assert (
+        results["final"] == ev[-1]["metrics"] and results["search_s"] > 0 and results["train_s"] > results["search_s"]
+    )
     assert results["heads_per_layer"] == [3, 3] and results["ffn_per_layer"] == ticket["ffn_per_layer"]
-    architecture = json.loads((ft_reference / "checkpoints" / (ft_reference / "checkpoints" / "latest").read_text()
-                               / "architecture.json").read_text())
+    architecture = json.loads(
+        (
+            ft_reference / "checkpoints" / (ft_reference / "checkpoints" / "latest").read_text() / "architecture.json"
+        ).read_text()
+    )
     assert architecture["architectures"] == ["EarlyBertForSequenceClassification"]
     assert architecture["id2label"] == {"0": "long", "1": "short"} and architecture["use_gates"] is True
 
@@ -71,14 +88,20 @@ def test_a_fine_tuned_run_exports_with_its_head_labels_and_tokenizer(ft_referenc
     from pipeline.export import load_run_model
 
     out = tmp_path / "export"
-    done = subprocess.run([str(BIN / "earlybert"), "export", str(ft_reference), "--output", str(out)], env=run_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "earlybert"), "export", str(ft_reference), "--output", str(out)],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     exported = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
     assert exported.config.id2label == {0: "long", 1: "short"} and exported.config.label2id == {"long": 0, "short": 1}
     tokenizer = AutoTokenizer.from_pretrained(out)  # the run's own tokenizer, no remote code
-    batch = tokenizer(["a short line", "a somewhat longer line of text for the classifier"], padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        ["a short line", "a somewhat longer line of text for the classifier"], padding=True, return_tensors="pt"
+    )
     ours, _ = load_run_model(ft_reference)
     with torch.no_grad():
         assert torch.allclose(ours(**batch).logits, exported(**batch).logits, atol=1e-5)
@@ -120,17 +143,26 @@ def test_killed_around_the_draw_resumes_to_the_same_losses_and_metrics(ft_config
 
 
 def one_process(args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "pipeline.finetune", *args], cwd=cwd, env=run_env(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.finetune", *args],
+        cwd=cwd,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("task.label_field=category", "no column category; its columns are sentence, label"),
-    ("task.name=glue_foo", "task.name 'glue_foo' is not a known task"),
-    ("task.num_labels=3", "task.num_labels=3"),
-    ("earlybert.draw_step=3", "earlybert.draw_step: fine-tuning sets these from the epochs of the task"),
-    ("model.init_from=/nonexistent", "model.init_from /nonexistent does not exist"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("task.label_field=category", "no column category; its columns are sentence, label"),
+        ("task.name=glue_foo", "task.name 'glue_foo' is not a known task"),
+        ("task.num_labels=3", "task.num_labels=3"),
+        ("earlybert.draw_step=3", "earlybert.draw_step: fine-tuning sets these from the epochs of the task"),
+        ("model.init_from=/nonexistent", "model.init_from /nonexistent does not exist"),
+    ],
+)
 def test_bad_input_stops_before_any_process_group(ft_config, tmp_path, override, message):
     done = one_process(["--config", str(ft_config), f"run_dir={tmp_path / 'run'}", override])
     assert done.returncode == 2, done.stdout + done.stderr
@@ -141,8 +173,9 @@ def test_bad_input_stops_before_any_process_group(ft_config, tmp_path, override,
 def test_an_empty_validation_split_is_refused(ft_config, task_files, tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("sentence,label\n")
-    done = one_process(["--config", str(ft_config), f"run_dir={tmp_path / 'run'}",
-                        f"task.validation_files={{validation: [{empty}]}}"])
+    done = one_process(
+        ["--config", str(ft_config), f"run_dir={tmp_path / 'run'}", f"task.validation_files={{validation: [{empty}]}}"]
+    )
     assert done.returncode == 2 and str(empty) in done.stderr, done.stderr
 
 
@@ -156,23 +189,41 @@ def test_question_answering_on_squad_json(hf_bert, shards, tmp_path):
             continue
         context = " ".join(words[:60])
         answer = " ".join(words[10:13])
-        qas = [{"id": f"q{n}", "question": f"what follows {' '.join(words[7:10])}?",
-                "answers": [{"text": answer, "answer_start": context.index(answer)}]}]
+        qas = [
+            {
+                "id": f"q{n}",
+                "question": f"what follows {' '.join(words[7:10])}?",
+                "answers": [{"text": answer, "answer_start": context.index(answer)}],
+            }
+        ]
         paragraphs.append({"context": context, "qas": qas})
         n += 1
     paragraphs[0]["qas"][0]["answers"][0]["answer_start"] += 1  # not in its context any more
     for name, part in (("train.json", paragraphs[:40]), ("dev.json", paragraphs[40:])):
         (tmp_path / name).write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": part}]}))
     config = tmp_path / "qa.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(tmp_path / "run"), "seed": 1,
-        "task": {"kind": "qa", "train_files": [str(tmp_path / "train.json")],
-                 "validation_files": {"validation": [str(tmp_path / "dev.json")]},
-                 "max_seq_length": 64, "doc_stride": 32, "max_query_length": 16},
-        "model": {"init_from": str(hf_bert)}, "earlybert": {"mode": "dense"},
-        "recipe": {"dense_lr": 1e-3, "dense_epochs": 2.0},
-        "deepspeed": str(REPO / "ds_configs" / "zero1.json"), "micro_batch_size": 16, "global_batch_size": 16,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "seed": 1,
+                "task": {
+                    "kind": "qa",
+                    "train_files": [str(tmp_path / "train.json")],
+                    "validation_files": {"validation": [str(tmp_path / "dev.json")]},
+                    "max_seq_length": 64,
+                    "doc_stride": 32,
+                    "max_query_length": 16,
+                },
+                "model": {"init_from": str(hf_bert)},
+                "earlybert": {"mode": "dense"},
+                "recipe": {"dense_lr": 1e-3, "dense_epochs": 2.0},
+                "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
+                "micro_batch_size": 16,
+                "global_batch_size": 16,
+            }
+        )
+    )
     done = one_process(["--config", str(config)])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 skipped because their answer is not in their context" in done.stdout
@@ -186,14 +237,25 @@ def test_a_model_pruned_in_pre_training_fine_tunes_without_a_search(task_files, 
     latest checkpoint is built as saved, with its own tokenizer, and trained as the ticket it is."""
     shutil.copytree(REPO / "tests" / "fixtures" / "v0_runs", tmp_path, dirs_exist_ok=True)
     config = tmp_path / "ft.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": "ft_run",
-        "task": {"kind": "classification", "train_files": [str(task_files / "train.csv")],
-                 "validation_files": {"validation": [str(task_files / "dev.csv")]}, "text_fields": ["sentence"],
-                 "max_seq_length": 32},
-        "model": {"init_from": "drawn_run"}, "recipe": {"lr": 1e-3, "epochs": 1.0},
-        "deepspeed": "zero1.json", "micro_batch_size": 32, "global_batch_size": 32,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "ft_run",
+                "task": {
+                    "kind": "classification",
+                    "train_files": [str(task_files / "train.csv")],
+                    "validation_files": {"validation": [str(task_files / "dev.csv")]},
+                    "text_fields": ["sentence"],
+                    "max_seq_length": 32,
+                },
+                "model": {"init_from": "drawn_run"},
+                "recipe": {"lr": 1e-3, "epochs": 1.0},
+                "deepspeed": "zero1.json",
+                "micro_batch_size": 32,
+                "global_batch_size": 32,
+            }
+        )
+    )
     done = one_process(["--config", str(config)], cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "already a ticket" in done.stdout

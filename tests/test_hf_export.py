@@ -1,6 +1,7 @@
 """Exports that Hugging Face tools use as they are: a tiny gated model pruned in-process to a non-uniform
 structure and written by the export code path (no DeepSpeed run), then loaded with transformers' Auto
 classes, its fill-mask pipeline, AutoTokenizer and Trainer."""
+
 import json
 from pathlib import Path
 
@@ -49,18 +50,28 @@ def tokenizer_file(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(README.read_text().splitlines(), trainers.WordPieceTrainer(
-        vocab_size=400, special_tokens=specials, show_progress=False))
+    tok.train_from_iterator(
+        README.read_text().splitlines(),
+        trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, show_progress=False),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     tok.save(str(path))
     return path
 
 
 def tiny_config(vocab_size: int, **fields) -> EarlyBertConfig:
-    return EarlyBertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=MAX_POSITIONS, **fields)
+    return EarlyBertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=MAX_POSITIONS,
+        **fields,
+    )
 
 
 def pruned(model):
@@ -69,8 +80,10 @@ def pruned(model):
     with torch.no_grad():
         for gate in model.head_gates() + model.ffn_gates():
             gate.copy_(torch.rand(gate.shape, generator=g) + 0.5)
-    masks = Masks(heads=[torch.tensor([1, 0, 1, 1], dtype=torch.bool), torch.tensor([0, 1, 0, 1], dtype=torch.bool)],
-                  ffn=[torch.arange(64) % 8 < 5, torch.arange(64) % 8 < 3])
+    masks = Masks(
+        heads=[torch.tensor([1, 0, 1, 1], dtype=torch.bool), torch.tensor([0, 1, 0, 1], dtype=torch.bool)],
+        ffn=[torch.arange(64) % 8 < 5, torch.arange(64) % 8 < 3],
+    )
     small, _ = prune_model(model, masks, fold_gates=False)
     assert small.config.num_heads_per_layer == [3, 2] and small.config.intermediate_size_per_layer == [40, 24]
     return small.eval()
@@ -152,7 +165,8 @@ def classification_data(tok, n: int = 48) -> Dataset:
     labels = torch.randint(0, 3, (n,), generator=g).tolist()
     texts = [f"the {words[y]} of run {i}" for i, y in enumerate(labels)]
     return Dataset.from_dict({"text": texts, "label": labels}).map(
-        lambda rows: tok(rows["text"], truncation=True), batched=True, remove_columns=["text"])
+        lambda rows: tok(rows["text"], truncation=True), batched=True, remove_columns=["text"]
+    )
 
 
 def test_trainer_fine_tunes_a_pruned_pretraining_export(pretraining_export, tmp_path):
@@ -164,9 +178,19 @@ def test_trainer_fine_tunes_a_pruned_pretraining_export(pretraining_export, tmp_
 
     tok = AutoTokenizer.from_pretrained(out)
     data = classification_data(tok)
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=8, max_steps=60,
-                             learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_train_batch_size=8,
+        max_steps=60,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=clf, args=args, train_dataset=data, eval_dataset=data, processing_class=tok)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -182,9 +206,11 @@ def test_trainer_fine_tunes_a_pruned_pretraining_export(pretraining_export, tmp_
         assert torch.equal(clf(**batch).logits, reloaded.eval()(**batch).logits)
 
 
-HEADS = [(EarlyBertForSequenceClassification, BertForSequenceClassification, dict(num_labels=3, id2label=LABELS)),
-         (EarlyBertForTokenClassification, BertForTokenClassification, dict(num_labels=3, id2label=LABELS)),
-         (EarlyBertForQuestionAnswering, BertForQuestionAnswering, {})]
+HEADS = [
+    (EarlyBertForSequenceClassification, BertForSequenceClassification, dict(num_labels=3, id2label=LABELS)),
+    (EarlyBertForTokenClassification, BertForTokenClassification, dict(num_labels=3, id2label=LABELS)),
+    (EarlyBertForQuestionAnswering, BertForQuestionAnswering, {}),
+]
 
 
 @pytest.mark.parametrize("our_class, bert_class, fields", HEADS, ids=lambda x: getattr(x, "__name__", ""))
@@ -197,9 +223,14 @@ def test_fine_tuned_head_exports_keep_head_and_labels(tokenizer_file, tmp_path, 
         model = pruned(model)
     info = export_model(model, tmp_path / "export", tokenizer_file)
     assert info["format"] == ("earlybert" if prune else "bert")
-    auto = getattr(transformers, {"EarlyBertForSequenceClassification": "AutoModelForSequenceClassification",
-                                  "EarlyBertForTokenClassification": "AutoModelForTokenClassification",
-                                  "EarlyBertForQuestionAnswering": "AutoModelForQuestionAnswering"}[our_class.__name__])
+    auto = getattr(
+        transformers,
+        {
+            "EarlyBertForSequenceClassification": "AutoModelForSequenceClassification",
+            "EarlyBertForTokenClassification": "AutoModelForTokenClassification",
+            "EarlyBertForQuestionAnswering": "AutoModelForQuestionAnswering",
+        }[our_class.__name__],
+    )
     exported = auto.from_pretrained(tmp_path / "export", trust_remote_code=prune).eval()
     assert type(exported).__name__ == (our_class.__name__ if prune else bert_class.__name__)
     assert exported.config.id2label == model.config.id2label and exported.config.label2id == model.config.label2id

@@ -1,4 +1,5 @@
 """The gated BERT: equality with transformers' BERT, per-layer structures, gates and their L1 penalty."""
+
 import pytest
 import torch
 import transformers
@@ -37,8 +38,13 @@ HF_CONFIGS = [
 
 
 def hf_config(attn_implementation="sdpa", **fields) -> BertConfig:
-    return BertConfig(vocab_size=97, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                      attn_implementation=attn_implementation, **fields)
+    return BertConfig(
+        vocab_size=97,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation=attn_implementation,
+        **fields,
+    )
 
 
 def batch(vocab: int, padded: bool, seed: int = 0, B: int = 3, T: int = 12):
@@ -79,8 +85,14 @@ def test_pretraining_outputs_equal_transformers(tmp_path, fields, padded):
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
         full = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
-        masked = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp,
-                      masked_logits_only=True)
+        masked = ours(
+            ids,
+            attention_mask=mask,
+            token_type_ids=types,
+            labels=labels,
+            next_sentence_label=nsp,
+            masked_logits_only=True,
+        )
     valid = mask.bool()  # padded positions are garbage in both models
     assert full.prediction_logits.shape == ref.prediction_logits.shape
     assert (ref.prediction_logits[valid] - full.prediction_logits[valid]).abs().max() <= 1e-5
@@ -125,8 +137,13 @@ def test_masked_lm_checkpoint_loads_into_pretraining_model(tmp_path):
 
 def per_layer_config(**overrides) -> EarlyBertConfig:
     fields = dict(
-        vocab_size=61, hidden_size=24, num_hidden_layers=3, num_attention_heads=4, head_size=6,
-        num_heads_per_layer=[3, 1, 4], intermediate_size_per_layer=[20, 7, 16],
+        vocab_size=61,
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        head_size=6,
+        num_heads_per_layer=[3, 1, 4],
+        intermediate_size_per_layer=[20, 7, 16],
     )
     return EarlyBertConfig(**{**fields, **overrides})
 
@@ -223,7 +240,8 @@ def test_plain_bert_switch_removes_gates(tmp_path):
     torch.manual_seed(0)
     gated = EarlyBertForPreTraining(per_layer_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
     plain = EarlyBertForPreTraining(
-        per_layer_config(use_gates=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+        per_layer_config(use_gates=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ).eval()
     assert plain.head_gates() == [] and plain.ffn_gates() == []
     assert not any("gates" in n for n, _ in plain.named_parameters())
     assert plain.gate_penalty(1e-4, 1e-4).item() == 0.0
@@ -244,8 +262,12 @@ def test_no_nsp_head_and_no_masked_tokens():
 
 def test_presets_and_auto_classes(tmp_path):
     large = EarlyBertConfig.from_preset("bert-large")
-    structure = (large.num_hidden_layers, large.hidden_size, large.num_heads_per_layer[0],
-                 large.intermediate_size_per_layer[-1])
+    structure = (
+        large.num_hidden_layers,
+        large.hidden_size,
+        large.num_heads_per_layer[0],
+        large.intermediate_size_per_layer[-1],
+    )
     assert structure == (24, 1024, 16, 4096)
     assert set(PRESETS) >= {"bert-large", "bert-base", "bert-tiny"}
     with pytest.raises(ValueError, match="unknown model preset"):
@@ -293,8 +315,11 @@ def _labels(kind: str, ids: torch.Tensor, mask_lm_labels: torch.Tensor) -> dict:
 HEADS = {
     "single": (BertForSequenceClassification, EarlyBertForSequenceClassification, dict(num_labels=3)),
     "regression": (BertForSequenceClassification, EarlyBertForSequenceClassification, dict(num_labels=1)),
-    "multi": (BertForSequenceClassification, EarlyBertForSequenceClassification,
-              dict(num_labels=3, problem_type="multi_label_classification", classifier_dropout=0.0)),
+    "multi": (
+        BertForSequenceClassification,
+        EarlyBertForSequenceClassification,
+        dict(num_labels=3, problem_type="multi_label_classification", classifier_dropout=0.0),
+    ),
     "tokens": (BertForTokenClassification, EarlyBertForTokenClassification, dict(num_labels=3)),
     "qa": (BertForQuestionAnswering, EarlyBertForQuestionAnswering, {}),
     "mlm": (BertForMaskedLM, EarlyBertForMaskedLM, {}),
@@ -315,8 +340,15 @@ def test_task_heads_equal_transformers(tmp_path, kind, padded):
 
     ids, mask, types, mlm_labels, _ = batch(97, padded)
     positions = torch.arange(12).flip(0)[None].expand(3, -1)  # not the default 0..T-1
-    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions,
-                  output_hidden_states=True, output_attentions=True, **_labels(kind, ids, mlm_labels))
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        token_type_ids=types,
+        position_ids=positions,
+        output_hidden_states=True,
+        output_attentions=True,
+        **_labels(kind, ids, mlm_labels),
+    )
     ref, out = hf(**inputs), ours(**inputs)
     valid = mask.bool()
     for name in LOGITS.get(kind, ("logits",)):
@@ -386,8 +418,13 @@ def test_pruned_heads_outputs_are_well_formed(kind):
         as_tuple = model(ids, attention_mask=mask, token_type_ids=types, return_dict=False, **labels)
     assert len(as_tuple) == len(out) - 1  # no gate_penalty without gate_lambdas
     assert as_tuple[0].item() == pytest.approx(out.task_loss.item(), rel=1e-6)
-    expected_shape = {"pretraining": (3, 12, 61), "mlm": (3, 12, 61), "single": (3, 3), "tokens": (3, 12, 3),
-                      "qa": (3, 12)}[kind]
+    expected_shape = {
+        "pretraining": (3, 12, 61),
+        "mlm": (3, 12, 61),
+        "single": (3, 3),
+        "tokens": (3, 12, 3),
+        "qa": (3, 12),
+    }[kind]
     assert as_tuple[1].shape == expected_shape
 
     plain = our_class(per_layer_config(use_gates=False, num_labels=num_labels)).eval()

@@ -1,6 +1,7 @@
 """Baselines in the same command (fixed draw step, random pruning, dense), rewind and kept gates;
 then `earlybert export` (plain BERT for a dense run, remote-code EarlyBERT for a pruned one) and
 `earlybert report` on those runs. Single-rank runs of bert-tiny, fp32."""
+
 import json
 import subprocess
 import sys
@@ -8,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import BIN, run_env, train_cmd
 from safetensors.torch import load_file
 
 from pipeline.detector import Masks
 from pipeline.export import load_run_model
 from pipeline.pruner import PrunePlan, gate_values, prune_tensors
+from runs import BIN, run_env, train_cmd
 
 pytestmark = pytest.mark.slow  # launches ranks
 
@@ -21,8 +22,13 @@ DRAW = 5
 
 
 def train(config, run_dir, *overrides) -> Path:
-    proc = subprocess.run([str(BIN / "python"), "-m", "pipeline.train", *train_cmd(config, run_dir, *overrides)],
-                          env=run_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "python"), "-m", "pipeline.train", *train_cmd(config, run_dir, *overrides)],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -38,14 +44,25 @@ def checkpoint_architecture(run_dir, tag) -> dict:
 @pytest.fixture(scope="module")
 def fixed_rewind(config, tmp_path_factory):
     """Ticket of the gates at a fixed step, rewound to the starting weights, gates kept, fresh moments."""
-    return train(config, tmp_path_factory.mktemp("fixed") / "run", "earlybert.mode=fixed", f"earlybert.draw_step={DRAW}",
-                 "earlybert.after_draw=rewind", "earlybert.fold_gates=false", "earlybert.optimizer_after_draw=reset",
-                 "earlybert.lambda_heads=0.01", "earlybert.lambda_ffn=0.01", "checkpoint.keep=10")
+    return train(
+        config,
+        tmp_path_factory.mktemp("fixed") / "run",
+        "earlybert.mode=fixed",
+        f"earlybert.draw_step={DRAW}",
+        "earlybert.after_draw=rewind",
+        "earlybert.fold_gates=false",
+        "earlybert.optimizer_after_draw=reset",
+        "earlybert.lambda_heads=0.01",
+        "earlybert.lambda_ffn=0.01",
+        "checkpoint.keep=10",
+    )
 
 
 @pytest.fixture(scope="module")
 def random_run(config, tmp_path_factory):
-    return train(config, tmp_path_factory.mktemp("random") / "run", "earlybert.mode=random", f"earlybert.draw_step={DRAW}")
+    return train(
+        config, tmp_path_factory.mktemp("random") / "run", "earlybert.mode=random", f"earlybert.draw_step={DRAW}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +80,31 @@ def test_fixed_draw_rewinds_to_the_starting_weights_with_gates_kept(fixed_rewind
     assert arch["use_gates"] is True and arch["num_heads_per_layer"] == [3, 3]
     model, _ = load_run_model(fixed_rewind, tag)
     start = load_file(fixed_rewind / "start_weights.safetensors")
-    masks = Masks.from_json({"heads": ["".join("1" if i in kept else "0" for i in range(4)) for kept in ticket["kept_heads"]],
-                             "ffn": ["".join("1" if i in kept else "0" for i in range(256)) for kept in ticket["kept_neurons"]]})
+    masks = Masks.from_json(
+        {
+            "heads": ["".join("1" if i in kept else "0" for i in range(4)) for kept in ticket["kept_heads"]],
+            "ffn": ["".join("1" if i in kept else "0" for i in range(256)) for kept in ticket["kept_neurons"]],
+        }
+    )
     expected = prune_tensors(start, PrunePlan.from_masks(masks, 16, fold_gates=False), gate_values(start))
     got = dict(model.named_parameters())
     assert all(torch.equal(got[k], expected[k]) for k in got), "post-draw weights are not the rewound start weights"
     m = records(fixed_rewind)
-    assert all("gate_penalty" in r for r in m[:DRAW]) and all("gate_penalty" not in r and "gate_l1" in r for r in m[DRAW:])
+    assert all("gate_penalty" in r for r in m[:DRAW]) and all(
+        "gate_penalty" not in r and "gate_l1" in r for r in m[DRAW:]
+    )
 
 
 def test_random_baseline_prunes_other_units_at_the_same_ratios(random_run, fixed_rewind):
     rnd, fixed = (json.loads((r / "ticket.json").read_text()) for r in (random_run, fixed_rewind))
     assert rnd["mode"] == "random" and rnd["draw_step"] == DRAW
-    assert rnd["heads_per_layer"] == fixed["heads_per_layer"] and sum(rnd["ffn_per_layer"]) == sum(fixed["ffn_per_layer"])
+    assert rnd["heads_per_layer"] == fixed["heads_per_layer"] and sum(rnd["ffn_per_layer"]) == sum(
+        fixed["ffn_per_layer"]
+    )
     assert rnd["mask_digest"] != fixed["mask_digest"]
-    assert checkpoint_architecture(random_run, (random_run / "checkpoints" / "latest").read_text())["use_gates"] is False
+    assert (
+        checkpoint_architecture(random_run, (random_run / "checkpoints" / "latest").read_text())["use_gates"] is False
+    )
 
 
 def test_dense_baseline_has_no_gates_and_no_ticket(dense):
@@ -100,10 +127,15 @@ def test_export_dense_as_plain_bert_and_pruned_as_remote_code(dense, fixed_rewin
 
     for run, fmt in ((dense, "bert"), (fixed_rewind, "earlybert")):
         out = tmp_path / f"export_{fmt}"
-        proc = subprocess.run([str(BIN / "earlybert"), "export", str(run), "--output", str(out)],
-                              env=run_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [str(BIN / "earlybert"), "export", str(run), "--output", str(out)],
+            env=run_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert json.loads(proc.stdout[proc.stdout.index("{"):])["format"] == fmt
+        assert json.loads(proc.stdout[proc.stdout.index("{") :])["format"] == fmt
         ours, _ = load_run_model(run)
         exported = AutoModelForPreTraining.from_pretrained(out, trust_remote_code=True).eval()
         assert isinstance(exported, BertForPreTraining) == (fmt == "bert")
@@ -118,24 +150,35 @@ def test_export_dense_as_plain_bert_and_pruned_as_remote_code(dense, fixed_rewin
         assert len(tok) == ours.config.vocab_size and tok.mask_token == "[MASK]"
         assert tok("hello world")["input_ids"][0] == tok.cls_token_id
     # The pruned export loads without this project: nothing from `pipeline` is imported.
-    check = ("import sys; from transformers import AutoModelForPreTraining;"
-             f"m = AutoModelForPreTraining.from_pretrained({str(tmp_path / 'export_earlybert')!r}, trust_remote_code=True);"
-             "assert not any(k == 'pipeline' or k.startswith('pipeline.') for k in sys.modules), 'imported pipeline';"
-             "print(type(m).__name__, m.config.num_heads_per_layer)")
+    check = (
+        "import sys; from transformers import AutoModelForPreTraining;"
+        f"m = AutoModelForPreTraining.from_pretrained({str(tmp_path / 'export_earlybert')!r}, trust_remote_code=True);"
+        "assert not any(k == 'pipeline' or k.startswith('pipeline.') for k in sys.modules), 'imported pipeline';"
+        "print(type(m).__name__, m.config.num_heads_per_layer)"
+    )
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and "EarlyBertForPreTraining [3, 3]" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_export_refuses_a_run_without_checkpoints(tmp_path):
-    proc = subprocess.run([str(BIN / "earlybert"), "export", str(tmp_path), "--output", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "earlybert"), "export", str(tmp_path), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "has no complete checkpoint" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_report_overlays_runs_and_draws_the_ticket(fixed_rewind, dense):
-    proc = subprocess.run([str(BIN / "earlybert"), "report", str(fixed_rewind), str(dense)],
-                          env=run_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "earlybert"), "report", str(fixed_rewind), str(dense)],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = fixed_rewind / "report"
     md = (report / "report.md").read_text()

@@ -1,16 +1,17 @@
 """TensorBoard and W&B through MetricsLog: one writer per process, resumed runs logged once per step,
 the W&B run kept across relaunches, the config as hyperparameters, and the optimizer's statistics."""
+
 import json
 import sys
 import types
 
 import pytest
-from runs import deepspeed, finish
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.config import LogConfig
 from pipeline.metrics import MetricsLog, optimizer_stats
 from pipeline.rundir import RunDir
+from runs import deepspeed, finish
 
 CONFIG = {"seed": 7, "optim": {"lr": 0.001}}
 
@@ -18,8 +19,15 @@ CONFIG = {"seed": 7, "optim": {"lr": 0.001}}
 def launch(rundir: RunDir, start_step: int, steps: range, offset: float, **log) -> None:
     """One launch of a run: a MetricsLog from `start_step`, logging `steps` with loss = step + offset."""
     rundir.path.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(rundir, LogConfig(interval=1000, **log), total_steps=100, start_step=start_step, config=CONFIG,
-                         monitor=None, is_main=True)
+    metrics = MetricsLog(
+        rundir,
+        LogConfig(interval=1000, **log),
+        total_steps=100,
+        start_step=start_step,
+        config=CONFIG,
+        monitor=None,
+        is_main=True,
+    )
     for step in steps:
         metrics.log({"step": step, "loss": step + offset, "skipped_steps": 0, "stage": "search"})
     metrics.close()
@@ -42,8 +50,9 @@ def test_tensorboard_after_a_resume_has_each_step_once(tmp_path, capsys):
     expected = {s: float(s) for s in range(1, 6)} | {s: s + 100.0 for s in range(6, 11)}
     assert scalars(rundir, "Train/loss") == expected
     assert scalars(rundir, "Train/skipped_steps") == dict.fromkeys(range(1, 11), 0.0)
-    assert [json.loads(line)["loss"] for line in rundir.metrics_file.read_text().splitlines()] == \
-        list(expected.values())
+    assert [json.loads(line)["loss"] for line in rundir.metrics_file.read_text().splitlines()] == list(
+        expected.values()
+    )
     events = EventAccumulator(str(rundir.tensorboard), size_guidance={"tensors": 0})
     events.Reload()
     assert b"lr: 0.001" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0]
@@ -64,6 +73,7 @@ class FakeWandb:
             assert step >= run.step
             self.logged.append((step, data))
             run.step = step + 1
+
         run.log = log
         return run
 
@@ -98,8 +108,9 @@ def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
 
 def test_optimizer_stats():
     optimizer = types.SimpleNamespace(loss_scale=65536.0)
-    engine = types.SimpleNamespace(skipped_steps=2, get_global_grad_norm=lambda: 1.5, fp16_enabled=lambda: True,
-                                   optimizer=optimizer)
+    engine = types.SimpleNamespace(
+        skipped_steps=2, get_global_grad_norm=lambda: 1.5, fp16_enabled=lambda: True, optimizer=optimizer
+    )
     assert optimizer_stats(engine) == {"skipped_steps": 2, "grad_norm": 1.5, "loss_scale": 65536.0}
     engine.fp16_enabled, engine.get_global_grad_norm = (lambda: False), (lambda: None)
     assert optimizer_stats(engine) == {"skipped_steps": 2}

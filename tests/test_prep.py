@@ -1,6 +1,7 @@
 """`earlybert prep` end to end on real text (docstrings and docs gathered from this machine) with a
 small WordPiece tokenizer trained here: round trip, determinism across workers and MPI ranks,
 resume after a kill, and each kind of bad input."""
+
 import bz2
 import gzip
 import hashlib
@@ -58,9 +59,9 @@ def mixed_inputs(corpus):
     pq.write_table(pa.table({"text": ["\n".join(doc) for doc in group[2]]}), d / "c.parquet", row_group_size=7)
     repeats = group[0][:3]
     (d / "d.txt.bz2").write_bytes(bz2.compress(text(group[3][: len(group[3]) // 2] + repeats)))
-    (d / "e.txt").write_bytes(text(group[3][len(group[3]) // 2:]))
+    (d / "e.txt").write_bytes(text(group[3][len(group[3]) // 2 :]))
     paths = [str(d / n) for n in ("a.txt.gz", "b.jsonl.zst", "c.parquet", "d.txt.bz2", "e.txt")]
-    ordered = group[0] + group[1] + group[2] + group[3][: len(group[3]) // 2] + repeats + group[3][len(group[3]) // 2:]
+    ordered = group[0] + group[1] + group[2] + group[3][: len(group[3]) // 2] + repeats + group[3][len(group[3]) // 2 :]
     return paths, ordered
 
 
@@ -105,7 +106,7 @@ def test_round_trip_packed_all_formats(tmp_path, corpus, mixed_inputs):
     for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
         n = int(mask.sum())
         assert ids[0] == special["cls"] and ids[n - 1] == special["sep"] and n <= 48
-        got += [t for t in ids[1:n - 1] if t != special["sep"]]
+        got += [t for t in ids[1 : n - 1] if t != special["sep"]]
     expected, n_docs = _expected_tokens(docs, corpus["tokenizer"])
     np.testing.assert_array_equal(np.array(got), expected)
     assert (batch["token_type_ids"] == 0).all() and (batch["next_sentence_label"] == -1).all()
@@ -114,8 +115,11 @@ def test_round_trip_packed_all_formats(tmp_path, corpus, mixed_inputs):
     assert counts["document_tokens"] == len(expected) and counts["sequences"] == len(ds)
     sizes = [s["sequences"] for s in manifest["shards"]]
     assert len(sizes) > 1 and set(sizes[:-1]) == {300} and 0 < sizes[-1] <= 300
-    assert not ds.has_nsp and ds.seq_len == 48 and [s["kind"] for s in manifest["inputs"]] == \
-        ["text", "jsonl", "parquet", "text", "text"]
+    assert (
+        not ds.has_nsp
+        and ds.seq_len == 48
+        and [s["kind"] for s in manifest["inputs"]] == ["text", "jsonl", "parquet", "text", "text"]
+    )
     assert not (tmp_path / ".work").exists()
 
 
@@ -124,14 +128,16 @@ def test_saved_datasets_directory(tmp_path, corpus):
 
     docs = corpus["docs"][:40]
     texts = ["\n".join(doc) for doc in docs]
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": texts[:30], "n": list(range(30))}),
-        "validation": datasets.Dataset.from_dict({"text": texts[30:], "n": list(range(10))}),
-    }).save_to_disk(tmp_path / "dd")
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": texts[:30], "n": list(range(30))}),
+            "validation": datasets.Dataset.from_dict({"text": texts[30:], "n": list(range(10))}),
+        }
+    ).save_to_disk(tmp_path / "dd")
     _prep([tmp_path / "dd"], tmp_path / "out", corpus["tokenizer"], nsp=False)
     batch = ShardDataset(tmp_path / "out").get_batch(np.arange(len(ShardDataset(tmp_path / "out"))))
     sep = ShardDataset(tmp_path / "out").special_ids["sep"]
-    got = [t for ids, m in zip(batch["input_ids"], batch["attention_mask"]) for t in ids[1:m.sum() - 1] if t != sep]
+    got = [t for ids, m in zip(batch["input_ids"], batch["attention_mask"]) for t in ids[1 : m.sum() - 1] if t != sep]
     np.testing.assert_array_equal(got, _expected_tokens(docs, corpus["tokenizer"])[0])  # splits in name order
 
 
@@ -156,7 +162,7 @@ def test_nsp_pairs_are_corpus_spans(corpus, mixed_inputs, nsp_reference):
         ids, types, n = batch["input_ids"][row], batch["token_type_ids"][row], lengths[row]
         len_a = int((types[:n] == 0).sum())
         assert ids[0] == ds.special_ids["cls"] and ids[len_a - 1] == ds.special_ids["sep"] == ids[n - 1]
-        a, b = ids[1:len_a - 1], ids[len_a:n - 1]
+        a, b = ids[1 : len_a - 1], ids[len_a : n - 1]
         assert len(a) and len(b) and is_span(a) and is_span(b)
         if labels[row] == 0 and len(a) + len(b) < 61:  # untruncated true continuation
             assert is_span(np.concatenate([a, b]))
@@ -168,8 +174,13 @@ def test_two_workers_same_output(tmp_path, corpus, mixed_inputs, nsp_reference):
 
 
 def _mpirun(args, timeout=120):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_rmaps_base_oversubscribe="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", PYTHON, "-m", "data_prep", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
@@ -177,8 +188,18 @@ def _mpirun(args, timeout=120):
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
 def test_two_mpi_ranks_same_output(tmp_path, corpus, mixed_inputs, nsp_reference):
     # Five files over two ranks: each rank reads its own files.
-    common = ["--tokenizer", str(corpus["tokenizer"]), "--seq-len", "64", "--shard-sequences", "300",
-              "--unit-kb", "16", "--workers", "1"]
+    common = [
+        "--tokenizer",
+        str(corpus["tokenizer"]),
+        "--seq-len",
+        "64",
+        "--shard-sequences",
+        "300",
+        "--unit-kb",
+        "16",
+        "--workers",
+        "1",
+    ]
     r = _mpirun(["--input", *mixed_inputs[0], "--output", str(tmp_path / "mpi"), *common])
     assert r.returncode == 0, r.stderr
     assert _files(tmp_path / "mpi") == _files(nsp_reference)
@@ -192,11 +213,28 @@ def test_two_mpi_ranks_same_output(tmp_path, corpus, mixed_inputs, nsp_reference
 def test_resume_after_kill(tmp_path, corpus, capsys):
     text = tmp_path / "big.txt"
     text.write_bytes(corpus["text"].read_bytes() * 4)  # repeats are dropped as duplicates
-    args = ["--input", str(text), "--tokenizer", str(corpus["tokenizer"]), "--seq-len", "64",
-            "--shard-sequences", "500", "--unit-kb", "2", "--workers", "1", "--no-progress"]
+    args = [
+        "--input",
+        str(text),
+        "--tokenizer",
+        str(corpus["tokenizer"]),
+        "--seq-len",
+        "64",
+        "--shard-sequences",
+        "500",
+        "--unit-kb",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     out = tmp_path / "out"
-    proc = subprocess.Popen([PYTHON, "-m", "data_prep", *args, "--output", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "data_prep", *args, "--output", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while len(list(out.glob(".work/units/*.npz"))) < 20 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -220,7 +258,9 @@ def test_resume_after_kill(tmp_path, corpus, capsys):
 
 def test_bad_bytes_empty_documents_and_enormous_lines(tmp_path, corpus, capsys):
     bad = tmp_path / "latin1.txt"
-    bad.write_bytes("Caf\u00e9 cr\u00e8me is served here.\n\nA second document.\n".encode("latin-1") + b"\xff\xfe end\n")
+    bad.write_bytes(
+        "Caf\u00e9 cr\u00e8me is served here.\n\nA second document.\n".encode("latin-1") + b"\xff\xfe end\n"
+    )
     empty = tmp_path / "records.jsonl"
     empty.write_text("\n".join(json.dumps({"text": t}) for t in ["", "  \n \t", "one real document", ""]) + "\n")
     huge = tmp_path / "huge.txt"
@@ -243,8 +283,9 @@ def test_bad_bytes_empty_documents_and_enormous_lines(tmp_path, corpus, capsys):
     ShardDataset(tmp_path / "out").verify(full=True)
 
 
-@pytest.mark.parametrize("case", ["missing", "broken_link", "corrupt_gzip", "no_match", "bad_json", "empty",
-                                  "zero_bytes"])
+@pytest.mark.parametrize(
+    "case", ["missing", "broken_link", "corrupt_gzip", "no_match", "bad_json", "empty", "zero_bytes"]
+)
 def test_bad_input_stops_with_the_file_name(tmp_path, corpus, capsys, case):
     good = tmp_path / "good.txt"
     good.write_text("A perfectly good document.\n\nAnd another one.\n")
@@ -262,8 +303,19 @@ def test_bad_input_stops_with_the_file_name(tmp_path, corpus, capsys, case):
         bad.write_bytes(b"")
     out = tmp_path / "out"
     inputs = [str(bad)] if case in ("empty", "zero_bytes") else [str(good), str(bad)]
-    code = prep_main(["--input", *inputs, "--output", str(out), "--tokenizer", str(corpus["tokenizer"]),
-                      "--workers", "1", "--no-progress"])
+    code = prep_main(
+        [
+            "--input",
+            *inputs,
+            "--output",
+            str(out),
+            "--tokenizer",
+            str(corpus["tokenizer"]),
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "error:" in err and str(bad) + (":2" if case == "bad_json" else "") in err, err
@@ -275,8 +327,23 @@ def test_bad_input_stops_with_the_file_name(tmp_path, corpus, capsys, case):
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, corpus):
     """Under srun, mpirun or nohup: a line at the start and end of every pass and, with
     EARLYBERT_PROGRESS_SECONDS=0, one at every step in between; --no-progress: only the summary."""
-    args = [PYTHON, "-m", "data_prep", "--input", str(corpus["text"]), "--tokenizer", str(corpus["tokenizer"]),
-            "--seq-len", "64", "--shard-sequences", "300", "--unit-kb", "64", "--workers", "1"]
+    args = [
+        PYTHON,
+        "-m",
+        "data_prep",
+        "--input",
+        str(corpus["text"]),
+        "--tokenizer",
+        str(corpus["tokenizer"]),
+        "--seq-len",
+        "64",
+        "--shard-sequences",
+        "300",
+        "--unit-kb",
+        "64",
+        "--workers",
+        "1",
+    ]
     env = dict(os.environ, EARLYBERT_PROGRESS_SECONDS="0")
     run = lambda *extra: subprocess.run([*args, *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     r = run("--output", str(tmp_path / "out"))
@@ -312,8 +379,25 @@ def test_progress_lines_at_most_every_interval(monkeypatch, capsys):
 def test_tokenizer_training_reports_progress_and_time(tmp_path, corpus):
     env = dict(os.environ, EARLYBERT_PROGRESS_SECONDS="0")
     out = tmp_path / "tok.json"
-    r = subprocess.run([PYTHON, "-m", "data_prep", "tokenizer", "--input", str(corpus["text"]), "--output", str(out),
-                        "--vocab-size", "500"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "data_prep",
+            "tokenizer",
+            "--input",
+            str(corpus["text"]),
+            "--output",
+            str(out),
+            "--vocab-size",
+            "500",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     assert lines[0] == f"{out}: training a WordPiece vocabulary of 500 tokens on {corpus['text']}"
@@ -334,7 +418,9 @@ def test_output_written_with_another_tokenizer_is_left_alone(tmp_path, corpus, c
     train_wordpiece([str(corpus["text"])], other, vocab_size=1500)
     assert earlybert([*args, "--tokenizer", str(other)]) == 1
     err = capsys.readouterr().err
-    assert f"was written with another tokenizer ({corpus['tokenizer']}, sha256" in err and "internal error" not in err, err
+    assert (
+        f"was written with another tokenizer ({corpus['tokenizer']}, sha256" in err and "internal error" not in err
+    ), err
     assert earlybert([*args, "--tokenizer", str(corpus["tokenizer"]), "--seq-len", "128"]) == 1
     assert "different seq_len" in capsys.readouterr().err
     assert _files(out) == before
@@ -346,17 +432,21 @@ def test_local_corpus_from_a_documentation_tree(tmp_path, capsys):
     and text files, gzip-compressed or not, one document per file in walk order, markup dropped."""
     docs = tmp_path / "Documentation"
     (docs / "admin").mkdir(parents=True)
-    page = ("Memory management\n=================\n\n.. note:: not prose\n\n"
-            "The kernel keeps free pages on per-zone lists and\nrefills them from the buddy allocator.\n\n"
-            "+-----+-----+\n| a   | b   |\n+-----+-----+\n")
+    page = (
+        "Memory management\n=================\n\n.. note:: not prose\n\n"
+        "The kernel keeps free pages on per-zone lists and\nrefills them from the buddy allocator.\n\n"
+        "+-----+-----+\n| a   | b   |\n+-----+-----+\n"
+    )
     (docs / "admin" / "mm.rst.gz").write_bytes(gzip.compress(page.encode()))
     (docs / "intro.txt").write_text("Linux is a clone of the operating system Unix, written from scratch.\n")
     (docs / "conf.py").write_text('"""A docstring the documentation mode must not read."""\n')
     (docs / "broken.md.gz").write_bytes(gzip.compress(b"Truncated file that never ends")[:-12])
     out = tmp_path / "corpus.txt"
     assert prep_main(["local-corpus", "--output", str(out), "--from", str(docs)]) == 0
-    assert out.read_text() == ("Linux is a clone of the operating system Unix, written from scratch.\n\n"
-                               "The kernel keeps free pages on per-zone lists and refills them from the buddy allocator.\n\n")
+    assert out.read_text() == (
+        "Linux is a clone of the operating system Unix, written from scratch.\n\n"
+        "The kernel keeps free pages on per-zone lists and refills them from the buddy allocator.\n\n"
+    )
     assert prep_main(["local-corpus", "--output", str(tmp_path / "x.txt"), "--from", str(tmp_path / "nowhere")]) == 1
     assert f"{tmp_path / 'nowhere'}: not a directory" in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()

@@ -1,4 +1,5 @@
 """The passes of `earlybert prep` (data_prep/prep.py) called one at a time on a tiny input."""
+
 import os
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from data_prep.wordpiece import train_wordpiece
 
 ANIMALS = ["otter", "heron", "badger", "falcon", "beaver", "lynx"]
 # Six documents of ~1.2 kB: with 1 kB units every document is a unit of its own.
-DOCS = [[f"the {animal} number {line} walks {line % 7} miles to the river and back." for line in range(24)]
-        for animal in ANIMALS]
+DOCS = [
+    [f"the {animal} number {line} walks {line % 7} miles to the river and back." for line in range(24)]
+    for animal in ANIMALS
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,9 @@ def test_encode_pass_reads_back_the_units_a_killed_run_finished(tmp_path, tokeni
     assert [u["key"] for u in first] == sorted(written) and len(first) == 6
     assert [u["resumed"] for u in again] == [u["key"] != redo for u in first]
     assert [{**u, "resumed": False} for u in again] == first
-    assert {k: run.work.unit(k).stat().st_mtime_ns for k in written if k != redo} == \
-        {k: t for k, t in written.items() if k != redo}
+    assert {k: run.work.unit(k).stat().st_mtime_ns for k in written if k != redo} == {
+        k: t for k, t in written.items() if k != redo
+    }
 
 
 @pytest.mark.parametrize("dedup", [True, False])
@@ -121,7 +125,13 @@ def test_manifest_is_written_last_and_atomically(tmp_path, tokenizer, monkeypatc
     counts = prep.manifest_pass(*args)
     assert renamed[-1] == (f".manifest.json.tmp{os.getpid()}", shards.MANIFEST)
     assert [dst for _, dst in renamed] == ["tokenizer.json", "tokenizer.json", shards.MANIFEST]
-    assert counts == {"documents": 2, "duplicates_dropped": 1, "sequences": 2, "tokens": 6, "document_tokens": 6,
-                      "input_documents": 3}
+    assert counts == {
+        "documents": 2,
+        "duplicates_dropped": 1,
+        "sequences": 2,
+        "tokens": 6,
+        "document_tokens": 6,
+        "input_documents": 3,
+    }
     assert sorted(p.name for p in run.out.iterdir()) == sorted([*shard_files, "tokenizer.json", shards.MANIFEST])
     ShardDataset(run.out).verify(full=True)

@@ -1,4 +1,5 @@
 """Shard format: writer + ShardDataset reader, checked against sequences built in the test."""
+
 import pickle
 
 import numpy as np
@@ -14,15 +15,23 @@ def _write(directory, sequences, seq_len, per_shard, vocab_size=1000, nsp=True):
     """sequences: list of (token list, len_a, label). Returns the manifest's shard entries."""
     entries = []
     for k in range(0, len(sequences), per_shard):
-        chunk = sequences[k:k + per_shard]
+        chunk = sequences[k : k + per_shard]
         lengths = np.array([len(t) for t, _, _ in chunk])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        index = np.stack([starts, lengths, [a for _, a, _ in chunk], [l for _, _, l in chunk]], 1).astype(np.int32)
+        index = np.stack([starts, lengths, [a for _, a, _ in chunk], [label for _, _, label in chunk]], 1).astype(
+            np.int32
+        )
         tokens = np.concatenate([t for t, _, _ in chunk]).astype(token_dtype(vocab_size))
         entries.append(write_shard(directory, k // per_shard, tokens, index))
-    write_manifest(directory, seq_len=seq_len, shard_sequences=per_shard, shards=entries,
-                   counts={"sequences": len(sequences)}, options={"nsp": nsp},
-                   tokenizer={"vocab_size": vocab_size, "special_ids": SPECIAL, "sha256": "x" * 64})
+    write_manifest(
+        directory,
+        seq_len=seq_len,
+        shard_sequences=per_shard,
+        shards=entries,
+        counts={"sequences": len(sequences)},
+        options={"nsp": nsp},
+        tokenizer={"vocab_size": vocab_size, "special_ids": SPECIAL, "sha256": "x" * 64},
+    )
     return entries
 
 
@@ -62,7 +71,9 @@ def test_round_trip(tmp_path, vocab_size, nsp):
             np.testing.assert_array_equal(got["input_ids"][:n], tokens)
             assert (got["input_ids"][n:] == SPECIAL["pad"]).all()
             np.testing.assert_array_equal(got["attention_mask"], np.arange(seq_len) < n)
-            np.testing.assert_array_equal(got["token_type_ids"], (np.arange(seq_len) >= len_a) & (np.arange(seq_len) < n))
+            np.testing.assert_array_equal(
+                got["token_type_ids"], (np.arange(seq_len) >= len_a) & (np.arange(seq_len) < n)
+            )
             assert int(got["next_sentence_label"]) == label
     np.testing.assert_array_equal(ds[-1]["input_ids"], ds[22]["input_ids"])
     with pytest.raises(IndexError):

@@ -1,4 +1,5 @@
 """Physical pruning: the pruned model computes what the dense one computes with removed gates at 0."""
+
 import pytest
 import torch
 
@@ -11,8 +12,13 @@ from pipeline.pruner import PrunePlan, gate_values, prune_model, prune_tensors
 def dense_model(seed: int = 0) -> EarlyBertForPreTraining:
     torch.manual_seed(seed)
     config = EarlyBertConfig(
-        vocab_size=71, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=40,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=71,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        intermediate_size=40,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = EarlyBertForPreTraining(config).eval()
     with torch.no_grad():  # gates as after a search: spread out, some negative
@@ -28,8 +34,13 @@ def inputs():
     mask[2, 9:] = 0
     labels = torch.full_like(ids, -100)
     labels[:, 3] = ids[:, 3]
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels,
-                next_sentence_label=torch.tensor([0, 1, 1, 0]))
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        token_type_ids=torch.zeros_like(ids),
+        labels=labels,
+        next_sentence_label=torch.tensor([0, 1, 1, 0]),
+    )
 
 
 @pytest.mark.parametrize("fold_gates", [True, False])
@@ -60,7 +71,7 @@ def test_pruned_slices_record_original_ids_and_keep_shapes_nonzero():
     assert all(p.numel() > 0 for p in pruned.parameters())
     layer, old = pruned.bert.encoder.layer[1], dense.bert.encoder.layer[1]
     h = plan.kept_heads[1][0]
-    assert torch.equal(layer.attention.self.query.weight[:8], old.attention.self.query.weight[h * 8:(h + 1) * 8])
+    assert torch.equal(layer.attention.self.query.weight[:8], old.attention.self.query.weight[h * 8 : (h + 1) * 8])
     assert torch.equal(layer.attention.self.head_gates, old.attention.self.head_gates[plan.kept_heads[1]])
 
 

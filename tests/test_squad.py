@@ -1,4 +1,5 @@
 """pipeline/squad.py: windows and answer positions, span decoding from logits, official SQuAD EM/F1."""
+
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -19,8 +20,11 @@ QUESTION = "what is the capital of france?"
 
 def example(qid, context, answer=None, start=None, question=QUESTION):
     """A SQuAD row; the answer's start defaults to where its text first stands in the context."""
-    answers = {"text": [answer], "answer_start": [context.index(answer) if start is None else start]} if answer \
+    answers = (
+        {"text": [answer], "answer_start": [context.index(answer) if start is None else start]}
+        if answer
         else {"text": [], "answer_start": []}
+    )
     return {"id": qid, "title": "t", "context": context, "question": question, "answers": answers}
 
 
@@ -31,10 +35,11 @@ def long_example(tokenizer, max_seq_length, qid="long"):
 
 
 def answer_text(context, offsets, start, end):
-    return context[offsets[start][0]:offsets[end][1]]
+    return context[offsets[start][0] : offsets[end][1]]
 
 
 # ---- training features ------------------------------------------------------------------------
+
 
 def test_positions_map_back_to_the_answer(tokenizer):
     context = "Paris is the capital of France. It is on the Seine."
@@ -44,8 +49,13 @@ def test_positions_map_back_to_the_answer(tokenizer):
     offsets = prepare_validation_features(rows, tokenizer, 64, 16, 16)[0]["offset_mapping"]
     for feature, answer, window_offsets in zip(features, ["France", "the Seine"], offsets):
         assert answer_text(context, window_offsets, feature["start_positions"], feature["end_positions"]) == answer
-    assert features.column_names == ["input_ids", "token_type_ids", "attention_mask", "start_positions",
-                                     "end_positions"]
+    assert features.column_names == [
+        "input_ids",
+        "token_type_ids",
+        "attention_mask",
+        "start_positions",
+        "end_positions",
+    ]
 
 
 def test_answer_in_the_second_window(tokenizer):
@@ -69,8 +79,9 @@ def test_answer_in_the_second_window(tokenizer):
 
 def test_mismatched_answers_are_skipped_and_reported(tokenizer):
     context = "Paris is the capital of France."
-    rows = Dataset.from_list([example("good", context, "France"), example("bad", context, "France", start=3),
-                              example("none", context)])  # unanswerable (v2.0): [CLS]
+    rows = Dataset.from_list(
+        [example("good", context, "France"), example("bad", context, "France", start=3), example("none", context)]
+    )  # unanswerable (v2.0): [CLS]
     features, stats = prepare_train_features(rows, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
     assert stats.skipped_ids == ["bad"] and stats.examples == 2 and len(features) == 2
     assert (features[1]["start_positions"], features[1]["end_positions"]) == (0, 0)
@@ -86,8 +97,7 @@ def test_long_questions_are_cut(tokenizer):
 
 def test_validation_features_keep_ids_and_context_offsets(tokenizer):
     rows = Dataset.from_list([long_example(tokenizer, 32, qid="q7")])
-    features, stats = prepare_validation_features(rows, tokenizer, max_seq_length=32, doc_stride=8,
-                                                  max_query_length=16)
+    features, stats = prepare_validation_features(rows, tokenizer, max_seq_length=32, doc_stride=8, max_query_length=16)
     assert set(features["example_id"]) == {"q7"} and stats.features == len(features)
     for ids, types, offsets in zip(features["input_ids"], features["token_type_ids"], features["offset_mapping"]):
         context_tokens = [i for i, t in enumerate(types) if t == 1][:-1]  # the last [SEP] has type 1 too
@@ -96,6 +106,7 @@ def test_validation_features_keep_ids_and_context_offsets(tokenizer):
 
 
 # ---- post-processing --------------------------------------------------------------------------
+
 
 def logits_for(features, spans: dict[int, tuple[int, int]], null: float = 0.0):
     """Start/end logits (ragged, one array per feature): 5 at the given span of a feature, `null` at [CLS]."""
@@ -130,13 +141,15 @@ def test_postprocess_no_answer_threshold(tokenizer):
     span = next((i, i) for i, o in enumerate(features[1]["offset_mapping"]) if o is not None)
     starts, ends = logits_for(features, {1: span}, null=6.0)  # null score 12 vs best span 10
     assert postprocess_predictions(rows, features, starts, ends, version_2_with_negative=True) == {"long": ""}
-    kept = postprocess_predictions(rows, features, starts, ends, version_2_with_negative=True,
-                                   null_score_diff_threshold=2.5)
+    kept = postprocess_predictions(
+        rows, features, starts, ends, version_2_with_negative=True, null_score_diff_threshold=2.5
+    )
     assert kept["long"] != ""
     assert postprocess_predictions(rows, features, starts, ends) == kept  # v1.1 always answers
 
 
 # ---- official evaluation ----------------------------------------------------------------------
+
 
 def test_normalisation_and_scores():
     assert normalize_answer("  The  Cat!\tsat, on A mat. ") == "cat sat on mat"
@@ -151,8 +164,9 @@ def golds(*texts):
 
 
 def test_squad_v1_takes_the_best_gold():
-    rows = Dataset.from_dict({"id": ["a", "b"], "answers": [golds("Broncos", "Denver Broncos"),
-                                                            golds("Paris", "the city of Paris")]})
+    rows = Dataset.from_dict(
+        {"id": ["a", "b"], "answers": [golds("Broncos", "Denver Broncos"), golds("Paris", "the city of Paris")]}
+    )
     result = squad_metrics({"a": "Denver Broncos", "b": "in Paris"}, rows)
     # b: "in paris" vs "paris": precision 1/2 recall 1 -> F1 2/3 (vs "city of paris": 0.4)
     assert result == pytest.approx({"exact_match": 50.0, "f1": (100 + 200 / 3) / 2})
@@ -161,12 +175,23 @@ def test_squad_v1_takes_the_best_gold():
 
 
 def test_squad_v2_breakdown():
-    rows = Dataset.from_dict({"id": ["a", "b", "c", "d"], "answers": [golds("France"), golds(), golds(),
-                                                                      golds("the Seine river")]})
+    rows = Dataset.from_dict(
+        {"id": ["a", "b", "c", "d"], "answers": [golds("France"), golds(), golds(), golds("the Seine river")]}
+    )
     predictions = {"a": "france", "b": "", "c": "Paris", "d": "Seine"}
     result = squad_metrics(predictions, rows, version_2_with_negative=True)
-    assert result == pytest.approx({"exact": 50.0, "f1": (100 + 100 + 0 + 200 / 3) / 4, "total": 4,
-                                    "HasAns_exact": 50.0, "HasAns_f1": (100 + 200 / 3) / 2, "HasAns_total": 2,
-                                    "NoAns_exact": 50.0, "NoAns_f1": 50.0, "NoAns_total": 2})
+    assert result == pytest.approx(
+        {
+            "exact": 50.0,
+            "f1": (100 + 100 + 0 + 200 / 3) / 4,
+            "total": 4,
+            "HasAns_exact": 50.0,
+            "HasAns_f1": (100 + 200 / 3) / 2,
+            "HasAns_total": 2,
+            "NoAns_exact": 50.0,
+            "NoAns_f1": 50.0,
+            "NoAns_total": 2,
+        }
+    )
     with pytest.raises(TaskError, match="question 'b' has no gold answer"):
         squad_metrics(predictions, rows)

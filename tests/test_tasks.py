@@ -1,4 +1,5 @@
 """pipeline/tasks.py: reading task data, label ids, features, GLUE metrics, and every bad-input error."""
+
 import csv
 import json
 import math
@@ -27,6 +28,7 @@ def write_rows(path, rows, header=None):
 
 # ---- metrics ----------------------------------------------------------------------------------
 
+
 def test_matthews_of_a_confusion_matrix():
     # TP=3 TN=2 FP=1 FN=1: MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = 5 / 12
     labels = [1, 1, 1, 1, 0, 0, 0]
@@ -54,7 +56,8 @@ def test_unnamed_tasks_metrics():
     spec = task_spec(TaskConfig(train_files=["unused.csv"]))
     # classes 0 1 2, predictions 0 1 1 2 2 against 0 1 2 2 0: class F1s 2/3, 2/3, 1/2 -> macro 11/18
     assert compute_metrics(spec, [0, 1, 1, 2, 2], [0, 1, 2, 2, 0]) == pytest.approx(
-        {"accuracy": 3 / 5, "macro_f1": 11 / 18})
+        {"accuracy": 3 / 5, "macro_f1": 11 / 18}
+    )
     spec = task_spec(TaskConfig(kind="regression", train_files=["unused.csv"]))
     result = compute_metrics(spec, [1.0, 2.0, 4.0], [1.0, 3.0, 5.0])
     assert result["mse"] == pytest.approx((0 + 1 + 1) / 3) and result["spearman"] == pytest.approx(1.0)
@@ -62,25 +65,35 @@ def test_unnamed_tasks_metrics():
 
 def test_glue_registry():
     assert {name: spec.metric for name, spec in tasks.TASKS.items() if spec.kind != "qa"} == {
-        "cola": "matthews", "sst2": "accuracy", "mrpc": "f1_accuracy", "qqp": "f1_accuracy",
-        "stsb": "pearson_spearman", "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
+        "cola": "matthews",
+        "sst2": "accuracy",
+        "mrpc": "f1_accuracy",
+        "qqp": "f1_accuracy",
+        "stsb": "pearson_spearman",
+        "mnli": "accuracy",
+        "qnli": "accuracy",
+        "rte": "accuracy",
+        "wnli": "accuracy",
+    }
     assert tasks.TASKS["mnli"].validation_splits == ("validation_matched", "validation_mismatched")
     assert tasks.TASKS["stsb"].num_labels == 1 and tasks.TASKS["mnli"].id2label[2] == "contradiction"
 
 
 # ---- loading ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
 def test_string_labels_are_numbered_in_sorted_order(tmp_path, suffix):
     header = ["text", "label"]
-    train = write_rows(tmp_path / f"train{suffix}", [["good film", "pos"], ["\"bad\" film", "neg"],
-                                                     ["so so", "mid"]], header)
+    train = write_rows(
+        tmp_path / f"train{suffix}", [["good film", "pos"], ['"bad" film', "neg"], ["so so", "mid"]], header
+    )
     dev = write_rows(tmp_path / f"dev{suffix}", [["great", "pos"]], header)
     data = load_task(TaskConfig(train_files=[train], validation_files=[dev]))
     assert data.spec.label_names == ("mid", "neg", "pos") and data.spec.num_labels == 3
     assert data.train["label"] == [2, 1, 0] and list(data.validation) == ["validation"]
     assert data.validation["validation"]["label"] == [2]
-    assert data.train["text"][1] == "\"bad\" film"  # TSV: a quote is an ordinary character
+    assert data.train["text"][1] == '"bad" film'  # TSV: a quote is an ordinary character
 
 
 def test_glue_task_from_local_files(tmp_path):
@@ -94,8 +107,10 @@ def test_glue_task_from_local_files(tmp_path):
     data = load_task(TaskConfig(name="mnli", train_files=[train], validation_files=validation))
     assert data.spec.label_names == ("entailment", "neutral", "contradiction")
     assert data.train["label"] == [0, 2]
-    assert {k: v["label"] for k, v in data.validation.items()} == {"validation_matched": [0],
-                                                                    "validation_mismatched": [2]}
+    assert {k: v["label"] for k, v in data.validation.items()} == {
+        "validation_matched": [0],
+        "validation_mismatched": [2],
+    }
 
 
 def test_integer_and_regression_labels(tmp_path):
@@ -109,8 +124,13 @@ def test_integer_and_regression_labels(tmp_path):
 
 def test_hub_dataset_name_and_class_labels(monkeypatch):
     calls = []
-    features = Features({"premise": Value("string"), "hypothesis": Value("string"),
-                         "label": ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    features = Features(
+        {
+            "premise": Value("string"),
+            "hypothesis": Value("string"),
+            "label": ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        }
+    )
     split = Dataset.from_dict({"premise": ["p"], "hypothesis": ["h"], "label": [1]}, features=features)
 
     def fake_load_dataset(path, config):
@@ -136,10 +156,31 @@ def test_split_dataset_name():
 
 def test_squad_json_reader(tmp_path):
     path = tmp_path / "dev.json"
-    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": [{
-        "context": "Paris is in France.",
-        "qas": [{"id": "q1", "question": "Where?", "answers": [{"text": "France", "answer_start": 12}]},
-                {"id": "q2", "question": "Who?", "answers": [], "is_impossible": True}]}]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": "v2.0",
+                "data": [
+                    {
+                        "title": "T",
+                        "paragraphs": [
+                            {
+                                "context": "Paris is in France.",
+                                "qas": [
+                                    {
+                                        "id": "q1",
+                                        "question": "Where?",
+                                        "answers": [{"text": "France", "answer_start": 12}],
+                                    },
+                                    {"id": "q2", "question": "Who?", "answers": [], "is_impossible": True},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     data = load_task(TaskConfig(name="squad_v2", train_files=[str(path)]))
     assert data.spec.version_2_with_negative and data.train["is_impossible"] == [False, True]
     assert data.train[0]["answers"] == {"text": ["France"], "answer_start": [12]}
@@ -151,8 +192,14 @@ def test_squad_json_reader(tmp_path):
 
 
 def test_qa_rows_from_the_hub_and_jsonl(tmp_path, monkeypatch):
-    rows = Dataset.from_dict({"id": ["1", "2"], "q": ["who?", "why?"], "c": ["Ann did.", "No idea."],
-                              "a": [{"text": ["Ann"], "answer_start": [0]}, {"text": [], "answer_start": []}]})
+    rows = Dataset.from_dict(
+        {
+            "id": ["1", "2"],
+            "q": ["who?", "why?"],
+            "c": ["Ann did.", "No idea."],
+            "a": [{"text": ["Ann"], "answer_start": [0]}, {"text": [], "answer_start": []}],
+        }
+    )
     monkeypatch.setattr(tasks, "load_dataset", lambda path, config: DatasetDict({"train": rows, "validation": rows}))
     data = load_task(TaskConfig(name="squad_v2", text_fields=["q", "c"], label_field="a"))
     assert data.train.column_names == ["id", "question", "context", "answers", "is_impossible"]
@@ -160,20 +207,30 @@ def test_qa_rows_from_the_hub_and_jsonl(tmp_path, monkeypatch):
     monkeypatch.undo()
     path = tmp_path / "train.jsonl"
     rows.to_json(str(path))
-    data = load_task(TaskConfig(kind="qa", version_2_with_negative=True, train_files=[str(path)],
-                                text_fields=["q", "c"], label_field="a"))
+    data = load_task(
+        TaskConfig(
+            kind="qa", version_2_with_negative=True, train_files=[str(path)], text_fields=["q", "c"], label_field="a"
+        )
+    )
     assert data.spec.metric == "squad_v2" and data.train[0]["answers"] == {"text": ["Ann"], "answer_start": [0]}
     with pytest.raises(TaskError, match="column a must hold {text: \\[...\\], answer_start: \\[...\\]}"):
-        load_task(TaskConfig(kind="qa", train_files=[write_rows(tmp_path / "flat.csv", [["1", "q", "c", "x"]],
-                                                                ["id", "q", "c", "a"])],
-                             text_fields=["q", "c"], label_field="a"))
+        load_task(
+            TaskConfig(
+                kind="qa",
+                train_files=[write_rows(tmp_path / "flat.csv", [["1", "q", "c", "x"]], ["id", "q", "c", "a"])],
+                text_fields=["q", "c"],
+                label_field="a",
+            )
+        )
 
 
 # ---- features ---------------------------------------------------------------------------------
 
+
 def test_encode_pairs_and_count_truncation(tokenizer):
-    rows = Dataset.from_dict({"a": ["the cat", "the cat sat on the mat " * 20], "b": ["sat", "on the mat"],
-                              "label": [1, 0]})
+    rows = Dataset.from_dict(
+        {"a": ["the cat", "the cat sat on the mat " * 20], "b": ["sat", "on the mat"], "label": [1, 0]}
+    )
     spec = task_spec(TaskConfig(train_files=["unused.csv"], text_fields=["a", "b"]))
     features, truncated = encode_classification(rows, tokenizer, spec, max_length=16)
     assert truncated == 1 and features.column_names == ["input_ids", "token_type_ids", "attention_mask", "labels"]
@@ -188,16 +245,20 @@ def test_encode_pairs_and_count_truncation(tokenizer):
 
 # ---- bad input --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg, message", [
-    (dict(name="sst3"), "task.name 'sst3' is not a known task; choose one of cola, sst2"),
-    (dict(kind="ranking", train_files=["x.csv"]), "task.kind 'ranking': choose one of"),
-    (dict(name="stsb", kind="classification"), "stsb is a regression task, but task.kind is classification"),
-    (dict(train_files=["x.csv"], text_fields=["a", "b", "c"]), "give one column .single text. or two"),
-    (dict(), "give the training data"),
-    (dict(dataset="glue/rte", train_files=["x.csv"]), "task.dataset and task.train_files are both set"),
-    (dict(kind="qa", train_files=["x.json"], max_query_length=126), "leaves no room for the context"),
-    (dict(train_files=["x.csv"], doc_stride=0), "task.doc_stride must be >= 1"),
-])
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (dict(name="sst3"), "task.name 'sst3' is not a known task; choose one of cola, sst2"),
+        (dict(kind="ranking", train_files=["x.csv"]), "task.kind 'ranking': choose one of"),
+        (dict(name="stsb", kind="classification"), "stsb is a regression task, but task.kind is classification"),
+        (dict(train_files=["x.csv"], text_fields=["a", "b", "c"]), "give one column .single text. or two"),
+        (dict(), "give the training data"),
+        (dict(dataset="glue/rte", train_files=["x.csv"]), "task.dataset and task.train_files are both set"),
+        (dict(kind="qa", train_files=["x.json"], max_query_length=126), "leaves no room for the context"),
+        (dict(train_files=["x.csv"], doc_stride=0), "task.doc_stride must be >= 1"),
+    ],
+)
 def test_config_errors(cfg, message):
     with pytest.raises(TaskError, match=message):
         TaskConfig(**cfg)
@@ -212,31 +273,64 @@ def test_data_errors(tmp_path):
             load_task(TaskConfig(**cfg))
 
     fails(f"{good}: no column text; its columns are sentence, label; set task.text_fields", train_files=[good])
-    fails(f"{good}: no column y; its columns are sentence, label", train_files=[good], text_fields=["sentence"],
-          label_field="y")
-    fails(r"label\(s\) 2 do not fit 2 classes \(ids 0..1\)",
-          train_files=[write_rows(tmp_path / "three.csv", [["a", 2], ["b", 0]], header)], name="sst2")
-    fails(r"label\(s\) 2, 5 do not fit 2 classes", train_files=[good], text_fields=["sentence"], num_labels=2,
-          validation_files=[write_rows(tmp_path / "five.csv", [["a", 5], ["b", 2]], header)])
+    fails(
+        f"{good}: no column y; its columns are sentence, label",
+        train_files=[good],
+        text_fields=["sentence"],
+        label_field="y",
+    )
+    fails(
+        r"label\(s\) 2 do not fit 2 classes \(ids 0..1\)",
+        train_files=[write_rows(tmp_path / "three.csv", [["a", 2], ["b", 0]], header)],
+        name="sst2",
+    )
+    fails(
+        r"label\(s\) 2, 5 do not fit 2 classes",
+        train_files=[good],
+        text_fields=["sentence"],
+        num_labels=2,
+        validation_files=[write_rows(tmp_path / "five.csv", [["a", 5], ["b", 2]], header)],
+    )
     strings = write_rows(tmp_path / "s.csv", [["a", "x"], ["b", "y"], ["c", "z"]], header)
-    fails(r"3 label names \(x, y, z\) but task.num_labels=2", train_files=[strings], text_fields=["sentence"],
-          num_labels=2)
-    fails(r"label\(s\) x, y, z are not among the task's labels entailment, not_entailment",
-          train_files=[write_rows(tmp_path / "r.csv", [["a", "b", "x"], ["c", "d", "y"], ["e", "f", "z"]],
-                                  ["sentence1", "sentence2", "label"])], name="rte")
+    fails(
+        r"3 label names \(x, y, z\) but task.num_labels=2",
+        train_files=[strings],
+        text_fields=["sentence"],
+        num_labels=2,
+    )
+    fails(
+        r"label\(s\) x, y, z are not among the task's labels entailment, not_entailment",
+        train_files=[
+            write_rows(
+                tmp_path / "r.csv",
+                [["a", "b", "x"], ["c", "d", "y"], ["e", "f", "z"]],
+                ["sentence1", "sentence2", "label"],
+            )
+        ],
+        name="rte",
+    )
     fails("must hold numbers", train_files=[strings], text_fields=["sentence"], kind="regression")
-    fails(r"mixes class ids and other values \(0.5\)", text_fields=["sentence"],
-          train_files=[write_rows(tmp_path / "f.csv", [["a", 0.5], ["b", 1]], header)])
-    fails(r"1 row\(s\) have no sentence \(first: row 1\)", name="sst2",
-          train_files=[write_rows(tmp_path / "gap.csv", [["a", 0], ["", 1]], header)])
+    fails(
+        r"mixes class ids and other values \(0.5\)",
+        text_fields=["sentence"],
+        train_files=[write_rows(tmp_path / "f.csv", [["a", 0.5], ["b", 1]], header)],
+    )
+    fails(
+        r"1 row\(s\) have no sentence \(first: row 1\)",
+        name="sst2",
+        train_files=[write_rows(tmp_path / "gap.csv", [["a", 0], ["", 1]], header)],
+    )
     empty = write_rows(tmp_path / "empty.csv", [], header)
     fails(f"{empty}: the validation split has no rows", name="sst2", train_files=[good], validation_files=[empty])
     fails("the train split has no rows", name="sst2", train_files=[_touch(tmp_path / "empty.jsonl", b"\n")])
     no_rows = tmp_path / "empty.parquet"
     Dataset.from_dict({"sentence": [], "label": []}).to_parquet(str(no_rows))
     fails("the train split has no rows", name="sst2", train_files=[str(no_rows)])
-    fails(r"unsupported file type .xlsx; use .csv, .tsv", train_files=[good],
-          validation_files=[_touch(tmp_path / "dev.xlsx")])
+    fails(
+        r"unsupported file type .xlsx; use .csv, .tsv",
+        train_files=[good],
+        validation_files=[_touch(tmp_path / "dev.xlsx")],
+    )
     fails(f"{tmp_path / 'nope.csv'}: no such file; check task.train_files", train_files=[str(tmp_path / "nope.csv")])
     fails("cannot read as PARQUET", train_files=[_touch(tmp_path / "broken.parquet", b"not parquet")])
     fails("mixes file types", train_files=[good, write_rows(tmp_path / "b.jsonl", [["x", 1]], header)])

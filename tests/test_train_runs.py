@@ -4,6 +4,7 @@ One uninterrupted 2-rank ZeRO-1 run (`reference`) is the yardstick: ZeRO-2 and Z
 Slurm, and an interrupted-and-resumed run must reproduce its losses. fp32 on CPU with the same
 seeds makes those comparisons exact (1e-6), dropout included.
 """
+
 import json
 import shutil
 import signal
@@ -12,6 +13,9 @@ import subprocess
 import psutil
 import pytest
 from cluster import mpi_unavailable, slurm_cluster, slurm_unavailable
+
+from pipeline.distributed import free_port
+from pipeline.train import main
 from runs import (
     BIN,
     REPO,
@@ -28,10 +32,8 @@ from runs import (
     wait_for_step,
 )
 
-from pipeline.distributed import free_port
-from pipeline.train import main
-
 pytestmark = pytest.mark.slow
+
 
 def test_zero1_trains_two_phases_and_logs_every_step(reference):
     logged = metrics(reference)
@@ -41,8 +43,21 @@ def test_zero1_trains_two_phases_and_logs_every_step(reference):
     first, last = logged[0], logged[STEPS[0] - 1]
     assert last["mlm_loss"] < first["mlm_loss"] - 0.3, "the MLM loss goes down within phase 0"
     for m in logged:
-        assert {"loss", "mlm_loss", "nsp_loss", "mlm_acc", "lr", "samples", "seq_per_s", "tokens_per_s", "tflops",
-                "gate_l1", "gate_penalty", "step_time_s", "data_wait_s"} <= set(m)
+        assert {
+            "loss",
+            "mlm_loss",
+            "nsp_loss",
+            "mlm_acc",
+            "lr",
+            "samples",
+            "seq_per_s",
+            "tokens_per_s",
+            "tflops",
+            "gate_l1",
+            "gate_penalty",
+            "step_time_s",
+            "data_wait_s",
+        } <= set(m)
         assert m["loss"] == pytest.approx(m["mlm_loss"] + m["nsp_loss"], rel=1e-5)  # the task loss; L1 apart
         assert m["gate_penalty"] == pytest.approx(1e-4 * m["gate_l1"], rel=1e-4)
     assert logged[0]["gate_l1"] == pytest.approx(2 * 4 + 2 * 256)  # bert-tiny's gates, all 1.0 at step 0
@@ -63,10 +78,13 @@ def stage_runs(config, reference, tmp_path_factory):
     runs = {1: reference}
     for stage in (2, 3):
         root = tmp_path_factory.mktemp(f"zero{stage}")
-        monitor = [f"deepspeed_overrides.csv_monitor.{k}={v}"
-                   for k, v in (("enabled", "true"), ("output_path", root / "monitor"), ("job_name", "train"))]
-        code, out = finish(deepspeed(config, root / "run", f"deepspeed_overrides.zero_optimization.stage={stage}",
-                                     *monitor))
+        monitor = [
+            f"deepspeed_overrides.csv_monitor.{k}={v}"
+            for k, v in (("enabled", "true"), ("output_path", root / "monitor"), ("job_name", "train"))
+        ]
+        code, out = finish(
+            deepspeed(config, root / "run", f"deepspeed_overrides.zero_optimization.stage={stage}", *monitor)
+        )
         assert code == 0, out
         runs[stage] = root / "run"
     return runs
@@ -95,8 +113,9 @@ def test_kill9_sigterm_and_a_crash_during_save_resume_exactly(config, reference,
     # it to the ranks) saves at the current step.
     proc = deepspeed(config, run_dir)
     wait_for_step(proc, run_dir, int(killed_at[5:]) + 2)
-    launcher = next(p for p in psutil.Process(proc.pid).children(recursive=True)
-                    if "deepspeed.launcher.launch" in p.cmdline())
+    launcher = next(
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "deepspeed.launcher.launch" in p.cmdline()
+    )
     launcher.send_signal(signal.SIGTERM)
     code, out = finish(proc)
     assert f"resumed from {run_dir / 'checkpoints' / killed_at}" in out
@@ -106,8 +125,12 @@ def test_kill9_sigterm_and_a_crash_during_save_resume_exactly(config, reference,
 
     # 3. relaunch, crashing in the middle of the final save (model states written, optimizer states
     # not, `latest` not moved): the previous checkpoint stays the one to resume from.
-    crashing = faulty_train(tmp_path, "deepspeed.runtime.engine:DeepSpeedEngine._save_zero_checkpoint", "before",
-                            condition=f"args[2] == 'step_{TOTAL:08d}'")
+    crashing = faulty_train(
+        tmp_path,
+        "deepspeed.runtime.engine:DeepSpeedEngine._save_zero_checkpoint",
+        "before",
+        condition=f"args[2] == 'step_{TOTAL:08d}'",
+    )
     code, out = finish(deepspeed(config, run_dir, script=crashing))
     assert code != 0
     partial = run_dir / "checkpoints" / f"step_{TOTAL:08d}"
@@ -129,9 +152,20 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(config, stage_runs, tmp_p
     shutil.copytree(stage_runs[stage], run_dir)
     (run_dir / "checkpoints" / "latest").write_text("step_00000009")
     shutil.rmtree(run_dir / "checkpoints" / "step_00000012")
-    proc = subprocess.run([str(BIN / "python"), "-m", "pipeline.train", *train_cmd(config, run_dir),
-                           f"deepspeed_overrides.zero_optimization.stage={stage}"],
-                          env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            str(BIN / "python"),
+            "-m",
+            "pipeline.train",
+            *train_cmd(config, run_dir),
+            f"deepspeed_overrides.zero_optimization.stage={stage}",
+        ],
+        env=run_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "universal checkpoint" in proc.stdout and (run_dir / "checkpoints/step_00000009/universal").is_dir()
     assert json.loads((run_dir / "checkpoints/step_00000012/run_state.json").read_text())["world_size"] == 1
@@ -143,23 +177,28 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(config, stage_runs, tmp_p
 
 def test_bad_runs_fail_fast_with_a_clear_message(config, reference, shards, tmp_path, capsys):
     """Checked from files before any process group exists: main() returns 2 in this process."""
+
     def fails(*overrides):
         assert main(["--config", str(config), *overrides]) == 2
         return capsys.readouterr().err
 
     assert "unknown key(s) optim.learning_rate" in fails(f"run_dir={tmp_path}", "optim.learning_rate=1")
-    assert "ZeRO has stages 0, 1, 2 and 3" in fails(f"run_dir={tmp_path}", "deepspeed_overrides.zero_optimization.stage=4")
+    assert "ZeRO has stages 0, 1, 2 and 3" in fails(
+        f"run_dir={tmp_path}", "deepspeed_overrides.zero_optimization.stage=4"
+    )
     lamb = tmp_path / "lamb.json"
     lamb.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "LAMB", "params": {}}}))
     assert "LAMB with ZeRO stage 2 is refused" in fails(f"run_dir={tmp_path}", f"deepspeed={lamb}")
-    assert "hiden_dropout_prob are not EarlyBertConfig fields" in fails(f"run_dir={tmp_path}",
-                                                                      "model.overrides.hiden_dropout_prob=0")
+    assert "hiden_dropout_prob are not EarlyBertConfig fields" in fails(
+        f"run_dir={tmp_path}", "model.overrides.hiden_dropout_prob=0"
+    )
     assert "unknown model preset 'bert-huge'" in fails(f"run_dir={tmp_path}", "model.preset=bert-huge")
     assert "prepared with another tokenizer" in fails(f"run_dir={tmp_path}", f"phases.1.shards={shards / 'other32'}")
     assert "manifest.json: not found" in fails(f"run_dir={tmp_path}", f"phases.0.shards={tmp_path}")
     # Resuming the reference run with another tokenizer's shards, or as another model.
-    other_tok = fails(f"run_dir={reference}", f"phases.0.shards={shards / 'other32'}",
-                      f"phases.1.shards={shards / 'other32'}")
+    other_tok = fails(
+        f"run_dir={reference}", f"phases.0.shards={shards / 'other32'}", f"phases.1.shards={shards / 'other32'}"
+    )
     assert "was trained on shards of another tokenizer" in other_tok
     other_model = fails(f"run_dir={reference}", "model.preset=bert-mini")
     assert "checkpoint of another model" in other_model and "hidden_size: checkpoint 64, config 256" in other_model
@@ -169,10 +208,21 @@ def test_bad_runs_fail_fast_with_a_clear_message(config, reference, shards, tmp_
 def test_mpirun_runs_the_same_training(config, reference, tmp_path):
     if reason := mpi_unavailable():
         pytest.skip(reason)
-    env = {**run_env(), "PYTHON": str(BIN / "python"), "NP": "2", "MASTER_PORT": str(free_port()),
-           "MPI_ARGS": "--oversubscribe"}
-    proc = subprocess.run([str(REPO / "launch" / "mpirun.sh"), str(config), f"run_dir={tmp_path / 'run'}"], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    env = {
+        **run_env(),
+        "PYTHON": str(BIN / "python"),
+        "NP": "2",
+        "MASTER_PORT": str(free_port()),
+        "MPI_ARGS": "--oversubscribe",
+    }
+    proc = subprocess.run(
+        [str(REPO / "launch" / "mpirun.sh"), str(config), f"run_dir={tmp_path / 'run'}"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_same_losses(tmp_path / "run", reference)
 
@@ -182,8 +232,15 @@ def test_slurm_sbatch_runs_a_two_task_training_job(config, reference, tmp_path):
         pytest.skip(reason)
     with slurm_cluster(tmp_path / "slurm") as slurm:
         env = {**run_env(), "PYTHON": str(BIN / "python")}
-        job = slurm.sbatch("--ntasks=2", f"--output={tmp_path / 'job.out'}", str(REPO / "launch" / "slurm.sbatch"),
-                           str(config), f"run_dir={tmp_path / 'run'}", env=env, cwd=REPO)
+        job = slurm.sbatch(
+            "--ntasks=2",
+            f"--output={tmp_path / 'job.out'}",
+            str(REPO / "launch" / "slurm.sbatch"),
+            str(config),
+            f"run_dir={tmp_path / 'run'}",
+            env=env,
+            cwd=REPO,
+        )
         state = slurm.wait(job, timeout=240)
         out = (tmp_path / "job.out").read_text()
         assert state == "COMPLETED", out

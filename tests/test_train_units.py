@@ -1,5 +1,6 @@
 """`earlybert train` pieces that need no process group: run config, sampler, masking, LR schedule,
 checkpoint bookkeeping, launcher detection. The DeepSpeed runs are in test_train_runs.py."""
+
 import json
 import os
 import signal
@@ -21,8 +22,12 @@ SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
 
 def write_config(tmp_path, **top):
-    cfg = {"run_dir": str(tmp_path / "run"), "phases": [{"shards": "s128", "steps": 90}, {"shards": "s512", "steps": 10}],
-           "deepspeed": os.path.join(REPO, "ds_configs/zero1.json"), **top}
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "phases": [{"shards": "s128", "steps": 90}, {"shards": "s512", "steps": 10}],
+        "deepspeed": os.path.join(REPO, "ds_configs/zero1.json"),
+        **top,
+    }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -36,6 +41,7 @@ def write_ds(tmp_path, ds):
 
 # ---- run config ---------------------------------------------------------------------------------
 
+
 def test_example_configs_load():
     names = sorted(os.listdir(os.path.join(REPO, "launch/configs")))
     assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml"} <= set(names)
@@ -47,32 +53,49 @@ def test_example_configs_load():
         cfg = load_config(path)
         assert cfg.total_steps == sum(p.steps for p in cfg.phases) > 0
     for name in ("bert-base", "bert-large"):  # BERT's recipe: 90% of the steps at seq 128, then 512
-        assert [p.shards[-6:] for p in load_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases] == \
-            ["seq128", "seq512"]
+        assert [p.shards[-6:] for p in load_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases] == [
+            "seq128",
+            "seq512",
+        ]
 
 
 def test_overrides_are_typed_and_reach_lists(tmp_path):
-    cfg = load_config(write_config(tmp_path), ["optim.lr=5e-4", "phases.1.steps=20", "earlybert.mode=dense",
-                                               "model.overrides.hidden_dropout_prob=0.0", "log.peak_tflops=989"])
+    cfg = load_config(
+        write_config(tmp_path),
+        [
+            "optim.lr=5e-4",
+            "phases.1.steps=20",
+            "earlybert.mode=dense",
+            "model.overrides.hidden_dropout_prob=0.0",
+            "log.peak_tflops=989",
+        ],
+    )
     assert cfg.optim.lr == 5e-4 and cfg.phases[1].steps == 20 and cfg.total_steps == 110
-    assert cfg.earlybert.use_gates is False and cfg.earlybert.mode == "dense" and cfg.model.overrides == {"hidden_dropout_prob": 0.0}
+    assert (
+        cfg.earlybert.use_gates is False
+        and cfg.earlybert.mode == "dense"
+        and cfg.model.overrides == {"hidden_dropout_prob": 0.0}
+    )
     assert cfg.log.peak_tflops == 989.0 and cfg.earlybert.lambda_heads == cfg.earlybert.lambda_ffn == 1e-4
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["optim.lrr=1"], "unknown key(s) optim.lrr"),
-    (["checkpointing.interval=5"], "unknown key(s) checkpointing"),
-    (["phases.0.shard=x"], "unknown key(s) phases.0.shard"),
-    (["phases.5.steps=1"], "not an index of a 2-item list"),
-    (["micro_batch_size=eight"], "micro_batch_size: expected int"),
-    (["phases.0.steps=true"], "phases.0.steps: expected int"),
-    (["optim.schedule=step"], "choose one of linear, cosine, constant"),
-    (["global_batch_size=30", "micro_batch_size=8"], "not a multiple of micro_batch_size"),
-    (["optim.warmup_steps=1000"], "warmup_steps=1000"),
-    (["deepspeed_overrides.zero_optimization.stage=4"], "stage=4; DeepSpeed ZeRO has stages 0, 1, 2 and 3"),
-    (["deepspeed=/nonexistent.json"], "cannot read /nonexistent.json"),
-    (["seed"], "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lrr=1"], "unknown key(s) optim.lrr"),
+        (["checkpointing.interval=5"], "unknown key(s) checkpointing"),
+        (["phases.0.shard=x"], "unknown key(s) phases.0.shard"),
+        (["phases.5.steps=1"], "not an index of a 2-item list"),
+        (["micro_batch_size=eight"], "micro_batch_size: expected int"),
+        (["phases.0.steps=true"], "phases.0.steps: expected int"),
+        (["optim.schedule=step"], "choose one of linear, cosine, constant"),
+        (["global_batch_size=30", "micro_batch_size=8"], "not a multiple of micro_batch_size"),
+        (["optim.warmup_steps=1000"], "warmup_steps=1000"),
+        (["deepspeed_overrides.zero_optimization.stage=4"], "stage=4; DeepSpeed ZeRO has stages 0, 1, 2 and 3"),
+        (["deepspeed=/nonexistent.json"], "cannot read /nonexistent.json"),
+        (["seed"], "expected key=value"),
+    ],
+)
 def test_bad_configs_fail_with_a_clear_message(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(write_config(tmp_path), overrides)
@@ -98,8 +121,11 @@ def test_every_shipped_deepspeed_config_is_valid(tmp_path):
 
 
 def test_deepspeed_keys_owned_by_the_run_config_are_refused(tmp_path):
-    for extra in ({"train_batch_size": 64}, {"scheduler": {"type": "WarmupLR"}},
-                  {"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}}):
+    for extra in (
+        {"train_batch_size": 64},
+        {"scheduler": {"type": "WarmupLR"}},
+        {"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}},
+    ):
         ds = write_ds(tmp_path, {"zero_optimization": {"stage": 1}, **extra})
         with pytest.raises(ConfigError, match="set by the run config"):
             load_config(write_config(tmp_path, deepspeed=ds))
@@ -133,6 +159,7 @@ def test_phase_at(tmp_path):
 
 # ---- sampler and masking ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 1025])
 def test_permutation_is_a_bijection_that_changes_with_the_epoch(n):
     p0, p1 = Permutation(n, 7, 0, 0)(np.arange(n)), Permutation(n, 7, 0, 1)(np.arange(n))
@@ -146,8 +173,12 @@ def test_every_sample_once_per_epoch_whatever_the_rank_count(world, micro):
     """The same global batch on any number of ranks covers the same stream positions, each once."""
     n, global_batch = 53, 8
     grad_accum = global_batch // (micro * world)
-    positions = [rank_positions(start, micro, world, r, m)
-                 for start in range(0, 2 * n + 6, global_batch) for m in range(grad_accum) for r in range(world)]
+    positions = [
+        rank_positions(start, micro, world, r, m)
+        for start in range(0, 2 * n + 6, global_batch)
+        for m in range(grad_accum)
+        for r in range(world)
+    ]
     positions = np.concatenate(positions)
     assert sorted(positions.tolist()) == list(range(len(positions)))  # no gap, no repeat
     epochs, indices = stream_samples(positions, n, seed=3, phase=0)
@@ -172,8 +203,9 @@ def _batch(rows=16, seq_len=40, vocab=500, seed=0):
 def test_masking_is_bert_like():
     ids, attn = _batch(rows=400, seq_len=64, vocab=3000)
     epochs, index = np.zeros(400, dtype=np.int64), np.arange(400)
-    masked, labels = mask_tokens(ids, attn, epochs, index, seed=1, phase=0, mask_prob=0.15,
-                                 special_ids=SPECIAL, vocab_size=3000)
+    masked, labels = mask_tokens(
+        ids, attn, epochs, index, seed=1, phase=0, mask_prob=0.15, special_ids=SPECIAL, vocab_size=3000
+    )
     sel = labels != -100
     maskable = (attn == 1) & ~np.isin(ids, [SPECIAL[k] for k in ("cls", "sep", "pad")])
     assert not (sel & ~maskable).any()  # never [CLS], [SEP] or padding
@@ -201,6 +233,7 @@ def test_masking_depends_only_on_seed_epoch_and_sample():
 
 
 # ---- checkpoints, metrics, signals, launchers ----------------------------------------------------
+
 
 def _fake_tag(ckpt, step):
     folder = ckpt / checkpoint.tag_for(step)
@@ -248,8 +281,15 @@ def test_sigterm_and_sigusr1_only_raise_a_flag():
 def test_launcher_detection_and_slurm_rank_mapping():
     torch_env = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1")
     assert distributed.detect_launcher(torch_env) == "env"
-    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-            "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "n[1-2]", "MASTER_ADDR": "n1"}
+    srun = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "12345",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "MASTER_ADDR": "n1",
+    }
     assert distributed.detect_launcher(srun) == "slurm"
     assert distributed.slurm_env(srun) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_PORT": "32345"}
     batch_script = {k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}

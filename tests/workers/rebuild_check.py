@@ -4,6 +4,7 @@ Trains a tiny gated BERT a few steps under the given ZeRO stage, draws masks fro
 the engine around the pruned model, and writes what rank 0 saw as JSON: the new engine's fp32
 masters and Adam moments against the sliced old ones, counters, lr, and a loss after the rebuild.
 """
+
 import json
 import sys
 
@@ -22,7 +23,10 @@ ds_config = {
     "train_micro_batch_size_per_gpu": 4,
     "gradient_accumulation_steps": 1,
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}},
-    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2, "total_num_steps": 20, "warmup_max_lr": 1e-3}},
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {"warmup_num_steps": 2, "total_num_steps": 20, "warmup_max_lr": 1e-3},
+    },
     "zero_optimization": {"stage": stage},
     "bf16": {"enabled": dtype == "bf16"},
     "steps_per_print": 1000,
@@ -40,8 +44,13 @@ def train_steps(engine, n, seed):
     for _ in range(n):
         ids = torch.randint(5, 100, (4, 16), generator=g)
         labels = torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, torch.full_like(ids, -100))
-        out = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                     next_sentence_label=torch.zeros(4, dtype=torch.long), gate_lambdas=(1e-2, 1e-2))
+        out = engine(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            labels=labels,
+            next_sentence_label=torch.zeros(4, dtype=torch.long),
+            gate_lambdas=(1e-2, 1e-2),
+        )
         loss = out.loss
         engine.backward(loss)
         engine.step()
@@ -51,8 +60,15 @@ def train_steps(engine, n, seed):
 
 torch.manual_seed(0)
 # 6 heads of size 4 (hidden 24): keeping 4 heads gives 16-row Q/K/V, and FFN widths not divisible by 2.
-config = EarlyBertConfig(vocab_size=100, hidden_size=24, num_hidden_layers=2, num_attention_heads=6,
-                         intermediate_size=23, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+config = EarlyBertConfig(
+    vocab_size=100,
+    hidden_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    intermediate_size=23,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 model = EarlyBertForPreTraining(config)
 with torch.no_grad():
     for gate in model.head_gates() + model.ffn_gates():
@@ -89,9 +105,12 @@ if rank == 0:
         "max_weight_diff": diff(after.weights, expected_w),
         "max_moment_diff": {k: diff(after.moments[k], expected_m[k]) for k in expected_m},
         "moment_keys": sorted(after.moments),
-        "counters_before": before.counters, "counters_after": after.counters,
-        "lr_before": before.group_lrs, "lr_after": after.group_lrs,
-        "opt_step_before": before.optimizer_step, "opt_step_after": after.optimizer_step,
+        "counters_before": before.counters,
+        "counters_after": after.counters,
+        "lr_before": before.group_lrs,
+        "lr_after": after.group_lrs,
+        "opt_step_before": before.optimizer_step,
+        "opt_step_after": after.optimizer_step,
         "losses_after": losses,
         "has_gates": any("gates" in k for k in after.weights),
         "zero_size": [k for k, v in after.weights.items() if v.numel() == 0],
