@@ -70,3 +70,20 @@ def test_an_old_run_exports(old_runs, name):
     )
     assert config["num_hidden_layers"] == architecture["num_hidden_layers"]
     assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["search", "drawn"])
+def test_an_old_run_reports(old_runs, name):
+    """`earlybert report` reads an old run's metrics, config and ticket (the drawn run's ticket is in the report)."""
+    done = subprocess.run(
+        [str(BIN / "python"), "-m", "pipeline.cli", "report", f"{name}_run"],
+        cwd=old_runs,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = (old_runs / f"{name}_run" / "report" / "report.md").read_text()
+    assert f"| {name}_run (" in report and (("Ticket of" in report) == (name == "drawn"))
+    assert (old_runs / f"{name}_run" / "report" / "loss.png").is_file()
