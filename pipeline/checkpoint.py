@@ -272,6 +272,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def save_run(run) -> Path:
+    """The checkpoint of a training loop's `run` (pre-training or fine-tuning: its engine, run state with the
+    search stage's state, model architecture, dist info and config); returns its folder."""
+    run.state.search = run.search.state_dict()
+    ckpt_dir = run.cfg.rundir.checkpoints
+    tag = save(run.engine, ckpt_dir, run.state, run.engine.module.config.to_dict(), run.dist, run.cfg.checkpoint)
+    return ckpt_dir / tag
+
+
 def remove_old(ckpt_dir: Path, keep: int) -> None:
     """Delete old checkpoints: keep the newest `keep` tags up to `latest`; tags after it are leftovers of
     crashed saves."""

@@ -290,12 +290,7 @@ class Run:
         return EngineSpec(ds, optim, stage.steps, compile=self.cfg.compile)
 
     def save(self) -> None:
-        self.state.search = self.search.state_dict()
-        ckpt_dir = self.cfg.rundir.checkpoints
-        tag = checkpoint.save(
-            self.engine, ckpt_dir, self.state, self.engine.module.config.to_dict(), self.dist, self.cfg.checkpoint
-        )
-        _say(self.dist, f"checkpoint {ckpt_dir / tag}")
+        _say(self.dist, f"checkpoint {checkpoint.save_run(self)}")
 
 
 def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, d: distributed.DistInfo) -> int:

@@ -72,12 +72,7 @@ class Run:
     peak_tflops: float | None  # per device, for MFU
 
     def save(self) -> None:
-        self.state.search = self.search.state_dict()
-        ckpt_dir = self.cfg.rundir.checkpoints
-        tag = checkpoint.save(
-            self.engine, ckpt_dir, self.state, self.engine.module.config.to_dict(), self.dist, self.cfg.checkpoint
-        )
-        _say(self.dist, f"checkpoint {ckpt_dir / tag}")
+        _say(self.dist, f"checkpoint {checkpoint.save_run(self)}")
 
 
 def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distributed.DistInfo) -> int:
