@@ -13,8 +13,8 @@ import time
 
 import psutil
 import pytest
-from faults_table import CASES, DOC, render
 
+from faults_table import CASES, DOC, render
 from pipeline import checkpoint, runlock
 from pipeline.checkpoint import CheckpointError
 from pipeline.cli import EXIT_CONFIG, EXIT_FAULT

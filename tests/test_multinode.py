@@ -11,8 +11,8 @@ import time
 
 import psutil
 import pytest
-from cluster import namespaces_unavailable, two_node_cluster
 
+from cluster import namespaces_unavailable, two_node_cluster
 from runs import BIN, EARLYBERT, REPO, assert_same_losses, finish, latest, metrics, run_env, ticket, wait_for_step
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ import subprocess
 
 import psutil
 import pytest
-from cluster import mpi_unavailable, slurm_cluster, slurm_unavailable
 
+from cluster import mpi_unavailable, slurm_cluster, slurm_unavailable
 from pipeline.distributed import free_port
 from pipeline.train import main
 from runs import (
