@@ -55,8 +55,8 @@ class CheckpointError(RuntimeError):
     pass
 
 
-# 1 (no "format" key): the search stage's state was under "extra"; 2: no nonfinite_skipped (0)
-RUN_STATE_FORMAT = 3
+# 1 (no "format" key): the search stage's state was under "extra"; 2: no nonfinite_skipped (0); 3: no rewound (0)
+RUN_STATE_FORMAT = 4
 
 
 @dataclass
@@ -74,6 +74,13 @@ class RunState:
     search: dict = field(default_factory=dict)  # SearchStage.state_dict(): detector state, ticket; JSON-able
     task: dict = field(default_factory=dict)  # fine-tuning: the stage of the recipe, best metrics; JSON-able
     nonfinite_skipped: int = 0  # steps skipped on a NaN/inf loss (nonfinite.action: skip)
+    # `after_draw: rewind`: the steps the rewind added (draw step - rewind_step). The phases and the LR
+    # schedule count plan steps, step - rewound: the ticket trains the schedule from rewind_step to its end.
+    rewound: int = 0
+
+    @property
+    def plan_step(self) -> int:
+        return self.step - self.rewound
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,7 +98,7 @@ class RunState:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise CheckpointError(f"{where}: unknown fields {sorted(unknown)} (written by a newer version?)")
-        return cls(**{**data, "format": RUN_STATE_FORMAT})  # format 2 lacks only fields with defaults
+        return cls(**{**data, "format": RUN_STATE_FORMAT})  # formats 2 and 3 lack only fields with defaults
 
 
 def tag_for(step: int) -> str:

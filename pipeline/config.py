@@ -71,8 +71,13 @@ class SearchConfig:
     fold_gates: bool = True
     # carry: slice the Adam moments to the ticket; reset: start them from zero.
     optimizer_after_draw: Literal["carry", "reset"] = "carry"
-    # continue from the current weights, or rewind the pruned structure to the starting weights.
+    # continue: the ticket goes on from the current weights and schedule position. rewind: as "The lottery
+    # ticket hypothesis at scale" rewinds, the ticket starts again from the weights and the LR schedule
+    # position of step `rewind_step` (saved during the search; 0 is the initialisation) with fresh Adam
+    # moments, and trains the schedule's steps from there to its end: the run grows by (draw step -
+    # rewind_step) optimizer steps. The data stream is not replayed: the ticket reads the samples that follow.
     after_draw: Literal["continue", "rewind"] = "continue"
+    rewind_step: int = 0
 
     @property
     def use_gates(self) -> bool:
@@ -371,6 +376,12 @@ def validate_search(eb: SearchConfig, total_steps: int) -> None:
         raise ConfigError(
             f"earlybert.mode={eb.mode} draws at earlybert.draw_step: set it to a step in "
             f"[1, {total_steps - 1}], got {eb.draw_step}"
+        )
+    first_draw = eb.draw_step if eb.mode in ("fixed", "random") else eb.detector.min_search_steps
+    if eb.use_gates and eb.after_draw == "rewind" and not 0 <= eb.rewind_step < max(first_draw, 1):
+        raise ConfigError(
+            f"earlybert.rewind_step={eb.rewind_step}: the weights of that step must be saved before the "
+            f"earliest draw (step {first_draw}); choose a step in [0, {max(first_draw - 1, 0)}]"
         )
 
 

@@ -144,11 +144,13 @@ def prune_engine(
     carry_moments: bool,
     start_weights: dict[str, torch.Tensor] | None = None,
     carry_schedule: bool = True,
+    schedule_step: int | None = None,
 ):
     """Prune the engine's model to `masks` and return the rebuilt engine; `engine` is destroyed (a
     collective: every rank calls it). start_weights: prune these (rewind) instead of the current
     weights. carry_schedule=False starts the new engine's optimizer counters and LR schedule afresh
-    (with `spec`'s length), as EarlyBERT's fine-tuning recipe does after its rewind."""
+    (with `spec`'s length), as EarlyBERT's fine-tuning recipe does after its rewind; schedule_step puts
+    the LR schedule back to that many completed steps (rewinding to an early step of pre-training)."""
     from pipeline.rebuild import rebuild_engine
 
     new, _ = rebuild_engine(
@@ -160,7 +162,18 @@ def prune_engine(
         start_weights=start_weights,
         carry_schedule=carry_schedule,
     )
+    if schedule_step is not None:
+        set_schedule_step(new, schedule_step)
     return new
+
+
+def set_schedule_step(engine, step: int) -> None:
+    """Put the engine's LR schedule at `step` completed optimizer steps: the next step uses its lr."""
+    scheduler = engine.lr_scheduler
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": step, "_last_lr": lrs})
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):  # schedulers apply an lr at their next step
+        group["lr"] = lr
 
 
 def full_weights(engine) -> dict[str, torch.Tensor]:

@@ -155,6 +155,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             f"recipe: need 0 <= min_search_epochs ({r.min_search_epochs}) <= max_search_epochs "
             f"({r.max_search_epochs}) <= search_epochs ({r.search_epochs})"
         )
+    if cfg.earlybert.rewind_step:
+        raise ConfigError(
+            f"earlybert.rewind_step={cfg.earlybert.rewind_step}: fine-tuning rewinds to the pre-trained weights "
+            f"(the recipe's schedule starts afresh); remove rewind_step"
+        )
     if r.draw_epoch > r.search_epochs:
         raise ConfigError(
             f"recipe.draw_epoch ({r.draw_epoch}) is after the search stage's end "

@@ -129,12 +129,12 @@ def check_resume(cfg: RunConfig, state: RunState, architecture: dict, datasets: 
             + "\n  ".join(diff)
             + "\nuse a new run_dir, or the model settings of that run"
         )
-    if state.step > cfg.total_steps:
-        raise ConfigError(f"{where} is at step {state.step}, after the {cfg.total_steps} steps the phases plan")
-    if state.phase != phase_at(cfg, state.step):
+    if state.plan_step > cfg.total_steps:
+        raise ConfigError(f"{where} is at step {state.plan_step}, after the {cfg.total_steps} steps the phases plan")
+    if state.phase != phase_at(cfg, state.plan_step):
         raise ConfigError(
-            f"{where} is in phase {state.phase} at step {state.step}, but the configured phases put "
-            f"step {state.step} in phase {phase_at(cfg, state.step)}; keep the earlier phases' steps"
+            f"{where} is in phase {state.phase} at step {state.plan_step}, but the configured phases put "
+            f"step {state.plan_step} in phase {phase_at(cfg, state.plan_step)}; keep the earlier phases' steps"
         )
 
 

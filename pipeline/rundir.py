@@ -3,7 +3,7 @@
     RUN/config.yaml                 the resolved config of the latest launch, overrides included
     RUN/metrics.jsonl               one line per optimizer step (appended by pipeline/metrics.py)
     RUN/ticket.json                 the early-bird ticket, once drawn
-    RUN/start_weights.safetensors   the full fp32 weights at step 0, for `after_draw: rewind`
+    RUN/start_weights.safetensors   the full fp32 weights of the rewind step, for `after_draw: rewind`
     RUN/checkpoints/                DeepSpeed checkpoints; their inner layout is pipeline/checkpoint.py's
     RUN/tensorboard/                TensorBoard events (pipeline/metrics.py)
     RUN/wandb_id, RUN/wandb/        the W&B run id (every relaunch logs into the same W&B run), W&B's files
@@ -150,19 +150,28 @@ class RunDir:
         return json.loads(self.ticket_file.read_text()) if self.ticket_file.is_file() else None
 
     # ---- rewind weights ----------------------------------------------------------------------
-    def save_start_weights(self, weights: dict) -> None:
+    def save_start_weights(self, weights: dict, step: int = 0) -> None:
         from safetensors.torch import save
 
-        blob = save({k: v.contiguous() for k, v in weights.items()})
+        blob = save({k: v.contiguous() for k, v in weights.items()}, metadata={"step": str(step)})
         atomic_write(self.start_weights_file, lambda f: f.write(blob))
 
-    def load_start_weights(self) -> dict:
+    def load_start_weights(self, step: int = 0) -> dict:
+        """The weights saved at `step` (files without a step, written by earlier versions, hold step 0)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         if not self.start_weights_file.is_file():
             raise RunDirError(
-                f"{self.start_weights_file} not found: `after_draw: rewind` needs the weights the run "
-                f"started from, saved at step 0; this run was started without rewind"
+                f"{self.start_weights_file} not found: `after_draw: rewind` needs the weights of the rewind "
+                f"step, saved when the run passes it; this run was started without rewind"
+            )
+        with safe_open(self.start_weights_file, "pt") as f:
+            saved = int((f.metadata() or {}).get("step", 0))
+        if saved != step:
+            raise RunDirError(
+                f"{self.start_weights_file} holds the weights of step {saved}, not of earlybert.rewind_step "
+                f"{step}: keep the rewind_step the run was started with"
             )
         return load_file(self.start_weights_file)
 

@@ -77,8 +77,8 @@ class Run:
 
 def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distributed.DistInfo) -> int:
     state, rundir = start.state, cfg.rundir
-    if state.step == cfg.total_steps:
-        _say(d, f"{rundir.checkpoints / start.tag} is at step {cfg.total_steps}: the run is complete")
+    if state.plan_step == cfg.total_steps:
+        _say(d, f"{rundir.checkpoints / start.tag} is at step {state.step}: the run is complete")
         return 0
     if d.is_main:  # the resolved config of the latest launch, overrides included
         rundir.write_config(cfg.to_dict())
@@ -107,16 +107,12 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         _say(d, f"resumed from {rundir.checkpoints / start.tag}: step {state.step}, {state.samples} samples")
     else:
         torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: a different stream on each rank
-        if search.searching and cfg.earlybert.after_draw == "rewind":
-            weights = full_weights(engine)  # a collective
-            if d.is_main:
-                rundir.save_start_weights(weights)
     state.world_size, state.zero_stage = d.world_size, zero_stage(ds_config)
 
     log = MetricsLog(
         rundir,
         cfg.log,
-        total_steps=cfg.total_steps,
+        total_steps=cfg.total_steps + state.rewound,
         start_step=state.step,
         config=cfg.to_dict(),
         monitor=engine.monitor,
@@ -133,6 +129,7 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         stop=distributed.StopRequest(),
         peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)),
     )
+    save_rewind_weights(run)
     try:
         with guards.steps(cfg.dist_timeout.step_s, lambda: state.step + 1, d):
             while state.phase < len(cfg.phases):
@@ -150,24 +147,11 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
     """Train the current phase to its end (True), or until a signal (False), checkpointing on the way."""
     cfg, state = run.cfg, run.state
     phase = state.phase
-    phase_end = sum(p.steps for p in cfg.phases[: phase + 1])
+    phase_end = sum(p.steps for p in cfg.phases[: phase + 1])  # in plan steps (RunState.plan_step)
     global_batch = cfg.global_batch_size
-    loader = PhaseLoader(
-        data,
-        seed=cfg.seed,
-        phase=phase,
-        start_sample=state.phase_samples,
-        steps=phase_end - state.step,
-        micro_batch_size=cfg.micro_batch_size,
-        grad_accum=global_batch // (cfg.micro_batch_size * run.dist.world_size),
-        world_size=run.dist.world_size,
-        rank=run.dist.rank,
-        mask_prob=cfg.data.mask_prob,
-        prefetch=cfg.data.prefetch,
-        pin_memory=run.dist.device.type == "cuda",
-    )
+    loader = phase_loader(run, data, phase_end)
     try:
-        while state.step < phase_end:
+        while state.plan_step < phase_end:
             t0, wait0, lr = time.perf_counter(), loader.wait_s, run.engine.lr_scheduler.get_last_lr()[0]
             # MLM (+ NSP where the shards have sentence pairs) + EarlyBERT's L1 penalty on the gates, once per
             # micro-batch; the model adds the penalty inside its forward, the only place where ZeRO-3 has the
@@ -190,8 +174,6 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
             state.step += 1
             state.samples += global_batch
             state.phase_samples += global_batch
-            if state.step == phase_end:
-                state.phase, state.phase_samples = phase + 1, 0
             run.log.log(
                 step_record(
                     run,
@@ -204,19 +186,53 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
                     data_wait=loader.wait_s - wait0,
                 )
             )
+            save_rewind_weights(run)
             decision = run.search.decide(run.engine.module, state.step)
             if decision is not None:
                 with guards.patient():
                     draw(run, decision, data.seq_len)
+                if state.rewound:  # the phase is longer now: a stream for its new length, from where it was
+                    loader.close()
+                    loader = phase_loader(run, data, phase_end)
+            if state.plan_step == phase_end:  # after the draw: a rewind on the phase's last step extends it
+                state.phase, state.phase_samples = phase + 1, 0
             stopping = totals["stop"] > 0
             # A checkpoint right after the draw: a relaunch then starts from the pruned engine.
-            if stopping or decision or state.step % cfg.checkpoint.interval == 0 or state.step == cfg.total_steps:
+            if stopping or decision or state.step % cfg.checkpoint.interval == 0 or state.plan_step == cfg.total_steps:
                 run.save()
             if stopping:
                 return False
     finally:
         loader.close()
     return True
+
+
+def phase_loader(run: Run, data: ShardDataset, phase_end: int) -> PhaseLoader:
+    """The micro-batches of the current phase from the run's position in it to its end."""
+    cfg, state = run.cfg, run.state
+    return PhaseLoader(
+        data,
+        seed=cfg.seed,
+        phase=state.phase,
+        start_sample=state.phase_samples,
+        steps=phase_end - state.plan_step,
+        micro_batch_size=cfg.micro_batch_size,
+        grad_accum=cfg.global_batch_size // (cfg.micro_batch_size * run.dist.world_size),
+        world_size=run.dist.world_size,
+        rank=run.dist.rank,
+        mask_prob=cfg.data.mask_prob,
+        prefetch=cfg.data.prefetch,
+        pin_memory=run.dist.device.type == "cuda",
+    )
+
+
+def save_rewind_weights(run: Run) -> None:
+    """`after_draw: rewind`: the full weights of `rewind_step`, kept for the draw (a collective)."""
+    eb = run.cfg.earlybert
+    if run.search.searching and eb.after_draw == "rewind" and run.state.step == eb.rewind_step:
+        weights = full_weights(run.engine)
+        if run.dist.is_main:
+            run.cfg.rundir.save_start_weights(weights, eb.rewind_step)
 
 
 def pretraining_stats(out) -> dict[str, torch.Tensor]:
@@ -235,19 +251,21 @@ def pretraining_stats(out) -> dict[str, torch.Tensor]:
 
 
 def draw(run: Run, decision: Decision, seq_len: int) -> None:
-    """Prune to the ticket and rebuild the engine in place (every rank), then record the ticket."""
-    eb, d = run.cfg.earlybert, run.dist
+    """Prune to the ticket and rebuild the engine in place (every rank), then record the ticket. A rewind
+    prunes the weights of rewind_step instead, and puts the LR schedule and the phases back to that step."""
+    eb, d, state = run.cfg.earlybert, run.dist, run.state
     _say(d, f"ticket drawn at step {decision.step}: {decision.reason}")
     before = run.engine.module.config
-    start_weights = run.cfg.rundir.load_start_weights() if eb.after_draw == "rewind" else None
+    rewind = eb.after_draw == "rewind"
     t0 = time.perf_counter()
     run.engine = prune_engine(
         run.engine,
         run.spec,
         decision.masks,
         fold_gates=eb.fold_gates,
-        carry_moments=eb.optimizer_after_draw == "carry" and start_weights is None,
-        start_weights=start_weights,
+        carry_moments=eb.optimizer_after_draw == "carry" and not rewind,
+        start_weights=run.cfg.rundir.load_start_weights(eb.rewind_step) if rewind else None,
+        schedule_step=eb.rewind_step if rewind else None,
     )
     record = run.search.record_draw(decision, before, run.engine.module.config, seq_len, time.perf_counter() - t0)
     _say(
@@ -256,6 +274,14 @@ def draw(run: Run, decision: Decision, seq_len: int) -> None:
         f"{record['params_before'] / 1e6:.2f}M -> {record['params_after'] / 1e6:.2f}M parameters, "
         f"engine rebuilt in {record['rebuild_s']:.1f} s; {run.cfg.rundir.ticket_file.name} written",
     )
+    if rewind:
+        state.rewound = state.step - eb.rewind_step
+        run.log.total = run.cfg.total_steps + state.rewound
+        _say(
+            d,
+            f"rewound to the weights and LR schedule of step {eb.rewind_step}: the ticket trains the "
+            f"{run.cfg.total_steps - eb.rewind_step} steps from there, the run ends at step {run.log.total}",
+        )
 
 
 def step_record(

@@ -25,9 +25,12 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["search", "drawn"])
-def test_an_old_run_resumes_to_the_same_losses_and_ticket(old_runs, name):
-    """search: stopped mid-search (detector state and rewind weights of the old layout); drawn: after the draw."""
+@pytest.mark.parametrize("name, rewound", [("search", 7), ("drawn", 0)])
+def test_an_old_run_resumes_to_the_same_losses_and_ticket(old_runs, name, rewound):
+    """search: stopped mid-search (detector state and rewind weights of the old layout); drawn: after the draw.
+    The search run rewinds as `after_draw: rewind` does now: its ticket (drawn at step 7) trains the whole
+    schedule again from step 0's weights, 7 steps more than the old version trained; its constant learning
+    rate makes the first 8 steps the old version's."""
     done = subprocess.run(
         [str(BIN / "python"), "-m", "pipeline.train", "--config", f"{name}.yaml", f"run_dir={name}_run", TWO_PHASES],
         cwd=old_runs,
@@ -42,7 +45,7 @@ def test_an_old_run_resumes_to_the_same_losses_and_ticket(old_runs, name):
         _lines(old_runs / f"{name}_run" / "metrics.jsonl"),
         _lines(old_runs / f"expected_{name}" / "metrics.jsonl"),
     )
-    assert [g["step"] for g in got] == list(range(1, 9))
+    assert [g["step"] for g in got] == list(range(1, 9 + rewound))
     for g, e in zip(got, expected):
         for key in ("loss", "mlm_loss", "nsp_loss", "lr"):
             assert g[key] == pytest.approx(e[key], abs=1e-6), f"step {g['step']} {key}"

@@ -161,6 +161,7 @@ def one_process(args, cwd=REPO):
         ("task.num_labels=3", "task.num_labels=3"),
         ("earlybert.draw_step=3", "earlybert.draw_step: fine-tuning sets these from the epochs of the task"),
         ("model.init_from=/nonexistent", "model.init_from /nonexistent does not exist"),
+        ("earlybert.rewind_step=2", "fine-tuning rewinds to the pre-trained weights"),
     ],
 )
 def test_bad_input_stops_before_any_process_group(ft_config, tmp_path, override, message):

@@ -1,8 +1,9 @@
-"""Baselines in the same command (fixed draw step, random pruning, dense), rewind and kept gates;
+"""Baselines in the same command (fixed draw step, random pruning, dense), rewinding to an early step and kept gates;
 then `earlybert export` (plain BERT for a dense run, remote-code EarlyBERT for a pruned one) and
 `earlybert report` on those runs. Single-rank runs of bert-tiny, fp32."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,25 @@ from safetensors.torch import load_file
 from pipeline.detector import Masks
 from pipeline.export import load_run_model
 from pipeline.pruner import PrunePlan, gate_values, prune_tensors
-from runs import BIN, run_env, train_cmd
+from runs import BIN, TOTAL, run_env, train_cmd
 
 pytestmark = pytest.mark.slow  # launches ranks
 
 DRAW = 5
+REWIND = 2  # the ticket restarts from step 2's weights and LR schedule: the run grows by DRAW - REWIND steps
+# A ticket of the gates at a fixed step, rewound to an early step, gates kept, fresh moments.
+FIXED_REWIND = (
+    "earlybert.mode=fixed",
+    f"earlybert.draw_step={DRAW}",
+    "earlybert.after_draw=rewind",
+    f"earlybert.rewind_step={REWIND}",
+    "earlybert.fold_gates=false",
+    "earlybert.optimizer_after_draw=reset",
+    "earlybert.lambda_heads=0.01",
+    "earlybert.lambda_ffn=0.01",
+    "checkpoint.keep=10",
+    "checkpoint.interval=2",
+)
 
 
 def train(config, run_dir, *overrides) -> Path:
@@ -43,19 +58,8 @@ def checkpoint_architecture(run_dir, tag) -> dict:
 
 @pytest.fixture(scope="module")
 def fixed_rewind(config, tmp_path_factory):
-    """Ticket of the gates at a fixed step, rewound to the starting weights, gates kept, fresh moments."""
-    return train(
-        config,
-        tmp_path_factory.mktemp("fixed") / "run",
-        "earlybert.mode=fixed",
-        f"earlybert.draw_step={DRAW}",
-        "earlybert.after_draw=rewind",
-        "earlybert.fold_gates=false",
-        "earlybert.optimizer_after_draw=reset",
-        "earlybert.lambda_heads=0.01",
-        "earlybert.lambda_ffn=0.01",
-        "checkpoint.keep=10",
-    )
+    """Ticket of the gates at a fixed step, rewound to the weights of an early step, gates kept, fresh moments."""
+    return train(config, tmp_path_factory.mktemp("fixed") / "run", *FIXED_REWIND)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +74,18 @@ def dense(config, tmp_path_factory):
     return train(config, tmp_path_factory.mktemp("dense") / "run", "earlybert.mode=dense")
 
 
-def test_fixed_draw_rewinds_to_the_starting_weights_with_gates_kept(fixed_rewind):
+def test_fixed_draw_rewinds_to_an_early_steps_weights_and_schedule_with_gates_kept(fixed_rewind):
     ticket = json.loads((fixed_rewind / "ticket.json").read_text())
     assert ticket["mode"] == "fixed" and ticket["draw_step"] == DRAW and ticket["heads_per_layer"] == [3, 3]
-    # The checkpoint written right after the draw holds the rewound weights: the starting weights
-    # sliced to the ticket, gates kept (not folded).
+    # The checkpoint written right after the draw holds the rewound weights: step 2's weights sliced to
+    # the ticket, gates kept (not folded).
     tag = f"step_{DRAW:08d}"
     arch = checkpoint_architecture(fixed_rewind, tag)
     assert arch["use_gates"] is True and arch["num_heads_per_layer"] == [3, 3]
     model, _ = load_run_model(fixed_rewind, tag)
     start = load_file(fixed_rewind / "start_weights.safetensors")
+    at_rewind, _ = load_run_model(fixed_rewind, f"step_{REWIND:08d}")
+    assert all(torch.equal(start[k], v) for k, v in at_rewind.named_parameters()), "not the weights of step 2"
     masks = Masks.from_json(
         {
             "heads": ["".join("1" if i in kept else "0" for i in range(4)) for kept in ticket["kept_heads"]],
@@ -93,6 +99,23 @@ def test_fixed_draw_rewinds_to_the_starting_weights_with_gates_kept(fixed_rewind
     assert all("gate_penalty" in r for r in m[:DRAW]) and all(
         "gate_penalty" not in r and "gate_l1" in r for r in m[DRAW:]
     )
+    # Steps count on; the schedule goes back to step 2 and runs to its end; the phases grow by 3 steps.
+    rewound = DRAW - REWIND
+    assert [r["step"] for r in m] == list(range(1, TOTAL + rewound + 1))
+    assert m[DRAW]["lr"] == m[REWIND]["lr"] and m[DRAW + 1]["lr"] == m[REWIND + 1]["lr"]
+    assert [r["seq_len"] for r in m] == [32] * (8 + rewound) + [64] * 4
+
+
+def test_a_rewound_run_resumes_to_the_same_losses(fixed_rewind, config, tmp_path):
+    """From the checkpoint at the draw and one after it: the plan position, data stream and schedule."""
+    for tag in (f"step_{DRAW:08d}", "step_00000008"):
+        run = tmp_path / tag
+        shutil.copytree(fixed_rewind, run)
+        train(config, run, *FIXED_REWIND, f"resume_from={tag}")
+        got, want = records(run), records(fixed_rewind)
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        for g, w in zip(got, want):
+            assert g["loss"] == pytest.approx(w["loss"], abs=1e-6) and g["lr"] == w["lr"], f"step {g['step']}"
 
 
 def test_random_baseline_prunes_other_units_at_the_same_ratios(random_run, fixed_rewind):

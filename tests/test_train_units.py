@@ -94,6 +94,10 @@ def test_overrides_are_typed_and_reach_lists(tmp_path):
         (["deepspeed_overrides.zero_optimization.stage=4"], "stage=4; DeepSpeed ZeRO has stages 0, 1, 2 and 3"),
         (["deepspeed=/nonexistent.json"], "cannot read /nonexistent.json"),
         (["seed"], "expected key=value"),
+        (
+            ["earlybert.after_draw=rewind", "earlybert.rewind_step=500", "earlybert.detector.min_search_steps=500"],
+            "rewind_step=500: the weights of that step must be saved before the earliest draw (step 500)",
+        ),
     ],
 )
 def test_bad_configs_fail_with_a_clear_message(tmp_path, overrides, message):
