@@ -42,8 +42,9 @@ class DetectorConfig:
     ffn_prune_ratio: float = 0.4
     head_scope: Literal["layer", "global"] = "layer"  # layer: BERT-base keeps 8 of 12 per layer
     ffn_scope: Literal["layer", "global"] = "global"  # global: later layers lose more
-    # Each layer keeps a multiple of this many FFN neurons (its largest gates): GPU matrix units want widths
-    # that are multiples of 8 or 64; 1 keeps exactly the ratio.
+    # Each layer keeps a multiple of this many FFN neurons (its largest gates). 1 keeps exactly the ratio, and the
+    # tickets of runs started before this option; 8 measured 0.95x the FFN time of the exact widths on CPU
+    # (bench/bench_widths.py), and GPU matrix units want multiples of 8 too: the bert-base/large configs use 8.
     ffn_multiple_of: int = 1
     min_search_steps: int = 500  # never draw before this step
     max_search_steps: int = 10_000  # draw at this step whatever the distances say
