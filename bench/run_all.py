@@ -1,12 +1,13 @@
 """`make bench`: run every bench/bench_*.py in turn (each writes bench/results/NAME.json and .md), the long
-ones in their quick form (the full runs: `python -m bench.bench_finetune`, see each module's docstring)."""
+ones in their quick form (the full runs: `python -m bench.bench_e2e`, `python -m bench.bench_finetune`, see
+each module's docstring; bench_e2e --quick writes bench/results/e2e_quick.*, leaving the full run's e2e.*)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = {"bench_finetune": ["--quick"]}
+QUICK = {"bench_e2e": ["--quick"], "bench_finetune": ["--quick"]}
 GPU_ONLY = {"bench_gpu"}  # refuses to run without CUDA (exit 2): left out on CPU machines
 
 
