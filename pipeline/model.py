@@ -644,9 +644,10 @@ class EarlyBertLMPredictionHead(nn.Module):
     def __init__(self, config: EarlyBertConfig):
         super().__init__()
         self.transform = EarlyBertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)  # weight tied to word embeddings
+        # weight tied to the word embeddings, bias to self.bias (MLM_TIED_WEIGHTS; transformers ties them after
+        # loading, and initialises self.bias where a checkpoint has no MLM head)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # (..., hidden) -> (..., vocab)

@@ -135,6 +135,19 @@ def test_masked_lm_checkpoint_loads_into_pretraining_model(tmp_path):
     assert (ref[mask.bool()] - out[mask.bool()]).abs().max() <= 1e-5
 
 
+def test_an_encoder_only_checkpoint_gets_fresh_pretraining_heads(tmp_path):
+    """A BertModel (sentence encoders ship so, e.g. all-MiniLM-L6-v2) has no MLM head: continued pre-training
+    starts it fresh, the MLM bias at zero and tied into the decoder, nothing left on the meta device."""
+    hf = BertModel(hf_config(**HF_CONFIGS[0])).eval()
+    randomize(hf, seed=4)
+    hf.save_pretrained(tmp_path)
+    ours = EarlyBertForPreTraining.from_pretrained(tmp_path)
+    assert not [n for n, p in ours.named_parameters() if p.device.type == "meta"]
+    head = ours.cls.predictions
+    assert torch.equal(head.bias, torch.zeros_like(head.bias)) and head.decoder.bias is head.bias
+    assert torch.equal(ours.bert.embeddings.word_embeddings.weight, hf.embeddings.word_embeddings.weight)
+
+
 def per_layer_config(**overrides) -> EarlyBertConfig:
     fields = dict(
         vocab_size=61,
