@@ -334,29 +334,6 @@ def prep_shards(corpus_dir: Path, tokenizer: Path | None, out: Path) -> tuple[Pa
     return shards
 
 
-def minilm_start(work: Path) -> Path:
-    """all-MiniLM-L6-v2 with fresh MLM and NSP heads (the model's own initialisation; the MLM decoder tied to the
-    word embeddings, as in BERT). The package ships a BertModel without them, and `model.init_from` on its
-    directory leaves the MLM head's bias on the meta device (the run fails), so the heads are added here."""
-    from safetensors.torch import load_file
-
-    from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
-
-    out = work / "minilm-start"
-    if (out / "config.json").exists():
-        return out
-    source = pretrained_model()
-    torch.manual_seed(SEED)
-    model = EarlyBertForPreTraining(EarlyBertConfig.from_pretrained(str(source), use_gates=False))
-    weights = {f"bert.{k}": v for k, v in load_file(source / "model.safetensors").items()}
-    missing, _ = model.load_state_dict(weights, strict=False)
-    if any(not k.startswith("cls.") for k in missing):
-        raise SystemExit(f"{source}: the encoder's weights are incomplete (missing {missing[:5]})")
-    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
-    model.save_pretrained(out)
-    return out
-
-
 def tasks(s: Settings) -> dict[str, dict]:
     """One classification task per corpus, from the corpus's own documents."""
     f, built = s.finetuning, {}
@@ -1004,8 +981,9 @@ def main(argv=None) -> int:
         s.work.mkdir(parents=True, exist_ok=True)
         write_json(s.work / "tasks.json", tasks(s))
         for part in s.parts:
-            model = minilm_start(s.work) if part.model == "minilm" else None
-            tokenizer = pretrained_model() / "tokenizer.json" if model else None
+            # The package's directory as it is: `model.init_from` starts the MLM and NSP heads it lacks afresh.
+            model = pretrained_model() if part.model == "minilm" else None
+            tokenizer = model / "tokenizer.json" if model else None
             for corpus in part.corpora:
                 t0 = time.time()
                 shards = prep_shards(prep_corpus(s, corpus), tokenizer, s.work / part.key / corpus / "data")
