@@ -600,10 +600,11 @@ def beats(a: str, a_values: list[float], b: str, b_values: list[float], noise: f
     if noise is None:
         return {"claim": claim, "shown": False, "why": f"{values}; one run each, no spread to judge by"}
     noise = max(noise, metric.resolution)
-    relation = "beyond" if gain > noise else "within"
+    relation = "beyond" if abs(gain) > noise else "within"
     return {
         "claim": claim,
         "shown": gain > noise,
+        "worse": gain < -noise,  # b is better by more than the spread: said, not hidden under "not shown"
         "why": f"{values}: {a}'s advantage {gain:+.3g}, {relation} the spread {noise:.3g}",
     }
 
