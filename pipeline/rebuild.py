@@ -101,8 +101,8 @@ def rebuild_engine(
     """Prune `engine`'s model to `masks` and return (new engine, plan). `engine` is destroyed.
 
     build(model) -> engine must create the engine exactly as the first one was created.
-    start_weights (name -> full fp32 tensor): rewind, i.e. prune these weights (the run's starting
-    point) instead of the current ones; the moments then start from zero.
+    start_weights (name -> full fp32 tensor): rewind, i.e. prune these weights (those of the rewind step,
+    or the pre-trained ones) instead of the current ones; the moments then start from zero.
     carry_schedule=False: the new engine keeps its own fresh counters and LR schedule.
     Drop every other reference to the old engine after this returns.
     """
