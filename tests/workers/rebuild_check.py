@@ -117,5 +117,4 @@ if rank == 0:
     }
     with open(out_path, "w") as f:
         json.dump(result, f)
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+distributed.teardown(clean=True)
