@@ -19,14 +19,15 @@ start-up, tokenization and evaluations apart (reported too, as active time).
 Targets, as in the paper: EarlyBERT at least 30% less fine-tuning time than dense, accuracy within 1
 point of dense, and above random pruning by more than the seeds' spread.
 
-    python -m bench.bench_finetune                 # 3 seeds: about an hour on 2 cores
-    python -m bench.bench_finetune --quick         # 1 seed, fewer examples (make bench)
+    python -m bench.bench_finetune                 # 3 seeds: about 40 minutes on 2 cores
+    python -m bench.bench_finetune --quick         # 1 seed, fewer examples (make bench): bench/results/finetune_quick.*
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ from bench.common import (
     write_results,
 )
 from data_prep.shards import write_json
+from pipeline.config import from_dict
+from pipeline.finetune_config import FinetuneConfig, search_config_in_steps
 from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +97,25 @@ def summarize(run: RunDir, active_s: float) -> dict:
     }
 
 
+def settings_note(run_dir: Path, train_examples: int) -> str:
+    """The recipe and detector an EarlyBERT run used, in epochs and in this task's steps."""
+    cfg = from_dict(FinetuneConfig, RunDir(run_dir).read_config(), "")  # as resolved, derived steps included
+    r, eb = cfg.recipe, cfg.earlybert
+    steps_per_epoch = math.ceil(train_examples / cfg.global_batch_size)
+    d = search_config_in_steps(eb, r, steps_per_epoch).detector
+    return (
+        f"Settings: the recipe's defaults (pipeline/finetune_config.py), not tuned to this task; "
+        f"{steps_per_epoch} steps per epoch. EarlyBERT searches at lr {r.search_lr:g} with lambdas "
+        f"{eb.lambda_heads:g} (heads) and {eb.lambda_ffn:g} (FFN); the detector ({d.criterion}, epsilon "
+        f"{d.epsilon:g}, FIFO of {d.window}) takes a mask every {d.interval} step(s) ({r.detector_interval_epochs:g} "
+        f"epoch) and draws between steps {d.min_search_steps} and {d.max_search_steps} ({r.min_search_epochs:g}-"
+        f"{r.max_search_epochs:g} epoch), by force at the latter; head ratio {d.head_prune_ratio:.2f} per layer, "
+        f"FFN {d.ffn_prune_ratio:g} global. The ticket rewinds to the pre-trained weights and trains {r.epochs:g} "
+        f"epochs at lr {r.lr:g}. Random pruning draws random units at the same ratios at {r.draw_epoch:g} epoch and "
+        f"trains the same way; dense trains {r.dense_epochs:g} epochs at lr {r.dense_lr:g}."
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_finetune")
@@ -105,8 +127,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, 80 training paragraphs per class")
     parser.add_argument("--summarize-only", action="store_true", help="tables from the runs already in --work")
     args = parser.parse_args(argv)
-    if args.quick:
+    results_name = "finetune"
+    if args.quick:  # plumbing at tiny sizes, apart from the full run's work directory and results
         args.seeds, args.train_per_class, args.dev_per_class = 1, 80, 30
+        args.work, results_name = args.work / "quick", "finetune_quick"
 
     model = pretrained_model()
     task = build_task(
@@ -180,6 +204,7 @@ def main(argv=None) -> int:
         > max(eb["accuracy_spread"], rnd["accuracy_spread"]),
     }
     notes = (
+        f"{settings_note(args.work / 'earlybert-seed1', task['train'])}\n\n"
         f"Task: {task['train']} training and {task['dev']} validation paragraphs of the Linux kernel "
         f"documentation, {len(task['labels'])} subsystems ({', '.join(task['labels'])}), split by document; "
         f"max_seq_length {args.max_seq_length}, batch 32, {args.seeds} seed(s), one process each, runs "
@@ -192,7 +217,7 @@ def main(argv=None) -> int:
         f"{targets['beats_random_beyond_spread']}."
     )
     path = write_results(
-        "finetune",
+        results_name,
         {"task": task, "model": str(model), "seeds": args.seeds, "runs": per_run, "by_mode": stats, "targets": targets},
         ["mode", "accuracy %", "fine-tuning time s", "time / dense", "active s", "draw steps"],
         table,

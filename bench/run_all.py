@@ -1,6 +1,7 @@
 """`make bench`: run every bench/bench_*.py in turn (each writes bench/results/NAME.json and .md), the long
 ones in their quick form (the full runs: `python -m bench.bench_e2e`, `python -m bench.bench_finetune`, see
-each module's docstring; bench_e2e --quick writes bench/results/e2e_quick.*, leaving the full run's e2e.*)."""
+each module's docstring; their quick forms write bench/results/e2e_quick.* and finetune_quick.*, leaving the
+full runs' results)."""
 
 import subprocess
 import sys
