@@ -19,7 +19,7 @@ from data_prep import ShardDataset
 from pipeline import checkpoint
 from pipeline.checkpoint import RunState
 from pipeline.config import ConfigError, RunConfig, read_deepspeed, zero_stage
-from pipeline.model import EarlyBertConfig
+from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
 
 # How the model computes, not what: a relaunch may switch them with model.overrides (the checkpoint's own
 # architecture.json is used otherwise).
@@ -70,7 +70,10 @@ def model_config_for(cfg: RunConfig, data: ShardDataset) -> EarlyBertConfig:
     fields = {"use_gates": cfg.earlybert.use_gates, "use_nsp": data.has_nsp, **cfg.model.overrides}
     try:
         if cfg.model.init_from:
-            return EarlyBertConfig.from_pretrained(cfg.model.init_from, **fields)
+            # The checkpoint's config names its own class (BertModel, BertForMaskedLM, ...); this run trains
+            # the pre-training model, and its checkpoints, ticket and exports must say so.
+            architectures = [EarlyBertForPreTraining.__name__]
+            return EarlyBertConfig.from_pretrained(cfg.model.init_from, architectures=architectures, **fields)
         return EarlyBertConfig.from_preset(
             cfg.model.preset, **{"vocab_size": data.vocab_size, "pad_token_id": data.special_ids["pad"], **fields}
         )

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from data_prep.launchers import launched_rank
-from pipeline import model as model_classes
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.detector import (
     Decision,
@@ -42,6 +41,7 @@ from pipeline.detector import (
     natural_draw_problems,
     observe,
 )
+from pipeline.export import model_class
 from pipeline.model import EarlyBertConfig, flops_per_sequence, parameter_count
 from pipeline.rebuild import full_fp32
 from pipeline.rundir import RunDir
@@ -188,9 +188,8 @@ def parameters_of(config: EarlyBertConfig) -> int:
     """Parameter count of the model a config describes: the class it names (a task model), else the
     pre-training model. Built on the meta device: no memory, no init (the engine's own parameters are
     partitioned under ZeRO-3)."""
-    cls = getattr(model_classes, (config.architectures or ["EarlyBertForPreTraining"])[0])
     with torch.device("meta"):
-        return parameter_count(cls(config))
+        return parameter_count(model_class(config)(config))
 
 
 def ticket_record(

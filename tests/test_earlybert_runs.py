@@ -43,6 +43,22 @@ def test_search_draw_prune_rebuild_and_train_on(eb_reference):
     assert m[-1]["loss"] < m[0]["loss"]
 
 
+def test_continued_pretraining_from_a_hugging_face_checkpoint_draws_and_exports(config, hf_bert, tmp_path):
+    """transformers' own checkpoint names its class (BertForMaskedLM) in its config; the run trains the
+    pre-training model, and its ticket, checkpoints and model say so (the draw once failed on the name)."""
+    from pipeline.export import load_run_model
+    from pipeline.model import EarlyBertForPreTraining
+
+    run_dir = tmp_path / "run"
+    code, out = finish(deepspeed(config, run_dir, *EARLYBERT, f"model.init_from={hf_bert}"))
+    assert code == 0, out
+    t = ticket(run_dir)
+    assert t["params_after"] < t["params_before"]
+    assert architecture(run_dir)["architectures"] == ["EarlyBertForPreTraining"]
+    model, _ = load_run_model(run_dir)
+    assert type(model) is EarlyBertForPreTraining and model.config.num_heads_per_layer == t["heads_per_layer"]
+
+
 KILL_POINTS = {  # what fails, and when
     "before the draw": ("pipeline.train:prune_engine", "before"),
     "during the rebuild": ("pipeline.rebuild:restore_engine", "before"),
