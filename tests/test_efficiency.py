@@ -20,24 +20,14 @@ from pipeline.model import (
     Unpadded,
 )
 from pipeline.pruner import PrunePlan, prune_model, pruned_config
+from tiny import NO_DROPOUT, per_layer_config, spread_gates
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(**fields) -> EarlyBertConfig:
-    """A pruned-looking structure: per-layer heads and FFN widths, head size not hidden / heads."""
-    base = dict(
-        vocab_size=61,
-        hidden_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        head_size=6,
-        num_heads_per_layer=[3, 1, 4],
-        intermediate_size_per_layer=[20, 7, 16],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return EarlyBertConfig(**{**base, **fields})
+    """A pruned-looking structure without dropout."""
+    return per_layer_config(**{**NO_DROPOUT, **fields})
 
 
 UNIFORM = dict(num_heads_per_layer=None, intermediate_size_per_layer=None, head_size=None, intermediate_size=32)
@@ -82,13 +72,6 @@ def assert_same(a, b, tol: float = 1e-5):
         assert (grads_a[name] - grads_b[name]).abs().max() <= tol, name
 
 
-def randomize_gates(model: torch.nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in model.head_gates() + model.ffn_gates():
-            gate.copy_(torch.randn(gate.shape, generator=g))
-
-
 HEADS = {
     "pretraining": (EarlyBertForPreTraining, {}),
     "sequence": (EarlyBertForSequenceClassification, {"num_labels": 3}),
@@ -122,7 +105,7 @@ def test_unpadded_equals_padded(kind, structure):
     cfg = config(**fields, **(UNIFORM if structure == "uniform" else {}))
     torch.manual_seed(0)
     padded = model_class(cfg).train()
-    randomize_gates(padded)
+    spread_gates(padded, seed=3)
     inputs = head_inputs(kind, padded_batch())
     reference = loss_and_grads(padded, inputs)
     for options in ({"unpad": True}, {"unpad": True, "fused_qkv": True, "activation_checkpointing": True}):
@@ -178,7 +161,7 @@ def test_activation_checkpointing_equal_with_dropout_and_survives_pruning(tmp_pa
     cfg = config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     torch.manual_seed(0)
     model = EarlyBertForPreTraining(cfg).train()
-    randomize_gates(model)
+    spread_gates(model, seed=3)
     inputs = head_inputs("pretraining", padded_batch())
     reference = loss_and_grads(model, inputs)
     model.zero_grad()
@@ -232,8 +215,8 @@ def test_fused_qkv_keeps_transformers_names_loads_hf_and_prunes(tmp_path):
     assert BertForPreTraining.from_pretrained(tmp_path / "fused").state_dict().keys() == hf.state_dict().keys()
 
     # The pruner slices query/key/value by name: the pruned fused model equals the pruned plain one.
-    randomize_gates(fused)
-    randomize_gates(plain)
+    spread_gates(fused, seed=3)
+    spread_gates(plain, seed=3)
     masks = masks_from_gates(fused.head_gates(), fused.ffn_gates(), DetectorConfig())
     (fused_pruned, _), (plain_pruned, _) = prune_model(fused, masks), prune_model(plain, masks)
     assert fused_pruned.config.fused_qkv and fused_pruned.config.num_heads_per_layer == [3, 3]
@@ -325,7 +308,7 @@ def worker(stage: int, options: dict, out_path: str) -> None:
             **options,
         )
     )
-    randomize_gates(model)
+    spread_gates(model, seed=3)
     masks = masks_from_gates(model.head_gates(), model.ffn_gates(), DetectorConfig())
     engine = build_engine(model, spec)
     losses = []
@@ -356,8 +339,9 @@ def worker(stage: int, options: dict, out_path: str) -> None:
                 }
             )
         )
-    # Exiting with the process group (and ZeRO-3's hooks) alive can abort in C++ teardown
-    # ("terminate called without an active exception"), as the product's own exit path knows.
+    # As the product ends a run (pipeline/train.py): ZeRO-3's hooks and buffers go before the process group,
+    # else the exit can abort in C++ teardown ("terminate called without an active exception").
+    engine.destroy()
     distributed.teardown(clean=True)
 
 

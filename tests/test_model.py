@@ -27,6 +27,7 @@ from pipeline.model import (
     EarlyBertForTokenClassification,
     flops_per_sequence,
 )
+from tiny import NO_DROPOUT, per_layer_config, spread_gates
 
 transformers.logging.set_verbosity_error()
 
@@ -148,19 +149,6 @@ def test_an_encoder_only_checkpoint_gets_fresh_pretraining_heads(tmp_path):
     assert torch.equal(ours.bert.embeddings.word_embeddings.weight, hf.embeddings.word_embeddings.weight)
 
 
-def per_layer_config(**overrides) -> EarlyBertConfig:
-    fields = dict(
-        vocab_size=61,
-        hidden_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        head_size=6,
-        num_heads_per_layer=[3, 1, 4],
-        intermediate_size_per_layer=[20, 7, 16],
-    )
-    return EarlyBertConfig(**{**fields, **overrides})
-
-
 def test_per_layer_structure_builds_trains_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model = EarlyBertForPreTraining(per_layer_config())
@@ -204,9 +192,7 @@ def test_mismatched_weights_fail_naming_the_tensor(tmp_path):
 def test_gate_penalty_value_and_gradient():
     torch.manual_seed(0)
     model = EarlyBertForPreTraining(per_layer_config())
-    with torch.no_grad():
-        for g in model.head_gates() + model.ffn_gates():
-            g.copy_(torch.randn(g.shape))
+    spread_gates(model)
     heads, ffn = model.head_gates(), model.ffn_gates()
     lam_h, lam_f = 3e-3, 5e-4
     penalty = model.gate_penalty(lam_h, lam_f)
@@ -232,7 +218,7 @@ def test_gate_penalty_value_and_gradient():
 def test_gates_scale_head_outputs_and_neurons():
     """A zero head gate removes exactly that head's contribution; a zero FFN gate that neuron's."""
     torch.manual_seed(0)
-    config = per_layer_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = per_layer_config(**NO_DROPOUT)
     model = EarlyBertForPreTraining(config).eval()
     ids, mask, types, *_ = batch(61, padded=True)
     layer = model.bert.encoder.layer[0]
@@ -251,10 +237,8 @@ def test_gates_scale_head_outputs_and_neurons():
 
 def test_plain_bert_switch_removes_gates(tmp_path):
     torch.manual_seed(0)
-    gated = EarlyBertForPreTraining(per_layer_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
-    plain = EarlyBertForPreTraining(
-        per_layer_config(use_gates=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    ).eval()
+    gated = EarlyBertForPreTraining(per_layer_config(**NO_DROPOUT)).eval()
+    plain = EarlyBertForPreTraining(per_layer_config(use_gates=False, **NO_DROPOUT)).eval()
     assert plain.head_gates() == [] and plain.ffn_gates() == []
     assert not any("gates" in n for n, _ in plain.named_parameters())
     assert plain.gate_penalty(1e-4, 1e-4).item() == 0.0

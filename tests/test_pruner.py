@@ -7,6 +7,7 @@ from pipeline import EarlyBertConfig, EarlyBertForPreTraining
 from pipeline.detector import DetectorConfig, masks_from_gates
 from pipeline.model import flops_per_sequence, parameter_count
 from pipeline.pruner import PrunePlan, gate_values, prune_model, prune_tensors
+from tiny import NO_DROPOUT, spread_gates
 
 
 def dense_model(seed: int = 0) -> EarlyBertForPreTraining:
@@ -17,13 +18,10 @@ def dense_model(seed: int = 0) -> EarlyBertForPreTraining:
         num_hidden_layers=3,
         num_attention_heads=6,
         intermediate_size=40,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        **NO_DROPOUT,
     )
     model = EarlyBertForPreTraining(config).eval()
-    with torch.no_grad():  # gates as after a search: spread out, some negative
-        for g in model.head_gates() + model.ffn_gates():
-            g.copy_(torch.randn(g.shape))
+    spread_gates(model)
     return model
 
 

@@ -28,7 +28,7 @@ def run_two_ranks(script: Path, args: list[str], timeout: int = 300) -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             DS_ACCELERATOR="cpu",
-            PYTHONPATH=str(ROOT),
+            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),  # the tests' helper modules too
         )
         env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
         procs.append(

@@ -15,6 +15,7 @@ from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.detector import Decision, DetectorConfig, broadcast_decision, check_same_masks, masks_from_gates
 from pipeline.pruner import PrunePlan, gate_values, prune_tensors
 from pipeline.rebuild import MOMENTS, rebuild_engine, snapshot_engine
+from tiny import NO_DROPOUT, spread_gates  # tests/ is on PYTHONPATH (test_rebuild.run_two_ranks)
 
 stage, dtype, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 rank = distributed.setup().rank
@@ -66,13 +67,10 @@ config = EarlyBertConfig(
     num_hidden_layers=2,
     num_attention_heads=6,
     intermediate_size=23,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
+    **NO_DROPOUT,
 )
 model = EarlyBertForPreTraining(config)
-with torch.no_grad():
-    for gate in model.head_gates() + model.ffn_gates():
-        gate.copy_(torch.randn(gate.shape))
+spread_gates(model)
 engine = build(model)
 train_steps(engine, 3, seed=1)
 
@@ -117,4 +115,5 @@ if rank == 0:
     }
     with open(out_path, "w") as f:
         json.dump(result, f)
+engine.destroy()  # as the product ends a run: ZeRO-3's hooks and buffers before the process group
 distributed.teardown(clean=True)
