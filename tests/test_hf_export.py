@@ -171,6 +171,7 @@ def classification_data(tok, n: int = 48) -> Dataset:
 
 def test_trainer_fine_tunes_a_pruned_pretraining_export(pretraining_export, tmp_path):
     model, out = pretraining_export
+    torch.manual_seed(0)  # the new classifier's init: whatever ran before in the session
     clf = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, num_labels=3)
     assert type(clf).__name__ == "EarlyBertForSequenceClassification" and clf.classifier.weight.shape == (3, 32)
     encoder = fold_all_gates(model).state_dict()  # what the export wrote
@@ -194,7 +195,7 @@ def test_trainer_fine_tunes_a_pruned_pretraining_export(pretraining_export, tmp_
     trainer = Trainer(model=clf, args=args, train_dataset=data, eval_dataset=data, processing_class=tok)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 60 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    assert len(losses) == 60 and sum(losses[-10:]) / 10 < 0.6 * sum(losses[:5]) / 5, losses
     predictions = trainer.predict(data)  # EarlyBERT's extra output fields are not taken for predictions
     assert predictions.predictions.shape == (len(data), 3)
 
