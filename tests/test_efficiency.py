@@ -4,6 +4,7 @@ option) and DeepSpeed's fused Adam with its fallback. Each must leave the losses
 Run as a script (`test_efficiency.py worker STAGE OPTIONS OUT`), this file is one rank of the 2-rank check."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -366,3 +367,9 @@ def test_options_under_zero_and_across_the_rebuild(tmp_path, stage):
 
 if __name__ == "__main__" and sys.argv[1] == "worker":
     worker(int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4])
+    # Result written, engine destroyed, process group left. About one full suite in three, a ZeRO-3 rank of these
+    # two-rank workers (and of tests/workers/rebuild_check.py) still aborted in C++ teardown at interpreter exit
+    # ("terminate called without an active exception"); the product's ZeRO-3 runs never showed it. Not
+    # understood; the test checks the result, so the worker skips interpreter teardown.
+    sys.stdout.flush()
+    os._exit(0)
