@@ -40,12 +40,18 @@ class PrunePlan:
     def from_masks(cls, masks: Masks, head_size: int, fold_gates: bool) -> "PrunePlan":
         return cls(masks.kept_heads(), masks.kept_neurons(), head_size, fold_gates)
 
-    def head_rows(self, layer: int) -> torch.Tensor:
+    # Index tensors are made on the device of the tensor they index: index_select on a CUDA tensor refuses
+    # CPU indices.
+    def head_rows(self, layer: int, device: torch.device | None = None) -> torch.Tensor:
         d = self.head_size
-        return torch.tensor([h * d + j for h in self.kept_heads[layer] for j in range(d)], dtype=torch.long)
+        rows = [h * d + j for h in self.kept_heads[layer] for j in range(d)]
+        return torch.tensor(rows, dtype=torch.long, device=device)
 
-    def neurons(self, layer: int) -> torch.Tensor:
-        return torch.tensor(self.kept_neurons[layer], dtype=torch.long)
+    def heads(self, layer: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.tensor(self.kept_heads[layer], dtype=torch.long, device=device)
+
+    def neurons(self, layer: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.tensor(self.kept_neurons[layer], dtype=torch.long, device=device)
 
 
 def pruned_config(config: EarlyBertConfig, plan: PrunePlan) -> EarlyBertConfig:
@@ -78,26 +84,28 @@ def prune_tensors(
             out[name] = t
             continue
         prefix, layer, rest = match["prefix"], int(match["layer"]), match["rest"]
-        rows, neurons = plan.head_rows(layer), plan.neurons(layer)
+        rows, neurons = plan.head_rows(layer, t.device), plan.neurons(layer, t.device)
         gate_key = lambda kind, prefix=prefix, layer=layer: f"{prefix}encoder.layer.{layer}.{kind}"
         if rest.startswith(("attention.self.query.", "attention.self.key.", "attention.self.value.")):
             out[name] = t.index_select(0, rows)
         elif rest == "attention.output.dense.weight":
             w = t.index_select(1, rows)
             if plan.fold_gates and gate_key("attention.self.head_gates") in gates:
-                c = gates[gate_key("attention.self.head_gates")].index_select(0, torch.tensor(plan.kept_heads[layer]))
-                w = w * c.repeat_interleave(plan.head_size).to(w.dtype)[None, :] ** power
+                gate = gates[gate_key("attention.self.head_gates")]
+                c = gate.index_select(0, plan.heads(layer, gate.device))
+                w = w * c.repeat_interleave(plan.head_size).to(w.device, w.dtype)[None, :] ** power
             out[name] = w
         elif rest == "attention.self.head_gates":
             if not plan.fold_gates:
-                out[name] = t.index_select(0, torch.tensor(plan.kept_heads[layer]))
+                out[name] = t.index_select(0, plan.heads(layer, t.device))
         elif rest in ("intermediate.dense.weight", "intermediate.dense.bias"):
             out[name] = t.index_select(0, neurons)
         elif rest == "output.dense.weight":
             w = t.index_select(1, neurons)
             if plan.fold_gates and gate_key("intermediate.ffn_gates") in gates:
-                c = gates[gate_key("intermediate.ffn_gates")].index_select(0, neurons)
-                w = w * c.to(w.dtype)[None, :] ** power
+                gate = gates[gate_key("intermediate.ffn_gates")]
+                c = gate.index_select(0, plan.neurons(layer, gate.device))
+                w = w * c.to(w.device, w.dtype)[None, :] ** power
             out[name] = w
         elif rest == "intermediate.ffn_gates":
             if not plan.fold_gates:

@@ -5,7 +5,8 @@ import torch
 
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining
 from pipeline.detector import DetectorConfig, masks_from_gates
-from pipeline.model import flops_per_sequence, parameter_count
+from pipeline.metrics import flops_per_sequence
+from pipeline.model import parameter_count
 from pipeline.pruner import PrunePlan, gate_values, prune_model, prune_tensors
 from tiny import NO_DROPOUT, spread_gates
 
@@ -86,3 +87,31 @@ def test_optimizer_moments_follow_the_folded_weights():
     m2 = prune_tensors(moment, plan, gates, power=-2)[name]
     c = gates["bert.encoder.layer.0.intermediate.ffn_gates"][plan.kept_neurons[0]]
     assert torch.allclose(m1[0], 1 / c) and torch.allclose(m2[0], 1 / c**2)
+
+
+class IndexOnTensorsDevice(torch.overrides.TorchFunctionMode):
+    """Refuses index_select with an index on another device than the tensor, as CUDA does (on the CPU
+    and the meta device torch lets it pass)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.index_select, torch.Tensor.index_select):
+            tensor, index = args[0], kwargs.get("index", args[2] if len(args) > 2 else None)
+            if index.device != tensor.device:
+                raise RuntimeError(f"index on {index.device}, tensor on {tensor.device}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fold_gates", [True, False])
+def test_pruning_tensors_on_another_device_indexes_them_there(fold_gates):
+    """The meta device stands in for a GPU: every index tensor is made where the weight it indexes lives."""
+    dense = dense_model(seed=7)
+    masks = masks_from_gates(dense.head_gates(), dense.ffn_gates(), DetectorConfig())
+    plan = PrunePlan.from_masks(masks, dense.config.head_size, fold_gates)
+    state = {k: v.detach() for k, v in dense.state_dict().items()}
+    on_cpu = prune_tensors(state, plan, gate_values(state))
+    meta = {k: v.to("meta") for k, v in state.items()}
+    with IndexOnTensorsDevice():
+        on_meta = prune_tensors(meta, plan, gate_values(meta))
+    assert sorted(on_meta) == sorted(on_cpu)
+    assert all(on_meta[k].device.type == "meta" and on_meta[k].shape == on_cpu[k].shape for k in on_cpu)
