@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.outputs import OutputError
+
 FORMAT = "earlybert-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -48,8 +50,14 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
 
 def atomic_write(path, write) -> None:
     """Call write(file) on a temporary name next to `path`, fsync, then rename over `path`:
-    a crash leaves either the old file or the new one, never a partial file under the real name."""
+    a crash leaves either the old file or the new one, never a partial file under the real name. Only a
+    regular file is ever replaced (data_prep/outputs.py): the rename would go over a FIFO or a device too."""
     path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise OutputError(
+            f"{path} exists and is not a regular file (a directory, device, FIFO, socket or dangling link): "
+            f"it is never replaced; choose another output path"
+        )
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

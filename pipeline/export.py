@@ -25,19 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from data_prep import outputs
 from pipeline.detector import Masks
 from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel
 from pipeline.pruner import prune_model
 from pipeline.rundir import RunDir, RunDirError
 
+COMMAND = "earlybert export"  # the marker of the directories it writes (data_prep/outputs.py)
 MODELING_FILE = "modeling_earlybert.py"
 AUTO_MAP = {
     "AutoConfig": "modeling_earlybert.EarlyBertConfig",
@@ -166,9 +166,18 @@ def run_tokenizer(run_dir: Path) -> Path:
         ) from None
 
 
-def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path, fmt: str = "auto") -> dict:
+def export_model(
+    model: EarlyBertPreTrainedModel,
+    output: Path,
+    tokenizer: Path,
+    fmt: str = "auto",
+    overwrite: bool = False,
+    inputs: tuple[Path, ...] = (),
+) -> dict:
     """Write an in-memory EarlyBERT model and a tokenizer.json as a Hugging Face directory (what `earlybert
-    export` does once the checkpoint is loaded). The directory appears whole or not at all."""
+    export` does once the checkpoint is loaded). The directory appears whole or not at all, and replaces an
+    existing one only where an export wrote it, or with overwrite (data_prep/outputs.py); `inputs` (the run)
+    are never written."""
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():
         raise ExportError(f"tokenizer {tokenizer} not found: pass --tokenizer PATH/tokenizer.json")
@@ -180,10 +189,9 @@ def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path,
         )
     as_bert = fmt == "bert" or (fmt == "auto" and folded.config.is_uniform)
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output {output} exists and is not a directory; choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    inputs = (*inputs, tokenizer)
+    outputs.check_directory_output(output, inputs, COMMAND, overwrite)
+    tmp = outputs.staging_dir(output, COMMAND)
     try:
         if as_bert:
             exported = plain_bert(folded)
@@ -192,9 +200,7 @@ def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path,
             exported = folded
             save_remote_code_model(folded, tmp)
         save_tokenizer(tokenizer, tmp, folded.config.max_position_embeddings)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        outputs.replace_directory(tmp, output, inputs, COMMAND, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
@@ -208,10 +214,18 @@ def export_model(model: EarlyBertPreTrainedModel, output: Path, tokenizer: Path,
 
 
 def export_run(
-    run_dir: Path, output: Path, tag: str | None = None, tokenizer: str | None = None, fmt: str = "auto"
+    run_dir: Path,
+    output: Path,
+    tag: str | None = None,
+    tokenizer: str | None = None,
+    fmt: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
+    tokenizer = Path(tokenizer) if tokenizer else run_tokenizer(run_dir)
+    # Refused before minutes of loading: an output over the run, its checkpoints or a folder of other files.
+    outputs.check_directory_output(output, (run_dir, tokenizer), COMMAND, overwrite)
     model, tag = load_run_model(run_dir, tag)
-    info = export_model(model, output, Path(tokenizer) if tokenizer else run_tokenizer(run_dir), fmt)
+    info = export_model(model, output, tokenizer, fmt, overwrite, inputs=(run_dir,))
     return {**info, "checkpoint": tag}
 
 
@@ -229,11 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: plain BERT when the structure is uniform, EarlyBERT remote code otherwise",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output directory that `earlybert export` did not write (never a run directory)",
+    )
     args = parser.parse_args(argv)
     try:
-        info = export_run(args.run, args.output, args.tag, args.tokenizer, args.format)
-    except (ExportError, FileNotFoundError) as err:
+        info = export_run(args.run, args.output, args.tag, args.tokenizer, args.format, args.overwrite)
+    except (ExportError, FileNotFoundError, outputs.OutputError) as err:
         print(f"earlybert export: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps(info, indent=2))
     return 0

@@ -180,22 +180,22 @@ CASES = {
         "earlybert eval RUN --shards S", "the latest checkpoint's shard truncated", "exit 1: names the truncated file"
     ),
     "export_run_missing": Case(
-        "earlybert export MISSING --output OUT", "no such run", "exit 1: 'has no complete checkpoint'; OUT not created"
+        "earlybert export MISSING --output OUT", "no such run", "exit 2: 'has no complete checkpoint'; OUT not created"
     ),
     "export_bad_tag": Case(
         "earlybert export RUN --tag step_00000099 --output OUT",
         "no such checkpoint",
-        "exit 1: 'has no complete checkpoint step_00000099'; OUT not created",
+        "exit 2: 'has no complete checkpoint step_00000099'; OUT not created",
     ),
     "export_damaged": Case(
         "earlybert export RUN --output OUT",
         "the latest checkpoint's shard truncated",
-        "exit 1: names the truncated file; OUT not created",
+        "exit 2: names the truncated file; OUT not created",
     ),
     "export_output_is_file": Case(
         "earlybert export RUN --output FILE",
         "the output is a file",
-        "exit 1: 'FILE exists and is not a directory'; FILE left alone",
+        "exit 2: 'FILE exists and is not a directory'; FILE left alone",
     ),
     "report_run_missing": Case("earlybert report MISSING", "no such run", "exit 1: 'MISSING/metrics.jsonl not found'"),
     "report_metrics_corrupt": Case(

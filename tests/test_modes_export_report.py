@@ -190,7 +190,7 @@ def test_export_refuses_a_run_without_checkpoints(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and "has no complete checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "has no complete checkpoint" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
