@@ -133,7 +133,7 @@ def test_finetune_config_paths(tmp_path, monkeypatch):
 def test_example_configs_mean_the_same_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     demo = load_config(str(REPO / "launch/configs/demo.yaml"))
-    assert demo.run_dir == str(REPO / "runs/demo") and demo.phases[0].shards == str(REPO / "runs/demo/data/seq128")
+    assert demo.run_dir == str(REPO / "runs/demo/run") and demo.phases[0].shards == str(REPO / "runs/demo/data/seq128")
     local = load_finetune_config(str(REPO / "launch/configs/finetune-local.yaml"))
     assert local.model.init_from == str(REPO / "runs/demo/export")
 
