@@ -1,19 +1,24 @@
-"""The faults and bad inputs tried by tests/test_faults.py, and docs/faults.md generated from them.
+"""The faults and bad inputs the tests try, and docs/faults.md generated from them.
 
     python -m tests.faults_table      rewrite docs/faults.md from CASES
 
-Every case here is tried by exactly one test of test_faults.py (`@tried(CASE)`, or a parametrize over
-case ids), and test_faults.py fails when docs/faults.md is not what render() writes: the table stays
-the list of what the tests try.
+Every case here is tried by exactly one test in one of tests/test_*.py: a test decorated `@tried(CASE, ...)`, or
+parametrized by `@cases(CASE, ...)` (its `case` argument). test_faults.py fails when a case is tried by no test or
+by two, or when docs/faults.md is not what render() writes: the table stays the list of what the tests try.
 """
 
 from __future__ import annotations
 
+import ast
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "faults.md"
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+DOC = TESTS.parent / "docs" / "faults.md"
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,7 @@ class Case:
     command: str  # what a user runs (RUN, CFG, OUT: the run directory, config, output)
     fault: str  # what is wrong
     outcome: str  # what happens: the message, the exit status, what is left on disk
+    exit: int  # the command's exit status: 2 bad input, 1 a failure during the work, 0 recovered from or accepted
 
 
 EXIT_1 = "exit 1"
@@ -32,36 +38,43 @@ CASES = {
         "the latest checkpoint's optimizer shard truncated",
         "message naming the shard; resumes from the newest intact checkpoint (the damaged one "
         "moved to step_N.set-aside) and reproduces the uninterrupted run's losses",
+        0,
     ),
     "manifest_checks": Case(
         "earlybert train / finetune (resume)",
         "a checkpoint file truncated, missing, or a bit flipped",
         "found by size, or by sha256 (checkpoint.verify: checksum); checkpoint.verify: size checks sizes only",
+        0,
     ),
     "no_manifest_accepted": Case(
         "earlybert train (resume)",
         "a checkpoint written before manifests existed (tests/fixtures/v0_runs)",
         "accepted as it is",
+        0,
     ),
     "no_intact_checkpoint": Case(
         "earlybert train (resume)",
         "the only checkpoint damaged",
         "exit 2: message naming the file, 'no intact checkpoint before it'",
+        2,
     ),
     "resume_from_missing": Case(
         "earlybert train --config CFG resume_from=step_00000099",
         "a tag that is not there",
         f"{EXIT_2}: message listing the intact checkpoints",
+        2,
     ),
     "resume_from_malformed": Case(
         "earlybert train --config CFG resume_from=latest",
         "not a tag",
         f"{EXIT_2}: 'expected a checkpoint tag such as step_00001000'",
+        2,
     ),
     "resume_from_older": Case(
         "earlybert train --config CFG resume_from=step_00000009",
         "resume from an older checkpoint by hand",
         "resumes from it, later checkpoints moved aside, the run finishes with the uninterrupted run's losses",
+        0,
     ),
     "disk_full": Case(
         "earlybert train (2 ranks) on a 10 MB tmpfs",
@@ -69,158 +82,254 @@ CASES = {
         "exit non-zero within the collective timeout: 'saving checkpoint ... failed: ... (0.1 MiB "
         "free on its filesystem)', the previous checkpoint intact and still `latest`, the partial "
         "one removed",
+        1,
     ),
     # ---- locks ------------------------------------------------------------------------------------------------
     "second_train": Case(
         "earlybert train on a RUN in use",
         "RUN/.earlybert.lock held by a live process",
         "exit 2: 'RUN is in use by ... host H, pid P'; the holder's lock left alone",
+        2,
     ),
     "stale_lock": Case(
         "earlybert train / finetune / prep",
         "a lock left by a killed process (same host, pid gone)",
         "taken over, with a message",
+        0,
     ),
     "lock_other_host": Case(
         "earlybert train / finetune / prep",
         "a lock of another host",
         "refused, naming the host and the file to delete if that job is gone",
+        2,
     ),
-    "second_prep": Case("earlybert prep --output OUT", "OUT in use by another prep", "exit 1: 'OUT is in use by ...'"),
+    "second_prep": Case(
+        "earlybert prep --output OUT", "OUT in use by another prep", "exit 1: 'OUT is in use by ...'", 1
+    ),
     # ---- ranks and collectives ---------------------------------------------------------------------------------
     "rank_stopped": Case(
         "earlybert train (2 ranks), dist_timeout.step_s=5",
         "rank 1 stopped with SIGSTOP",
         "rank 0 exits 1 within the timeout: 'step N: a collective ... failed or waited more than "
         "dist_timeout.step_s=5 s ...; rank(s) [1] did not reach it'; the relaunch resumes exactly",
+        1,
     ),
     "nan_stop": Case(
         "earlybert train (fp32), nonfinite.action=stop",
         "a NaN loss at step 5",
         "exit 1: 'step 5: the loss is nan; stopping'; latest is the step-3 checkpoint, intact",
+        1,
     ),
     "nan_skip": Case(
         "earlybert train (fp32), nonfinite: {action: skip, max_skipped: 1}",
         "a NaN loss at step 5",
         "DeepSpeed skips the update; the run finishes; nonfinite_skipped 1 in metrics.jsonl from step 5",
+        0,
     ),
     "nan_skip_limit": Case(
         "earlybert train (fp32), nonfinite: {action: skip, max_skipped: 1}",
         "NaN losses at steps 5 and 7",
         "exit 1 at step 7: 'after 1 skipped'",
+        1,
     ),
     # ---- bad input: train -------------------------------------------------------------------------------------
     "train_config_missing": Case(
-        "earlybert train --config nothere.yaml", "no such file", f"{EXIT_2}: 'cannot read run config nothere.yaml'"
+        "earlybert train --config nothere.yaml",
+        "no such file",
+        f"{EXIT_2}: 'cannot read run config nothere.yaml'",
+        2,
     ),
     "train_config_not_mapping": Case(
-        "earlybert train --config CFG", "the YAML is a list", f"{EXIT_2}: 'expected a mapping at the top level'"
+        "earlybert train --config CFG",
+        "the YAML is a list",
+        f"{EXIT_2}: 'expected a mapping at the top level'",
+        2,
     ),
     "train_wrong_type": Case(
         "earlybert train --config CFG phases.0.steps=ten",
         "a string for an int",
         f"{EXIT_2}: 'phases.0.steps: expected int'",
+        2,
     ),
     "train_bad_choice": Case(
-        "earlybert train --config CFG nonfinite.action=ignore", "not a choice", f"{EXIT_2}: 'choose one of stop, skip'"
+        "earlybert train --config CFG nonfinite.action=ignore",
+        "not a choice",
+        f"{EXIT_2}: 'choose one of stop, skip'",
+        2,
     ),
     "train_bad_timeout": Case(
         "earlybert train --config CFG dist_timeout.step_s=0",
         "a timeout of 0",
         f"{EXIT_2}: 'dist_timeout.step_s must be > 0'",
+        2,
     ),
     "train_bad_verify": Case(
         "earlybert train --config CFG checkpoint.verify=md5",
         "not a choice",
         f"{EXIT_2}: 'choose one of checksum, size'",
+        2,
     ),
     "train_run_dir_is_file": Case(
         "earlybert train --config CFG run_dir=FILE",
         "run_dir is a file",
         f"{EXIT_2}: 'run_dir FILE is a file, not a directory'",
+        2,
     ),
     "train_no_shards": Case(
         "earlybert train --config CFG phases.0.shards=EMPTY_DIR",
         "not a prep output",
         f"{EXIT_2}: 'manifest.json: not found'",
+        2,
     ),
     "train_other_model": Case(
         "earlybert train --config CFG model.preset=bert-mini (RUN of bert-tiny)",
         "a checkpoint of another model",
         f"{EXIT_2}: 'checkpoint of another model', the fields that differ",
+        2,
     ),
     # ---- bad input: finetune ----------------------------------------------------------------------------------
     "finetune_config_missing": Case(
-        "earlybert finetune --config nothere.yaml", "no such file", f"{EXIT_2}: 'cannot read run config nothere.yaml'"
+        "earlybert finetune --config nothere.yaml",
+        "no such file",
+        f"{EXIT_2}: 'cannot read run config nothere.yaml'",
+        2,
     ),
     "finetune_wrong_type": Case(
-        "earlybert finetune --config CFG seed=abc", "a string for an int", f"{EXIT_2}: 'seed: expected int'"
+        "earlybert finetune --config CFG seed=abc",
+        "a string for an int",
+        f"{EXIT_2}: 'seed: expected int'",
+        2,
     ),
     "finetune_init_from_missing": Case(
         "earlybert finetune --config CFG model.init_from=MISSING",
         "no such model",
         f"{EXIT_2}: 'model.init_from MISSING does not exist'",
+        2,
     ),
     "finetune_pretraining_run_dir": Case(
         "earlybert finetune --config CFG run_dir=PRETRAINING_RUN",
         "a run directory of the wrong kind",
         f"{EXIT_2}: 'a checkpoint of another task head'",
+        2,
     ),
     "finetune_resume_from_missing": Case(
         "earlybert finetune --config CFG resume_from=step_00000099",
         "a tag that is not there",
         f"{EXIT_2}: 'resume_from step_00000099: ... missing'",
+        2,
     ),
     # ---- bad input: eval, export, report, prep -----------------------------------------------------------------
-    "eval_run_missing": Case("earlybert eval MISSING --shards S", "no such run", "exit 1: names MISSING/checkpoints"),
+    "eval_run_missing": Case(
+        "earlybert eval MISSING --shards S", "no such run", "exit 1: names MISSING/checkpoints", 1
+    ),
     "eval_shards_missing": Case(
-        "earlybert eval RUN --shards MISSING", "no such shards", "exit 1: 'MISSING/manifest.json: not found'"
+        "earlybert eval RUN --shards MISSING",
+        "no such shards",
+        "exit 1: 'MISSING/manifest.json: not found'",
+        1,
     ),
     "eval_damaged": Case(
-        "earlybert eval RUN --shards S", "the latest checkpoint's shard truncated", "exit 1: names the truncated file"
+        "earlybert eval RUN --shards S",
+        "the latest checkpoint's shard truncated",
+        "exit 1: names the truncated file",
+        1,
     ),
     "export_run_missing": Case(
-        "earlybert export MISSING --output OUT", "no such run", "exit 2: 'has no complete checkpoint'; OUT not created"
+        "earlybert export MISSING --output OUT",
+        "no such run",
+        "exit 2: 'has no complete checkpoint'; OUT not created",
+        2,
     ),
     "export_bad_tag": Case(
         "earlybert export RUN --tag step_00000099 --output OUT",
         "no such checkpoint",
         "exit 2: 'has no complete checkpoint step_00000099'; OUT not created",
+        2,
     ),
     "export_damaged": Case(
         "earlybert export RUN --output OUT",
         "the latest checkpoint's shard truncated",
         "exit 2: names the truncated file; OUT not created",
+        2,
     ),
     "export_output_is_file": Case(
         "earlybert export RUN --output FILE",
         "the output is a file",
         "exit 2: 'FILE exists and is not a directory'; FILE left alone",
+        2,
     ),
-    "report_run_missing": Case("earlybert report MISSING", "no such run", "exit 1: 'MISSING/metrics.jsonl not found'"),
+    "report_run_missing": Case(
+        "earlybert report MISSING", "no such run", "exit 1: 'MISSING/metrics.jsonl not found'", 1
+    ),
     "report_metrics_corrupt": Case(
         "earlybert report RUN",
         "metrics.jsonl with a broken line",
         "exit 1: 'RUN/metrics.jsonl: line N is not JSON'; no report written",
+        1,
     ),
-    "report_metrics_empty": Case("earlybert report RUN", "an empty metrics.jsonl", "exit 1: 'has no records yet'"),
+    "report_metrics_empty": Case("earlybert report RUN", "an empty metrics.jsonl", "exit 1: 'has no records yet'", 1),
     "prep_output_is_file": Case(
-        "earlybert prep --output FILE", "the output is a file", "exit 1: 'exists and is not a directory'"
+        "earlybert prep --output FILE",
+        "the output is a file",
+        "exit 1: 'exists and is not a directory'",
+        1,
     ),
 }
 
 
+def tried(*names):
+    """Marks a test as trying these cases of the table (any test file may; the names must be in CASES)."""
+    unknown = set(names) - set(CASES)
+    assert not unknown, f"not in tests/faults_table.py: {unknown}"
+    return lambda test: test
+
+
+def cases(*names):
+    """A parametrize over table cases: the test's `case` argument is each name in turn."""
+    tried(*names)
+    return pytest.mark.parametrize("case", names)
+
+
+def claimed() -> Counter:
+    """How many `tried(...)`/`cases(...)` calls in tests/test_*.py name each case: read from the sources, so a
+    case tried in a file pytest did not import (another -k, one file run alone) still counts."""
+    names = Counter()
+    for path in sorted(TESTS.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
+                "tried",
+                "cases",
+            ):
+                names.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return names
+
+
+OUTCOMES = {
+    2: "end with a clear message and exit 2 (bad input or usage)",
+    1: "end with a clear message and exit 1 (a failure during the work)",
+    0: "are recovered from or accepted (the command goes on)",
+}
+
+
 def render() -> str:
+    counts = Counter(c.exit for c in CASES.values())
     lines = [
         "# Faults and bad inputs tried",
         "",
-        "Generated by `python -m tests.faults_table` from the cases of `tests/test_faults.py`, each tried by one test;",
-        f"`tests/test_faults.py` fails when this file is out of date. {len(CASES)} cases.",
+        "Generated by `python -m tests.faults_table` from the cases of `tests/faults_table.py`, each tried by one test",
+        "in `tests/test_*.py`; `tests/test_faults.py` fails when this file is out of date.",
         "",
-        "| case | command | fault | what happens |",
-        "|---|---|---|---|",
+        f"{len(CASES)} cases tried:",
+        "",
+        *(f"- {counts[code]} {OUTCOMES[code]}" for code in OUTCOMES),
+        "",
+        "| case | command | fault | what happens | exit |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| `{name}` | `{c.command}` | {c.fault} | {c.outcome} |".replace("\n", " ") for name, c in CASES.items()]
+    lines += [
+        f"| `{name}` | `{c.command}` | {c.fault} | {c.outcome} | {c.exit} |".replace("\n", " ")
+        for name, c in CASES.items()
+    ]
     return "\n".join(lines) + "\n"
 
 

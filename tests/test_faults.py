@@ -14,31 +14,18 @@ import time
 import psutil
 import pytest
 
-from faults_table import CASES, DOC, render
+from faults_table import CASES, DOC, cases, claimed, render, tried
 from pipeline import checkpoint, runlock
 from pipeline.checkpoint import CheckpointError
 from pipeline.cli import EXIT_CONFIG, EXIT_FAULT
 from runs import BIN, REPO, TOTAL, assert_same_losses, deepspeed, finish, latest, metrics, run_env, train_cmd
 
-TRIED: set[str] = set()
-
-
-def tried(*cases):
-    """The table's cases a test tries."""
-    unknown = set(cases) - set(CASES)
-    assert not unknown, f"not in tests/faults_table.py: {unknown}"
-    TRIED.update(cases)
-    return lambda test: test
-
-
-def cases(*names):
-    """A parametrize over table cases."""
-    tried(*names)
-    return pytest.mark.parametrize("case", names)
-
 
 def test_the_table_is_current_and_every_case_is_tried():
-    assert set(CASES) == TRIED, f"untried: {set(CASES) - TRIED}"
+    counts = claimed()
+    assert set(CASES) - set(counts) == set(), "tried by no test in tests/test_*.py"
+    assert {name for name, n in counts.items() if n > 1} == set(), "tried by more than one test"
+    assert set(counts) - set(CASES) == set(), "not in tests/faults_table.py"
     assert DOC.read_text() == render(), "docs/faults.md is out of date: python -m tests.faults_table"
 
 
