@@ -129,7 +129,7 @@ def _locked(run_dir, stage: str, d):
             path = runlock.acquire(run_dir, f"earlybert {stage}")
         except runlock.LockError as e:
             refused = str(e)
-    if distributed.sum_over_ranks({"refused": torch.tensor(float(bool(refused)))})["refused"]:
+    if distributed.sum_over_ranks({"refused": torch.tensor(float(bool(refused)))}, d)["refused"]:
         raise runlock.LockError(refused or f"{run_dir} is in use by another command (rank 0 says which)")
     try:
         yield

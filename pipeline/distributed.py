@@ -7,7 +7,15 @@
     plain `python`                  a world of one on 127.0.0.1
 
 srun without an MPI plugin starts tasks that mpi4py would each see as a world of one, so Slurm's
-own variables go first. Backend: NCCL on GPUs, gloo on CPUs.
+own variables go first (data_prep/launchers.py tells mpirun's ranks inside an allocation from srun's tasks).
+Backend: NCCL on GPUs, gloo on CPUs. Every tensor that goes through a collective lives on `DistInfo.device`
+(NCCL has no CPU backend); object collectives (all_gather_object) find it as the current CUDA device, which
+setup() sets before the process group exists.
+
+GPUs: a rank uses its local rank among the devices it sees (local_rank % visible devices), so a task that
+Slurm shows one device (--gpus-per-task=1, --gpu-bind=single:1) uses cuda:0. A process given GPUs
+(CUDA_VISIBLE_DEVICES, SLURM_GPUS*) on which CUDA does not work refuses to start instead of training on CPU;
+EARLYBERT_ALLOW_CPU=1 lets it.
 
 DeepSpeed's JIT-built ops (deepspeed_shm_comm on CPUs) live in one project cache, TORCH_EXTENSIONS_DIR
 defaulting to .cache/torch_extensions, and are built under a lock that the kernel drops with its holder.
@@ -71,6 +79,11 @@ def slurm_env(env: dict) -> dict:
 def setup(timeout: datetime.timedelta | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (once per process) and pick this rank's device.
     timeout: how long collectives wait for the other ranks (DeepSpeed's default when None)."""
+    if problem := cuda_problem(os.environ):
+        from pipeline.cli import EXIT_CONFIG
+
+        print(f"earlybert: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -90,6 +103,10 @@ def setup(timeout: datetime.timedelta | None = None) -> DistInfo:
     build_extensions()
     accel = get_accelerator()
     backend = "nccl" if accel.device_name() == "cuda" else "gloo"
+    # DeepSpeed builds the NCCL communicator on cuda:LOCAL_RANK in init_distributed: the device is bound first,
+    # except for mpirun's ranks, which learn LOCAL_RANK there (DeepSpeed's MPI discovery).
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = None if launcher == "mpi" else bind_device(local_rank)
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=launcher == "mpi",
@@ -97,15 +114,88 @@ def setup(timeout: datetime.timedelta | None = None) -> DistInfo:
         verbose=False,
         **({"timeout": timeout} if timeout else {}),
     )
-    if accel.device_name() == "cpu":
+    if device is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = bind_device(local_rank)
+    if device.type == "cpu":
         release_shm_segment()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if accel.device_name() == "cuda":
-        accel.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
+
+
+# Variables through which Slurm gives a process GPUs: lists of device ids ("0,1"), and counts (maybe typed: "a100:2").
+GPU_ID_ENV = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+GPU_COUNT_ENV = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS_PER_NODE", "SLURM_GPUS")
+NO_DEVICES = ("", "-1", "NoDevFiles")  # device lists that give none (Slurm writes NoDevFiles when it has none)
+
+
+def allocated_gpus(env) -> str | None:
+    """`NAME=value` of the first variable that gives this process GPUs, or None. An empty or unset
+    CUDA_VISIBLE_DEVICES gives none: CI and CPU machines are not refused."""
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:  # set: it decides, whatever Slurm allocated to the job
+        return None if cvd.strip() in NO_DEVICES else f"CUDA_VISIBLE_DEVICES={cvd}"
+    for k in GPU_ID_ENV + GPU_COUNT_ENV:
+        value = env.get(k, "").strip()
+        if value not in NO_DEVICES and (k in GPU_ID_ENV or value.rpartition(":")[2] != "0"):
+            return f"{k}={value}"
+    return None
+
+
+def cuda_problem(env) -> str | None:
+    """Why a process given GPUs would train on CPU (torch's CPU build, or a CUDA build the driver cannot run),
+    with the fix; None when CUDA works, no GPU is given, or EARLYBERT_ALLOW_CPU=1."""
+    if env.get("EARLYBERT_ALLOW_CPU") == "1" or torch.cuda.is_available():
+        return None
+    given = allocated_gpus(env)
+    if given is None:
+        return None
+    if torch.version.cuda is None:
+        cause = (
+            f"torch {torch.__version__} is a CPU build (torch.version.cuda is None; `make setup` installs it on "
+            f"a machine without nvidia-smi, e.g. a login node). Install the CUDA build, from any node: "
+            f"`rm -f .venv/.installed && make setup TORCH=cuda`"
+        )
+    else:
+        try:
+            torch.cuda.init()
+            reason = f"it sees {torch.cuda.device_count()} devices"
+        except Exception as err:  # torch's own diagnosis: no driver, a driver too old for the build, no device
+            reason = str(err).strip().splitlines()[0]
+        cause = (
+            f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use CUDA here: {reason}. "
+            f"A driver older than the build needs a newer driver or a torch build for its CUDA version "
+            f'(`rm -f .venv/.installed && make setup TORCH=cuda TORCH_PIP_ARGS="--index-url '
+            f"https://download.pytorch.org/whl/cuXYZ\"`); `nvidia-smi` names the driver's CUDA version"
+        )
+    return f"GPUs are allocated ({given}) but CUDA is unusable: {cause}. To train on CPU anyway: EARLYBERT_ALLOW_CPU=1"
+
+
+def bind_device(local_rank: int) -> torch.device:
+    """This rank's device, made the current one. On GPUs, the local rank among the devices this process sees:
+    with one device per task (Slurm's --gpus-per-task=1, --gpu-bind=single:1) every rank uses cuda:0.
+    LOCAL_RANK becomes that ordinal: DeepSpeed reads it as one (init_process_group's device_id, the engine's
+    device, ZeRO-3's local device)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cuda":
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    ordinal = device_ordinal(local_rank, visible)
+    os.environ["LOCAL_RANK"] = str(ordinal)
+    torch.cuda.set_device(ordinal)
+    print(
+        f"earlybert: rank {os.environ.get('RANK', '?')} (local rank {local_rank}) on cuda:{ordinal} of {visible} "
+        f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return torch.device("cuda", ordinal)
+
+
+def device_ordinal(local_rank: int, visible: int) -> int:
+    """The CUDA ordinal of local rank `local_rank` among `visible` devices (each task may see all of the node's,
+    or only its own; CUDA available means at least one)."""
+    return local_rank % visible
 
 
 def release_shm_segment() -> None:
@@ -192,12 +282,14 @@ def barrier() -> None:
     dist.barrier()
 
 
-def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+def sum_over_ranks(values: dict[str, torch.Tensor], d: DistInfo) -> dict[str, float]:
     """Named scalars summed over every rank in one all-reduce (every rank passes the same names, in
-    the same order); reading the result waits for the device."""
-    packed = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    the same order), on the rank's device whatever device each value is on (NCCL has no CPU backend);
+    reading the result waits for the device."""
+    packed = torch.stack([v.detach().to(d.device, torch.float32).reshape(()) for v in values.values()])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    return dict(zip(values, packed.tolist()))
+    # .cpu() waits for the device without holding the GIL: guards' watchdog thread must run meanwhile.
+    return dict(zip(values, packed.cpu().tolist()))
 
 
 def set_cpu_threads(d: DistInfo) -> None:

@@ -380,6 +380,7 @@ def run_stage(run: Run) -> bool:
     cfg, state, task = run.cfg, run.state, run.task
     stage, global_batch = run.stage, cfg.global_batch_size
     micro, world = cfg.micro_batch_size, run.dist.world_size
+    compiling = cfg.compile  # torch.compile compiles in a stage's first step (a new or rebuilt engine)
     while state.phase_samples < stage.steps * global_batch:
         stage_step = state.phase_samples // global_batch
         t0, lr = time.perf_counter(), run.engine.lr_scheduler.get_last_lr()[0]
@@ -390,9 +391,11 @@ def run_stage(run: Run) -> bool:
         ]
         lambdas = run.search.gate_lambdas() if stage.name == "search" else None
         skipped = run.engine.skipped_steps
-        stats = train_step(run.engine, micro_batches, run.dist.device, task_stats, gate_lambdas=lambdas)
-        stats["stop"] = torch.tensor(float(run.stop.signum != 0))
-        totals = distributed.sum_over_ranks(stats)
+        with guards.patient(compiling):  # a rank may compile for minutes while the others wait
+            stats = train_step(run.engine, micro_batches, run.dist.device, task_stats, gate_lambdas=lambdas)
+            stats["stop"] = torch.tensor(float(run.stop.signum != 0))
+            totals = distributed.sum_over_ranks(stats, run.dist)
+        compiling = False
         guards.check_finite(
             totals["loss"], run.engine.skipped_steps == skipped, cfg.nonfinite, run.engine.fp16_enabled(), state
         )

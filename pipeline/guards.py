@@ -1,9 +1,14 @@
 """Faults the training loops of `earlybert train` and `earlybert finetune` turn into a message and an exit.
 
 collective timeouts   the process group waits `dist_timeout.long_s` at start-up, in checkpoints and in
-                      the draw's rebuild (patient()), `dist_timeout.step_s` in the steps (steps());
-                      a collective that fails or times out stops the rank with the step and the ranks
-                      that did not answer a roll call through the rendezvous store
+                      the draw's rebuild (patient()), `dist_timeout.step_s` in the steps (steps()), long_s
+                      again in a step that compiles (patient(compiling)); a collective that fails or times
+                      out stops the rank with the step and the ranks that did not answer a roll call through
+                      the rendezvous store. gloo raises the timeout in the waiting thread. NCCL does not: its
+                      own watchdog thread aborts the process (SIGABRT) with no word of the step. So on NCCL a
+                      watchdog of ours (watch()) runs beside the steps: a step that makes no progress within
+                      the timeout in force gets the same roll call and message, then the process exits 1;
+                      NCCL's own timeout is set NCCL_GRACE_S later, so that ours speaks first.
 non-finite losses     fp16: DeepSpeed's loss scaler skips the step and counts it (skipped_steps);
                       bf16 and fp32: `nonfinite.action` stop (the last checkpoint stays the one to
                       resume from), or skip up to `nonfinite.max_skipped` steps that DeepSpeed did not
@@ -14,12 +19,18 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
+import sys
+import threading
 import time
 from contextlib import contextmanager
 
 import torch.distributed as dist
 
 ROLL_CALL_S = 5.0  # how long a failed rank waits for the others to answer the roll call
+NCCL_GRACE_S = ROLL_CALL_S + 30.0  # NCCL aborts this much after our watchdog's deadline: the roll call goes first
+WATCH_EVERY_S = 1.0
+EXIT_FAULT = 1  # pipeline.cli.EXIT_FAULT, for the watchdog's exit (cli imports this module)
 
 
 class RunFault(RuntimeError):
@@ -56,13 +67,16 @@ def _set_all(value: datetime.timedelta) -> None:
     """Every process group: DeepSpeed reduces gradients in groups of its own, created with torch's default."""
     from torch.distributed.distributed_c10d import _set_pg_timeout, _world
 
+    if dist.get_backend() == "nccl":
+        value += datetime.timedelta(seconds=NCCL_GRACE_S)
     for group in list(_world.pg_map):
         _set_pg_timeout(value, group)
 
 
-def patient():
-    """Collectives that may legitimately wait long (a checkpoint, the draw's rebuild) get the start-up timeout."""
-    return _timeout(_patient)
+def patient(when: bool = True):
+    """Collectives that may legitimately wait long (a checkpoint, the draw's rebuild, a step that compiles: the
+    first after a torch.compile or on new shapes, minutes on some ranks) get the start-up timeout, `when` true."""
+    return _timeout(_patient if when else None)
 
 
 @contextmanager
@@ -70,18 +84,54 @@ def steps(step_s: float, next_step, d):
     """The training loop: collectives time out after step_s; a failed collective becomes a RunFault naming the
     step (`next_step()`) and the ranks that did not answer."""
     try:
-        with _timeout(datetime.timedelta(seconds=step_s)):
+        nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+        with _timeout(datetime.timedelta(seconds=step_s)), watch(next_step, d, nccl):
             yield
     except RuntimeError as err:
         if isinstance(err, RunFault) or not (isinstance(err, dist.DistError) or "gloo" in str(err)):
             raise
         step = next_step()
-        missing = roll_call(step, d)
-        raise RunFault(
-            f"step {step}: a collective of the process group failed or waited more than dist_timeout.step_s"
-            f"={step_s:g} s ({str(err).strip()[:300]}); {missing}. Check that rank's log and host; "
-            f"relaunch the same command to resume from the latest checkpoint"
-        ) from None
+        error = str(err).strip()[:300]
+        raise RunFault(_fault(step, f"dist_timeout.step_s={step_s:g}", error, roll_call(step, d))) from None
+
+
+def _fault(step: int, limit: str, error: str, missing: str) -> str:
+    return (
+        f"step {step}: a collective of the process group failed or waited more than {limit} s ({error}); "
+        f"{missing}. Check that rank's log and host; relaunch the same command to resume from the latest checkpoint"
+    )
+
+
+@contextmanager
+def watch(next_step, d, on: bool):
+    """While `on`, a thread that stops this process (exit EXIT_FAULT) with the steps' diagnosis when neither the
+    step (`next_step()`) nor the timeout in force (patient() entered or left) changed for longer than that
+    timeout: a rank stuck in a NCCL collective cannot raise, and NCCL's watchdog would abort it wordlessly."""
+    if not on:
+        yield
+        return
+    done = threading.Event()
+    thread = threading.Thread(target=_watch, args=(next_step, d, done), name="earlybert-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _watch(next_step, d, done: threading.Event) -> None:
+    seen, since = None, time.monotonic()
+    while not done.wait(WATCH_EVERY_S):
+        now = (next_step(), _now)
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif _now is not None and time.monotonic() - since > _now.total_seconds():
+            step, limit = now[0], f"dist_timeout.{'long_s' if _now == _patient else 'step_s'}={_now.total_seconds():g}"
+            waited = f"no progress for {time.monotonic() - since:.0f} s in a NCCL collective, which cannot raise"
+            message = _fault(step, limit, waited, roll_call(step, d))
+            print(f"earlybert (rank {d.rank}): {message}", file=sys.stderr, flush=True)
+            os._exit(EXIT_FAULT)
 
 
 def roll_call(step: int, d) -> str:

@@ -150,6 +150,7 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
     phase_end = sum(p.steps for p in cfg.phases[: phase + 1])  # in plan steps (RunState.plan_step)
     global_batch = cfg.global_batch_size
     loader = phase_loader(run, data, phase_end)
+    compiling = cfg.compile  # torch.compile compiles in a phase's first step (new shapes) and the first after the draw
     try:
         while state.plan_step < phase_end:
             t0, wait0, lr = time.perf_counter(), loader.wait_s, run.engine.lr_scheduler.get_last_lr()[0]
@@ -157,16 +158,18 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
             # micro-batch; the model adds the penalty inside its forward, the only place where ZeRO-3 has the
             # gates whole. The vocabulary projection runs on the masked tokens only.
             lambdas, skipped = run.search.gate_lambdas(), run.engine.skipped_steps
-            stats = train_step(
-                run.engine,
-                loader.next_step(),
-                run.dist.device,
-                pretraining_stats,
-                gate_lambdas=lambdas,
-                masked_logits_only=True,
-            )
-            stats["stop"] = torch.tensor(float(run.stop.signum != 0))
-            totals = distributed.sum_over_ranks(stats)  # the step's one collective of its own
+            with guards.patient(compiling):  # a rank may compile for minutes while the others wait
+                stats = train_step(
+                    run.engine,
+                    loader.next_step(),
+                    run.dist.device,
+                    pretraining_stats,
+                    gate_lambdas=lambdas,
+                    masked_logits_only=True,
+                )
+                stats["stop"] = torch.tensor(float(run.stop.signum != 0))
+                totals = distributed.sum_over_ranks(stats, run.dist)  # the step's one collective of its own
+            compiling = False
             guards.check_finite(
                 totals["loss"], run.engine.skipped_steps == skipped, cfg.nonfinite, run.engine.fp16_enabled(), state
             )
@@ -191,6 +194,7 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
             if decision is not None:
                 with guards.patient():
                     draw(run, decision, data.seq_len)
+                compiling = cfg.compile  # the rebuilt engine is compiled again
                 if state.rewound:  # the phase is longer now: a stream for its new length, from where it was
                     loader.close()
                     loader = phase_loader(run, data, phase_end)
