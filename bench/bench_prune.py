@@ -29,7 +29,8 @@ from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.config import OptimConfig
 from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
 from pipeline.engine import EngineSpec, build_engine, prune_engine
-from pipeline.model import EarlyBertSelfAttention, flops_per_sequence, parameter_count
+from pipeline.metrics import flops_per_sequence
+from pipeline.model import EarlyBertSelfAttention, parameter_count
 
 
 def switch_options(model: EarlyBertForPreTraining, option: str | None) -> None:

@@ -10,6 +10,10 @@ Masking (15% of the maskable tokens; of those 80% [MASK], 10% a random token, 10
 counter-based hash of (seed, phase, epoch, sample index, position): the same sample gets the same
 mask on any rank count and after any resume, and a new one in each epoch. Both run in numpy
 without per-sample Python loops, in a background thread that stays `prefetch` micro-batches ahead.
+
+Each micro-batch also carries its `layout` (pipeline.model.BatchLayout: whether it has padding, the masked
+positions, the unpad indices), computed here on the CPU, so that the model's forward never waits for the GPU
+to find them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 
 import numpy as np
 import torch
+
+from pipeline.model import BatchLayout
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -167,7 +173,8 @@ class PhaseLoader:
         self._thread.start()
 
     def micro_batch(self, step: int, micro_step: int) -> dict:
-        """Micro-batch `micro_step` of the loader's `step`-th step (0-based), as int64 torch tensors."""
+        """Micro-batch `micro_step` of the loader's `step`-th step (0-based), as int64 torch tensors, and its
+        BatchLayout under "layout"."""
         start = self.start + step * self.micro * self.world * self.grad_accum
         positions = rank_positions(start, self.micro, self.world, self.rank, micro_step)
         epochs, indices = stream_samples(positions, len(self.dataset), self.seed, self.phase)
@@ -184,6 +191,8 @@ class PhaseLoader:
             vocab_size=self.dataset.vocab_size,
         )
         out = {k: torch.from_numpy(v) for k, v in b.items()}
+        out["layout"] = BatchLayout.of(out["attention_mask"], out["labels"])
+        # pinned, the copies to the GPU (non_blocking) run alongside the step instead of blocking the host
         return {k: v.pin_memory() for k, v in out.items()} if self.pin else out
 
     def _produce(self) -> None:

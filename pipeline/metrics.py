@@ -3,6 +3,11 @@
 Only rank 0 writes. Values are global: losses and accuracy averaged over every rank's
 micro-batches, throughput for the whole job, MFU against the sum of the devices' peaks.
 
+Model FLOPs and MFU have one definition here (`model_flops`, `mfu`), used by the training log, the report and
+the benchmarks: the matrix multiplies of the real tokens (padding is not counted) with the run's per-layer
+structure, attention over each sequence's own tokens, and the MLM head on the masked positions only, as
+training runs it (`masked_logits_only`).
+
 MetricsLog owns the TensorBoard writer and the W&B run for the whole process, so the engine rebuilt
 at the draw changes nothing. A relaunch that resumes at step S redoes the steps after S: metrics.jsonl
 is cut at S, TensorBoard purges its events after S (`purge_step`), and W&B resumes the run whose id
@@ -38,6 +43,44 @@ PEAK_TFLOPS = (
     ("L4", 121.0),
     ("A10", 125.0),
 )
+
+
+def model_flops(config, tokens: float, token_pairs: float, masked: float) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of `tokens` real tokens, counting matrix multiplies.
+
+    Per layer and token: Q/K/V and W_O projections and the two FFN matrices, at the layer's own head count and
+    FFN width (`config`: an EarlyBertConfig, pruned or not). The two attention products (scores and weighted
+    values) cost per query-key pair, and a token attends to the tokens of its own sequence: `token_pairs` is the
+    sum over sequences of length^2. The MLM head's transform and vocabulary projection run on the `masked`
+    positions only. Embedding look-ups, LayerNorms, the pooler and NSP head are left out (< 0.1%).
+    """
+    h, d = config.hidden_size, config.head_size
+    per_token = per_pair = 0.0
+    for heads, width in zip(config.num_heads_per_layer, config.intermediate_size_per_layer, strict=True):
+        inner = heads * d
+        per_token += 2 * h * 3 * inner + 2 * inner * h  # Q, K, V, W_O
+        per_token += 2 * 2 * h * width  # W_1, W_2
+        per_pair += 2 * 2 * inner  # Q K^T and attn V
+    mlm_head = 2 * h * h + 2 * h * config.vocab_size
+    return 3.0 * (per_token * tokens + per_pair * token_pairs + mlm_head * masked)
+
+
+def flops_per_sequence(config, seq_len: int, masked_fraction: float = 0.15) -> float:
+    """model_flops of one full sequence of seq_len tokens with the masked_fraction of them masked: the planning
+    figure of a structure (the ticket's FLOPs before and after the draw)."""
+    return model_flops(config, seq_len, seq_len**2, masked_fraction * seq_len)
+
+
+def batch_model_flops(config, attention_mask: torch.Tensor, labels: torch.Tensor) -> float:
+    """model_flops of one micro-batch from its (B, T) attention mask and MLM labels, for the benchmarks (training
+    sums what the model reports of each micro-batch: token_count, token_pairs, mlm_count)."""
+    lengths = attention_mask.sum(1).double()
+    return model_flops(config, float(lengths.sum()), float((lengths**2).sum()), float((labels != -100).sum()))
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: model_flops done in `seconds` over the devices' summed peak (None: peak unknown)."""
+    return flops / seconds / (peak_tflops * 1e12 * devices) if peak_tflops else None
 
 
 def device_peak_tflops(device: torch.device, precision: str) -> float | None:

@@ -30,6 +30,7 @@ exported weights (`trust_remote_code`), so keep it self-contained. `from pipelin
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,17 @@ PRESETS = {
     "bert-tiny": (2, 64, 4, 256),
 }
 # EarlyBERT's output fields, which transformers' Trainer must not take for predictions.
-EXTRA_OUTPUTS = ["task_loss", "mlm_loss", "nsp_loss", "gate_penalty", "gate_l1", "mlm_correct", "mlm_count"]
+EXTRA_OUTPUTS = [
+    "task_loss",
+    "mlm_loss",
+    "nsp_loss",
+    "gate_penalty",
+    "gate_l1",
+    "mlm_correct",
+    "mlm_count",
+    "token_count",
+    "token_pairs",
+]
 
 
 class EarlyBertConfig(BertConfig):
@@ -163,7 +174,9 @@ class EarlyBertForPreTrainingOutput(ModelOutput):
 
     loss = task_loss (+ gate_penalty), task_loss = mlm_loss (+ nsp_loss). prediction_logits are (B, T, V), or
     (N_masked, V) with `masked_logits_only=True` and labels. mlm_correct / mlm_count: masked tokens predicted
-    right / masked tokens (with labels)."""
+    right / masked tokens (with labels). token_count / token_pairs: real tokens / query-key pairs inside the
+    sequences, the sum of their squared lengths (with labels): what the model FLOPs of a step count
+    (pipeline/metrics.py model_flops), summed on the device so that logging them never waits for it."""
 
     loss: torch.Tensor | None = None
     prediction_logits: torch.Tensor | None = None
@@ -177,6 +190,8 @@ class EarlyBertForPreTrainingOutput(ModelOutput):
     gate_l1: GateL1 | None = None
     mlm_correct: torch.Tensor | None = None
     mlm_count: torch.Tensor | None = None
+    token_count: torch.Tensor | None = None
+    token_pairs: torch.Tensor | None = None
 
 
 @dataclass
@@ -221,6 +236,31 @@ def _varlen_kernel():
     return flash_attn_varlen_func
 
 
+def attention_kernels(config: EarlyBertConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """One line for the start of a run: the attention kernel each path of `config`'s model takes on `device` in
+    `dtype`. Padded batches go to SDPA with a padding mask, which rules out its flash kernel, or with the `unpad`
+    option to flash-attention's varlen kernel where installed (the `gpu` extra), else to SDPA on the batch
+    re-packed to its longest sequence; batches without padding (all_real) go mask-free, so SDPA can take flash."""
+    if device.type != "cuda":
+        return f"attention: SDPA's CPU kernels in {dtype} (no GPU kernels on {device.type})"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if not config.unpad:
+        padded = "SDPA (mem-efficient: a padding mask rules out flash)"
+    elif _varlen_kernel() is None:
+        padded = "unpadded, SDPA on the re-packed batch (fallback: flash-attn is not installed: earlybert[gpu])"
+    elif not half:
+        padded = f"unpadded, SDPA on the re-packed batch (fallback: flash-attn takes fp16/bf16, not {dtype})"
+    else:
+        import flash_attn
+
+        padded = f"unpadded, flash-attn {flash_attn.__version__} (varlen)"
+    if half and config.head_size % 8 == 0 and config.head_size <= 256:
+        full = "SDPA (flash)"
+    else:
+        full = "SDPA (mem-efficient: flash needs fp16/bf16 and a head size that is a multiple of 8, at most 256)"
+    return f"attention: padded batches -> {padded}; batches without padding -> {full}"
+
+
 class Unpadded:
     """The real tokens of a padded batch, one after the other (the `unpad` option).
 
@@ -231,7 +271,11 @@ class Unpadded:
 
     varlen_kernel = staticmethod(_varlen_kernel)
 
+    # the index tensors, moved to the device by `to` (batch, seq_len and max_seqlen are Python ints)
+    TENSORS = ("indices", "cu_seqlens", "packed", "packed_mask")
+
     def __init__(self, attention_mask: torch.Tensor):
+        # On a GPU mask, nonzero and max_seqlen wait for the device: the loader builds this on the CPU (BatchLayout).
         mask = attention_mask.bool()  # (B, T)
         self.batch, self.seq_len = mask.shape
         self.indices = mask.flatten().nonzero().squeeze(1)  # (N,) into B * T
@@ -243,6 +287,18 @@ class Unpadded:
         self.packed = (self.indices // self.seq_len) * self.max_seqlen + rank.flatten().index_select(0, self.indices)
         positions = torch.arange(self.max_seqlen, device=mask.device)
         self.packed_mask = (positions[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+
+    def _map(self, fn) -> "Unpadded":
+        out = copy.copy(self)
+        for name in self.TENSORS:
+            setattr(out, name, fn(getattr(self, name)))
+        return out
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Unpadded":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Unpadded":
+        return self._map(torch.Tensor.pin_memory)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         # (B, T, ...) -> (N, ...)
@@ -264,6 +320,51 @@ class Unpadded:
         )  # (B, H, L, d)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=self.packed_mask, dropout_p=dropout_p)
         return context.transpose(1, 2).reshape(B * L, H, d).index_select(0, self.packed)  # (N, H, d)
+
+
+@dataclass
+class BatchLayout:
+    """What a forward would otherwise read back from the device, computed on the CPU from a batch's attention mask
+    and labels (`BatchLayout.of`, in the data loader's thread) and moved with the batch (`to`, non_blocking; pinned
+    by `pin_memory`): with it, a training step enqueues its kernels without waiting for the GPU. Optional: without
+    it the model computes the same from the tensors (transformers' callers, exports, fine-tuning), with the same
+    outputs.
+
+    all_real        no padding in the batch: the encoder runs without a mask (SDPA can take flash attention)
+    masked_indices  (N_masked,) flat indices into B * T of the labelled positions (labels != -100), in row order
+    unpadded        the `unpad` option's indices (None when all_real)"""
+
+    all_real: bool
+    masked_indices: torch.Tensor | None
+    unpadded: Unpadded | None
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> "BatchLayout":
+        # attention_mask, labels: (B, T) CPU tensors
+        all_real = bool(attention_mask.all())
+        masked = None if labels is None else (labels != -100).flatten().nonzero().squeeze(1)
+        return cls(all_real, masked, None if all_real else Unpadded(attention_mask))
+
+    def _map(self, tensor_fn, unpadded_fn) -> "BatchLayout":
+        return BatchLayout(
+            self.all_real,
+            None if self.masked_indices is None else tensor_fn(self.masked_indices),
+            None if self.unpadded is None else unpadded_fn(self.unpadded),
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "BatchLayout":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking), lambda u: u.to(device, non_blocking))
+
+    def pin_memory(self) -> "BatchLayout":
+        return self._map(torch.Tensor.pin_memory, Unpadded.pin_memory)
+
+
+def masked_positions(labels: torch.Tensor, layout: BatchLayout | None) -> torch.Tensor:
+    """(N_masked,) flat indices into B * T of the labelled positions: the layout's, or computed here (nonzero
+    waits for the device)."""
+    if layout is not None and layout.masked_indices is not None:
+        return layout.masked_indices
+    return (labels != -100).flatten().nonzero().squeeze(1)
 
 
 class EarlyBertEmbeddings(nn.Module):
@@ -593,9 +694,11 @@ class EarlyBertModel(EarlyBertPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        layout: BatchLayout | None = None,
     ) -> EarlyBertModelOutput | tuple:
         """input_ids, attention_mask (1 = token, 0 = padding), token_type_ids, position_ids: (B, T).
-        output_attentions computes the attention probabilities explicitly (not with SDPA), only when asked."""
+        output_attentions computes the attention probabilities explicitly (not with SDPA), only when asked.
+        layout: the batch's BatchLayout, on the model's device (optional: computed here where absent)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
@@ -605,11 +708,13 @@ class EarlyBertModel(EarlyBertPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         # Padding mask (B, T) -> (B, 1, 1, T) bool. Without padding pass None, so SDPA can use flash attention.
         # With `unpad` (and no attention probabilities asked for) the encoder gets the real tokens only.
+        # The layout, where given, answers both questions without reading the mask back from the device.
         attn_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        all_real = layout.all_real if layout is not None else attention_mask is None or bool(attention_mask.all())
+        if attention_mask is not None and not all_real:
             attn_mask = attention_mask.bool()[:, None, None, :]
             if self.config.unpad and not output_attentions and not self.keep_padding_outputs:
-                attn_mask = Unpadded(attention_mask)
+                attn_mask = layout.unpadded if layout is not None else Unpadded(attention_mask)
         if isinstance(attn_mask, Unpadded):
             tokens = (input_ids, token_type_ids, position_ids.expand_as(input_ids))
             x = self.embeddings(*(attn_mask.unpad(t) for t in tokens))  # (N, hidden)
@@ -711,12 +816,15 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         return_dict: bool | None = None,
         gate_lambdas: tuple[float, float] | None = None,
         masked_logits_only: bool = False,
+        layout: BatchLayout | None = None,
     ) -> EarlyBertForPreTrainingOutput | tuple:
         """labels: (B, T), -100 where not masked. next_sentence_label: (B,), negative = no NSP for that row.
         gate_lambdas: (lambda_heads, lambda_ffn) adds EarlyBERT's L1 penalty on the gates to the loss.
         masked_logits_only (with labels): the vocabulary projection runs on the masked positions only, gathered
         before the decoder (~15% of the tokens, where most of the head's cost goes), and prediction_logits are
-        (N_masked, V); the loss is the same."""
+        (N_masked, V); the loss is the same.
+        layout: the batch's BatchLayout (the data loader's, on the model's device): the forward then never waits for
+        the device; without it the same is computed here, with the same outputs."""
         encoded = self.bert(
             input_ids,
             attention_mask,
@@ -725,14 +833,15 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             output_attentions,
             output_hidden_states,
             return_dict=True,
+            layout=layout,
         )
         hidden = encoded.last_hidden_state  # (B, T, hidden)
         nsp_logits = None  # (B, 2)
         if self.cls.seq_relationship is not None:
             nsp_logits = self.cls.seq_relationship(encoded.pooler_output)
         if labels is not None and masked_logits_only:
-            masked = labels != -100
-            hidden, labels = hidden[masked], labels[masked]  # (N, hidden), (N,)
+            masked = masked_positions(labels, layout)
+            hidden, labels = hidden.flatten(0, 1).index_select(0, masked), labels.flatten().index_select(0, masked)
         prediction_logits = self.cls.predictions(hidden)  # (B, T, V), or (N, V)
         if labels is None:
             return self._head_output(
@@ -755,6 +864,8 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             task_loss = mlm_loss + nsp_loss
         with torch.no_grad():
             correct = ((prediction_logits.argmax(-1) == labels) & (labels != -100)).sum()
+            B, T = input_ids.shape
+            lengths = attention_mask.sum(1) if attention_mask is not None else input_ids.new_full((B,), T)
         return self._head_output(
             EarlyBertForPreTrainingOutput,
             encoded,
@@ -767,6 +878,8 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             nsp_loss=nsp_loss,
             mlm_correct=correct,
             mlm_count=(labels != -100).sum(),
+            token_count=lengths.sum(),
+            token_pairs=(lengths * lengths).sum(),
         )
 
 
@@ -939,24 +1052,6 @@ class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
             start_logits=start_logits,
             end_logits=end_logits,
         )
-
-
-def flops_per_sequence(config: EarlyBertConfig, seq_len: int, masked_fraction: float = 0.15) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one sequence, counting matrix multiplies.
-
-    Per layer and token: Q/K/V and W_O projections, the two attention products (scores and
-    weighted values, over seq_len keys), and the two FFN matrices. The MLM head's transform and
-    vocabulary projection run on the masked fraction of tokens only; embedding look-ups are free.
-    """
-    h, d = config.hidden_size, config.head_size
-    per_token = 0.0
-    for heads, width in zip(config.num_heads_per_layer, config.intermediate_size_per_layer, strict=True):
-        inner = heads * d
-        per_token += 2 * h * 3 * inner + 2 * inner * h  # Q, K, V, W_O
-        per_token += 2 * 2 * seq_len * inner  # Q K^T and attn V
-        per_token += 2 * 2 * h * width  # W_1, W_2
-    per_token += masked_fraction * (2 * h * h + 2 * h * config.vocab_size)
-    return 3.0 * per_token * seq_len
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -42,7 +42,8 @@ from pipeline.detector import (
     observe,
 )
 from pipeline.export import model_class
-from pipeline.model import EarlyBertConfig, flops_per_sequence, parameter_count
+from pipeline.metrics import flops_per_sequence
+from pipeline.model import EarlyBertConfig, parameter_count
 from pipeline.rebuild import full_fp32
 from pipeline.rundir import RunDir
 

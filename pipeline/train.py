@@ -29,8 +29,8 @@ from pipeline.config import ConfigError, RunConfig, deepspeed_config, load_confi
 from pipeline.detector import Decision
 from pipeline.engine import EngineSpec, build_engine, full_weights, prune_engine, train_step
 from pipeline.loader import PhaseLoader
-from pipeline.metrics import MetricsLog, device_peak_tflops, optimizer_stats
-from pipeline.model import EarlyBertForPreTraining, flops_per_sequence
+from pipeline.metrics import MetricsLog, device_peak_tflops, mfu, model_flops, optimizer_stats
+from pipeline.model import EarlyBertForPreTraining, attention_kernels
 from pipeline.resume import Start, find_start, open_phases, resumes_on_other_ranks
 from pipeline.search import SearchStage, read_random_like, warn_if_no_natural_draw
 
@@ -100,6 +100,8 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
     ds_config = deepspeed_config(cfg, d.world_size, load_universal=universal)
     spec = EngineSpec(ds_config, cfg.optim, cfg.total_steps, compile=cfg.compile)
     engine = build_engine(model, spec)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config), torch.float32)
+    _say(d, attention_kernels(model.config, d.device, dtype))
     search = SearchStage(cfg.earlybert, cfg.seed, rundir, d.is_main, start.model_config)
     if start.tag:
         checkpoint.load(engine, rundir.checkpoints, start.tag, state, d, universal)
@@ -247,6 +249,8 @@ def pretraining_stats(out) -> dict[str, torch.Tensor]:
         "mlm_loss": out.mlm_loss,
         "mlm_correct": out.mlm_correct,
         "mlm_masked": out.mlm_count,
+        "tokens": out.token_count,  # real tokens and their query-key pairs: the step's model FLOPs
+        "token_pairs": out.token_pairs,
         "micro_batches": zero + 1,
         "nsp_loss": zero if out.nsp_loss is None else out.nsp_loss,
         "gate_l1": zero if out.gate_l1 is None else sum(out.gate_l1),
@@ -304,6 +308,7 @@ def step_record(
     benchmark take out the time a scheduler held the job suspended."""
     config, micro = run.engine.module.config, s["micro_batches"]
     seq_per_s = run.cfg.global_batch_size / step_time
+    flops = model_flops(config, s["tokens"], s["token_pairs"], s["mlm_masked"])  # real tokens only, as the benches
     # "loss" is the task loss (MLM + NSP), comparable between EarlyBERT and dense runs; the search
     # stage's L1 term is "gate_penalty".
     r = {
@@ -319,8 +324,8 @@ def step_record(
         "step_time_s": step_time,
         "data_wait_s": data_wait,
         "seq_per_s": seq_per_s,
-        "tokens_per_s": seq_per_s * seq_len,
-        "tflops": flops_per_sequence(config, seq_len) * seq_per_s / 1e12,
+        "tokens_per_s": s["tokens"] / step_time,  # real tokens
+        "tflops": flops / step_time / 1e12,
         **optimizer_stats(run.engine),
         "nonfinite_skipped": run.state.nonfinite_skipped,
     }
@@ -331,7 +336,7 @@ def step_record(
     if searching:
         r["gate_penalty"] = s["gate_penalty"] / micro
     if run.peak_tflops:
-        r["mfu"] = r["tflops"] / (run.peak_tflops * run.dist.world_size)
+        r["mfu"] = mfu(flops, step_time, run.peak_tflops, run.dist.world_size)
     return r
 
 

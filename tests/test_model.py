@@ -19,13 +19,13 @@ from transformers import (
 )
 
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, EarlyBertModel
+from pipeline.metrics import flops_per_sequence
 from pipeline.model import (
     PRESETS,
     EarlyBertForMaskedLM,
     EarlyBertForQuestionAnswering,
     EarlyBertForSequenceClassification,
     EarlyBertForTokenClassification,
-    flops_per_sequence,
 )
 from tiny import NO_DROPOUT, per_layer_config, spread_gates
 
@@ -388,7 +388,17 @@ def test_position_ids_and_flags_are_honoured():
     assert len(model(ids).hidden_states) == 4
 
 
-PRETRAINING_EXTRAS = ["task_loss", "mlm_loss", "nsp_loss", "gate_penalty", "gate_l1", "mlm_correct", "mlm_count"]
+PRETRAINING_EXTRAS = [
+    "task_loss",
+    "mlm_loss",
+    "nsp_loss",
+    "gate_penalty",
+    "gate_l1",
+    "mlm_correct",
+    "mlm_count",
+    "token_count",
+    "token_pairs",
+]
 
 
 @pytest.mark.parametrize("kind", ["pretraining", "mlm", "single", "tokens", "qa"])
