@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -194,9 +195,9 @@ def read_yaml(path: str, overrides: list[str] = (), path_keys: tuple[str, ...] =
     paths under `path_keys` made absolute: the file's against its directory, the overrides' against the
     current one."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read run config {path}: {e}") from e
+        raw = parse_yaml(Path(path).read_bytes(), str(path)) or {}
+    except (OSError, ConfigError) as e:
+        raise ConfigError(f"cannot read run config {path}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = resolve_paths(raw, path_keys, Path(path).parent)
@@ -204,8 +205,73 @@ def read_yaml(path: str, overrides: list[str] = (), path_keys: tuple[str, ...] =
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
-        set_dotted(raw, key, yaml.safe_load(value))
+        try:
+            set_dotted(raw, key, parse_yaml(value.encode(), f"override {key}"))
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
     return resolve_paths(raw, path_keys, Path.cwd())  # what is still relative came from an override
+
+
+# A config is a few hundred values a few levels deep: the bounds refuse a file that is not one (lists nested
+# thousands deep overflow the parser's recursion; a "billion laughs" of aliases expands to gigabytes when the
+# DeepSpeed config is merged and serialised; an alias inside itself makes a cyclic tree).
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python tags), refusing duplicate keys and nesting deeper than MAX_DEPTH."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels{self.get_mark()}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys after it override the base's
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # refused by SafeLoader's construct_mapping, naming the line
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {key!r}{key_node.start_mark}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(data: bytes, where: str):
+    """The value of a YAML document (UTF-8), within MAX_DEPTH and MAX_NODES, aliases expanded; ConfigError
+    naming the line otherwise."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
+    try:
+        value = yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(" ".join(str(e).replace('in "<unicode string>", ', "").split())) from None
+    _check_size(value, where)
+    return value
+
+
+def _check_size(value, where: str) -> None:
+    """Walk the tree as the program will (aliases expanded), stopping at the first bound passed."""
+    count, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(f"{where}: more than {MAX_NODES} values once its aliases are expanded (a YAML bomb?)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels (an alias that contains itself?)")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack += [(child, depth + 1) for child in children]
 
 
 def resolve_paths(tree: dict, keys: tuple[str, ...], base: Path) -> dict:
@@ -268,7 +334,7 @@ def from_dict(cls, data, where: str):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(map(str, set(data) - set(names)))  # YAML keys may be numbers, null or booleans
     if unknown:
         raise ConfigError(
             f"unknown key(s) {', '.join(where + k for k in unknown)}; "
@@ -291,8 +357,7 @@ def _coerce(tp, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(tp, value, where)
+        return _coerce_union([a for a in args if a is not type(None)], value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where} {value!r}: choose one of {', '.join(map(str, args))}")
@@ -300,18 +365,36 @@ def _coerce(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where + ".")
     if origin is list:
+        if args[0] is str and isinstance(value, str):  # `train_files: a.csv`, the one-file form of a list of files
+            return [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-            return float(value)
-        except ValueError:
+            number = float(value)
+        except (ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # .nan and .inf pass every `> 0` and `<= x` check
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     # bool is an int subclass: `steps: true` must not pass as 1.
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is int and not -(2**63) <= value < 2**63:  # torch, numpy and DeepSpeed take 64-bit integers
+        raise ConfigError(f"{where}: {value} is out of the 64-bit integer range")
     return value
+
+
+def _coerce_union(types_: list, value, where: str):
+    """The first of several accepted types that `value` fits (e.g. validation_files: a mapping or a list)."""
+    problems = []
+    for tp in types_:
+        try:
+            return _coerce(tp, value, where)
+        except ConfigError as e:
+            problems.append(str(e))
+    raise ConfigError(" or ".join(problems) if len(problems) > 1 else problems[0])
 
 
 def validate(cfg: RunConfig) -> None:
@@ -323,12 +406,51 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"phases.{i}.steps must be >= 1, got {p.steps}")
     require_positive({"data.prefetch": cfg.data.prefetch, "optim.lr": cfg.optim.lr})
     validate_batches_and_logs(cfg)
+    validate_sizes(cfg)
     if not 0.0 < cfg.data.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {cfg.data.mask_prob}")
     if not 0 <= cfg.optim.warmup_steps <= cfg.total_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be in [0, total steps {cfg.total_steps}]")
     validate_search(cfg.earlybert, cfg.total_steps)
     validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
+
+
+# Bounds of values that have no natural limit but beyond which a run only exhausts memory or overflows: a batch
+# of 16M sequences, a model dimension of 16M, a timeout of 30 days (timedelta and the collectives overflow).
+MAX_BATCH = 2**24
+MAX_MODEL_SIZE = 2**24
+MAX_TIMEOUT_S = 30 * 86400
+# Seeds go to torch (64-bit) and numpy (below 2**32) with small offsets per rank and stage.
+MAX_SEED = 2**32 - 1
+# model.overrides are EarlyBertConfig fields: a dict the typed loader cannot check; their names say what they hold.
+PROBABILITY_FIELDS = re.compile(r".*(_prob|dropout).*")
+SIZE_FIELDS = re.compile(r"num_hidden_layers|num_attention_heads|.*_size|max_position_embeddings")
+
+
+def validate_sizes(cfg) -> None:
+    """The bounds a pre-training and a fine-tuning config share: batches, seeds, timeouts, model overrides."""
+    for name, value in {"micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size}.items():
+        if value > MAX_BATCH:
+            raise ConfigError(f"{name}={value} is beyond any device's memory (at most {MAX_BATCH} sequences)")
+    for name, value in {"seed": cfg.seed, "earlybert.mask_seed": cfg.earlybert.mask_seed or 0}.items():
+        if not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"{name}={value} must be in [0, {MAX_SEED}]")
+    for name, value in {"step_s": cfg.dist_timeout.step_s, "long_s": cfg.dist_timeout.long_s}.items():
+        if value > MAX_TIMEOUT_S:
+            raise ConfigError(f"dist_timeout.{name}={value} s is more than {MAX_TIMEOUT_S} s (30 days)")
+    for key, value in cfg.model.overrides.items():
+        validate_model_override(str(key), value)
+
+
+def validate_model_override(key: str, value) -> None:
+    where = f"model.overrides.{key}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if PROBABILITY_FIELDS.fullmatch(key) and value is not None and not (number and 0 <= value <= 1):
+        raise ConfigError(f"{where}: a probability, expected a number in [0, 1], got {value!r}")
+    if SIZE_FIELDS.fullmatch(key) and not (number and value == int(value) and 1 <= value <= MAX_MODEL_SIZE):
+        raise ConfigError(f"{where}: a size, expected a whole number in [1, {MAX_MODEL_SIZE}], got {value!r}")
 
 
 def require_positive(values: dict) -> None:
@@ -391,14 +513,21 @@ def validate_search(eb: SearchConfig, total_steps: int) -> None:
 def read_deepspeed(cfg) -> dict:
     """The DeepSpeed JSON named by the run config with `deepspeed_overrides` merged in."""
     try:
-        ds = json.loads(Path(cfg.deepspeed).read_text())
-    except (OSError, ValueError) as e:
+        ds = json.loads(Path(cfg.deepspeed).read_bytes(), parse_constant=_refuse_constant)
+        _check_size(ds, cfg.deepspeed)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond the parser's stack
         shipped = ", ".join(sorted(p.name for p in SHIPPED_DS_CONFIGS.glob("*.json")))
         raise ConfigError(
             f"deepspeed: cannot read {cfg.deepspeed}: {e}; give a DeepSpeed JSON relative to the "
             f"config file, or ds_configs/NAME.json for one of the project's: {shipped}"
-        ) from e
+        ) from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed} holds {type(ds).__name__}, expected a JSON object")
     return _deep_merge(ds, cfg.deepspeed_overrides)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number a DeepSpeed setting can take")
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -419,7 +548,29 @@ def precision(ds: dict) -> str:
     return "fp32"
 
 
+# The top-level keys DeepSpeed 0.19's DeepSpeedConfig reads (recorded from the keys it looks up); it ignores any
+# other silently, so a misspelt section would go unnoticed.
+DEEPSPEED_KEYS = frozenset(
+    "activation_checkpointing aio amp autotuning bf16 bfloat16 checkpoint comet comms_logger communication_data_type "
+    "compile compression_training csv_monitor curriculum_learning data_efficiency data_types dataloader_drop_last "
+    "datastates_ckpt disable_allgather disable_python_gc dump_state eigenvalue elasticity expert_parallel "
+    "flops_profiler fp16 gradient_accumulation_steps gradient_allreduce_op gradient_clipping "
+    "gradient_predivide_factor graph_harvesting hybrid_engine log_level managed_gradient_accumulation "
+    "memory_breakdown nebula optimizer pipeline prescale_gradients progressive_layer_drop quantize_training "
+    "scheduler seq_parallel_communication_data_type sparse_attention sparse_gradients steps_per_print "
+    "tensor_parallel tensorboard timers torch_autocast train_batch_size train_micro_batch_size_per_gpu "
+    "use_data_before_expert_parallelism vocabulary_size wall_clock_breakdown wandb weight_quantization "
+    "zero_allow_untested_optimizer zero_force_ds_cpu_optimizer zero_optimization".split()
+)
+
+
 def validate_deepspeed(ds: dict, source: str) -> None:
+    unknown = sorted(map(str, set(ds) - DEEPSPEED_KEYS))
+    if unknown:
+        raise ConfigError(f"{source} (with deepspeed_overrides): {', '.join(unknown)} are not DeepSpeed settings")
+    sections = [k for k in ("zero_optimization", "optimizer", "bf16", "fp16") if not isinstance(ds.get(k, {}), dict)]
+    if sections:
+        raise ConfigError(f"{source} (with deepspeed_overrides): {', '.join(sections)} must be a mapping")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage={stage!r}; DeepSpeed ZeRO has stages 0, 1, 2 and 3")
@@ -441,6 +592,21 @@ def validate_deepspeed(ds: dict, source: str) -> None:
         )
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{source}: bf16 and fp16 are both enabled; pick one")
+    _parse_deepspeed(ds, source)
+
+
+def _parse_deepspeed(ds: dict, source: str) -> None:
+    """DeepSpeed's own parse of the config (its pydantic models refuse unknown and ill-typed ZeRO, precision and
+    monitor settings), here rather than when the engine is built after the process group is up."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    batch = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    try:
+        DeepSpeedConfig({**ds, **batch})
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError) as e:  # pydantic's error: ValueError
+        raise ConfigError(
+            f"{source} (with deepspeed_overrides): DeepSpeed refuses it: {' '.join(str(e).split())}"
+        ) from None
 
 
 def deepspeed_config(cfg, world_size: int, load_universal: bool = False, lr: float | None = None) -> dict:

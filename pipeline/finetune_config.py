@@ -27,6 +27,7 @@ from pipeline.config import (
     require_positive,
     validate_batches_and_logs,
     validate_deepspeed,
+    validate_sizes,
 )
 from pipeline.rundir import RunDir
 from pipeline.tasks import TaskConfig
@@ -136,6 +137,7 @@ def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig
 def validate_finetune(cfg: FinetuneConfig) -> None:
     r = cfg.recipe
     validate_batches_and_logs(cfg)
+    validate_sizes(cfg)
     require_positive(
         {
             "recipe.search_lr": r.search_lr,
