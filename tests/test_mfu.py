@@ -8,6 +8,7 @@ import pytest
 from bench.bench_model import make_batch
 from pipeline.metrics import batch_model_flops, flops_per_sequence, mfu, model_flops
 from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.report import model_rate
 from pipeline.train import pretraining_stats, step_record
 from tiny import NO_DROPOUT, per_layer_config
 
@@ -82,3 +83,11 @@ def test_the_training_log_counts_real_tokens_only():
     assert r["tflops"] == pytest.approx(flops / 0.5 / 1e12)
     assert r["mfu"] == pytest.approx(mfu(flops, 0.5, 100.0, devices=2))
     assert r["tflops"] < flops_per_sequence(config, 128) * 8 / 0.5 / 1e12  # the padding is not counted
+
+
+def test_the_report_gives_the_logs_model_rate():
+    records = [{"step": 1, "tflops": 1.0, "mfu": 0.01}] + [
+        {"step": s, "tflops": 100.0 + s, "mfu": 0.5 + s / 100} for s in (2, 3, 4)
+    ]
+    assert model_rate(records) == "103 (53.0%)"  # medians, the first step (start-up) left out
+    assert model_rate([{"step": 1, "tflops": 2.0}, {"step": 2, "tflops": 4.0}]) == "4"  # peak unknown: no MFU
