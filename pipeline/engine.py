@@ -5,7 +5,8 @@ around a pruned model in the same process.
                       settings and the length of the LR schedule
     build_engine      deepspeed.initialize with our parameter groups and LR schedule; by option the
                       model compiled (torch.compile); DeepSpeed's fused Adam where it can run, else
-                      torch's fused AdamW (with_available_adam)
+                      torch's fused AdamW (with_available_adam); LAMB refused where DeepSpeed's
+                      FusedLamb cannot run (check_lamb_available)
     prune_engine      the draw: destroy the engine, build the pruned model's (pipeline/rebuild.py
                       carries the fp32 masters, moments, counters and schedule across)
     train_step        one optimizer step over a step's micro-batches
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.config import OptimConfig, zero_stage
+from pipeline.config import ConfigError, OptimConfig, zero_stage
 from pipeline.detector import Masks
 from pipeline.model import EarlyBertSelfAttention
 
@@ -60,25 +61,30 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_op_unavailable(builder: str) -> str | None:
+    """Why the DeepSpeed CUDA op made by `builder` (e.g. "FusedAdamBuilder") cannot run in this process, or None
+    when it can. The op is prebuilt or compiled on first use (which needs nvcc and the CUDA toolkit)."""
+    if not torch.cuda.is_available():
+        return "it needs a CUDA device"
+    try:
+        from deepspeed.ops import op_builder
+
+        getattr(op_builder, builder)().load(verbose=False)
+        return None
+    except Exception as err:  # no toolkit, no compiler, a failed build: all end here
+        return f"its CUDA extension cannot be built or loaded: {type(err).__name__}: {err}"
+
+
 @functools.cache
 def fused_adam_unavailable() -> str | None:
-    """Why DeepSpeed's fused Adam cannot run in this process, or None when it can. It is a CUDA extension,
-    prebuilt or compiled on first use (which needs nvcc and the CUDA toolkit). Said once per process."""
-    if not torch.cuda.is_available():
-        reason = "it needs a CUDA device"
-    else:
-        try:
-            from deepspeed.ops.op_builder import FusedAdamBuilder
-
-            FusedAdamBuilder().load(verbose=False)
-            return None
-        except Exception as err:  # no toolkit, no compiler, a failed build: all end here
-            reason = f"its CUDA extension cannot be built or loaded: {type(err).__name__}: {err}"
-    print(
-        f"DeepSpeed's fused Adam is unavailable ({reason}); training with torch's fused AdamW instead",
-        file=sys.stderr,
-        flush=True,
-    )
+    """Why DeepSpeed's fused Adam cannot run in this process, or None when it can. Said once per process."""
+    reason = fused_op_unavailable("FusedAdamBuilder")
+    if reason is not None:
+        print(
+            f"DeepSpeed's fused Adam is unavailable ({reason}); training with torch's fused AdamW instead",
+            file=sys.stderr,
+            flush=True,
+        )
     return reason
 
 
@@ -95,10 +101,27 @@ def with_available_adam(ds_config: dict) -> dict:
     return {**ds_config, "optimizer": {**optimizer, "params": {**params, "torch_adam": True, "fused": True}}}
 
 
+def check_lamb_available(ds_config: dict) -> None:
+    """Refuse a config asking for LAMB where DeepSpeed's FusedLamb cannot run. Unlike Adam there is no fallback:
+    torch has no LAMB, and switching to another optimizer or to an implementation of our own that nothing here
+    can check against FusedLamb would change the training recipe behind the user's back."""
+    if ds_config.get("optimizer", {}).get("type", "").lower() != "lamb":
+        return
+    reason = fused_op_unavailable("FusedLambBuilder")
+    if reason is not None:
+        raise ConfigError(
+            f"the DeepSpeed config asks for LAMB, DeepSpeed's FusedLamb, which cannot run here ({reason}). "
+            "Train with AdamW (e.g. ds_configs/zero2_bf16.json, or zero1.json on a CPU), or on a CUDA machine "
+            "where DeepSpeed can build its fused_lamb op: nvcc and the CUDA toolkit of torch's CUDA version, "
+            "or DeepSpeed installed with it prebuilt (DS_BUILD_FUSED_LAMB=1 pip install deepspeed)"
+        )
+
+
 def build_engine(model: torch.nn.Module, spec: EngineSpec):
     """The DeepSpeed engine of `model`; its LR scheduler is `engine.lr_scheduler`."""
     import deepspeed
 
+    check_lamb_available(spec.ds_config)
     ds_config = with_available_adam(spec.ds_config)
     if zero_stage(ds_config) == 3 and getattr(model.config, "fused_qkv", False):
         # The fused projection reads query/key/value's weights from their parent module: ZeRO-3 gathers a

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+from deepspeed.ops.lamb import FusedLamb
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -190,17 +192,27 @@ def _optimizer_tensors(engine) -> list[torch.Tensor]:
 
 
 def _create_adam_state(base: torch.optim.Optimizer, tensors: list[torch.Tensor], step: float) -> None:
-    """Adam-family optimizers create their state lazily at the first step; create it now (zeros),
-    with the step count carried over so that bias correction continues where it was. torch's Adam keeps the
-    count as a tensor, DeepSpeed's FusedAdam as an int (handed to its CUDA kernel)."""
-    int_step = type(base).__name__ == "FusedAdam"
+    """Adam-family optimizers create their state lazily at the first step; create it now (zeros), with the
+    step count carried over so that bias correction continues where it was."""
     for p in tensors:
         if not base.state.get(p):
             base.state[p] = {
-                "step": int(step) if int_step else torch.tensor(float(step)),
+                "step": step_state(base, p, step),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }
+
+
+def step_state(base: torch.optim.Optimizer, param: torch.Tensor, step: float) -> int | torch.Tensor:
+    """The step count the way `base`'s implementation keeps it, as it would create it at its first step.
+    DeepSpeed's FusedAdam, FusedLamb and CPU Adam: an int, handed to their kernel. torch's Adam/AdamW, fused or
+    capturable: a float32 tensor on the parameter's device (their kernels read it there); otherwise (for-loop,
+    foreach): a tensor on the CPU, which they read as a host number (torch.optim.Adam._init_group)."""
+    if isinstance(base, (FusedAdam, FusedLamb, DeepSpeedCPUAdam)):
+        return int(step)
+    if base.defaults.get("fused") or base.defaults.get("capturable"):
+        return torch.tensor(float(step), dtype=torch.float32, device=param.device)
+    return torch.tensor(float(step), device="cpu")
 
 
 def _set_full(param, value: torch.Tensor, key: str | None, base: torch.optim.Optimizer) -> None:
