@@ -14,9 +14,14 @@ shift
 export MASTER_PORT=${MASTER_PORT:-29500}
 args=(-np "${NP:-2}")
 if [[ $(id -u) -eq 0 ]]; then args+=(--allow-run-as-root); fi
-# mpirun does not forward the environment to other nodes by itself.
-for var in MASTER_PORT PATH PYTHONPATH TORCH_EXTENSIONS_DIR OMP_NUM_THREADS; do
-    if [[ -n "${!var:-}" ]]; then args+=(-x "$var"); fi
-done
+# mpirun does not forward the environment to other nodes by itself: the rendezvous port, the paths, NCCL's,
+# CUDA's, torch's and ours. Not CUDA_VISIBLE_DEVICES: each node's own (Slurm sets it per node).
+while IFS= read -r var; do
+    case $var in
+        CUDA_VISIBLE_DEVICES) ;;
+        MASTER_PORT | PATH | PYTHONPATH | LD_LIBRARY_PATH | OMP_NUM_THREADS | NCCL_* | CUDA_* | TORCH_* | EARLYBERT_*)
+            args+=(-x "$var") ;;
+    esac
+done < <(compgen -e)
 # shellcheck disable=SC2086  # MPI_ARGS is a list of options
 exec mpirun "${args[@]}" ${MPI_ARGS:-} "${PYTHON:-python}" -m "${MODULE:-pipeline.train}" --config "$config" "$@"
