@@ -3,13 +3,17 @@
 earlybert prep --input PATH [PATH ...] --output DIR --tokenizer PATH --seq-len N [--workers N] ...
 earlybert prep tokenizer --input PATH [PATH ...] --output tokenizer.json [--vocab-size 30522] [--lowercase]
 earlybert prep local-corpus --output FILE [--max-mb 20] [--from DIR ...]
+
+Exit status, the same for the three (data_prep/stops.py): 0 done, 2 bad input or usage, 1 a failure during the
+work, 75 stopped by SIGTERM, 130 stopped by Ctrl-C.
 """
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
+from data_prep import stops
+from data_prep.outputs import OutputError
 from data_prep.progress import DEFAULT_INTERVAL, INTERVAL_ENV
 from data_prep.readers import InputError
 
@@ -71,6 +75,12 @@ def _prep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-line-chars", type=int, default=100_000, metavar="N", help="longer lines are split")
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on files of input directories that cannot be read (broken links, FIFOs) and on JSONL records "
+        "whose text field is not a string, instead of skipping them with a warning",
+    )
+    p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -117,67 +127,103 @@ def _corpus_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tokenizer(argv: list[str]):
+    from data_prep.wordpiece import SPECIAL_TOKENS, tokenizer_path, train_wordpiece
+
+    parser = _tokenizer_parser()
+    a = parser.parse_args(argv)
+    if a.vocab_size <= len(SPECIAL_TOKENS):
+        parser.error(f"--vocab-size {a.vocab_size}: must be more than the {len(SPECIAL_TOKENS)} special tokens")
+    if a.min_frequency < 0:
+        parser.error(f"--min-frequency {a.min_frequency}: must be >= 0")
+    output = tokenizer_path(a.output)
+    started = time.time()
+    print(
+        f"{output}: training a WordPiece vocabulary of {a.vocab_size} tokens on {' '.join(a.input)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    tok = train_wordpiece(
+        a.input,
+        output,
+        vocab_size=a.vocab_size,
+        lowercase=a.lowercase,
+        min_frequency=a.min_frequency,
+        text_field=a.text_field,
+        progress=True,
+    )
+    print(
+        f"{output}: WordPiece vocabulary of {tok.get_vocab_size()} tokens in {time.time() - started:.1f} s",
+        file=sys.stderr,
+    )
+
+
+def _local_corpus(argv: list[str]):
+    from data_prep.local_corpus import gather_local_corpus
+
+    parser = _corpus_parser()
+    a = parser.parse_args(argv)
+    if not a.max_mb > 0:
+        parser.error(f"--max-mb {a.max_mb}: must be > 0")
+    stats = gather_local_corpus(a.output, int(a.max_mb * 1e6), doc_roots=a.doc_roots)
+    print(
+        f"{a.output}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB "
+        f"from {stats['files_scanned']} files in {stats['seconds']:.1f} s",
+        file=sys.stderr,
+    )
+
+
+def _prep(argv: list[str]):
+    from data_prep.prep import PrepConfig, run_prep
+
+    a = _prep_parser().parse_args(argv)
+    cfg = PrepConfig(
+        inputs=a.input,
+        output=a.output,
+        tokenizer=a.tokenizer,
+        seq_len=a.seq_len,
+        workers=a.workers,
+        nsp=a.nsp,
+        seed=a.seed,
+        short_seq_prob=a.short_seq_prob,
+        dedup=a.dedup,
+        text_field=a.text_field,
+        shard_sequences=a.shard_sequences,
+        unit_bytes=a.unit_kb * 1024,
+        max_line_chars=a.max_line_chars,
+        progress=a.progress,
+        strict=a.strict,
+    )
+    run_prep(cfg)
+
+
+# action: (function, what an interrupted run leaves)
+ACTIONS = {
+    "prep": (_prep, "what is finished is kept: rerun the same command to resume"),
+    "tokenizer": (_tokenizer, "nothing was written"),
+    "local-corpus": (_local_corpus, "nothing was written"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The one place where an outcome becomes an exit status (data_prep/stops.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    action = argv[0] if argv and argv[0] in ("tokenizer", "local-corpus") else "prep"
+    action = argv[0] if argv and argv[0] in ACTIONS and argv[0] != "prep" else "prep"
+    run, leaves = ACTIONS[action]
+    name = "earlybert prep" + ("" if action == "prep" else f" {action}")
     try:
-        if action == "tokenizer":
-            from data_prep.wordpiece import train_wordpiece
-
-            a = _tokenizer_parser().parse_args(argv[1:])
-            if Path(a.output).is_dir():
-                a.output = str(Path(a.output) / "tokenizer.json")
-            started = time.time()
-            print(
-                f"{a.output}: training a WordPiece vocabulary of {a.vocab_size} tokens on {' '.join(a.input)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            tok = train_wordpiece(
-                a.input,
-                a.output,
-                vocab_size=a.vocab_size,
-                lowercase=a.lowercase,
-                min_frequency=a.min_frequency,
-                text_field=a.text_field,
-                progress=True,
-            )
-            print(
-                f"{a.output}: WordPiece vocabulary of {tok.get_vocab_size()} tokens in {time.time() - started:.1f} s",
-                file=sys.stderr,
-            )
-        elif action == "local-corpus":
-            from data_prep.local_corpus import gather_local_corpus
-
-            a = _corpus_parser().parse_args(argv[1:])
-            stats = gather_local_corpus(a.output, int(a.max_mb * 1e6), doc_roots=a.doc_roots)
-            print(
-                f"{a.output}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB "
-                f"from {stats['files_scanned']} files in {stats['seconds']:.1f} s",
-                file=sys.stderr,
-            )
-        else:
-            from data_prep.prep import PrepConfig, run_prep
-
-            a = _prep_parser().parse_args(argv)
-            cfg = PrepConfig(
-                inputs=a.input,
-                output=a.output,
-                tokenizer=a.tokenizer,
-                seq_len=a.seq_len,
-                workers=a.workers,
-                nsp=a.nsp,
-                seed=a.seed,
-                short_seq_prob=a.short_seq_prob,
-                dedup=a.dedup,
-                text_field=a.text_field,
-                shard_sequences=a.shard_sequences,
-                unit_bytes=a.unit_kb * 1024,
-                max_line_chars=a.max_line_chars,
-                progress=a.progress,
-            )
-            run_prep(cfg)
-    except InputError as e:
-        print(f"earlybert prep: error: {e}", file=sys.stderr)
-        return 1
+        with stops.stop_on_sigterm():
+            run(argv if action == "prep" else argv[1:])
+    except (InputError, OutputError) as e:  # PrepError is an InputError
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return stops.EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C); {leaves}", file=sys.stderr)
+        return stops.EXIT_INTERRUPTED
+    except stops.StopRequested:
+        print(f"{name}: stopped (SIGTERM); {leaves}", file=sys.stderr)
+        return stops.EXIT_STOPPED
+    except (OSError, stops.Failure) as e:  # the disk, not the input: the same command may work once it is fixed
+        print(f"{name}: failed: {e}; {leaves}", file=sys.stderr)
+        return stops.EXIT_FAILED
     return 0

@@ -17,8 +17,19 @@ from tokenizers import Tokenizer
 
 from data_prep.readers import InputError, Unit
 
-# Statistics a unit reports, in this order (stored as an int64 array in the unit file).
-STATS = ("input_documents", "empty_documents", "replaced_bytes", "split_lines", "split_documents")
+# Statistics a unit reports, in this order (stored as an int64 array in the unit file). wrong_type: JSONL records
+# whose text field is not a string (a number, null, a list, an object); input_bytes: of text and JSONL, decoded.
+STATS = (
+    "input_documents",
+    "empty_documents",
+    "replaced_bytes",
+    "split_lines",
+    "split_documents",
+    "wrong_type",
+    "input_bytes",
+)
+WRONG_TYPE_LINES = 5  # line numbers of wrong_type records kept per unit, for the message
+ENCODE_BATCH_CHARS = 1 << 20  # characters per tokenizer call: its Encoding objects take ~100 bytes a token
 SPECIAL_NAMES = {
     "cls": ("[CLS]", "<s>"),
     "sep": ("[SEP]", "</s>"),
@@ -40,11 +51,11 @@ def load_tokenizer(path) -> tuple[Tokenizer, str, str]:
             f"{file}: tokenizer not found; pass a tokenizer.json or a directory holding one "
             f"(train one with `earlybert prep tokenizer`)"
         )
-    text = file.read_text(encoding="utf-8")
     try:
+        text = file.read_text(encoding="utf-8")
         tok = tokenizer_from_json(text)
-    except Exception as e:
-        raise InputError(f"{file}: not a Hugging Face fast tokenizer ({e})") from e
+    except Exception as e:  # not UTF-8, not JSON, or JSON the Rust parser refuses (it raises plain Exception)
+        raise InputError(f"{file}: not a Hugging Face fast tokenizer ({type(e).__name__}: {e})") from e
     return tok, text, str(file.resolve())
 
 
@@ -94,14 +105,17 @@ def _lines(text: str) -> list[str]:
 
 
 def parse_unit(unit: Unit, text_field: str) -> tuple[list[list[str]], dict]:
-    """Documents (lists of non-blank, stripped lines) and statistics of one unit."""
+    """Documents (lists of non-blank, stripped lines) and statistics of one unit; stats["wrong_type_lines"]: the
+    first line numbers of JSONL records whose text is not a string."""
     stats = dict.fromkeys(STATS, 0)
     stats["split_lines"] = unit.split_lines
     stats["split_documents"] = unit.split_documents
+    stats["wrong_type_lines"] = []
     if unit.kind == "records":
         texts = unit.payload
     else:
         text, stats["replaced_bytes"] = _decode(unit.payload)
+        stats["input_bytes"] = len(unit.payload)
         if unit.kind == "text":
             docs, doc = [], []
             for line in text.split("\n"):
@@ -130,7 +144,12 @@ def parse_unit(unit: Unit, text_field: str) -> tuple[list[list[str]], dict]:
                     f"{unit.path}:{unit.first_line + offset}: no {text_field!r} field "
                     f"(found: {keys}); pass --text-field"
                 )
-            value = record[text_field] if isinstance(record[text_field], str) else ""
+            value = record[text_field]
+            if not isinstance(value, str):
+                stats["wrong_type"] += 1
+                if len(stats["wrong_type_lines"]) < WRONG_TYPE_LINES:
+                    stats["wrong_type_lines"].append(unit.first_line + offset)
+                continue
             # JSON escapes can encode lone surrogates, which are not text: replace and count them.
             value, bad = _SURROGATE.subn("\ufffd", value)
             stats["replaced_bytes"] += bad
@@ -147,7 +166,7 @@ def parse_unit(unit: Unit, text_field: str) -> tuple[list[list[str]], dict]:
 
 def encode_unit(unit: Unit, tok: Tokenizer, *, text_field: str, max_line_chars: int, token_dtype) -> dict:
     """Arrays of one unit: tokens, line_tokens (per kept line), doc_lines (per kept document),
-    doc_hash ([docs, 16] bytes of BLAKE2b of the document's text) and stats."""
+    doc_hash ([docs, 16] bytes of BLAKE2b of the document's text), stats and wrong_type_lines."""
     docs, stats = parse_unit(unit, text_field)
     lines, doc_sizes, hashes = [], [], []
     for doc in docs:
@@ -163,9 +182,7 @@ def encode_unit(unit: Unit, tok: Tokenizer, *, text_field: str, max_line_chars: 
                 n += 1
         doc_sizes.append(n)
         hashes.append(hashlib.blake2b("\n".join(doc).encode(), digest_size=16).digest())
-    ids = [e.ids for e in tok.encode_batch_fast(lines, add_special_tokens=False)]
-    line_tokens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype, count=int(line_tokens.sum()))
+    line_tokens, tokens = _tokenize(tok, lines, token_dtype)
     # Lines that tokenize to nothing (only characters the normalizer drops) are no segments;
     # documents left with no tokens count as empty.
     line_doc = np.repeat(np.arange(len(doc_sizes)), doc_sizes)
@@ -181,4 +198,23 @@ def encode_unit(unit: Unit, tok: Tokenizer, *, text_field: str, max_line_chars: 
         "doc_lines": doc_lines[keep_doc].astype(np.int32),
         "doc_hash": hashes[keep_doc],
         "stats": np.array([stats[k] for k in STATS], dtype=np.int64),
+        "wrong_type_lines": np.array(stats["wrong_type_lines"], dtype=np.int64),
     }
+
+
+def _tokenize(tok: Tokenizer, lines: list[str], token_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens per line, every token) of `lines`, tokenized ENCODE_BATCH_CHARS at a time: a unit cut out of one
+    enormous line is 8 MB of text, whose Encoding objects at once would take about a gigabyte."""
+    counts, tokens, batch, size = [], [], [], 0
+    for i, line in enumerate(lines):
+        batch.append(line)
+        size += len(line)
+        if size >= ENCODE_BATCH_CHARS or i == len(lines) - 1:
+            ids = [e.ids for e in tok.encode_batch_fast(batch, add_special_tokens=False)]
+            counts.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+            n = int(counts[-1].sum())
+            tokens.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype, count=n))
+            batch, size = [], 0
+    if not counts:
+        return np.zeros(0, np.int64), np.zeros(0, token_dtype)
+    return np.concatenate(counts), np.concatenate(tokens)

@@ -27,6 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from data_prep import outputs, stops
 from data_prep.readers import InputError
 from data_prep.shards import atomic_write
 
@@ -57,6 +58,7 @@ _SKIP_FILES = {
     "CMakeLists.txt",
 }
 _MAX_DOC_FILE = 2_000_000
+SHARE_DOC = Path("/usr/share/doc")
 _DOC_SUFFIXES = (".rst", ".md", ".txt")
 # reST/Markdown markup lines that are not prose: directives and comments, heading underlines and
 # table rules (punctuation only), and table rows.
@@ -140,7 +142,7 @@ def _candidates(doc_roots: list[Path] | None = None):
         for root in roots:
             for path in _walk(root, (".py",)):
                 yield name, path, True
-    for name, root in (("site-packages docs", site[0]), ("/usr/share/doc", Path("/usr/share/doc"))):
+    for name, root in (("site-packages docs", site[0]), ("/usr/share/doc", SHARE_DOC)):
         for path in _walk(root, _DOC_SUFFIXES):
             yield name, path, False
 
@@ -173,12 +175,15 @@ def gather_local_corpus(path, max_bytes: int, workers: int | None = None, doc_ro
                 f"{root}: not a directory; --from takes a directory of .rst/.md/.txt documentation "
                 f"(optionally .gz), e.g. /usr/share/doc/linux-doc-6.1/Documentation"
             )
+    # An output among the sources would overwrite one, or be read back by the next run.
+    outputs.check_output(path, doc_roots or [*_module_roots(), SHARE_DOC])
+    outputs.sweep_files(path)
     started = time.time()
     workers = workers or len(os.sched_getaffinity(0))
     stats = {"bytes": 0, "documents": 0, "paragraphs": 0, "files_scanned": 0, "sources": {}}
 
     def write(f):
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=stops.in_worker) as pool:
             for source, paras in pool.imap(_extract, _candidates(doc_roots), chunksize=16):
                 stats["files_scanned"] += 1
                 if not paras:

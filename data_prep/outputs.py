@@ -4,9 +4,11 @@ A user's pre-training run is weeks of GPU time and a corpus may be all they have
 replaces what it did not write:
 
     check_output(out, inputs)   refuses an output that is, contains or lies inside one of the command's
-                                inputs or a run directory, and one that exists and is not a regular file
-                                or a directory (a FIFO, a device, a socket: never replaced)
-    atomic_write (shards.py)    replaces regular files only
+                                inputs or a run directory, one that exists and is not a regular file
+                                or a directory (a FIFO, a device, a socket: never replaced), and one that
+                                cannot be created (under a regular file, on a read-only filesystem)
+    atomic_write (shards.py)    replaces regular files only, through temporary_file(path)
+    sweep_files(path)           removes the temporary files that interrupted writes of `path` left
     replace_directory(...)      puts a finished temporary directory in place of the output, replacing an
                                 existing one only when this command wrote it (its marker file inside) or
                                 when the user passed --overwrite, and never one that holds a run directory
@@ -56,6 +58,19 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _check_creatable(out: Path, output, option: str) -> None:
+    """The nearest existing directory above `out` must be writable: otherwise the command would fail only when
+    its work is done (a tokenizer trained for an hour, then a traceback)."""
+    above = next((p for p in out.parents if p.exists() or p.is_symlink()), out)
+    if not above.is_dir():
+        raise OutputError(f"{option} {output} lies under {above}, which is not a directory; choose another {option}")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{option} {output}: cannot write in {above} (read-only filesystem or no permission); "
+            f"choose another {option}"
+        )
+
+
 def check_output(output, inputs=(), option: str = "--output") -> Path:
     """Refuse (OutputError) an output that would overwrite or delete something the command did not write:
     an input, a run directory, or a file that is neither regular nor a directory. Returns the resolved path.
@@ -85,6 +100,7 @@ def check_output(output, inputs=(), option: str = "--output") -> Path:
             f"{option} {output} {'is' if run == real else 'lies inside'} the run directory {run}: "
             f"its checkpoints and metrics would be at risk; choose an {option} outside it"
         )
+    _check_creatable(real, output, option)
     return real
 
 
@@ -116,6 +132,16 @@ def _staging_prefix(output: Path, command: str) -> str:
     return f".{output.name}.{_tag(command)}-{socket.gethostname()}-"
 
 
+def _file_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}-"
+
+
+def temporary_file(path) -> Path:
+    """Where atomic_write writes `path` before the rename: beside it, named after this host and process."""
+    path = Path(path)
+    return path.with_name(f"{_file_prefix(path)}{os.getpid()}.tmp")
+
+
 def staging_dir(output, command: str) -> Path:
     """A fresh temporary directory beside `output` (same filesystem, so the final rename is atomic), named
     after this host and process. Leftovers of this command's interrupted runs beside it are swept first."""
@@ -137,23 +163,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep(output, command: str) -> list[Path]:
-    """Remove the temporary directories that this command's runs on this host left beside `output` when they
-    were interrupted (their process is gone). Other hosts' and live processes' are left alone."""
-    output = Path(output)
-    prefix = _staging_prefix(output, command)
-    removed = []
+def _leftovers(output: Path, prefix: str):
+    """(path, suffix) of what dead processes of this host left beside `output`: `{prefix}{pid}.{tmp,old}`."""
     if not output.parent.is_dir():
-        return removed
+        return
     for p in output.parent.iterdir():
         if not p.name.startswith(prefix):
             continue
         pid, _, suffix = p.name[len(prefix) :].partition(".")
         if pid.isdigit() and suffix in ("tmp", "old") and int(pid) != os.getpid() and not _alive(int(pid)):
-            if suffix == "old" and not output.exists():
-                os.replace(p, output)  # interrupted between the two renames of replace_directory: put it back
-            else:
-                shutil.rmtree(p, ignore_errors=True)
+            yield p, suffix
+
+
+def sweep(output, command: str) -> list[Path]:
+    """Remove the temporary directories that this command's runs on this host left beside `output` when they
+    were interrupted (their process is gone). Other hosts' and live processes' are left alone."""
+    output = Path(output)
+    removed = []
+    for p, suffix in _leftovers(output, _staging_prefix(output, command)):
+        if suffix == "old" and not output.exists():
+            os.replace(p, output)  # interrupted between the two renames of replace_directory: put it back
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def sweep_files(path) -> list[Path]:
+    """Remove the temporary files (temporary_file) that interrupted writes of `path` on this host left."""
+    path = Path(path)
+    removed = []
+    for p, _ in _leftovers(path, _file_prefix(path)):
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
             removed.append(p)
     return removed
 

@@ -37,12 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import encode, readers, sequences, shards
+from data_prep import encode, outputs, readers, sequences, shards, stops
 from data_prep.launchers import launched_tasks
 from data_prep.progress import progress_bar
 from pipeline import runlock
 
 WORK = ".work"
+# No BERT has more positions than 8192; past this a "sequence" is a typo (--seq-len 1000000000).
+MAX_SEQ_LEN = 1 << 16
+# A source with more of its bytes not UTF-8 than this is not text (random bytes: about half): refused.
+MAX_REPLACED_FRACTION = 0.1
 
 
 @dataclass
@@ -61,6 +65,7 @@ class PrepConfig:
     unit_bytes: int = 1 << 20
     max_line_chars: int = 100_000
     progress: bool = True  # a bar on a terminal, else a line now and then (progress.py)
+    strict: bool = False  # skipped files and wrong-typed records stop the run instead of a warning
 
 
 class PrepError(readers.InputError):
@@ -100,18 +105,22 @@ def detect_dist() -> Dist:
 
 
 def _step(dist: Dist, fn, *args):
-    """Run fn on every rank, then agree: if any rank failed, every rank raises its message, so
-    no rank waits forever in the next collective."""
+    """Run fn on every rank, then agree: if any rank failed, every rank raises the first rank's error, so
+    no rank waits forever in the next collective: PrepError for bad input (exit 2), stops.Failure for a failure
+    during the work (exit 1)."""
     error, result = None, None
     try:
         result = fn(*args)
-    except (readers.InputError, shards.ShardError) as e:
-        error = str(e)
+    except (readers.InputError, shards.ShardError, outputs.OutputError) as e:
+        error = (True, str(e))
+    except OSError as e:
+        error = (False, f"{e} (rank {dist.rank})" if dist.world > 1 else str(e))
     except Exception:
-        error = f"rank {dist.rank}: internal error\n{traceback.format_exc()}"
+        error = (False, f"rank {dist.rank}: internal error\n{traceback.format_exc()}")
     errors = [e for e in dist.allgather(error) if e]
     if errors:
-        raise PrepError(errors[0])
+        bad_input, message = errors[0]
+        raise PrepError(message) if bad_input else stops.Failure(message)
     return result
 
 
@@ -174,6 +183,8 @@ class PrepRun:
     dist: Dist
     sources: list[readers.Source]
     tokenizer: TokenizerInfo
+    skipped: list[readers.Skipped]  # files of input directories that are not read
+    workers: int  # worker processes of this rank (1: this process)
 
     @property
     def out(self) -> Path:
@@ -215,6 +226,7 @@ _WORKER = {}
 
 
 def _init_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
+    stops.in_worker()
     # One core per worker: the tokenizer's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(
@@ -236,6 +248,7 @@ def _unit_summary(key, source, arrays, nbytes, resumed=False) -> dict:
         "documents": len(arrays["doc_lines"]),
         "tokens": len(arrays["tokens"]),
         "stats": arrays["stats"].tolist(),
+        "wrong_type_lines": arrays["wrong_type_lines"].tolist(),
         "nbytes": nbytes,
         "resumed": resumed,
     }
@@ -327,8 +340,9 @@ class Workers:
 
 @contextmanager
 def start_workers(run: PrepRun):
-    """The worker processes of this rank; bad input stops them at once (their queued work is useless)."""
-    n = run.cfg.workers or (1 if run.dist.world > 1 else len(os.sched_getaffinity(0)))
+    """The worker processes of this rank. Anything but success (bad input, Ctrl-C, SIGTERM) terminates them at
+    once: their queued work is useless, and close() would wait for results that a dead worker never sends."""
+    n = run.workers
     window = 2 * n + 2
     if n <= 1:
         _init_worker(run.cfg, run.tokenizer)
@@ -337,14 +351,14 @@ def start_workers(run: PrepRun):
     # fork is cheapest; an MPI process must not fork, so it uses a fork server.
     ctx = mp.get_context("forkserver" if run.dist.world > 1 else "fork")
     pool = ctx.Pool(n, initializer=_init_worker, initargs=(run.cfg, run.tokenizer))
-    stop = pool.close
     try:
         yield Workers(pool, window)
-    except readers.InputError:
-        stop = pool.terminate
+    except BaseException:
+        pool.terminate()
         raise
+    else:
+        pool.close()
     finally:
-        stop()
         pool.join()
 
 
@@ -360,22 +374,59 @@ def _run_jobs(run: PrepRun, workers: Workers, desc: str, unit: str, fn, jobs) ->
 
 # ---- before the passes ------------------------------------------------------------------
 def _validate(cfg: PrepConfig):
-    if cfg.seq_len < 8:
-        raise PrepError(f"--seq-len {cfg.seq_len}: too short (BERT uses 128, then 512)")
-    if cfg.shard_sequences < 1 or cfg.shard_sequences * cfg.seq_len > shards.MAX_SHARD_TOKENS:
+    """Each option on its own, so that the message names the one that is wrong."""
+    if not 8 <= cfg.seq_len <= MAX_SEQ_LEN:
+        raise PrepError(f"--seq-len {cfg.seq_len}: must be in [8, {MAX_SEQ_LEN}] (BERT uses 128, then 512)")
+    if cfg.shard_sequences < 1:
+        raise PrepError(f"--shard-sequences {cfg.shard_sequences}: must be >= 1")
+    if cfg.shard_sequences * cfg.seq_len > shards.MAX_SHARD_TOKENS:
         raise PrepError(
-            f"--shard-sequences {cfg.shard_sequences}: must be >= 1 and at most "
-            f"{shards.MAX_SHARD_TOKENS // cfg.seq_len} at --seq-len {cfg.seq_len}"
+            f"--shard-sequences {cfg.shard_sequences}: at --seq-len {cfg.seq_len} a shard could hold more tokens "
+            f"than its int32 index addresses; at most {shards.MAX_SHARD_TOKENS // cfg.seq_len}"
         )
-    if cfg.unit_bytes < 1024 or cfg.max_line_chars < 16 or not 0 <= cfg.short_seq_prob <= 1:
-        raise PrepError("--unit-kb must be >= 1, --max-line-chars >= 16, --short-seq-prob in [0, 1]")
+    if cfg.unit_bytes < 1024:
+        raise PrepError(f"--unit-kb {cfg.unit_bytes // 1024}: must be >= 1")
+    if cfg.max_line_chars < 16:
+        raise PrepError(f"--max-line-chars {cfg.max_line_chars}: must be >= 16")
+    if not 0 <= cfg.short_seq_prob <= 1:
+        raise PrepError(f"--short-seq-prob {cfg.short_seq_prob}: must be in [0, 1]")
+    if cfg.workers < 0:
+        raise PrepError(f"--workers {cfg.workers}: must be >= 0 (0: every usable core)")
+
+
+def _worker_count(cfg: PrepConfig, dist: Dist) -> int:
+    """--workers, at most one per usable core: more only adds processes (the output is the same for any count)."""
+    cores = len(os.sched_getaffinity(0))
+    if not cfg.workers:
+        return 1 if dist.world > 1 else cores
+    if cfg.workers > cores:
+        _log(dist, f"--workers {cfg.workers}: this process may use {cores} cores; starting {cores} workers")
+    return min(cfg.workers, cores)
+
+
+def _check_inputs(cfg: PrepConfig, dist: Dist, sources: list[readers.Source]):
+    if cfg.text_field != "text" and all(s.kind == "text" for s in sources):
+        raise PrepError(
+            f"--text-field {cfg.text_field}: every input is plain text, which has no fields "
+            f"({sources[0].path}); --text-field is for JSONL, Parquet and `datasets` input"
+        )
+    pipes = [s.path for s in sources if s.kind == "pipe" or s.path == readers.STDIN]
+    if pipes and dist.world > 1:
+        raise PrepError(f"{pipes[0]}: a pipe can be read by one rank only; run without mpirun/srun, or pass files")
+    outputs.check_output(cfg.output, [*readers.local_paths(cfg.inputs, sources), cfg.tokenizer])
 
 
 def open_run(cfg: PrepConfig) -> PrepRun:
-    """Check the options, the ranks, the inputs and the tokenizer: what can fail before anything is written."""
+    """Check the options, the ranks, the inputs, the output and the tokenizer: what can fail before anything is
+    written."""
     _validate(cfg)
     dist = detect_dist()
-    return PrepRun(cfg, dist, readers.discover(cfg.inputs), load_tokenizer(cfg.tokenizer))
+    skipped = []
+    sources = readers.discover(cfg.inputs, skipped)
+    _check_inputs(cfg, dist, sources)
+    if skipped and cfg.strict:
+        raise PrepError(f"--strict: {readers.describe_skipped(skipped)}")
+    return PrepRun(cfg, dist, sources, load_tokenizer(cfg.tokenizer), skipped, _worker_count(cfg, dist))
 
 
 def _check_output(out: Path, fingerprint: dict, tokenizer_file: str) -> bool:
@@ -495,21 +546,48 @@ def encode_pass(run: PrepRun, workers: Workers) -> list[dict]:
     return sorted((u for part in run.dist.allgather(mine) for u in part), key=lambda u: u["key"])
 
 
-def _warn_bad_input(run: PrepRun, units):
+def _per_source(units) -> dict:
+    """{source: (its units' statistics summed, the first line numbers of its wrong-typed records)}"""
     per_source = {}
     for u in units:
-        per_source[u["source"]] = per_source.get(u["source"], np.zeros(len(encode.STATS), np.int64)) + u["stats"]
+        stats, lines = per_source.get(u["source"], (np.zeros(len(encode.STATS), np.int64), []))
+        per_source[u["source"]] = stats + u["stats"], lines + u["wrong_type_lines"]
+    return per_source
+
+
+def _check_bad_input(run: PrepRun, units):
+    """Warn about what was skipped, replaced or cut, per file; refuse a file that is mostly not UTF-8 and, with
+    --strict, anything skipped."""
     notes = {
         "empty_documents": "empty documents skipped",
         "replaced_bytes": "non-UTF-8 bytes replaced with U+FFFD",
-        "split_lines": "over-long lines split",
+        "split_lines": "over-long lines split (every piece kept)",
         "split_documents": "documents without blank lines cut",
     }
-    for f in sorted(per_source):
+    if run.skipped:
+        _log(run.dist, f"warning: {readers.describe_skipped(run.skipped)}")
+    wrong = []
+    for f, (stats, lines) in sorted(_per_source(units).items()):
+        path, count = run.sources[f].path, dict(zip(encode.STATS, stats.tolist()))
         for name, note in notes.items():
-            n = int(per_source[f][encode.STATS.index(name)])
-            if n:
-                _log(run.dist, f"warning: {run.sources[f].path}: {n} {note}")
+            if count[name]:
+                _log(run.dist, f"warning: {path}: {count[name]} {note}")
+        if count["replaced_bytes"] > MAX_REPLACED_FRACTION * max(count["input_bytes"], 1):
+            raise PrepError(
+                f"{path}: {count['replaced_bytes']} of its {count['input_bytes']} bytes "
+                f"({count['replaced_bytes'] / count['input_bytes']:.0%}) are not UTF-8: not text, or text in "
+                f"another encoding (convert it, e.g. iconv -f latin1 -t utf-8); nothing was written"
+            )
+        if count["wrong_type"]:
+            at = ", ".join(map(str, lines)) + (" ..." if count["wrong_type"] > len(lines) else "")
+            wrong.append(
+                f"{path}: {count['wrong_type']} records whose {run.cfg.text_field!r} is not a string "
+                f"(a number, null, a list or an object), lines {at}"
+            )
+    for message in wrong:
+        _log(run.dist, f"warning: {message}: skipped")
+    if wrong and run.cfg.strict:
+        raise PrepError(f"--strict: {wrong[0]}")
 
 
 def _input_stats(run: PrepRun, units) -> dict:
@@ -519,10 +597,14 @@ def _input_stats(run: PrepRun, units) -> dict:
     stats = dict(zip(encode.STATS, totals.tolist()))
     if stats["input_documents"] == 0:
         sources = run.sources
+        why = (
+            f"every record's {run.cfg.text_field!r} is empty or not a string (see the warnings above)"
+            if stats["wrong_type"]
+            else "every input is empty or blank"
+        )
         raise PrepError(
             f"no documents in {', '.join(s.path for s in sources[:5])}"
-            f"{' ...' if len(sources) > 5 else ''}: every input is empty or blank; "
-            f"nothing was written"
+            f"{' ...' if len(sources) > 5 else ''}: {why}; nothing was written"
         )
     return stats
 
@@ -609,6 +691,7 @@ def manifest_pass(run: PrepRun, n_shards: int, keep, built: dict, stats: dict) -
     }
     shards.write_manifest(
         out,
+        max_token_id=max(e["max_token_id"] for e in entries),
         seq_len=cfg.seq_len,
         shard_sequences=cfg.shard_sequences,
         token_dtype=tokenizer.token_dtype,
@@ -630,7 +713,8 @@ def manifest_pass(run: PrepRun, n_shards: int, keep, built: dict, stats: dict) -
     )
     shutil.rmtree(run.work.root)
     for partial in out.glob(".*.tmp*"):  # left by a killed run: never listed, now removed
-        partial.unlink()
+        if partial.name[1:].startswith(("shard_", shards.MANIFEST, "tokenizer.json")):  # prep's own only
+            partial.unlink()
     return counts
 
 
@@ -670,6 +754,8 @@ def _lock_output(run: PrepRun) -> Path | None:
         return runlock.acquire(run.out, "earlybert prep")
     except runlock.LockError as e:
         raise PrepError(str(e)) from None
+    except OSError as e:  # outputs.check_output saw a writable directory above; something changed since
+        raise PrepError(f"--output {run.out}: cannot create it ({e.strerror or e}); choose another --output") from e
 
 
 def _prepare(run: PrepRun, started: float) -> dict:
@@ -678,7 +764,7 @@ def _prepare(run: PrepRun, started: float) -> dict:
         return _already_complete(run)
     with open_work_dir(run), start_workers(run) as workers:
         units = encode_pass(run, workers)
-        _warn_bad_input(run, units)
+        _check_bad_input(run, units)
         stats = _input_stats(run, units)
         keep = dedup_pass(run, units)
         built = sequence_pass(run, workers, units, keep)

@@ -12,12 +12,21 @@ many tokenizing workers; decoding, parsing and tokenizing happen in the workers 
 Inputs are local paths, fsspec URLs (hf://, s3://, gs://, file://, memory://, ...: the same files,
 read through fsspec) or `dataset:NAME[:SPLIT]` / `dataset:NAME:CONFIG:SPLIT`: a `datasets` dataset
 (hub name or local directory) streamed in its own order, never downloaded whole.
+
+Pipes are streamed: `-` (stdin), a FIFO, a process substitution such as `<(zcat corpus.jsonl.gz)`. Nothing in
+the reading seeks, so a pipe is read once, front to back; text or JSONL is told by its name when it has a data
+suffix, else by its first line. Other files that are not regular files (/dev/zero, a terminal, a socket) are
+refused: they never end or are not a corpus.
 """
 
 import bz2
 import glob
 import gzip
+import json
+import os
 import re
+import stat
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePath, PurePosixPath
@@ -35,6 +44,11 @@ RECORD_BOUNDARY = re.compile(rb"\n")
 HARD_CAP_UNITS = 8
 RECORD_BATCH = 1024
 DATASET_PREFIX = "dataset:"
+STDIN = "-"
+# A pipe that has neither data nor a writer for this long is refused: a FIFO nobody writes to would wait forever.
+PIPE_WAIT_S = 1.0
+# zstd input read per decompression call: bounds what one call can expand to (zstd reaches ~32000:1).
+ZSTD_READ = 2048
 
 
 class InputError(Exception):
@@ -43,10 +57,21 @@ class InputError(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    path: str  # absolute path, fsspec URL, or dataset:NAME...
-    kind: str  # "text", "jsonl", "parquet", "dataset" (a `datasets` save_to_disk directory) or "stream"
-    size: int  # bytes on disk (for a dataset: of its Arrow files; for a stream: 0, unknown)
+    path: str  # absolute path, fsspec URL, dataset:NAME..., `-` (stdin) or a pipe's path as given
+    # "text", "jsonl", "parquet", "dataset" (a `datasets` save_to_disk directory), "stream" (a `datasets`
+    # dataset by name) or "pipe" (text or JSONL, told by its first line)
+    kind: str
+    size: int  # bytes on disk (for a dataset: of its Arrow files; for a stream or a pipe: 0, unknown)
     mtime_ns: int
+    pipe: bool = False  # stdin, a FIFO: read once, front to back, by one process
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file of an input directory that is not read: the run reports it, and --strict refuses it."""
+
+    path: str
+    why: str
 
 
 @dataclass
@@ -107,13 +132,14 @@ def _expand(arg: str) -> list[Path]:
     return [path]
 
 
-def discover(inputs: list[str]) -> list[Source]:
+def discover(inputs: list[str], skipped: list | None = None) -> list[Source]:
     """Ordered, de-duplicated sources: arguments in the order given, directories and globs
     sorted. Every file is opened once here so a missing or unreadable file stops the run before
-    anything is written."""
+    anything is written. Files of input directories that cannot be read (broken links, FIFOs, devices) are
+    appended to `skipped` (Skipped)."""
     sources, seen = [], set()
     for arg in inputs:
-        for source in _sources(arg):
+        for source in _sources(arg, [] if skipped is None else skipped):
             if source.path not in seen:
                 seen.add(source.path)
                 sources.append(source)
@@ -122,25 +148,56 @@ def discover(inputs: list[str]) -> list[Source]:
     return sources
 
 
-def _sources(arg: str) -> list[Source]:
+def local_paths(inputs: list[str], sources: list[Source]) -> list[str]:
+    """The local files and directories a command reads, as given and as found: what its output must not be,
+    contain or lie inside (outputs.check_output)."""
+    given = [a for a in inputs if not a.startswith(DATASET_PREFIX) and not glob.has_magic(a) and a != STDIN]
+    return given + [s.path for s in sources if not s.pipe and s.kind != "stream" and not is_url(s.path)]
+
+
+def describe_skipped(skipped: list[Skipped], shown: int = 5) -> str:
+    """'N files of the input directories skipped: PATH (why), ...'"""
+    listed = ", ".join(f"{s.path} ({s.why})" for s in skipped[:shown])
+    return f"{len(skipped)} files of the input directories skipped: {listed}{' ...' if len(skipped) > shown else ''}"
+
+
+def _sources(arg: str, skipped: list) -> list[Source]:
     if arg.startswith(DATASET_PREFIX):
         _load_stream(arg)  # a name or split that does not exist stops the run here
         return [Source(arg, "stream", 0, 0)]
     if is_url(arg):
         return _remote_sources(arg)
-    paths = []
+    if arg == STDIN:
+        return [_pipe_source(STDIN)]
+    sources = []
     for path in _expand(arg):
         if path.is_dir() and not _is_dataset_dir(path):
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _wanted_in_dir(p))
+            found = _directory_files(path, skipped)
             if not found:
                 raise InputError(
                     f"{path}: directory holds no .txt/.jsonl/.json/.parquet files "
                     f"(optionally .gz/.bz2/.zst) and is not a saved `datasets` dataset"
                 )
-            paths += found
+            sources += [_local_source(p.resolve()) for p in found]
+        elif stat.S_ISFIFO(path.stat().st_mode):
+            sources.append(_pipe_source(str(path)))  # as given: /dev/fd/63 resolves to no path at all
         else:
-            paths.append(path)
-    return [_local_source(path.resolve()) for path in paths]
+            sources.append(_local_source(path.resolve()))
+    return sources
+
+
+def _directory_files(root: Path, skipped: list) -> list[Path]:
+    """The data files under `root`, sorted; those that cannot be read go to `skipped`."""
+    found = []
+    for p in sorted(root.rglob("*")):
+        if not _wanted_in_dir(p) or p.is_dir():
+            continue
+        if p.is_file():
+            found.append(p)
+        else:
+            why = "broken symbolic link" if p.is_symlink() and not p.exists() else "not a regular file"
+            skipped.append(Skipped(str(p), why))
+    return found
 
 
 def _local_source(path: Path) -> Source:
@@ -152,13 +209,113 @@ def _local_source(path: Path) -> Source:
             sum(f.stat().st_size for f in files),
             max((f.stat().st_mtime_ns for f in files), default=0),
         )
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{path}: a {_file_type(st.st_mode)}, not a file or a pipe: it never ends or holds no corpus; "
+            f"pass a file, a directory, or a pipe (`-` for stdin)"
+        )
     try:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}); check the file's permissions") from e
-    st = path.stat()
     return Source(str(path), _kind(path), st.st_size, st.st_mtime_ns)
+
+
+def _file_type(mode: int) -> str:
+    kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+# ---- pipes ------------------------------------------------------------------------------
+_PIPES: dict[str, "_Prefixed"] = {}  # path -> the open pipe: held from discovery on, read once
+
+
+def _pipe_source(path: str) -> Source:
+    """Open a pipe and wait (at most PIPE_WAIT_S) for its first byte or a writer that is still writing. It stays
+    open until read: a writer whose reader went away would die of SIGPIPE."""
+    name = "stdin (-)" if path == STDIN else path
+    if path in _PIPES:  # discovered before in this process and not read: start again
+        _PIPES.pop(path).close()
+    try:
+        fd = os.dup(0) if path == STDIN else os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputError(f"{name}: cannot open ({e.strerror or e})") from e
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+        os.close(fd)
+        raise InputError(f"{name}: a {_file_type(mode)} (a terminal?), not a pipe or a file; pipe the corpus in")
+    os.set_blocking(fd, False)
+    deadline, writing = time.monotonic() + PIPE_WAIT_S, False
+    while True:
+        try:
+            head = os.read(fd, 1)
+        except BlockingIOError:  # a writer is there and has not written yet: it will
+            head, writing = b"", True
+            break
+        # b"": the end of a file, or a FIFO without a writer (not there yet, or gone without writing)
+        if head or not stat.S_ISFIFO(mode) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if not head and not writing and stat.S_ISFIFO(mode):
+        os.close(fd)
+        raise InputError(
+            f"{name}: a pipe with no writer and no data after {PIPE_WAIT_S:.0f} s; start the command that "
+            f"writes it first (e.g. `zcat corpus.gz > {path} &`), or use `--input <(zcat corpus.gz)`"
+        )
+    os.set_blocking(fd, True)
+    _PIPES[path] = _Prefixed(head, os.fdopen(fd, "rb", buffering=0))
+    return Source(path, _pipe_kind(path), 0, 0, pipe=True)
+
+
+def _pipe_kind(path: str) -> str:
+    if path != STDIN and _wanted_in_dir(PurePosixPath(path)):
+        kind = _kind(PurePosixPath(path))
+        if kind == "parquet":
+            raise InputError(f"{path}: Parquet cannot be read from a pipe (it is read from its end); pass the file")
+        return kind
+    return "pipe"
+
+
+def _looks_like_jsonl(head: bytes) -> bool:
+    """A pipe without a telling name: JSONL when its first line is a JSON object (or starts like one and is longer
+    than what was read)."""
+    head = head.lstrip()
+    line = head.split(b"\n", 1)[0]
+    if not line.startswith(b"{"):
+        return False
+    if b"\n" not in head:
+        return line.startswith((b'{"', b"{ "))
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+class _Prefixed:
+    """Bytes already read (to sniff a format), then the rest of the file: nothing here seeks, so pipes work."""
+
+    def __init__(self, head: bytes, rest):
+        self.head, self.rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.rest.read(n)
+        if 0 <= n <= len(self.head):
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        out, self.head = self.head, b""
+        return out + self.rest.read(-1 if n < 0 else n - len(out))
+
+    def close(self):
+        self.rest.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
 
 
 def _remote_sources(url: str) -> list[Source]:
@@ -198,7 +355,9 @@ def _mtime_ns(info: dict) -> int:
 
 
 def _open(path: str):
-    """A binary file: local, or through fsspec for a URL."""
+    """A binary file: local, a pipe held since discovery, or through fsspec for a URL."""
+    if path in _PIPES:
+        return _PIPES.pop(path)
     if is_url(path):
         import fsspec
 
@@ -237,24 +396,58 @@ class _Counted:
         return getattr(self.f, name)
 
 
+def _read_exactly(f, n: int) -> bytes:
+    """n bytes, fewer only at the end: a pipe's read returns what is there."""
+    out = b""
+    while len(out) < n and (block := f.read(n - len(out))):
+        out += block
+    return out
+
+
+class _ZstdFrames:
+    """The frames of a zstd stream, one after another. A stream that ends inside a frame is an error: zstandard's
+    stream_reader reads a truncated file as far as it goes, without a word."""
+
+    def __init__(self, raw):
+        self.raw, self.dctx, self.out = raw, zstandard.ZstdDecompressor(), bytearray()
+        self.frame, self.fed = self.dctx.decompressobj(), False
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.out) < n:
+            block = self.raw.read(ZSTD_READ)
+            if not block:
+                if self.fed:
+                    raise EOFError("zstd stream ends inside a frame")
+                break
+            while block:
+                self.out += self.frame.decompress(block)
+                self.fed = True
+                block = b""
+                if self.frame.eof:  # the frame is complete; what follows it starts the next one
+                    block, self.frame, self.fed = self.frame.unused_data, self.dctx.decompressobj(), False
+        n = len(self.out) if n < 0 else n
+        out = bytes(self.out[:n])
+        del self.out[:n]
+        return out
+
+
 def open_stream(raw):
     """(decompressed byte stream, counter of on-disk bytes) over an open binary file.
     Compression is sniffed from the magic bytes, not the file name."""
-    magic = raw.read(4)
-    raw.seek(0)
-    counted = _Counted(raw)
+    magic = _read_exactly(raw, 4)
+    counted = _Counted(_Prefixed(magic, raw))
     if magic[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=counted), counted
     if magic[:3] == b"BZh":
         return bz2.BZ2File(counted), counted
     if magic == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(counted, read_across_frames=True), counted
+        return _ZstdFrames(counted), counted
     return counted, counted
 
 
-def _byte_units(source_id, source: Source, unit_bytes: int, boundary: re.Pattern, hard_cap: int | None):
-    kind = "text" if source.kind == "text" else "jsonl"
+def _byte_units(source_id, source: Source, unit_bytes: int):
     buf, eof, index, line, reported = bytearray(), False, 0, 1, 0
+    kind = boundary = hard_cap = None
     with _open(source.path) as raw:
         stream, counted = open_stream(raw)
         while buf or not eof:
@@ -264,19 +457,29 @@ def _byte_units(source_id, source: Source, unit_bytes: int, boundary: re.Pattern
                 buf += block
             if not buf:
                 break
+            if kind is None:  # a pipe tells its kind by its first line
+                kind = source.kind if source.kind != "pipe" else "jsonl" if _looks_like_jsonl(buf) else "text"
+                boundary = DOC_BOUNDARY if kind == "text" else RECORD_BOUNDARY
+                # Plain text is cut anyway at the cap; a JSONL record cannot be cut, so a longer one is refused.
+                hard_cap = HARD_CAP_UNITS * unit_bytes
             # First boundary at or after unit_bytes, looked for only below the cap so that where
             # a unit ends never depends on how many bytes a read happened to return.
-            match = boundary.search(buf, unit_bytes - 1, hard_cap or len(buf))
+            match = boundary.search(buf, unit_bytes - 1, hard_cap)
             split_lines = split_docs = 0
             if match:
                 cut = match.end()
             elif eof:
                 cut = len(buf)
-            elif hard_cap is None or len(buf) < hard_cap:
+            elif len(buf) < hard_cap:
                 block = stream.read(unit_bytes)
                 eof = not block
                 buf += block
                 continue
+            elif kind == "jsonl":
+                raise InputError(
+                    f"{source.path}:{line}: a JSONL record longer than {hard_cap >> 20} MB ({HARD_CAP_UNITS} x "
+                    f"--unit-kb); raise --unit-kb to read it, or split the record"
+                )
             else:
                 cut = buf.rfind(b"\n", 0, hard_cap) + 1
                 if cut > 0:
@@ -367,9 +570,7 @@ def read_units(source_id: int, source: Source, unit_bytes: int, text_field: str 
                 last.nbytes = source.size
                 yield last
         else:
-            cap = HARD_CAP_UNITS * unit_bytes if source.kind == "text" else None
-            boundary = DOC_BOUNDARY if source.kind == "text" else RECORD_BOUNDARY
-            yield from _byte_units(source_id, source, unit_bytes, boundary, cap)
+            yield from _byte_units(source_id, source, unit_bytes)
     except InputError:
         raise
     except (OSError, EOFError, ValueError, zstandard.ZstdError) as e:

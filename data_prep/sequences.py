@@ -3,7 +3,9 @@
 Two layouts, both without masking (masking is dynamic at load time):
 - NSP pairs, as Google's create_pretraining_data.py: `[CLS] A [SEP] B [SEP]`, B the actual
   continuation or (50%, and always when A is a single segment) segments from another document,
-  a short target length with probability short_seq_prob, random front/back truncation.
+  a short target length with probability short_seq_prob, random front/back truncation. A segment
+  longer than a whole sequence (a line of 100 MB) is first cut into pieces of a quarter sequence,
+  which are paired like sentences: truncation would keep one sequence's worth of it and drop the rest.
   The random document is drawn from the same unit, so a unit's sequences depend only on the
   unit and the seed: identical output for any number of workers and ranks.
 - Packed full sentences, as RoBERTa's FULL-SENTENCES: `[CLS] s1 s2 ... [SEP]` filled with whole
@@ -26,6 +28,19 @@ def split_docs(tokens, line_tokens, doc_lines, keep) -> list[list[np.ndarray]]:
     lines = np.split(tokens, np.cumsum(line_tokens)[:-1]) if len(line_tokens) else []
     bounds = np.concatenate([[0], np.cumsum(doc_lines)])
     return [lines[bounds[d] : bounds[d + 1]] for d in range(len(doc_lines)) if keep[d]]
+
+
+def split_segments(docs, max_tokens: int) -> list[list[np.ndarray]]:
+    """Segments longer than max_tokens cut into pieces of max_tokens // 4 (views); the others as they are."""
+    piece = max(1, max_tokens // 4)
+    return [
+        [
+            part
+            for seg in doc
+            for part in ([seg] if len(seg) <= max_tokens else np.split(seg, range(piece, len(seg), piece)))
+        ]
+        for doc in docs
+    ]
 
 
 def _truncate_pair(len_a: int, len_b: int, max_tokens: int, rng) -> tuple[slice, slice]:
@@ -129,7 +144,7 @@ def build_sequences(
 ) -> tuple[np.ndarray, np.ndarray]:
     docs = split_docs(arrays["tokens"], arrays["line_tokens"], arrays["doc_lines"], keep)
     if nsp:
-        pieces, table = nsp_pairs(docs, seq_len, short_seq_prob, rng, cls, sep)
+        pieces, table = nsp_pairs(split_segments(docs, seq_len - 3), seq_len, short_seq_prob, rng, cls, sep)
     else:
         pieces, table = packed(docs, seq_len, cls, sep)
     dtype = arrays["tokens"].dtype

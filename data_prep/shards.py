@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.outputs import OutputError
+from data_prep.outputs import OutputError, temporary_file
 
 FORMAT = "earlybert-shards"
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ def atomic_write(path, write) -> None:
             f"{path} exists and is not a regular file (a directory, device, FIFO, socket or dangling link): "
             f"it is never replaced; choose another output path"
         )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_file(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -98,6 +98,7 @@ def write_shard(directory, shard_id: int, tokens: np.ndarray, index: np.ndarray)
         "index": idx_name,
         "sequences": len(index),
         "token_count": len(tokens),
+        "max_token_id": int(tokens.max()) if len(tokens) else -1,
         "tokens_bytes": (directory / tok_name).stat().st_size,
         "index_bytes": (directory / idx_name).stat().st_size,
         "tokens_sha256": sha256_file(directory / tok_name),
@@ -126,21 +127,34 @@ class ShardDataset:
             self.manifest = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ShardError(f"{path}: unreadable ({e}); {fix}") from e
-        m = self.manifest
+        m = self.manifest if isinstance(self.manifest, dict) else {}  # a list or a number: "format None"
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
             raise ShardError(
                 f"{path}: format {m.get('format')!r} version {m.get('format_version')!r}, "
                 f"this code reads {FORMAT!r} version {FORMAT_VERSION}; {fix}"
             )
+        try:
+            self._read_manifest(m, path, fix)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            # A manifest edited by hand or written by something else: name the file, not a KeyError deep inside.
+            raise ShardError(f"{path}: malformed ({type(e).__name__}: {e}); {fix}") from e
+        self._maps = {}
+
+    def _read_manifest(self, m: dict, path: Path, fix: str):
         self.seq_len = int(m["seq_len"])
         self.vocab_size = int(m["tokenizer"]["vocab_size"])
         self.has_nsp = bool(m["options"]["nsp"])
         self.special_ids = {k: int(v) for k, v in m["tokenizer"]["special_ids"].items()}
         self.tokenizer_hash = m["tokenizer"]["sha256"]
         self.shard_sequences = int(m["shard_sequences"])
+        # The largest token id in the shards (None in directories prepared before it was recorded): training
+        # checks it against the model's vocabulary before its first step.
+        self.max_token_id = None if m.get("max_token_id") is None else int(m["max_token_id"])
+        if self.max_token_id is not None and self.max_token_id >= self.vocab_size:
+            raise ShardError(f"{path}: max_token_id {self.max_token_id} >= vocab_size {self.vocab_size}; {fix}")
         self._dtype = token_dtype(self.vocab_size)
         self._shards = m["shards"]
-        counts = [s["sequences"] for s in self._shards]
+        counts = [int(s["sequences"]) for s in self._shards]
         if (
             not counts
             or any(c != self.shard_sequences for c in counts[:-1])
@@ -156,7 +170,6 @@ class ShardDataset:
         for s in self._shards:
             self._check_file(s["tokens"], s["tokens_bytes"], None, fix)
             self._check_file(s["index"], s["index_bytes"], s["index_sha256"], fix)
-        self._maps = {}
 
     def _check_file(self, name, size, sha256, fix):
         f = self.directory / name
@@ -186,11 +199,16 @@ class ShardDataset:
     def _shard(self, k: int):
         if k not in self._maps:
             s = self._shards[k]
-            self._maps[k] = (
-                np.load(self.directory / s["tokens"], mmap_mode="r"),
-                np.load(self.directory / s["index"], mmap_mode="r"),
-            )
+            self._maps[k] = tuple(self._load(s[name]) for name in ("tokens", "index"))
         return self._maps[k]
+
+    def _load(self, name: str) -> np.ndarray:
+        try:
+            return np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:  # the right size, but not an .npy file any more
+            raise ShardError(
+                f"{self.directory / name}: unreadable ({e}); re-run `earlybert prep ... --output {self.directory}`"
+            ) from e
 
     def __len__(self) -> int:
         return self._len

@@ -5,20 +5,30 @@ tokenizer sees exactly the lines that will be tokenized). Special tokens come fi
 [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
 """
 
+import sys
+import threading
+from pathlib import Path
+
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from data_prep import outputs
 from data_prep.encode import parse_unit
 from data_prep.progress import progress_bar
-from data_prep.readers import InputError, discover, read_units
+from data_prep.readers import InputError, Source, describe_skipped, discover, local_paths, read_units
 from data_prep.shards import atomic_write
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def corpus_lines(inputs: list[str], text_field: str = "text", progress: bool = False):
+def tokenizer_path(output) -> Path:
+    """--output: a tokenizer.json to write, or a directory to write one into."""
+    output = Path(output)
+    return output / "tokenizer.json" if output.is_dir() else output
+
+
+def corpus_lines(sources: list[Source], text_field: str = "text", progress: bool = False):
     """Every line of every document. The trainer counts words as it reads, so the progress of the
     reading is that of the counting; the vocabulary computed afterwards reports none."""
-    sources = discover(inputs)
     with progress_bar("tokenizer: reading the corpus", sum(s.size for s in sources), "B", enabled=progress) as bar:
         for i, source in enumerate(sources):
             for unit in read_units(i, source, 1 << 20, text_field):
@@ -36,6 +46,14 @@ def train_wordpiece(
     text_field: str = "text",
     progress: bool = False,
 ) -> Tokenizer:
+    """Train on `inputs` and write the tokenizer to `output` (a file). The output is checked before the training
+    (data_prep/outputs.py): not an input, not a special file, in a directory that can be written."""
+    skipped = []
+    sources = discover(inputs, skipped)
+    if skipped:
+        print(f"warning: {describe_skipped(skipped)}", file=sys.stderr)
+    outputs.check_output(output, local_paths(inputs, sources))
+    outputs.sweep_files(output)
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # strip_accents=None follows `lowercase`, as in BERT's uncased models.
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
@@ -48,16 +66,37 @@ def train_wordpiece(
 
     def lines():
         nonlocal seen
-        for line in corpus_lines(inputs, text_field, progress):
+        for line in corpus_lines(sources, text_field, progress):
             seen += 1
             yield line
 
-    tok.train_from_iterator(lines(), trainer)
+    _in_thread(tok.train_from_iterator, lines(), trainer)
     if not seen:
         raise InputError(f"no text in {' '.join(inputs)}: cannot train a tokenizer on an empty corpus")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, lambda f: f.write(tok.to_str().encode()))
     return tok
+
+
+def _in_thread(fn, *args):
+    """fn(*args) in another thread while this one waits. Ctrl-C and SIGTERM are handled in the main thread only,
+    and inside train_from_iterator they never are: its Rust loop swallows the KeyboardInterrupt raised in the
+    iterator and runs on (tried: Ctrl-C left it training). Waiting here, the main thread stops at once."""
+    error = []
+
+    def run():
+        try:
+            fn(*args)
+        except BaseException as e:  # the iterator's InputError: raised again in the main thread
+            error.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)  # daemon: a stopped command exits without waiting for it
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if error:
+        raise error[0]

@@ -317,7 +317,7 @@ def test_bad_input_stops_with_the_file_name(tmp_path, corpus, capsys, case):
         ]
     )
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert "error:" in err and str(bad) + (":2" if case == "bad_json" else "") in err, err
     assert not out.exists() or not any(out.iterdir()), "nothing may be left in the output"
     if case in ("empty", "zero_bytes"):
@@ -416,12 +416,12 @@ def test_output_written_with_another_tokenizer_is_left_alone(tmp_path, corpus, c
     assert earlybert([*args, "--tokenizer", str(corpus["tokenizer"])]) == 0  # complete: nothing to do
     other = tmp_path / "other.json"
     train_wordpiece([str(corpus["text"])], other, vocab_size=1500)
-    assert earlybert([*args, "--tokenizer", str(other)]) == 1
+    assert earlybert([*args, "--tokenizer", str(other)]) == 2
     err = capsys.readouterr().err
     assert (
         f"was written with another tokenizer ({corpus['tokenizer']}, sha256" in err and "internal error" not in err
     ), err
-    assert earlybert([*args, "--tokenizer", str(corpus["tokenizer"]), "--seq-len", "128"]) == 1
+    assert earlybert([*args, "--tokenizer", str(corpus["tokenizer"]), "--seq-len", "128"]) == 2
     assert "different seq_len" in capsys.readouterr().err
     assert _files(out) == before
     ShardDataset(out).verify(full=True)
@@ -447,6 +447,6 @@ def test_local_corpus_from_a_documentation_tree(tmp_path, capsys):
         "Linux is a clone of the operating system Unix, written from scratch.\n\n"
         "The kernel keeps free pages on per-zone lists and refills them from the buddy allocator.\n\n"
     )
-    assert prep_main(["local-corpus", "--output", str(tmp_path / "x.txt"), "--from", str(tmp_path / "nowhere")]) == 1
+    assert prep_main(["local-corpus", "--output", str(tmp_path / "x.txt"), "--from", str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere'}: not a directory" in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import ShardDataset, prep, shards
+from data_prep import ShardDataset, outputs, prep, shards
 from data_prep.wordpiece import train_wordpiece
 
 ANIMALS = ["otter", "heron", "badger", "falcon", "beaver", "lynx"]
@@ -123,7 +123,7 @@ def test_manifest_is_written_last_and_atomically(tmp_path, tokenizer, monkeypatc
     assert not list(run.out.glob(".manifest*"))
 
     counts = prep.manifest_pass(*args)
-    assert renamed[-1] == (f".manifest.json.tmp{os.getpid()}", shards.MANIFEST)
+    assert renamed[-1] == (outputs.temporary_file(run.out / shards.MANIFEST).name, shards.MANIFEST)
     assert [dst for _, dst in renamed] == ["tokenizer.json", "tokenizer.json", shards.MANIFEST]
     assert counts == {
         "documents": 2,
