@@ -23,6 +23,7 @@ import sys
 import typing
 
 from data_prep.cli import HelpFormatter
+from data_prep.launchers import detect_launcher, launched_tasks
 
 STAGES = {
     "prep": ("data_prep.cli", "corpus -> tokenized memory-mapped training shards"),
@@ -76,26 +77,49 @@ def config_parser(stage: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (examples in launch/configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. checkpoint.interval=50")
     p.add_argument("--print-config", action="store_true", help="print every key with its default, then exit")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check everything a launch would (config, data, batch split, checkpoint, detector), print the plan "
+        "and exit: 0 if it would start, 2 naming each problem; no process group, no GPU (e.g. on a login node)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --check: the ranks to check the launch for (default: those of the launcher's environment, or 1)",
+    )
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     return p
 
 
-def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple) -> int:
-    """The shape of `earlybert train` and `earlybert finetune`. `prepare(args)` checks everything that can be
-    checked from files before any process group exists, so a bad config fails in seconds on every rank alike
-    (`errors`: a message and EXIT_CONFIG), and returns (config, ...); then the process group (its timeout:
+def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, plan) -> int:
+    """The shape of `earlybert train` and `earlybert finetune`. `prepare(args, world_size)` checks everything that
+    can be checked from files before any process group exists, for the ranks the launcher started, so a bad
+    config fails in seconds on every rank alike (`errors`: a message and EXIT_CONFIG), and returns (config, ...);
+    `--check` prints `plan(prepared, world_size)` (lines) and stops there. Then the process group (its timeout:
     dist_timeout.long_s), rank 0 takes the run directory's lock (pipeline/runlock.py), `run(prepared, dist)`, a
     clean teardown. A fault of the run (pipeline/guards.py) exits with EXIT_FAULT."""
     import logging
+    import os
 
     from pipeline import distributed, guards, runlock
 
-    args = config_parser(stage).parse_intermixed_args(argv)
+    parser = config_parser(stage)
+    args = parser.parse_intermixed_args(argv)
+    if args.world_size is not None and (not args.check or args.world_size < 1):
+        parser.error("--world-size N (N >= 1) goes with --check; a launch runs on the ranks its launcher starts")
+    world_size = args.world_size or launched_world_size(os.environ)
     try:
-        prepared = prepare(args)
+        prepared = prepare(args, world_size)
     except errors as e:
         print(f"earlybert {stage}: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.check:
+        ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
+        print(f"earlybert {stage} --config {args.config}: checked for {ranks}, a launch would start")
+        print("\n".join(f"  {line}" for line in plan(prepared, world_size)))
+        return 0
     cfg = prepared[0]
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     d = distributed.setup(timeout=guards.init_timeout(cfg.dist_timeout.long_s))
@@ -114,6 +138,17 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple) -
         return EXIT_FAULT
     finally:
         distributed.teardown(clean)
+
+
+def launched_world_size(env) -> int:
+    """The ranks the launcher started, read from its environment before any process group exists (as
+    pipeline/distributed.py will find them): what `prepare` checks the batch split and the resume for."""
+    launcher = detect_launcher(env)
+    if launcher == "env":
+        return int(env["WORLD_SIZE"])
+    if launcher == "slurm":
+        return int(env["SLURM_NTASKS"])
+    return launched_tasks(env)  # mpi: its size variables; a plain process: 1
 
 
 @contextlib.contextmanager

@@ -152,8 +152,10 @@ class RunConfig:
     earlybert: SearchConfig = field(default_factory=SearchConfig)
     deepspeed: str = DEFAULT_DS_CONFIG  # ZeRO stage, precision, optimizer type, clipping (ds_configs/zero1.json)
     deepspeed_overrides: dict = field(default_factory=dict)  # deep-merged into the DeepSpeed JSON
-    micro_batch_size: int = 8  # per rank and forward pass
-    global_batch_size: int = 32  # per optimizer step; gradient accumulation = global / (micro * ranks)
+    # The per-rank MAXIMUM of a forward pass: a launch takes the largest micro-batch <= it that splits the global
+    # batch evenly over its ranks, the rest is gradient accumulation (plan_batches; logged at start).
+    micro_batch_size: int = 8
+    global_batch_size: int = 32  # per optimizer step, whatever the ranks: global = micro x ranks x accumulation
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -470,10 +472,6 @@ def validate_batches_and_logs(cfg) -> None:
             "log.interval": cfg.log.interval,
         }
     )
-    if cfg.global_batch_size % cfg.micro_batch_size:
-        raise ConfigError(
-            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size}"
-        )
     validate_faults(cfg)
 
 
@@ -613,15 +611,10 @@ def deepspeed_config(cfg, world_size: int, load_universal: bool = False, lr: flo
     """The DeepSpeed config the engine is built with: the JSON plus what the run config owns (`cfg`, a
     RunConfig or a FinetuneConfig; lr: the peak learning rate, by default the run config's)."""
     ds = read_deepspeed(cfg)
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.global_batch_size % per_step:
-        raise ConfigError(
-            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size "
-            f"({cfg.micro_batch_size}) x ranks ({world_size}); change either so that it is"
-        )
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.global_batch_size // per_step
-    ds["train_batch_size"] = cfg.global_batch_size
+    plan = batch_plan(cfg, world_size)
+    ds["train_micro_batch_size_per_gpu"] = plan.micro
+    ds["gradient_accumulation_steps"] = plan.accumulation
+    ds["train_batch_size"] = plan.global_batch
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = (
         cfg.optim.lr if lr is None else lr
     )
@@ -629,3 +622,92 @@ def deepspeed_config(cfg, world_size: int, load_universal: bool = False, lr: flo
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds
+
+
+# ---- batches ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a launch splits each optimizer step's global batch: micro x world_size x accumulation."""
+
+    global_batch: int
+    world_size: int
+    micro: int  # per rank and forward pass
+    accumulation: int  # micro-batches per rank and step
+    max_micro: int  # the config's micro_batch_size
+
+    def describe(self) -> str:
+        text = (
+            f"global batch {self.global_batch} = micro-batch {self.micro} x {self.world_size} "
+            f"rank{'s' if self.world_size > 1 else ''} x {self.accumulation} accumulation step"
+            f"{'s' if self.accumulation > 1 else ''}"
+        )
+        if self.micro < self.max_micro:
+            text += f" (micro_batch_size {self.max_micro} is the per-rank maximum)"
+        return text
+
+
+def plan_batches(global_batch: int, max_micro: int, world_size: int) -> BatchPlan:
+    """The largest micro-batch <= max_micro that splits global_batch evenly over world_size ranks (every rank
+    takes the same share of every step), and the accumulation that makes up the rest. Users fix the global
+    batch (the recipe) and a per-rank maximum (the memory); the ranks are whatever the launch got."""
+    per_rank, rest = divmod(global_batch, world_size)
+    if rest or not per_rank:
+        raise ConfigError(_no_split(global_batch, world_size))
+    micro = max(m for m in range(1, min(max_micro, per_rank) + 1) if per_rank % m == 0)
+    return BatchPlan(global_batch, world_size, micro, per_rank // micro, max_micro)
+
+
+def _no_split(global_batch: int, world_size: int) -> str:
+    below = global_batch // world_size * world_size
+    batches = [b for b in (below, below + world_size) if b > 0]
+    batches = [b for b in batches if abs(b - global_batch) == min(abs(c - global_batch) for c in batches)]
+    ranks = [r for r in range(1, global_batch + 1) if global_batch % r == 0]
+    ranks = [max(r for r in ranks if r < world_size)] + [r for r in ranks if r > world_size][:1]
+    return (
+        f"global_batch_size={global_batch} cannot be split evenly over {world_size} ranks (every rank takes "
+        f"the same share of each step); the nearest global batch that can is "
+        f"{' or '.join(map(str, batches))}; or launch on {' or '.join(map(str, ranks))} ranks"
+    )
+
+
+def batch_plan(cfg, world_size: int) -> BatchPlan:
+    """The batch plan of a run config or a fine-tuning config on world_size ranks."""
+    return plan_batches(cfg.global_batch_size, cfg.micro_batch_size, world_size)
+
+
+def check_resumed_batch(cfg, state, where) -> None:
+    """A resumed run keeps its global batch: its steps, LR schedule and data position count in global batches
+    (samples = steps x global batch). The ranks, and with them micro-batch and accumulation, may change."""
+    if state.step and state.samples != state.step * cfg.global_batch_size:
+        trained = state.samples // state.step
+        raise ConfigError(
+            f"{where} was trained with global_batch_size={trained}, the config says {cfg.global_batch_size}; "
+            f"keep {trained} to resume (the micro-batch and accumulation adapt to the ranks), or use a new run_dir"
+        )
+
+
+class Problems(ConfigError):
+    """Several independent problems of a launch, each named."""
+
+    def __init__(self, problems: list[Exception]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def gather_problems(errors: tuple, *checks) -> list:
+    """Run independent checks (callables) one after another and return their results; raise the only failure,
+    or Problems naming every failure, so that a launch says at once all that is wrong with it."""
+    results, problems = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except errors as e:  # phases may share their shards: each problem once
+            found = e.problems if isinstance(e, Problems) else [e]
+            problems += [p for p in found if str(p) not in map(str, problems)]
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise Problems(problems)
+    return results

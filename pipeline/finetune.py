@@ -31,9 +31,18 @@ import torch
 
 from data_prep.launchers import launched_rank
 from pipeline import checkpoint, distributed, guards
+from pipeline.check import launch_plan, search_plan
 from pipeline.checkpoint import CheckpointError, RunState
 from pipeline.cli import EXIT_INTERRUPTED, run_config_stage
-from pipeline.config import ConfigError, OptimConfig, deepspeed_config, zero_stage
+from pipeline.config import (
+    ConfigError,
+    OptimConfig,
+    batch_plan,
+    check_resumed_batch,
+    deepspeed_config,
+    gather_problems,
+    zero_stage,
+)
 from pipeline.detector import Decision
 from pipeline.engine import EngineSpec, build_engine, full_weights, prune_engine, train_step
 from pipeline.export import model_class
@@ -54,16 +63,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv,
         prepare,
         lambda prepared, d: finetune(*prepared, d),
-        (ConfigError, CheckpointError, TaskError, FineTuneError),
+        ERRORS,
+        plan,
     )
 
 
-def prepare(args) -> tuple:
-    """The config, the task's data and features, where the run starts, all checked from files."""
+def prepare(args, world_size: int) -> tuple:
+    """The config, the task's data and features, where the run starts, all checked from files for a launch on
+    world_size ranks."""
     cfg = load_finetune_config(args.config, args.overrides)
-    task = prepare_task(cfg)
+    _, task = gather_problems(ERRORS, lambda: batch_plan(cfg, world_size), lambda: prepare_task(cfg))
     start, initial = find_start(cfg, task)
-    steps_per_epoch = math.ceil(len(task.train) / cfg.global_batch_size)
+    check_tokenizer_fits(cfg, task, start.model_config)
+    if start.tag:
+        check_resumed_batch(cfg, start.state, cfg.rundir.checkpoints / start.tag)
+        resumes_on_other_ranks(cfg, start, world_size)  # refuses ZeRO-3 on other ranks
+    steps_per_epoch = epoch_steps(cfg, task)
     search = search_config_in_steps(cfg.earlybert, cfg.recipe, steps_per_epoch)
     warm = round(cfg.recipe.warmup_ratio * cfg.recipe.search_epochs * steps_per_epoch)
     read_random_like(search, start.model_config)
@@ -71,8 +86,34 @@ def prepare(args) -> tuple:
     return cfg, task, start, initial
 
 
+def plan(prepared: tuple, world_size: int) -> list[str]:
+    """What a launch on world_size ranks would do (`earlybert finetune --check`)."""
+    cfg, task, start, _ = prepared
+    steps_per_epoch = epoch_steps(cfg, task)
+    stages = run_stages(cfg, start, steps_per_epoch)
+    lines = [
+        f"run_dir    {cfg.run_dir}",
+        f"task       {cfg.task.name or cfg.task.kind}: {len(task.train)} training features, {steps_per_epoch} "
+        f"steps per epoch; validation: {', '.join(task.validation) or 'none'}",
+        "stages     " + ", ".join(f"{s.name} {s.steps} steps at lr {s.lr:g}" for s in stages),
+    ] + launch_plan(cfg, start, world_size)
+    for stage in stages:
+        if stage.name == "search":
+            search = search_config_in_steps(cfg.earlybert, cfg.recipe, steps_per_epoch)
+            lines.append(search_plan(search, start.state, stage.steps))
+    return lines
+
+
+def epoch_steps(cfg: FinetuneConfig, task: Task) -> int:
+    """Optimizer steps per epoch of the task's training set: global batches, whatever the ranks."""
+    return math.ceil(len(task.train) / cfg.global_batch_size)
+
+
 class FineTuneError(ValueError):
     """A model to start from that cannot be fine-tuned as asked; the message says what to change."""
+
+
+ERRORS = (ConfigError, CheckpointError, TaskError, FineTuneError)
 
 
 # ---- the task, before any process group -------------------------------------------------------
@@ -135,6 +176,10 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
     return Task(data.spec, tokenizer, train, validation, tokenizer_hash)
 
 
+# The files a Hugging Face tokenizer directory is read from (BERT's WordPiece: vocab.txt).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
 def load_tokenizer(cfg: FinetuneConfig):
     """The tokenizer that comes with init_from (a Hugging Face or export directory, or a pre-training run's
     shards), or model.tokenizer: a tokenizer.json or a directory."""
@@ -149,6 +194,11 @@ def load_tokenizer(cfg: FinetuneConfig):
         )
     if RunDir(source).checkpoints.is_dir():
         source = RunDir(source).shards(0) / "tokenizer.json"
+    elif source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise FineTuneError(
+            f"{key} {source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): give a Hugging Face BERT "
+            f"directory, an `earlybert export` directory, a pre-training run directory, or model.tokenizer"
+        )
     try:
         if source.is_file():
             return PreTrainedTokenizerFast(
@@ -168,6 +218,16 @@ def load_tokenizer(cfg: FinetuneConfig):
 
 
 # ---- the model and where the run starts -------------------------------------------------------
+
+
+def check_tokenizer_fits(cfg: FinetuneConfig, task: Task, model_config) -> None:
+    """A tokenizer with more ids than the model has embeddings fails in the forward pass on its first rare word."""
+    if len(task.tokenizer) > model_config.vocab_size:
+        raise FineTuneError(
+            f"the tokenizer ({cfg.model.tokenizer or cfg.model.init_from}: {len(task.tokenizer)} ids) is larger "
+            f"than the model's vocabulary ({model_config.vocab_size} embeddings, model.init_from "
+            f"{cfg.model.init_from}); use the tokenizer the model was trained with"
+        )
 
 
 def task_fields(spec: TaskSpec) -> dict:
@@ -266,6 +326,12 @@ def plan_stages(cfg: FinetuneConfig, steps_per_epoch: int, already_pruned: bool)
     return [ticket] if already_pruned else [stage("search", r.search_lr, r.search_epochs), ticket]
 
 
+def run_stages(cfg: FinetuneConfig, start: Start, steps_per_epoch: int) -> list[Stage]:
+    """The stages of this run: the recipe's for the model it starts from, or those a resumed run started with."""
+    stages = plan_stages(cfg, steps_per_epoch, already_pruned=start.tag is None and not start.model_config.is_uniform)
+    return stages if start.tag is None else [s for s in stages if s.name in start.state.task["stages"]] or stages
+
+
 @dataclass
 class Run:
     cfg: FinetuneConfig
@@ -296,14 +362,12 @@ class Run:
 def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, d: distributed.DistInfo) -> int:
     state, rundir = start.state, cfg.rundir
     global_batch = cfg.global_batch_size
-    steps_per_epoch = math.ceil(len(task.train) / global_batch)
-    stages = plan_stages(cfg, steps_per_epoch, already_pruned=start.tag is None and not start.model_config.is_uniform)
+    steps_per_epoch = epoch_steps(cfg, task)
+    stages = run_stages(cfg, start, steps_per_epoch)
     if start.tag is None:
         state.task = {"stages": [s.name for s in stages]}
         if stages[0].name == "ticket":
             _say(d, "the model is already a ticket (pruned by EarlyBERT pre-training): no search, training it")
-    else:
-        stages = [s for s in stages if s.name in state.task["stages"]] or stages
     if state.phase == len(stages):
         _say(d, f"{rundir.checkpoints / start.tag} is the end of the run: nothing left to train")
         return 0
@@ -336,6 +400,7 @@ def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, d: distribu
         universal=universal,
     )
     spec = run.spec(run.stage)
+    _say(d, batch_plan(cfg, d.world_size).describe())
     run.engine = build_engine(model, spec)
     del model, initial
     if start.tag:
@@ -379,7 +444,7 @@ def run_stage(run: Run) -> bool:
     """Train the current stage to its end or its draw (True), or until a signal (False)."""
     cfg, state, task = run.cfg, run.state, run.task
     stage, global_batch = run.stage, cfg.global_batch_size
-    micro, world = cfg.micro_batch_size, run.dist.world_size
+    micro, world = batch_plan(cfg, run.dist.world_size).micro, run.dist.world_size
     compiling = cfg.compile  # torch.compile compiles in a stage's first step (a new or rebuilt engine)
     while state.phase_samples < stage.steps * global_batch:
         stage_step = state.phase_samples // global_batch

@@ -86,8 +86,10 @@ class FinetuneConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     deepspeed: str = DEFAULT_DS_CONFIG  # ds_configs/zero1.json
     deepspeed_overrides: dict = field(default_factory=dict)
-    micro_batch_size: int = 32  # per rank and forward pass
-    global_batch_size: int = 32  # per optimizer step
+    # The per-rank MAXIMUM of a forward pass: a launch takes the largest micro-batch <= it that splits the global
+    # batch evenly over its ranks, the rest is gradient accumulation (pipeline/config.py plan_batches).
+    micro_batch_size: int = 32
+    global_batch_size: int = 32  # per optimizer step, whatever the ranks; epochs count in global batches
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(interval=500, keep=2))
     log: LogConfig = field(default_factory=LogConfig)

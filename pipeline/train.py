@@ -18,14 +18,26 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from data_prep import ShardDataset, ShardError
 from pipeline import checkpoint, distributed, guards
+from pipeline.check import launch_plan, search_plan
 from pipeline.checkpoint import CheckpointError, RunState
 from pipeline.cli import EXIT_INTERRUPTED, run_config_stage
-from pipeline.config import ConfigError, RunConfig, deepspeed_config, load_config, precision, zero_stage
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    batch_plan,
+    check_resumed_batch,
+    deepspeed_config,
+    gather_problems,
+    load_config,
+    precision,
+    zero_stage,
+)
 from pipeline.detector import Decision
 from pipeline.engine import EngineSpec, build_engine, full_weights, prune_engine, train_step
 from pipeline.loader import PhaseLoader
@@ -34,27 +46,50 @@ from pipeline.model import EarlyBertForPreTraining, attention_kernels
 from pipeline.resume import Start, find_start, open_phases, resumes_on_other_ranks
 from pipeline.search import SearchStage, read_random_like, warn_if_no_natural_draw
 
+ERRORS = (ConfigError, CheckpointError, ShardError)
+
 
 def main(argv: list[str] | None = None) -> int:
     return run_config_stage(
-        "train",
-        sys.argv[1:] if argv is None else argv,
-        prepare,
-        lambda prepared, d: train(*prepared, d),
-        (ConfigError, CheckpointError, ShardError),
+        "train", sys.argv[1:] if argv is None else argv, prepare, lambda prepared, d: train(*prepared, d), ERRORS, plan
     )
 
 
-def prepare(args) -> tuple[RunConfig, list[ShardDataset], Start]:
-    """The config, the shards and where the run starts, all checked from files."""
+def prepare(args, world_size: int) -> tuple[RunConfig, list[ShardDataset], Start]:
+    """The config, the shards and where the run starts, all checked from files for a launch on world_size ranks."""
     cfg = load_config(args.config, args.overrides)
-    datasets = open_phases(cfg)
+    _, datasets = gather_problems(ERRORS, lambda: batch_plan(cfg, world_size), lambda: open_data(cfg))
     start = find_start(cfg, datasets)
+    if start.tag:
+        check_resumed_batch(cfg, start.state, cfg.rundir.checkpoints / start.tag)
+        resumes_on_other_ranks(cfg, start, world_size)  # refuses ZeRO-3 on other ranks
     read_random_like(cfg.earlybert, start.model_config)
     warn_if_no_natural_draw(
         cfg.earlybert, start.state.step, start.model_config, cfg.optim.warmup_steps, "earlybert train"
     )
     return cfg, datasets, start
+
+
+def open_data(cfg: RunConfig) -> list[ShardDataset]:
+    """The phases' shards (open_phases), naming every phase whose shards cannot be opened, not only the first."""
+    try:
+        return open_phases(cfg)
+    except ShardError:
+        gather_problems((ShardError,), *(partial(ShardDataset, p.shards) for p in cfg.phases))
+        raise
+
+
+def plan(prepared: tuple[RunConfig, list[ShardDataset], Start], world_size: int) -> list[str]:
+    """What a launch on world_size ranks would do (`earlybert train --check`)."""
+    cfg, datasets, start = prepared
+    lines = [f"run_dir    {cfg.run_dir}"]
+    for i, (phase, data) in enumerate(zip(cfg.phases, datasets)):
+        epochs = phase.steps * cfg.global_batch_size / len(data)
+        lines.append(
+            f"phase {i}    {phase.steps} steps at seq {data.seq_len} from {data.directory} ({len(data)} sequences: "
+            f"{epochs:,.2f} epochs)"
+        )
+    return lines + launch_plan(cfg, start, world_size) + [search_plan(cfg.earlybert, start.state, cfg.total_steps)]
 
 
 @dataclass
@@ -98,6 +133,7 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         model = EarlyBertForPreTraining(start.model_config)
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     ds_config = deepspeed_config(cfg, d.world_size, load_universal=universal)
+    _say(d, batch_plan(cfg, d.world_size).describe())
     spec = EngineSpec(ds_config, cfg.optim, cfg.total_steps, compile=cfg.compile)
     engine = build_engine(model, spec)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config), torch.float32)
@@ -216,14 +252,15 @@ def run_phase(run: Run, data: ShardDataset) -> bool:
 def phase_loader(run: Run, data: ShardDataset, phase_end: int) -> PhaseLoader:
     """The micro-batches of the current phase from the run's position in it to its end."""
     cfg, state = run.cfg, run.state
+    batches = batch_plan(cfg, run.dist.world_size)
     return PhaseLoader(
         data,
         seed=cfg.seed,
         phase=state.phase,
         start_sample=state.phase_samples,
         steps=phase_end - state.plan_step,
-        micro_batch_size=cfg.micro_batch_size,
-        grad_accum=cfg.global_batch_size // (cfg.micro_batch_size * run.dist.world_size),
+        micro_batch_size=batches.micro,
+        grad_accum=batches.accumulation,
         world_size=run.dist.world_size,
         rank=run.dist.rank,
         mask_prob=cfg.data.mask_prob,

@@ -89,7 +89,6 @@ def test_overrides_are_typed_and_reach_lists(tmp_path):
         (["micro_batch_size=eight"], "micro_batch_size: expected int"),
         (["phases.0.steps=true"], "phases.0.steps: expected int"),
         (["optim.schedule=step"], "choose one of linear, cosine, constant"),
-        (["global_batch_size=30", "micro_batch_size=8"], "not a multiple of micro_batch_size"),
         (["optim.warmup_steps=1000"], "warmup_steps=1000"),
         (["deepspeed_overrides.zero_optimization.stage=4"], "stage=4; DeepSpeed ZeRO has stages 0, 1, 2 and 3"),
         (["deepspeed=/nonexistent.json"], "cannot read /nonexistent.json"),
@@ -142,7 +141,7 @@ def test_deepspeed_config_batch_arithmetic(tmp_path):
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["zero_optimization"]["stage"] == 1
     assert "load_universal" not in ds.get("checkpoint", {})
     assert deepspeed_config(cfg, world_size=1, load_universal=True)["checkpoint"]["load_universal"] is True
-    with pytest.raises(ConfigError, match="x ranks \\(3\\)"):
+    with pytest.raises(ConfigError, match="cannot be split evenly over 3 ranks"):
         deepspeed_config(cfg, world_size=3)
 
 
