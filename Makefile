@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH  ?= auto
 # Pre-built DeepSpeed/torch C++ extensions are cached here (deepspeed_shm_comm takes ~20 s to build).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
@@ -11,15 +12,24 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-# torch first: the CUDA build where an NVIDIA GPU is present, the CPU build otherwise
-# (plain `pip install torch` on a CPU machine pulls a multi-GB CUDA build). Pass
-# TORCH_PIP_ARGS="--index-url <your CPU wheel index>" where the CPU build is not local.
+# torch first, by TORCH: cuda (its CUDA build), cpu (its CPU build; plain `pip install torch` on a CPU machine
+# pulls a multi-GB CUDA build), auto (the default: cuda where nvidia-smi lists a GPU, cpu otherwise). A venv made on
+# a login node without GPUs for GPU nodes: `make setup TORCH=cuda` (on an existing venv, `rm -f .venv/.installed`
+# first). TORCH_PIP_ARGS="--index-url <wheel index>": where the build is found (the CPU build where it is not
+# local; the CUDA build for an older driver, e.g. https://download.pytorch.org/whl/cu126).
 # Optional extras of pyproject.toml: `make setup EXTRAS=wandb` (or wandb,s3,gcs,mpi); TensorBoard is always in.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	    $(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)"; \
+	case "$(TORCH)" in \
+	    cuda | cpu) build=$(TORCH) ;; \
+	    auto) build=$$( (nvidia-smi -L 2>/dev/null || true) | grep -q '^GPU' && echo cuda || echo cpu) ;; \
+	    *) echo "TORCH=$(TORCH): use cuda, cpu or auto" >&2; exit 2 ;; \
+	esac; \
+	if [ "$$build" = cuda ]; then \
+	    $(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null || $(PY) -m pip uninstall --quiet -y torch; \
+	    $(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)" $(TORCH_PIP_ARGS); \
+	    $(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is None and "pip installed a CPU build of torch: pass TORCH_PIP_ARGS=\"--index-url https://download.pytorch.org/whl/cuXYZ\"")'; \
 	else \
 	    $(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)" $(TORCH_PIP_ARGS); \
 	fi
