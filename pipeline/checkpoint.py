@@ -55,8 +55,9 @@ class CheckpointError(RuntimeError):
     pass
 
 
-# 1 (no "format" key): the search stage's state was under "extra"; 2: no nonfinite_skipped (0); 3: no rewound (0)
-RUN_STATE_FORMAT = 4
+# 1 (no "format" key): the search stage's state was under "extra"; 2: no nonfinite_skipped (0); 3: no rewound (0);
+# 4: no phases ([]: a resume cannot check the phases' shards)
+RUN_STATE_FORMAT = 5
 
 
 @dataclass
@@ -77,6 +78,9 @@ class RunState:
     # `after_draw: rewind`: the steps the rewind added (draw step - rewind_step). The phases and the LR
     # schedule count plan steps, step - rewound: the ticket trains the schedule from rewind_step to its end.
     rewound: int = 0
+    # Pre-training: each phase's shards as the run last trained on them ({shards, seq_len, sequences}), so that a
+    # resume on other shards (another sequence length, another prep) is refused instead of going on silently.
+    phases: list = field(default_factory=list)
 
     @property
     def plan_step(self) -> int:
@@ -98,7 +102,7 @@ class RunState:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise CheckpointError(f"{where}: unknown fields {sorted(unknown)} (written by a newer version?)")
-        return cls(**{**data, "format": RUN_STATE_FORMAT})  # formats 2 and 3 lack only fields with defaults
+        return cls(**{**data, "format": RUN_STATE_FORMAT})  # formats 2 to 4 lack only fields with defaults
 
 
 def tag_for(step: int) -> str:
@@ -110,12 +114,35 @@ def _step_of(tag: str) -> int | None:
     return int(digits) if prefix == "step" and digits.isdigit() else None
 
 
+def _read_latest(ckpt_dir: Path) -> str | None:
+    """What `latest` says, or None for a fresh run. A `latest` that cannot be read as a tag (bytes that are not
+    text: a failing disk, a copy gone wrong) raises CheckpointError naming it."""
+    path = Path(ckpt_dir) / LATEST
+    if not path.exists():
+        return None
+    try:
+        tag = path.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint tag ({err})") from None
+    if _step_of(tag) is None:
+        raise CheckpointError(f"{path} says {tag[:40]!r}, not a checkpoint tag such as step_00001000")
+    return tag
+
+
+def _readable_latest(ckpt_dir: Path) -> str | None:
+    """What `latest` says; None for none, or one that cannot be read (it is about to be replaced)."""
+    try:
+        return _read_latest(ckpt_dir)
+    except CheckpointError:
+        return None
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The tag `latest` names, or None for a fresh run."""
-    path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
+    tag = _read_latest(ckpt_dir)
+    if tag is None:
         return None
-    tag = path.read_text().strip()
+    path = Path(ckpt_dir) / LATEST
     if not (Path(ckpt_dir) / tag / RUN_STATE).is_file():
         raise CheckpointError(
             f"{path} names {tag!r}, which has no {RUN_STATE}: the checkpoint directory was "
@@ -169,7 +196,7 @@ def _failing_writes(ckpt_dir: Path, folder: Path):
         if isinstance(err, torch.distributed.DistError) or "gloo" in str(err):  # a collective: not a write
             raise
         shutil.rmtree(folder, ignore_errors=True)
-        previous = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
+        previous = _readable_latest(ckpt_dir)
         kept = f"{ckpt_dir / previous} is intact and still `latest`" if previous else "no checkpoint was written yet"
         free = shutil.disk_usage(ckpt_dir).free / 2**20
         raise guards.RunFault(
@@ -242,21 +269,25 @@ def resume_tag(ckpt_dir: Path, resume_from: str | None = None, verify: str = "ch
             )
         return resume_from
     latest = ckpt_dir / LATEST
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    problem = damage(ckpt_dir / tag, verify)
-    if problem is None:
-        return tag
-    older = _intact(ckpt_dir, _step_of(tag), verify)
+    try:
+        tag = _read_latest(ckpt_dir)
+    except CheckpointError as err:  # as if it named a missing checkpoint: any intact one is older
+        tag, problem = None, str(err)
+    else:
+        if tag is None:
+            return None
+        problem = damage(ckpt_dir / tag, verify)
+        if problem is None:
+            return tag
+    older = _intact(ckpt_dir, _step_of(tag) if tag else None, verify)
+    named = f"{latest} names {tag}, and {problem}" if tag else problem
     if not older:
         raise CheckpointError(
-            f"{latest} names {tag}, and {problem}; there is no intact checkpoint before it. "
-            f"Restore the file, or start again in a new run_dir"
+            f"{named}; there is no intact checkpoint before it. Restore the file, or start again in a new run_dir"
         )
+    later = f"; {tag} will be moved aside to {tag}{SET_ASIDE}" if tag else ""
     print(
-        f"earlybert: {latest} names {tag}, and {problem}. Resuming from the newest intact checkpoint, "
-        f"{older[-1]}, instead; {tag} will be moved aside to {tag}{SET_ASIDE}",
+        f"earlybert: {named}. Resuming from the newest intact checkpoint, {older[-1]}, instead{later}",
         file=sys.stderr,
         flush=True,
     )
@@ -357,7 +388,7 @@ def load(engine, ckpt_dir: Path, tag: str, state: RunState, dist_info, universal
 def _continue_from(ckpt_dir: Path, tag: str) -> None:
     """The run goes on from `tag`: later checkpoints (a damaged `latest`, or passed over by resume_from) are
     moved aside, so that this history's checkpoints never mix with theirs, and `latest` names `tag`."""
-    if latest_tag(ckpt_dir) == tag:
+    if _readable_latest(ckpt_dir) == tag:
         return
     for path in ckpt_dir.iterdir():
         step = _step_of(path.name)

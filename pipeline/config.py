@@ -161,6 +161,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     resume_from: str | None = None  # a checkpoint tag (step_NNNNNNNN) to resume from instead of `latest`
+    # resume although a phase the run has begun now has other shards (moved or re-prepared data); refused otherwise
+    accept_new_shards: bool = False
     dist_timeout: DistTimeoutConfig = field(default_factory=DistTimeoutConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
 

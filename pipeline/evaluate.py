@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from data_prep import ShardDataset, ShardError
 from data_prep.cli import HelpFormatter
 from data_prep.progress import progress_bar
+from pipeline.cli import EXIT_CONFIG, EXIT_FAULT
 from pipeline.loader import mask_tokens
 from pipeline.rundir import RunDir, RunDirError
 
@@ -81,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         help="held-out shards written by `earlybert prep` with the run's tokenizer",
     )
     parser.add_argument("--tag", help="checkpoint tag (default: the latest)")
-    parser.add_argument("--max-sequences", type=int, default=2048, help="evaluate the first N sequences")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    parser.add_argument("--max-sequences", type=_positive, default=2048, help="evaluate the first N sequences")
+    parser.add_argument("--batch-size", type=_positive, default=64, help="sequences per forward pass")
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to evaluate on"
+        "--device",
+        type=_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to evaluate on (cpu, cuda, cuda:N)",
     )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress on stderr")
     args = parser.parse_args(argv)
@@ -97,21 +102,40 @@ def main(argv: list[str] | None = None) -> int:
             )
         shards = ShardDataset(args.shards)
         trained_on = ShardDataset(RunDir(args.run).shards(0))
-    except (ExportError, RunDirError, ShardError, OSError) as err:
+    except (ExportError, RunDirError, ShardError, OSError, ValueError, yaml.YAMLError) as err:
         print(f"earlybert eval: {err}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     if shards.tokenizer_hash != trained_on.tokenizer_hash:
         print(
             f"earlybert eval: {args.shards} was written with another tokenizer than the run's shards "
             f"({trained_on.directory}): prepare the held-out text with the run's tokenizer.json",
             file=sys.stderr,
         )
-        return 1
-    result = {
-        "run": str(args.run),
-        "checkpoint": tag,
-        "shards": str(args.shards),
-        **evaluate(model, shards, args.max_sequences, args.batch_size, args.device, args.progress),
-    }
+        return EXIT_CONFIG
+    try:
+        scores = evaluate(model, shards, args.max_sequences, args.batch_size, args.device, args.progress)
+    except (RuntimeError, OSError) as err:  # out of memory, a device lost, a shard unreadable mid-way
+        print(f"earlybert eval: evaluating {args.run} on {args.shards} failed: {err}", file=sys.stderr)
+        return EXIT_FAULT
+    result = {"run": str(args.run), "checkpoint": tag, "shards": str(args.shards), **scores}
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _device(text: str) -> torch.device:
+    """A torch device this machine has: refused on the command line (exit 2), not mid-evaluation."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: eval runs on cpu or cuda")
+    return device

@@ -112,7 +112,8 @@ FINETUNE_PATHS = (
     "model.init_from",
     "model.tokenizer",
     "task.train_files",
-    "task.validation_files.*",
+    "task.validation_files",  # a file or a list of files
+    "task.validation_files.*",  # a mapping of split names to them
     "earlybert.random_like",
 )
 

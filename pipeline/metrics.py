@@ -92,11 +92,20 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop lines logged after `step`: steps redone after a resume are logged again, once."""
+    """Drop lines logged after `step`: steps redone after a resume are logged again, once. A line that is not a
+    record (the last one torn by a crash while it was appended) is dropped too, with a message: the resumed run
+    logs its step again. Rewritten atomically: a crash here leaves the file as it was."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    kept = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            record = json.loads(line.decode("utf-8")) if line.strip() else None
+            if record is not None and record["step"] <= step:
+                kept.append(line + b"\n")
+        except (ValueError, TypeError, KeyError) as err:  # not UTF-8, not JSON, not a record
+            print(f"earlybert: {path}: line {number} is not a metrics record ({err}); dropped", file=sys.stderr)
+    atomic_write(path, lambda f: f.writelines(kept))
 
 
 def _duration(seconds: float) -> str:

@@ -19,11 +19,13 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from data_prep.shards import atomic_write  # noqa: E402
+from pipeline.cli import EXIT_CONFIG, EXIT_FAULT  # noqa: E402
 from pipeline.rundir import RunDir, RunDirError  # noqa: E402
 
 
@@ -188,20 +190,25 @@ def write_report(paths: list[Path]) -> Path:
 
 
 def _metrics(run: RunDir) -> list[dict]:
-    try:
-        return run.read_metrics()
-    except ValueError:  # a line cut short or edited by hand
-        lines = run.metrics_file.read_text().splitlines()
-        bad = next(i for i, line in enumerate(lines, 1) if line.strip() and not _is_json(line))
-        raise RunDirError(f"{run.metrics_file}: line {bad} is not JSON; delete or repair it") from None
+    """The run's records, each line checked first: a line cut short, edited by hand, or bytes that are not a
+    metrics file are named, not a traceback."""
+    if run.metrics_file.is_file():
+        for number, line in enumerate(run.metrics_file.read_bytes().split(b"\n"), 1):
+            if line.strip() and (problem := _record_problem(line)):
+                raise RunDirError(f"{run.metrics_file}: line {number} {problem}; delete or repair it")
+    return run.read_metrics()
 
 
-def _is_json(line: str) -> bool:
+def _record_problem(line: bytes) -> str | None:
     try:
-        json.loads(line)
-    except ValueError:
-        return False
-    return True
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError
+        return "is not JSON"
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return "is not a metrics record (a JSON object with an integer step)"
+    if not all(isinstance(record.get(k, 0.0), (int, float)) for k in ("loss", "mlm_acc", "step_time_s")):
+        return "has a loss, mlm_acc or step_time_s that is not a number"
+    return None
 
 
 def _dense_structure(run: RunDir) -> tuple[int | None, int | None]:
@@ -223,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = write_report(args.runs)
-    except RunDirError as err:
+    except (RunDirError, ValueError, yaml.YAMLError) as err:  # a run's files missing, unreadable or malformed
         print(f"earlybert report: {err}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
+    except OSError as err:  # writing the report
+        print(f"earlybert report: writing the report failed: {err}", file=sys.stderr)
+        return EXIT_FAULT
     print(f"report: {path}")
     return 0

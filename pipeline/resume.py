@@ -58,7 +58,12 @@ def find_start(cfg: RunConfig, datasets: list[ShardDataset]) -> Start:
         check_resume(cfg, state, architecture, datasets, tag)
         start = Start(tag, state, EarlyBertConfig.from_dict({**architecture, **execution_options(cfg.model.overrides)}))
     check_model_fits_data(start.model_config, datasets)
+    start.state.phases = phase_records(cfg, datasets)  # saved with every checkpoint from here on
     return start
+
+
+def phase_records(cfg: RunConfig, datasets: list[ShardDataset]) -> list[dict]:
+    return [{"shards": p.shards, "seq_len": d.seq_len, "sequences": len(d)} for p, d in zip(cfg.phases, datasets)]
 
 
 def model_config_for(cfg: RunConfig, data: ShardDataset) -> EarlyBertConfig:
@@ -97,18 +102,36 @@ def open_phases(cfg: RunConfig) -> list[ShardDataset]:
 
 
 def check_model_fits_data(model_config: EarlyBertConfig, datasets: list[ShardDataset]) -> None:
-    d = datasets[0]
-    if model_config.vocab_size < d.vocab_size:
-        raise ConfigError(
-            f"the model's vocabulary ({model_config.vocab_size}) is smaller than the shards' "
-            f"tokenizer ({d.vocab_size} ids, {d.directory})"
-        )
+    """The tokenizer, the token ids in every phase's shards and the model's embeddings agree: an id beyond the
+    embeddings fails in the forward pass (on some devices it reads another row silently). Masking draws random
+    ids from the whole tokenizer, so its vocabulary must fit too, not only the ids in the shards."""
+    for i, d in enumerate(datasets):
+        # The largest id in the shards, recorded at prep (ShardDataset checks it against the tokenizer); manifests
+        # written before it: the tokenizer's largest.
+        largest = d.vocab_size - 1 if d.max_token_id is None else d.max_token_id
+        if model_config.vocab_size < d.vocab_size:
+            raise ConfigError(
+                f"the model's vocabulary ({model_config.vocab_size} embeddings) is smaller than phases.{i}.shards' "
+                f"({d.directory}): a tokenizer of {d.vocab_size} ids, ids up to {largest} in the shards; prepare "
+                f"the shards with the model's tokenizer, or use a model with vocab_size >= {d.vocab_size}"
+            )
     longest = max(x.seq_len for x in datasets)
     if model_config.max_position_embeddings < longest:
         raise ConfigError(
             f"shards of seq_len {longest} need max_position_embeddings >= {longest}, "
             f"the model has {model_config.max_position_embeddings}"
         )
+
+
+def check_batch_fits_data(micro: int, datasets: list[ShardDataset]) -> None:
+    """A micro-batch is padded and held whole in memory: one larger than a phase's data only repeats it, and a
+    typo (micro_batch_size: 80000) would fill the host's memory before the first step."""
+    for i, d in enumerate(datasets):
+        if micro > len(d):
+            raise ConfigError(
+                f"phases.{i}.shards ({d.directory}) holds {len(d)} sequences, fewer than one micro-batch of {micro} "
+                f"per rank; lower micro_batch_size and global_batch_size, or prepare more data"
+            )
 
 
 def check_resume(cfg: RunConfig, state: RunState, architecture: dict, datasets: list[ShardDataset], tag: str) -> None:
@@ -126,18 +149,46 @@ def check_resume(cfg: RunConfig, state: RunState, architecture: dict, datasets: 
         for k in IDENTITY_FIELDS
         if architecture.get(k) != configured.get(k)
     ]
+    # A resumed model is built from the checkpoint's architecture.json: model.overrides that differ from it would
+    # be ignored (a shape cannot change under the saved weights).
+    diff += [
+        f"model.overrides.{k}: checkpoint {architecture.get(k)!r}, config {v!r}"
+        for k, v in cfg.model.overrides.items()
+        if k not in EXECUTION_OPTIONS and k not in IDENTITY_FIELDS and architecture.get(k) != v
+    ]
     if diff:
         raise ConfigError(
             f"{where} is a checkpoint of another model than the run config describes:\n  "
             + "\n  ".join(diff)
             + "\nuse a new run_dir, or the model settings of that run"
         )
+    check_phase_shards(cfg, state, datasets, where)
     if state.plan_step > cfg.total_steps:
         raise ConfigError(f"{where} is at step {state.plan_step}, after the {cfg.total_steps} steps the phases plan")
     if state.phase != phase_at(cfg, state.plan_step):
         raise ConfigError(
             f"{where} is in phase {state.phase} at step {state.plan_step}, but the configured phases put "
             f"step {state.plan_step} in phase {phase_at(cfg, state.plan_step)}; keep the earlier phases' steps"
+        )
+
+
+def check_phase_shards(cfg: RunConfig, state: RunState, datasets: list[ShardDataset], where) -> None:
+    """The phases the run has begun resume on the shards they trained on (the stream position counts in their
+    sequences), unless accept_new_shards says the change is deliberate (moved or re-prepared data). Checkpoints
+    written before the run state recorded the phases are not checked."""
+    now = phase_records(cfg, datasets)
+    changed = [
+        f"phases.{i}: the run trained on {old['shards']} (seq_len {old['seq_len']}, {old['sequences']} sequences), "
+        f"the config gives {new['shards']} (seq_len {new['seq_len']}, {new['sequences']} sequences)"
+        for i, (old, new) in enumerate(zip(state.phases, now))
+        if i <= state.phase and old != new
+    ]
+    if changed and not cfg.accept_new_shards:
+        raise ConfigError(
+            f"{where}: a phase the run has begun has other shards than it trained on:\n  "
+            + "\n  ".join(changed)
+            + "\nuse the run's shards, a new run_dir, or accept_new_shards=true to go on from the same position "
+            "in the new shards"
         )
 
 

@@ -133,6 +133,12 @@ def prepare_train_features(
         for i, (context, answers) in enumerate(zip(examples["context"], examples["answers"]))
         if answers["text"] and not answer_matches(context, answers)
     ]
+    if skipped and len(skipped) == len(examples):  # nothing left to train on: the offsets are not SQuAD's
+        raise TaskError(
+            f"no training question has its answer text at its answer_start in the context ({len(skipped)} "
+            f"questions, e.g. id {examples[skipped[0]]['id']!r}); answer_start is the answer's character offset "
+            f"in its context"
+        )
     kept = examples.select(sorted(set(range(len(examples))) - set(skipped))) if skipped else examples
 
     def positions(batch, i, offsets):

@@ -52,7 +52,8 @@ class TaskConfig:
     name: str | None = None  # cola sst2 mrpc qqp stsb mnli qnli rte wnli squad squad_v2: defaults for the rest
     dataset: str | None = None  # hub dataset: "glue/sst2" = load_dataset("glue", "sst2"); "owner/name:" = no config
     train_files: list[str] = field(default_factory=list)  # local files: CSV, TSV, JSONL, Parquet; SQuAD JSON for qa
-    validation_files: dict = field(default_factory=dict)  # split name -> file(s), e.g. {validation_matched: [...]}
+    # split name -> file(s), e.g. {validation_matched: [...]}; a list of files (or one file) is the split "validation"
+    validation_files: dict | list[str] = field(default_factory=dict)
     text_fields: list[str] | None = None  # one or two text columns; default [text]; qa: [question, context] columns
     label_field: str | None = None  # default label (qa: answers)
     num_labels: int | None = None  # classification: None = as many as the labels show
@@ -65,12 +66,17 @@ class TaskConfig:
     version_2_with_negative: bool = False  # squad v2: questions may have no answer (implied by name squad_v2)
 
     def __post_init__(self):
-        # A list of validation files (the Python API; YAML gives a mapping) is the one split "validation".
+        # A list of validation files (or one file), as train_files takes them, is the one split "validation".
+        if isinstance(self.validation_files, str):
+            self.validation_files = [self.validation_files]
         if isinstance(self.validation_files, (list, tuple)):
             self.validation_files = {"validation": list(self.validation_files)} if self.validation_files else {}
         self.validation_files = {
-            split: [files] if isinstance(files, str) else list(files) for split, files in self.validation_files.items()
+            split: [files] if isinstance(files, str) else files for split, files in self.validation_files.items()
         }
+        for split, files in self.validation_files.items():
+            if not (isinstance(files, list) and files and all(isinstance(f, str) for f in files)):
+                raise TaskError(f"task.validation_files.{split}: expected a file or a list of files, got {files!r}")
         validate_task_config(self)
 
 
@@ -402,8 +408,11 @@ def _encode_labels(
         return {split: rows.cast_column(column, Value("float32")) for split, rows in data.items()}, spec
 
     names = spec.label_names or _class_label_names(data["train"], column)
+    # Classes the data defines come from the training split alone: a label seen only in validation would be a
+    # class the model never trains on, scored as always wrong.
+    from_data = f"the labels in the training data ({sources['train']}), which are"
     if all(isinstance(v, str) for labels in values.values() for v in labels):
-        names = names or tuple(sorted({v for labels in values.values() for v in labels}))
+        names, known = names or tuple(sorted(set(values["train"]))), "the task's labels" if names else from_data
         if num_labels is not None and num_labels != len(names):
             raise TaskError(
                 f"{', '.join(sources.values())}: {len(names)} label names ({', '.join(names)}) but "
@@ -414,8 +423,7 @@ def _encode_labels(
             unknown = sorted(set(labels) - set(ids))
             if unknown:
                 raise TaskError(
-                    f"{sources[split]}: label(s) {', '.join(unknown)} are not among the task's "
-                    f"labels {', '.join(names)}"
+                    f"{sources[split]}: label(s) {', '.join(unknown)} are not among {known} {', '.join(names)}"
                 )
         data = {
             split: rows.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True)
@@ -434,13 +442,14 @@ def _encode_labels(
                 f"task.num_labels={num_labels} but the task has {len(names)} labels "
                 f"({', '.join(names)}); remove task.num_labels"
             )
-        count = len(names) or num_labels or 1 + max(int(max(labels)) for labels in values.values())
+        count = len(names) or num_labels or 1 + int(max(values["train"]))
         for split, labels in values.items():
             outside = sorted({int(v) for v in labels if not 0 <= v < count})
             if outside:
+                known = "" if names or num_labels else f": the training data ({sources['train']}) has no more"
                 raise TaskError(
                     f"{sources[split]}: label(s) {', '.join(map(str, outside))} do not fit {count} "
-                    f"classes (ids 0..{count - 1}); fix the labels or set task.num_labels"
+                    f"classes (ids 0..{count - 1}{known}); fix the labels or set task.num_labels"
                 )
         names = names or tuple(str(i) for i in range(count))
     data = {split: rows.cast_column(column, Value("int64")) for split, rows in data.items()}

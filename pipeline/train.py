@@ -43,7 +43,7 @@ from pipeline.engine import EngineSpec, build_engine, full_weights, prune_engine
 from pipeline.loader import PhaseLoader
 from pipeline.metrics import MetricsLog, device_peak_tflops, mfu, model_flops, optimizer_stats
 from pipeline.model import EarlyBertForPreTraining, attention_kernels
-from pipeline.resume import Start, find_start, open_phases, resumes_on_other_ranks
+from pipeline.resume import Start, check_batch_fits_data, find_start, open_phases, resumes_on_other_ranks
 from pipeline.search import SearchStage, read_random_like, warn_if_no_natural_draw
 
 ERRORS = (ConfigError, CheckpointError, ShardError)
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(args, world_size: int) -> tuple[RunConfig, list[ShardDataset], Start]:
     """The config, the shards and where the run starts, all checked from files for a launch on world_size ranks."""
     cfg = load_config(args.config, args.overrides)
-    _, datasets = gather_problems(ERRORS, lambda: batch_plan(cfg, world_size), lambda: open_data(cfg))
+    batches, datasets = gather_problems(ERRORS, lambda: batch_plan(cfg, world_size), lambda: open_data(cfg))
+    check_batch_fits_data(batches.micro, datasets)
     start = find_start(cfg, datasets)
     if start.tag:
         check_resumed_batch(cfg, start.state, cfg.rundir.checkpoints / start.tag)

@@ -58,6 +58,18 @@ CASES = {
         "exit 2: message naming the file, 'no intact checkpoint before it'",
         2,
     ),
+    "latest_unreadable": Case(
+        "earlybert train / finetune (resume)",
+        "checkpoints/latest holds bytes that are not a tag (not UTF-8)",
+        "as a `latest` naming a missing checkpoint: message naming it; resumes from the newest intact checkpoint",
+        0,
+    ),
+    "metrics_torn_line": Case(
+        "earlybert train (resume)",
+        "metrics.jsonl's last line torn by a crash while it was appended",
+        "message 'line N is not a metrics record ...; dropped'; the resume goes on and logs the step again",
+        0,
+    ),
     "resume_from_missing": Case(
         "earlybert train --config CFG resume_from=step_00000099",
         "a tag that is not there",
@@ -187,6 +199,82 @@ CASES = {
         f"{EXIT_2}: 'checkpoint of another model', the fields that differ",
         2,
     ),
+    "train_config_not_utf8": Case(
+        "earlybert train --config CFG",
+        "bytes that are not UTF-8",
+        f"{EXIT_2}: 'cannot read run config CFG: not UTF-8'",
+        2,
+    ),
+    "train_python_tag": Case(
+        "earlybert train --config CFG",
+        "a `!!python/object` tag",
+        f"{EXIT_2}: 'could not determine a constructor for the tag ... line N'",
+        2,
+    ),
+    "train_duplicate_key": Case(
+        "earlybert train --config CFG", "a key given twice", f"{EXIT_2}: 'duplicate key ... line N'", 2
+    ),
+    "train_cyclic_alias": Case(
+        "earlybert train --config CFG",
+        "a YAML alias inside its own anchor",
+        f"{EXIT_2}: 'nested deeper than 32 levels (an alias that contains itself?)'",
+        2,
+    ),
+    "train_deep_nesting": Case(
+        "earlybert train --config CFG", "lists nested 5000 deep", f"{EXIT_2}: 'nested deeper than 32 levels'", 2
+    ),
+    "train_yaml_bomb": Case(
+        "earlybert train --config CFG",
+        "a billion-laughs alias bomb under deepspeed_overrides",
+        f"{EXIT_2} in under a second: 'more than 100000 values once its aliases are expanded'",
+        2,
+    ),
+    "train_not_finite": Case(
+        "earlybert train --config CFG optim.lr=.nan (or .inf timeouts, lambdas)",
+        "NaN or infinity",
+        f"{EXIT_2}: 'optim.lr: expected a finite number'",
+        2,
+    ),
+    "train_bad_override_value": Case(
+        "earlybert train --config CFG optim.lr=[1", "a malformed YAML value", f"{EXIT_2}: names the override", 2
+    ),
+    "train_out_of_range": Case(
+        "earlybert train --config CFG seed=2**70 / model.overrides={hidden_dropout_prob: 1.5, intermediate_size: -3}",
+        "a seed beyond 64 bits, a dropout above 1, a negative size",
+        f"{EXIT_2}: names the key and its range",
+        2,
+    ),
+    "train_deepspeed_unknown_key": Case(
+        "earlybert train --config CFG deepspeed_overrides={zero_optimization: {bogus: 1}} (or {bogus: 1})",
+        "a DeepSpeed key that does not exist",
+        f"{EXIT_2}: 'DeepSpeed refuses it: ... bogus' / 'bogus are not DeepSpeed settings'",
+        2,
+    ),
+    "train_micro_batch_beyond_data": Case(
+        "earlybert train --config CFG micro_batch_size=N global_batch_size=N",
+        "a micro-batch larger than a phase's shards",
+        f"{EXIT_2}: 'holds S sequences, fewer than one micro-batch of N'",
+        2,
+    ),
+    "train_vocab_beyond_model": Case(
+        "earlybert train --config CFG model.overrides={vocab_size: 1000}",
+        "shards of a tokenizer larger than the model's embeddings (any phase)",
+        f"{EXIT_2}: names the phase, the tokenizer's size, the largest id in the shards (manifest max_token_id) "
+        "and the model's vocabulary",
+        2,
+    ),
+    "resume_model_changed": Case(
+        "earlybert train --config CFG model.overrides={intermediate_size: N} (resume)",
+        "a model shape other than the checkpoint's",
+        f"{EXIT_2}: 'model.overrides.intermediate_size: checkpoint 128, config N'",
+        2,
+    ),
+    "resume_shards_changed": Case(
+        "earlybert train --config CFG phases.0.shards=SEQ64 (resume)",
+        "a begun phase's shards swapped for another sequence length",
+        f"{EXIT_2}: names the old and new shards, seq_len and sequences; accept_new_shards=true goes on",
+        2,
+    ),
     # ---- bad input: finetune ----------------------------------------------------------------------------------
     "finetune_config_missing": Case(
         "earlybert finetune --config nothere.yaml",
@@ -218,21 +306,57 @@ CASES = {
         f"{EXIT_2}: 'resume_from step_00000099: ... missing'",
         2,
     ),
+    "finetune_validation_files_list": Case(
+        "earlybert finetune --config CFG task.validation_files=[dev.csv]",
+        "a list where the example configs give a mapping (as task.train_files takes it)",
+        "accepted: the split 'validation'",
+        0,
+    ),
+    "finetune_validation_only_label": Case(
+        "earlybert finetune --config CFG",
+        "a validation label that no training row has",
+        f"{EXIT_2}: 'label(s) X are not among the labels in the training data (FILE)'",
+        2,
+    ),
+    "finetune_squad_answers_outside": Case(
+        "earlybert finetune --config CFG (qa)",
+        "a SQuAD training file whose answers all lie outside their contexts",
+        f"{EXIT_2}: 'no training question has its answer text at its answer_start'",
+        2,
+    ),
+    "finetune_init_from_junk": Case(
+        "earlybert finetune --config CFG model.init_from=JUNK_DIR",
+        "a directory that holds no model",
+        f"{EXIT_2}: 'model.init_from JUNK_DIR holds no tokenizer', not sentencepiece's error",
+        2,
+    ),
+    "finetune_tokenizer_beyond_model": Case(
+        "earlybert finetune --config CFG model.tokenizer=BIGGER.json",
+        "a tokenizer with more ids than the model's embeddings",
+        f"{EXIT_2}: 'the tokenizer (... ids) is larger than the model's vocabulary'",
+        2,
+    ),
     # ---- bad input: eval, export, report, prep -----------------------------------------------------------------
     "eval_run_missing": Case(
-        "earlybert eval MISSING --shards S", "no such run", "exit 1: names MISSING/checkpoints", 1
+        "earlybert eval MISSING --shards S", "no such run", "exit 2: names MISSING/checkpoints", 2
     ),
     "eval_shards_missing": Case(
         "earlybert eval RUN --shards MISSING",
         "no such shards",
-        "exit 1: 'MISSING/manifest.json: not found'",
-        1,
+        "exit 2: 'MISSING/manifest.json: not found'",
+        2,
     ),
     "eval_damaged": Case(
         "earlybert eval RUN --shards S",
         "the latest checkpoint's shard truncated",
-        "exit 1: names the truncated file",
-        1,
+        "exit 2: names the truncated file",
+        2,
+    ),
+    "eval_bad_arguments": Case(
+        "earlybert eval RUN --shards S --batch-size 0 (--max-sequences -1, --device tpu9)",
+        "a size below 1, a device that does not exist",
+        "exit 2: usage and 'expected a whole number >= 1' / 'is not a torch device'",
+        2,
     ),
     "export_run_missing": Case(
         "earlybert export MISSING --output OUT",
@@ -258,16 +382,45 @@ CASES = {
         "exit 2: 'FILE exists and is not a directory'; FILE left alone",
         2,
     ),
+    "export_latest_unreadable": Case(
+        "earlybert export RUN --output OUT",
+        "checkpoints/latest holds bytes that are not UTF-8",
+        "exit 2: 'RUN/checkpoints/latest cannot be read as a checkpoint tag'; OUT not created",
+        2,
+    ),
     "report_run_missing": Case(
-        "earlybert report MISSING", "no such run", "exit 1: 'MISSING/metrics.jsonl not found'", 1
+        "earlybert report MISSING", "no such run", "exit 2: 'MISSING/metrics.jsonl not found'", 2
     ),
     "report_metrics_corrupt": Case(
         "earlybert report RUN",
         "metrics.jsonl with a broken line",
-        "exit 1: 'RUN/metrics.jsonl: line N is not JSON'; no report written",
-        1,
+        "exit 2: 'RUN/metrics.jsonl: line N is not JSON'; no report written",
+        2,
     ),
-    "report_metrics_empty": Case("earlybert report RUN", "an empty metrics.jsonl", "exit 1: 'has no records yet'", 1),
+    "report_metrics_empty": Case("earlybert report RUN", "an empty metrics.jsonl", "exit 2: 'has no records yet'", 2),
+    "report_metrics_binary": Case(
+        "earlybert report RUN", "a metrics.jsonl of random bytes", "exit 2: 'line N is not JSON'; no report written", 2
+    ),
+    # ---- hostile input, property-based (tests/test_hostile_input.py) ------------------------------------------
+    "hostile_run_config": Case(
+        "earlybert train --config CFG [key=value ...]",
+        "generated: random bytes, zero bytes, invalid UTF-8, NUL, deep or cyclic YAML, bombs, wrong types, unknown "
+        "and duplicate keys, in the file and in overrides",
+        f"loads, or {EXIT_2} naming the file or key (ConfigError); nothing else",
+        2,
+    ),
+    "hostile_finetune_config": Case(
+        "earlybert finetune --config CFG [key=value ...]",
+        "generated, as for the run config",
+        f"loads, or {EXIT_2} naming the file or key (ConfigError or TaskError); nothing else",
+        2,
+    ),
+    "hostile_task_files": Case(
+        "earlybert finetune (task.train_files: CSV, TSV, JSONL, Parquet, SQuAD JSON)",
+        "generated: random bytes, zero bytes, invalid UTF-8, NUL, wrong columns and types",
+        f"read, or {EXIT_2} naming the file (TaskError); nothing else",
+        2,
+    ),
     "prep_output_is_file": Case(
         "earlybert prep --output FILE",
         "the output is a file",

@@ -2,6 +2,7 @@
 directory, a stopped rank, NaN losses, and bad input to every command. Each test tries the cases of
 tests/faults_table.py it names; docs/faults.md is generated from that table and checked here."""
 
+import argparse
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from faults_table import CASES, DOC, cases, claimed, render, tried
 from pipeline import checkpoint, runlock
 from pipeline.checkpoint import CheckpointError
 from pipeline.cli import EXIT_CONFIG, EXIT_FAULT
+from pipeline.config import ConfigError, load_config
+from pipeline.metrics import truncate_after
 from runs import BIN, REPO, TOTAL, assert_same_losses, deepspeed, finish, latest, metrics, run_env, train_cmd
 
 
@@ -99,6 +102,24 @@ def test_no_intact_checkpoint_is_an_error(fake_ckpt, capsys):
         _truncate(_shard(tag))
     with pytest.raises(CheckpointError, match="there is no intact checkpoint before it"):
         checkpoint.resume_tag(fake_ckpt)
+
+
+@tried("latest_unreadable")
+def test_an_unreadable_latest_gives_way_to_the_newest_intact_checkpoint(fake_ckpt, capsys):
+    (fake_ckpt / "latest").write_bytes(b"\xff\xfe step_\x00")
+    assert checkpoint.resume_tag(fake_ckpt) == "step_00000009"
+    err = capsys.readouterr().err
+    assert f"{fake_ckpt / 'latest'} cannot be read as a checkpoint tag" in err, err
+    assert "Resuming from the newest intact checkpoint, step_00000009" in err
+
+
+@tried("metrics_torn_line")
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"".join(json.dumps({"step": s}).encode() + b"\n" for s in range(1, 6)) + b'{"step": 6, "lo')
+    truncate_after(path, 4)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert f"{path}: line 6 is not a metrics record" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -345,6 +366,135 @@ def test_bad_train_input(config, reference, tmp_path, capsys, case):
     _refused(main, config, tmp_path, capsys, *args[case])
 
 
+# A YAML "billion laughs": nine levels of nine aliases, 387 million values once expanded.
+BOMB = "deepspeed_overrides:\n  l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)
+)
+
+
+@cases(
+    "train_config_not_utf8",
+    "train_python_tag",
+    "train_duplicate_key",
+    "train_cyclic_alias",
+    "train_deep_nesting",
+    "train_yaml_bomb",
+    "train_not_finite",
+    "train_bad_override_value",
+    "train_out_of_range",
+    "train_deepspeed_unknown_key",
+    "train_micro_batch_beyond_data",
+    "train_vocab_beyond_model",
+)
+def test_hostile_train_input(config, shards, tmp_path, capsys, case):
+    """Each refused before any process group, with a message naming the file or key; nothing written."""
+    from pipeline.train import main
+
+    def config_with(extra: bytes) -> list[str]:
+        path = tmp_path / f"hostile_{hash(extra)}.yaml"  # one per case of the table below, built at once
+        path.write_bytes(
+            config.read_bytes().replace(b"run_dir: unused", f"run_dir: {tmp_path / 'run'}".encode()) + extra
+        )
+        return ["--config", str(path)]
+
+    args = {
+        "train_config_not_utf8": (config_with(b"seed: \xff\xfe\n"), "not UTF-8 text (byte"),
+        "train_python_tag": (
+            config_with(b"compile: !!python/object/apply:os.system [true]\n"),
+            "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'",
+        ),
+        "train_duplicate_key": (config_with(b"seed: 8\n"), "duplicate key 'seed'"),
+        "train_cyclic_alias": (
+            config_with(b"deepspeed_overrides: {x: &a [*a]}\n"),
+            "nested deeper than 32 levels (an alias that contains itself?)",
+        ),
+        "train_deep_nesting": (
+            config_with(b"deepspeed_overrides: {x: " + b"[" * 5000 + b"]" * 5000 + b"}\n"),
+            "nested deeper than 32 levels",
+        ),
+        "train_yaml_bomb": (config_with(BOMB.encode()), "more than 100000 values once its aliases are expanded"),
+        "train_not_finite": (["optim.lr=.nan"], "optim.lr: expected a finite number, got nan"),
+        "train_bad_override_value": (["optim.lr=[1"], "override 'optim.lr=[1': while parsing a flow sequence"),
+        "train_out_of_range": ([f"seed={2**70}"], f"seed: {2**70} is out of the 64-bit integer range"),
+        "train_deepspeed_unknown_key": (
+            ["deepspeed_overrides={zero_optimization: {bogus: 1}}"],
+            "DeepSpeed refuses it: 1 validation error for DeepSpeedZeroConfig bogus",
+        ),
+        "train_micro_batch_beyond_data": (
+            [f"micro_batch_size={2**20}", f"global_batch_size={2**20}"],
+            f"sequences, fewer than one micro-batch of {2**20} per rank",
+        ),
+        "train_vocab_beyond_model": (
+            ["model.overrides={vocab_size: 1000}"],
+            f"the model's vocabulary (1000 embeddings) is smaller than phases.0.shards' ({shards / 'seq32'}): a "
+            f"tokenizer of 2000 ids, ids up to",
+        ),
+    }
+    argv, message = args[case]
+    started = time.monotonic()
+    _refused(main, config, tmp_path, capsys, argv, message)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.overrides={hidden_dropout_prob: 1.5}"],
+            "hidden_dropout_prob: a probability, expected a number in [0, 1]",
+        ),
+        (["model.overrides={intermediate_size: -3}"], "intermediate_size: a size, expected a whole number in [1, "),
+        (["dist_timeout.step_s=.inf"], "dist_timeout.step_s: expected a finite number, got inf"),
+        (["earlybert.lambda_heads=.nan"], "earlybert.lambda_heads: expected a finite number"),
+        (["seed=-1"], "seed=-1 must be in [0, 4294967295]"),
+        (["deepspeed_overrides={bogus: 1}"], "bogus are not DeepSpeed settings"),
+    ],
+)
+def test_out_of_range_values_are_named(config, tmp_path, overrides, message):
+    """More of train_out_of_range, train_not_finite and train_deepspeed_unknown_key, at the loader."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(config), [f"run_dir={tmp_path}", *overrides])
+    assert message in str(refused.value)
+
+
+def _fake_resume(config, run_dir):
+    """RUN/checkpoints/step_00000003 as a run of `config` saves it (run state and architecture; DeepSpeed's files
+    are not read before the process group), and the prepared fresh start it came from."""
+    from pipeline.train import prepare
+
+    cfg, datasets, start = prepare(argparse.Namespace(config=str(config), overrides=[f"run_dir={run_dir}"]), 1)
+    tag = run_dir / "checkpoints" / "step_00000003"
+    tag.mkdir(parents=True)
+    state = {**start.state.to_dict(), "step": 3, "samples": 3 * cfg.global_batch_size, "phase_samples": 3 * 64}
+    (tag / checkpoint.RUN_STATE).write_text(json.dumps(state))
+    (tag / checkpoint.ARCHITECTURE).write_text(json.dumps(start.model_config.to_dict()))
+    (run_dir / "checkpoints" / "latest").write_text("step_00000003")
+    return start
+
+
+@tried("resume_model_changed", "resume_shards_changed")
+def test_a_resume_on_another_model_shape_or_other_shards_is_refused(config, shards, tmp_path, capsys):
+    from pipeline.train import main, prepare
+
+    run_dir = tmp_path / "run"
+    start = _fake_resume(config, run_dir)
+    base = ["--config", str(config), f"run_dir={run_dir}"]
+    ffn = start.model_config.intermediate_size
+    assert main([*base, f"model.overrides={{intermediate_size: {2 * ffn}}}"]) == CASES["resume_model_changed"].exit
+    err = capsys.readouterr().err
+    assert f"model.overrides.intermediate_size: checkpoint {ffn}, config {2 * ffn}" in err, err
+    swapped = [*base, f"phases.0.shards={shards / 'seq64'}"]
+    assert main(swapped) == CASES["resume_shards_changed"].exit
+    err = capsys.readouterr().err
+    assert f"phases.0: the run trained on {shards / 'seq32'} (seq_len 32," in err, err
+    assert f"the config gives {shards / 'seq64'} (seq_len 64," in err and "accept_new_shards=true" in err
+    cfg, _, accepted = prepare(
+        argparse.Namespace(config=str(config), overrides=swapped[2:] + ["accept_new_shards=true"]), 1
+    )
+    assert accepted.tag == "step_00000003" and accepted.state.phases[0]["seq_len"] == 64  # recorded from here on
+    assert [p.name for p in run_dir.iterdir()] == ["checkpoints"]  # nothing written by the refusals
+
+
 @pytest.mark.slow
 @cases(
     "finetune_config_missing",
@@ -383,9 +533,11 @@ def damaged_run(reference, tmp_path):
     "export_bad_tag",
     "export_damaged",
     "export_output_is_file",
+    "export_latest_unreadable",
     "report_run_missing",
     "report_metrics_corrupt",
     "report_metrics_empty",
+    "report_metrics_binary",
     "prep_output_is_file",
 )
 def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run, tmp_path, capsys, case):
@@ -397,11 +549,18 @@ def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run
     missing, out, damaged = tmp_path / "missing", tmp_path / "out", damaged_run[0]
     a_file = tmp_path / "file"
     a_file.write_text("keep me")
-    corrupt, empty = tmp_path / "corrupt", tmp_path / "empty"
-    for run_dir in (corrupt, empty):
-        run_dir.mkdir()
+    corrupt, empty, binary, garbled = (
+        tmp_path / "corrupt",
+        tmp_path / "empty",
+        tmp_path / "binary",
+        tmp_path / "garbled",
+    )
+    for run_dir in (corrupt, empty, binary, garbled / "checkpoints"):
+        run_dir.mkdir(parents=True)
     (corrupt / "metrics.jsonl").write_text((reference / "metrics.jsonl").read_text()[:-20] + "\n")
     (empty / "metrics.jsonl").write_text("")
+    (binary / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)
+    (garbled / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00")
     runs = {
         "eval_run_missing": (eval_main, [str(missing), "--shards", str(shards / "seq32")], f"{missing}/checkpoints"),
         "eval_shards_missing": (eval_main, [str(reference), "--shards", str(missing)], "manifest.json: not found"),
@@ -418,9 +577,15 @@ def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run
             [str(reference), "--output", str(a_file)],
             "exists and is not a directory",
         ),
+        "export_latest_unreadable": (
+            export_main,
+            [str(garbled), "--output", str(out)],
+            f"{garbled}/checkpoints/latest cannot be read as a checkpoint tag",
+        ),
         "report_run_missing": (report_main, [str(missing)], f"{missing}/metrics.jsonl not found"),
         "report_metrics_corrupt": (report_main, [str(corrupt)], f"{corrupt}/metrics.jsonl: line {TOTAL} is not JSON"),
         "report_metrics_empty": (report_main, [str(empty)], "has no records yet"),
+        "report_metrics_binary": (report_main, [str(binary)], f"{binary}/metrics.jsonl: line 1 is not JSON"),
         "prep_output_is_file": (
             prep_main,
             [
@@ -436,8 +601,24 @@ def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run
         ),
     }
     command, argv, message = runs[case]
-    assert command(argv) == (2 if command is export_main else 1)
+    assert command(argv) == CASES[case].exit
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists() and not missing.exists() and a_file.read_text() == "keep me"
-    assert not (corrupt / "report").exists() and not (empty / "report").exists()
+    assert not any((run_dir / "report").exists() for run_dir in (corrupt, empty, binary))
+
+
+@cases("eval_bad_arguments")
+def test_bad_eval_arguments_are_usage_errors(tmp_path, capsys, case):
+    from pipeline.evaluate import main as eval_main
+
+    run = [str(tmp_path), "--shards", str(tmp_path)]
+    for argv, message in (
+        (["--batch-size", "0"], "expected a whole number >= 1, got '0'"),
+        (["--max-sequences", "-1"], "expected a whole number >= 1, got '-1'"),
+        (["--device", "tpu9"], "'tpu9' is not a torch device"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            eval_main(run + argv)
+        assert exit_.value.code == CASES[case].exit
+        assert message in capsys.readouterr().err
