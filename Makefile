@@ -8,7 +8,7 @@ TORCH  ?= auto
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,14 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# On one GPU, at most 10 minutes: bf16 and fp16 pre-training through the deepspeed launcher (draw, prune, rebuild,
+# kill -9 after the draw, exact resume), fine-tuning and its export reloaded by transformers, bench_gpu's core cases;
+# writes bench/results/gpu-check-<device>.json and .md (bench/gpu_check.py). No setup first: it runs under the venv
+# where `make setup` built one, else under the machine's $(PYTHON) (a GPU image's torch and DeepSpeed). Without a
+# GPU it says so and exits 0. GPU_CHECK_ARGS=--dry-run prints its commands.
+gpu-check:
+	$(if $(wildcard $(STAMP)),$(PY),$(PYTHON)) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

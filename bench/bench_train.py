@@ -46,13 +46,21 @@ GPU_CASES = [("bert-large", 1, 128, 60, 20, "zero1_bf16.json")]
 VOCAB = 30522
 
 
-def prepare_shards(root: Path, corpus_mb: int) -> Path:
-    def prep(*args):
-        subprocess.run([str(BIN / "python"), "-m", "data_prep", *args], cwd=root, check=True, capture_output=True)
+def prep_commands(root: Path, corpus_mb: int) -> list[list[str]]:
+    """`earlybert prep` under root: a corpus of text already on this machine (corpus.txt), a WordPiece tokenizer
+    (tok.json), seq-128 shards (seq128/)."""
+    prep = [sys.executable, "-m", "data_prep"]
+    corpus, tok = str(root / "corpus.txt"), str(root / "tok.json")
+    return [
+        [*prep, "local-corpus", "--output", corpus, "--max-mb", str(corpus_mb)],
+        [*prep, "tokenizer", "--input", corpus, "--output", tok, "--vocab-size", "8192", "--lowercase"],
+        [*prep, "--input", corpus, "--output", str(root / "seq128"), "--tokenizer", tok, "--seq-len", "128"],
+    ]
 
-    prep("local-corpus", "--output", "corpus.txt", "--max-mb", str(corpus_mb))
-    prep("tokenizer", "--input", "corpus.txt", "--output", "tok.json", "--vocab-size", "8192", "--lowercase")
-    prep("--input", "corpus.txt", "--output", "seq128", "--tokenizer", "tok.json", "--seq-len", "128")
+
+def prepare_shards(root: Path, corpus_mb: int) -> Path:
+    for cmd in prep_commands(root, corpus_mb):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
     return root / "seq128"
 
 
