@@ -143,12 +143,7 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, p
 def launched_world_size(env) -> int:
     """The ranks the launcher started, read from its environment before any process group exists (as
     pipeline/distributed.py will find them): what `prepare` checks the batch split and the resume for."""
-    launcher = detect_launcher(env)
-    if launcher == "env":
-        return int(env["WORLD_SIZE"])
-    if launcher == "slurm":
-        return int(env["SLURM_NTASKS"])
-    return launched_tasks(env)  # mpi: its size variables; a plain process: 1
+    return int(env["WORLD_SIZE"]) if detect_launcher(env) == "env" else launched_tasks(env)  # srun, mpirun or 1
 
 
 @contextlib.contextmanager

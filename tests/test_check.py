@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import distributed, finetune, train
+from pipeline.cli import launched_world_size
 from pipeline.config import plan_batches
 from runs import BIN, REPO, run_env
 
@@ -108,6 +109,20 @@ def test_a_launch_checks_the_ranks_its_launcher_started(shards, tmp_path, capsys
     assert code == 0 and "checked for 4 ranks" in out and "micro-batch 8 x 4 ranks" in out
 
 
+@pytest.mark.parametrize(
+    "env,ranks",
+    [
+        ({}, 1),
+        ({"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "n1", "MASTER_PORT": "1"}, 16),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "32", "SLURM_STEP_ID": "0"}, 32),
+        ({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "1"}, 8),
+    ],
+    ids=["plain", "deepspeed", "srun", "mpirun"],
+)
+def test_the_launchers_world_size_is_read_before_any_process_group(env, ranks):
+    assert launched_world_size(env) == ranks
+
+
 def test_finetune_check_of_the_shipped_local_config(hf_bert, task_files, tmp_path, capsys):
     argv = [
         "--config",
@@ -118,7 +133,7 @@ def test_finetune_check_of_the_shipped_local_config(hf_bert, task_files, tmp_pat
         f"model.init_from={hf_bert}",
         f"run_dir={tmp_path / 'run'}",
     ]
-    for w in (1, 2, 3, 4, 8, 32, 48, 64):
+    for w in (1, 3, 4, 32, 64):  # 64: more ranks than sequences in a step
         code, out, err = check(capsys, finetune, *argv, "--world-size", w)
         if 32 % w:
             assert code == 2 and f"cannot be split evenly over {w} ranks" in err, (w, err)
