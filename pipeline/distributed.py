@@ -141,13 +141,20 @@ def allocated_gpus(env) -> str | None:
     return None
 
 
+def nvidia_gpus_present() -> bool:
+    """Whether this node has NVIDIA GPUs, read from the driver's entries without CUDA. A device list alone does
+    not say so: the deepspeed launcher sets CUDA_VISIBLE_DEVICES=0,1,... for its ranks on CPU machines too."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def cuda_problem(env) -> str | None:
     """Why a process given GPUs would train on CPU (torch's CPU build, or a CUDA build the driver cannot run),
     with the fix; None when CUDA works, no GPU is given, or EARLYBERT_ALLOW_CPU=1."""
     if env.get("EARLYBERT_ALLOW_CPU") == "1" or torch.cuda.is_available():
         return None
     given = allocated_gpus(env)
-    if given is None:
+    if given is None or not nvidia_gpus_present():
         return None
     if torch.version.cuda is None:
         cause = (
@@ -307,8 +314,21 @@ def set_cpu_threads(d: DistInfo) -> None:
 
 def teardown(clean: bool) -> None:
     """Leave the process group; srun reports a task that exits without doing so as aborted. After an
-    error the other ranks may never reach a barrier, so only a clean exit waits for them."""
+    error the other ranks may never reach a barrier, so only a clean exit waits for them.
+
+    The process groups themselves must be gone too, their gloo worker threads joined, before the
+    interpreter finalizes: a worker still letting go of a finished collective's tensors then needs the
+    GIL, Python ends that thread in C++ code, and the rank aborts with "terminate called without an
+    active exception" after its work is done. torch's destroy_process_group leaves DeepSpeed's handles
+    on the groups (deepspeed.comm's drops them); destroyed engines and ZeRO-3 parameters hold more, and
+    wait for a collection because DeepSpeed turns the automatic one off while an engine lives. The
+    caller must have dropped its own references to engines and models."""
+    import gc
+
+    import deepspeed.comm
+
     if dist.is_initialized():
         if clean:
             dist.barrier()
-        dist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()
+        gc.collect()  # the groups' destructors join their worker threads (they release the GIL to do so)

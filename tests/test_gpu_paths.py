@@ -81,17 +81,28 @@ SETUP = "from pipeline import distributed; d = distributed.setup(); print('start
 needs_cpu_build = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")
 
 
-def start(env: dict) -> subprocess.CompletedProcess:
+# A GPU node as the NVIDIA driver shows one (/proc/driver/nvidia/gpus/<bus id>), made in a private mount namespace.
+FAKE_GPU_NODE = 'mount -t tmpfs none /proc/driver && mkdir -p /proc/driver/nvidia/gpus/0000:01:00.0 && exec "$@"'
+
+
+def start(env: dict, gpu_node: bool = False) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in run_env().items() if k not in ("CUDA_VISIBLE_DEVICES", "EARLYBERT_ALLOW_CPU")}
-    return subprocess.run(
-        [sys.executable, "-c", SETUP], env={**clean, **env}, cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    command = [sys.executable, "-c", SETUP]
+    if gpu_node:
+        command = ["unshare", "--mount", "sh", "-c", FAKE_GPU_NODE, "sh", *command]
+    return subprocess.run(command, env={**clean, **env}, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def can_fake_a_gpu_node() -> bool:
+    return subprocess.run(["unshare", "--mount", "sh", "-c", FAKE_GPU_NODE, "sh", "true"]).returncode == 0
 
 
 @needs_cpu_build
 @pytest.mark.parametrize("given", [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"SLURM_JOB_GPUS": "0"}])
 def test_gpus_allocated_to_a_cpu_build_refuse_to_start(given):
-    proc = start(given)
+    if not can_fake_a_gpu_node():
+        pytest.skip("needs root and mount namespaces (unshare --mount) to show the driver's GPU entries")
+    proc = start(given, gpu_node=True)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     name, value = next(iter(given.items()))
     assert f"GPUs are allocated ({name}={value})" in proc.stderr
@@ -103,10 +114,17 @@ def test_gpus_allocated_to_a_cpu_build_refuse_to_start(given):
 @needs_cpu_build
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "env", [{"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "0", "EARLYBERT_ALLOW_CPU": "1"}]
+    ("env", "gpu_node"),
+    [
+        ({"CUDA_VISIBLE_DEVICES": ""}, True),
+        ({"CUDA_VISIBLE_DEVICES": "0", "EARLYBERT_ALLOW_CPU": "1"}, True),
+        ({"CUDA_VISIBLE_DEVICES": "0,1"}, False),  # what the deepspeed launcher sets on a CPU machine
+    ],
 )
-def test_no_gpus_or_cpu_allowed_start_on_cpu(env):
-    proc = start(env)
+def test_no_gpus_or_cpu_allowed_start_on_cpu(env, gpu_node):
+    if gpu_node and not can_fake_a_gpu_node():
+        pytest.skip("needs root and mount namespaces (unshare --mount) to show the driver's GPU entries")
+    proc = start(env, gpu_node)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "started on cpu" in proc.stdout
 
