@@ -43,8 +43,6 @@ from data_prep.progress import progress_bar
 from pipeline import runlock
 
 WORK = ".work"
-# No BERT has more positions than 8192; past this a "sequence" is a typo (--seq-len 1000000000).
-MAX_SEQ_LEN = 1 << 16
 # A source with more of its bytes not UTF-8 than this is not text (random bytes: about half): refused.
 MAX_REPLACED_FRACTION = 0.1
 
@@ -226,7 +224,6 @@ _WORKER = {}
 
 
 def _init_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
-    stops.in_worker()
     # One core per worker: the tokenizer's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(
@@ -235,6 +232,11 @@ def _init_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
         tok=encode.tokenizer_from_json(tokenizer.json),
         work=WorkDir(Path(cfg.output) / WORK),
     )
+
+
+def _init_pool_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
+    stops.in_worker()  # in a worker process only: with --workers 1 the main process must still stop on Ctrl-C
+    _init_worker(cfg, tokenizer)
 
 
 def _save_npz(path: Path, arrays: dict):
@@ -350,7 +352,7 @@ def start_workers(run: PrepRun):
         return
     # fork is cheapest; an MPI process must not fork, so it uses a fork server.
     ctx = mp.get_context("forkserver" if run.dist.world > 1 else "fork")
-    pool = ctx.Pool(n, initializer=_init_worker, initargs=(run.cfg, run.tokenizer))
+    pool = ctx.Pool(n, initializer=_init_pool_worker, initargs=(run.cfg, run.tokenizer))
     try:
         yield Workers(pool, window)
     except BaseException:
@@ -375,8 +377,8 @@ def _run_jobs(run: PrepRun, workers: Workers, desc: str, unit: str, fn, jobs) ->
 # ---- before the passes ------------------------------------------------------------------
 def _validate(cfg: PrepConfig):
     """Each option on its own, so that the message names the one that is wrong."""
-    if not 8 <= cfg.seq_len <= MAX_SEQ_LEN:
-        raise PrepError(f"--seq-len {cfg.seq_len}: must be in [8, {MAX_SEQ_LEN}] (BERT uses 128, then 512)")
+    if not 8 <= cfg.seq_len <= shards.MAX_SEQ_LEN:
+        raise PrepError(f"--seq-len {cfg.seq_len}: must be in [8, {shards.MAX_SEQ_LEN}] (BERT uses 128, then 512)")
     if cfg.shard_sequences < 1:
         raise PrepError(f"--shard-sequences {cfg.shard_sequences}: must be >= 1")
     if cfg.shard_sequences * cfg.seq_len > shards.MAX_SHARD_TOKENS:

@@ -476,8 +476,9 @@ def _byte_units(source_id, source: Source, unit_bytes: int):
                 buf += block
                 continue
             elif kind == "jsonl":
+                at = line + buf.count(b"\n", 0, unit_bytes - 1)  # the record that runs from before unit_bytes on
                 raise InputError(
-                    f"{source.path}:{line}: a JSONL record longer than {hard_cap >> 20} MB ({HARD_CAP_UNITS} x "
+                    f"{source.path}:{at}: a JSONL record longer than {hard_cap >> 20} MB ({HARD_CAP_UNITS} x "
                     f"--unit-kb); raise --unit-kb to read it, or split the record"
                 )
             else:
@@ -516,7 +517,12 @@ def _parquet_batches(source: Source, text_field: str):
 def _dataset_batches(source: Source, text_field: str):
     import datasets
 
-    loaded = datasets.load_from_disk(source.path)
+    try:
+        loaded = datasets.load_from_disk(source.path)
+    except Exception as e:  # datasets raises many types on a damaged directory (TypeError on a null in its JSON)
+        raise InputError(
+            f"{source.path}: not a readable saved `datasets` directory ({type(e).__name__}: {e}); save it again"
+        ) from e
     # A DatasetDict contributes every split, in name order.
     parts = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
     for part in parts:

@@ -16,6 +16,8 @@ Output: flat tokens (special tokens included) and an int32 [n, 3] table (length,
 where len_a counts `[CLS] A [SEP]` and label is -1 without NSP.
 """
 
+import itertools
+
 import numpy as np
 
 
@@ -86,7 +88,7 @@ def nsp_pairs(docs, seq_len: int, short_seq_prob: float, rng, cls: int, sep: int
                     rdoc = docs[other]
                     start = int(rng.integers(len(rdoc)))
                     b, size = [], 0
-                    for seg in rdoc[start:]:
+                    for seg in itertools.islice(rdoc, start, None):  # rdoc[start:] copied the list: quadratic
                         b.append(seg)
                         size += len(seg)
                         if size >= target - len(a):

@@ -30,6 +30,19 @@ MANIFEST = "manifest.json"
 INDEX_COLUMNS = ("start", "length", "len_a", "label")
 # The index stores in-shard token offsets as int32.
 MAX_SHARD_TOKENS = 2**31 - 1
+# No BERT has more positions than 8192; past this a "sequence" is a typo (--seq-len 1000000000), or a damaged
+# manifest that would have get_batch allocate terabytes.
+MAX_SEQ_LEN = 1 << 16
+# The fields of a manifest's shard entry that reading and verifying use, with their types.
+SHARD_FIELDS = {
+    "tokens": str,
+    "index": str,
+    "sequences": int,
+    "tokens_bytes": int,
+    "index_bytes": int,
+    "tokens_sha256": str,
+    "index_sha256": str,
+}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -145,6 +158,10 @@ class ShardDataset:
         self.vocab_size = int(m["tokenizer"]["vocab_size"])
         self.has_nsp = bool(m["options"]["nsp"])
         self.special_ids = {k: int(v) for k, v in m["tokenizer"]["special_ids"].items()}
+        if not 0 < self.seq_len <= MAX_SEQ_LEN:
+            raise ShardError(f"{path}: seq_len {self.seq_len} outside [1, {MAX_SEQ_LEN}]; {fix}")
+        if not all(0 <= i < self.vocab_size for i in self.special_ids.values()):
+            raise ShardError(f"{path}: special_ids {self.special_ids} outside vocab_size {self.vocab_size}; {fix}")
         self.tokenizer_hash = m["tokenizer"]["sha256"]
         self.shard_sequences = int(m["shard_sequences"])
         # The largest token id in the shards (None in directories prepared before it was recorded): training
@@ -154,7 +171,11 @@ class ShardDataset:
             raise ShardError(f"{path}: max_token_id {self.max_token_id} >= vocab_size {self.vocab_size}; {fix}")
         self._dtype = token_dtype(self.vocab_size)
         self._shards = m["shards"]
-        counts = [int(s["sequences"]) for s in self._shards]
+        for k, s in enumerate(self._shards):
+            wrong = [name for name, kind in SHARD_FIELDS.items() if not isinstance(s.get(name), kind)]
+            if wrong:
+                raise ShardError(f"{path}: shard {k}: {', '.join(wrong)} missing or of the wrong type; {fix}")
+        counts = [s["sequences"] for s in self._shards]
         if (
             not counts
             or any(c != self.shard_sequences for c in counts[:-1])

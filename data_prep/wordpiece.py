@@ -5,13 +5,13 @@ tokenizer sees exactly the lines that will be tokenized). Special tokens come fi
 [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
 """
 
+import multiprocessing as mp
 import sys
-import threading
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from data_prep import outputs
+from data_prep import outputs, stops
 from data_prep.encode import parse_unit
 from data_prep.progress import progress_bar
 from data_prep.readers import InputError, Source, describe_skipped, discover, local_paths, read_units
@@ -47,13 +47,27 @@ def train_wordpiece(
     progress: bool = False,
 ) -> Tokenizer:
     """Train on `inputs` and write the tokenizer to `output` (a file). The output is checked before the training
-    (data_prep/outputs.py): not an input, not a special file, in a directory that can be written."""
+    (data_prep/outputs.py): not an input, not a special file, in a directory that can be written.
+
+    The training runs in a worker process that this one terminates on Ctrl-C or SIGTERM: inside
+    train_from_iterator neither is ever handled (its Rust loop swallows the KeyboardInterrupt raised in the
+    iterator and trains on; tried), and a thread left in it aborts the interpreter at exit."""
     skipped = []
     sources = discover(inputs, skipped)
     if skipped:
         print(f"warning: {describe_skipped(skipped)}", file=sys.stderr)
     outputs.check_output(output, local_paths(inputs, sources))
     outputs.sweep_files(output)
+    args = (inputs, sources, vocab_size, lowercase, min_frequency, text_field, progress)
+    with mp.get_context("fork").Pool(1, initializer=stops.in_worker) as pool:  # leaving it terminates the worker
+        tok = Tokenizer.from_str(pool.apply_async(_train, args).get())
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(output, lambda f: f.write(tok.to_str().encode()))
+    return tok
+
+
+def _train(inputs, sources, vocab_size, lowercase, min_frequency, text_field, progress) -> str:
+    """The trained tokenizer's JSON."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # strip_accents=None follows `lowercase`, as in BERT's uncased models.
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
@@ -70,33 +84,11 @@ def train_wordpiece(
             seen += 1
             yield line
 
-    _in_thread(tok.train_from_iterator, lines(), trainer)
+    tok.train_from_iterator(lines(), trainer)
     if not seen:
         raise InputError(f"no text in {' '.join(inputs)}: cannot train a tokenizer on an empty corpus")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(output, lambda f: f.write(tok.to_str().encode()))
-    return tok
-
-
-def _in_thread(fn, *args):
-    """fn(*args) in another thread while this one waits. Ctrl-C and SIGTERM are handled in the main thread only,
-    and inside train_from_iterator they never are: its Rust loop swallows the KeyboardInterrupt raised in the
-    iterator and runs on (tried: Ctrl-C left it training). Waiting here, the main thread stops at once."""
-    error = []
-
-    def run():
-        try:
-            fn(*args)
-        except BaseException as e:  # the iterator's InputError: raised again in the main thread
-            error.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)  # daemon: a stopped command exits without waiting for it
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
-    if error:
-        raise error[0]
+    return tok.to_str()
