@@ -314,21 +314,8 @@ def set_cpu_threads(d: DistInfo) -> None:
 
 def teardown(clean: bool) -> None:
     """Leave the process group; srun reports a task that exits without doing so as aborted. After an
-    error the other ranks may never reach a barrier, so only a clean exit waits for them.
-
-    The process groups themselves must be gone too, their gloo worker threads joined, before the
-    interpreter finalizes: a worker still letting go of a finished collective's tensors then needs the
-    GIL, Python ends that thread in C++ code, and the rank aborts with "terminate called without an
-    active exception" after its work is done. torch's destroy_process_group leaves DeepSpeed's handles
-    on the groups (deepspeed.comm's drops them); destroyed engines and ZeRO-3 parameters hold more, and
-    wait for a collection because DeepSpeed turns the automatic one off while an engine lives. The
-    caller must have dropped its own references to engines and models."""
-    import gc
-
-    import deepspeed.comm
-
+    error the other ranks may never reach a barrier, so only a clean exit waits for them."""
     if dist.is_initialized():
         if clean:
             dist.barrier()
-        deepspeed.comm.destroy_process_group()
-        gc.collect()  # the groups' destructors join their worker threads (they release the GIL to do so)
+        dist.destroy_process_group()
