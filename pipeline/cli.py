@@ -45,6 +45,7 @@ REQUIRED = "(required)"
 EXIT_CONFIG = 2  # a config, checkpoint or input that cannot work: nothing was trained
 EXIT_FAULT = 1  # a fault stopped the run (a hung rank, a non-finite loss, a full disk): fix it and relaunch
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; relaunch the same command to resume
+EXIT_CTRL_C = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended: the latest checkpoint is intact
 
 
 def _usage() -> str:
@@ -136,6 +137,13 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, p
     except guards.RunFault as e:
         print(f"earlybert {stage} (rank {d.rank}): {e}", file=sys.stderr)
         return EXIT_FAULT
+    except KeyboardInterrupt:  # not a traceback through DeepSpeed: `latest` only ever names a complete checkpoint
+        print(
+            f"earlybert {stage} (rank {d.rank}): interrupted (Ctrl-C); {cfg.rundir.checkpoints / 'latest'} names the "
+            f"last complete checkpoint: relaunch the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_CTRL_C
     finally:
         distributed.teardown(clean)
 

@@ -26,7 +26,7 @@ class Case:
     command: str  # what a user runs (RUN, CFG, OUT: the run directory, config, output)
     fault: str  # what is wrong
     outcome: str  # what happens: the message, the exit status, what is left on disk
-    exit: int  # the command's exit status: 2 bad input, 1 a failure during the work, 0 recovered from or accepted
+    exit: int  # the command's exit status: 2 bad input, 1 a failure during the work, 130 Ctrl-C, 0 recovered from
 
 
 EXIT_1 = "exit 1"
@@ -116,7 +116,7 @@ CASES = {
         2,
     ),
     "second_prep": Case(
-        "earlybert prep --output OUT", "OUT in use by another prep", "exit 1: 'OUT is in use by ...'", 1
+        "earlybert prep --output OUT", "OUT in use by another prep", "exit 2: 'OUT is in use by ...'", 2
     ),
     # ---- ranks and collectives ---------------------------------------------------------------------------------
     "rank_stopped": Case(
@@ -137,6 +137,13 @@ CASES = {
         "a NaN loss at step 5",
         "DeepSpeed skips the update; the run finishes; nonfinite_skipped 1 in metrics.jsonl from step 5",
         0,
+    ),
+    "train_ctrl_c": Case(
+        "earlybert train --config CFG",
+        "Ctrl-C (SIGINT) during a step",
+        "exit 130: 'interrupted (Ctrl-C); RUN/checkpoints/latest names the last complete checkpoint', no traceback; "
+        "that checkpoint intact",
+        130,
     ),
     "nan_skip_limit": Case(
         "earlybert train (fp32), nonfinite: {action: skip, max_skipped: 1}",
@@ -424,8 +431,8 @@ CASES = {
     "prep_output_is_file": Case(
         "earlybert prep --output FILE",
         "the output is a file",
-        "exit 1: 'exists and is not a directory'",
-        1,
+        "exit 2: 'exists and is not a directory'",
+        2,
     ),
 }
 
@@ -460,6 +467,7 @@ def claimed() -> Counter:
 OUTCOMES = {
     2: "end with a clear message and exit 2 (bad input or usage)",
     1: "end with a clear message and exit 1 (a failure during the work)",
+    130: "stop on Ctrl-C with a message and exit 130",
     0: "are recovered from or accepted (the command goes on)",
 }
 

@@ -238,7 +238,7 @@ def test_a_second_prep_into_one_output_is_refused(shards, tmp_path, capsys):
             "--no-progress",
         ]
     )
-    assert code == 1 and f"{out} is in use by earlybert prep" in capsys.readouterr().err
+    assert code == CASES["second_prep"].exit and f"{out} is in use by earlybert prep" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == [runlock.LOCK]
 
 
@@ -314,6 +314,27 @@ def test_a_nan_loss_stops_or_is_skipped_by_option(config, tmp_path):
         config, limit, "nonfinite.action=skip", "nonfinite.max_skipped=1", script=_nan_script(tmp_path, [5, 7])
     )
     assert code == EXIT_FAULT and "step 7: the loss is nan, after 1 skipped" in out, out
+
+
+@pytest.mark.slow
+@tried("train_ctrl_c")
+def test_ctrl_c_stops_a_run_with_130_and_its_latest_checkpoint_intact(config, tmp_path):
+    from runs import wait_for_step
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-m", "pipeline.train", *train_cmd(config, run_dir)],
+        env=run_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_step(proc, run_dir, 4, timeout=600)  # a loaded CI machine: start-up alone can take minutes
+    proc.send_signal(signal.SIGINT)
+    code, out = finish(proc, timeout=120)
+    assert code == CASES["train_ctrl_c"].exit and "interrupted (Ctrl-C)" in out and "Traceback" not in out, out
+    assert checkpoint.damage(run_dir / "checkpoints" / latest(run_dir)) is None
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
