@@ -37,7 +37,7 @@ from bench.common import ROOT, median_time, write_results
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.config import OptimConfig
 from pipeline.detector import DetectorConfig, masks_from_gates
-from pipeline.engine import EngineSpec, build_engine, fused_adam_unavailable, prune_engine, train_step
+from pipeline.engine import EngineSlot, EngineSpec, build_engine, fused_adam_unavailable, prune_engine, train_step
 from pipeline.metrics import batch_model_flops, device_peak_tflops, mfu
 from pipeline.model import BatchLayout
 from pipeline.pruner import prune_model
@@ -152,7 +152,7 @@ def run_cases(selected: list[Case], device: str, dry_run: bool, steps: int) -> t
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            engine = prune_engine(engine, spec, masks, fold_gates=True, carry_moments=True)
+            engine = prune_engine(EngineSlot(engine), spec, masks, fold_gates=True, carry_moments=True)
             if device == "cuda":
                 torch.cuda.synchronize()
             rebuilds[seq_len] = time.perf_counter() - start

@@ -5,7 +5,8 @@
 - the detector's cost (read the gates, build the masks, update the FIFO) as a share of the
   search stage at the default interval (target < 1%);
 - the engine rebuild in dense steps (target <= 10);
-- host memory (RSS) before and after the rebuild;
+- the rebuild's peak memory against the dense engine's steady state (target <= 1.10x): host RSS, and on a
+  GPU the device's max_memory_allocated (measure_rebuild); host memory (RSS) after the rebuild;
 - the training-efficiency options (unpad, activation_checkpointing, fused_qkv, compile), each on
   alone against all off, dense and pruned: step time (interleaved repetitions, medians) and the
   peak host memory of a step above the RSS before it.
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -28,7 +30,7 @@ from bench.common import median_time, write_results
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.config import OptimConfig
 from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
-from pipeline.engine import EngineSpec, build_engine, prune_engine
+from pipeline.engine import EngineSlot, EngineSpec, build_engine, prune_engine
 from pipeline.metrics import flops_per_sequence
 from pipeline.model import EarlyBertSelfAttention, parameter_count
 
@@ -74,6 +76,36 @@ def measure_options(engine, batch: dict, reps: int) -> dict[str, dict]:
             "step_excess_mb": peak - before,
         }
     switch_options(engine.module, None)
+    return result
+
+
+def measure_rebuild(slot: EngineSlot, spec: EngineSpec, masks) -> dict:
+    """Rebuild `slot.engine` around `masks` (prune_engine, moments carried; the slot holds the only reference) and
+    measure it: seconds, and the peak memory of the rebuild against the dense engine's steady state just before:
+    host RSS (VmHWM, reset to the RSS before) and, on a GPU, max_memory_allocated against memory_allocated."""
+    gc.collect()
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        device_before = torch.cuda.memory_allocated()
+    seconds = []
+
+    def rebuild():
+        start = time.perf_counter()
+        prune_engine(slot, spec, masks, fold_gates=True, carry_moments=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+
+    rss_before, rss_peak = peak_rss_mb(rebuild)
+    result = dict(rebuild_s=seconds[0], dense_rss_mb=rss_before, peak_rss_mb=rss_peak)
+    result["peak_rss_ratio"] = rss_peak / rss_before
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated()
+        result.update(
+            dense_device_mb=device_before / 2**20, peak_device_mb=peak / 2**20, peak_device_ratio=peak / device_before
+        )
     return result
 
 
@@ -137,10 +169,10 @@ def main(argv=None) -> int:
     masks = detect()
 
     dense_params, dense_flops = parameter_count(engine.module), flops_per_sequence(config, args.seq_len)
-    rss_before = psutil.Process().memory_info().rss
-    start = time.perf_counter()
-    engine = prune_engine(engine, spec, masks, fold_gates=True, carry_moments=True)
-    rebuild_t = time.perf_counter() - start
+    slot = EngineSlot(engine)
+    del engine  # the slot holds the only reference, as the run does
+    rebuild = measure_rebuild(slot, spec, masks)
+    engine, rebuild_t = slot.engine, rebuild["rebuild_s"]
     rss_after_rebuild = psutil.Process().memory_info().rss
 
     step(), step()
@@ -176,7 +208,7 @@ def main(argv=None) -> int:
         detector_interval=args.interval,
         rebuild_s=rebuild_t,
         rebuild_in_dense_steps=rebuild_t / dense_t,
-        rss_before_rebuild_mb=rss_before / 2**20,
+        rebuild_memory=rebuild,
         rss_after_rebuild_mb=rss_after_rebuild / 2**20,
         rss_after_pruned_steps_mb=rss_after_steps / 2**20,
         pad_fraction=args.pad_fraction,
@@ -194,11 +226,25 @@ def main(argv=None) -> int:
         ],
         ["rebuild (dense steps)", f"{rebuild_t / dense_t:.2f} ({rebuild_t:.2f} s)", "<= 10"],
         [
-            "host RSS before / after rebuild / after steps (MB)",
-            f"{rss_before / 2**20:.0f} / {rss_after_rebuild / 2**20:.0f} / {rss_after_steps / 2**20:.0f}",
+            "rebuild peak host RSS / dense engine's (MB)",
+            f"{rebuild['peak_rss_mb']:.0f} / {rebuild['dense_rss_mb']:.0f} = {rebuild['peak_rss_ratio']:.2f}x",
+            "<= 1.10x",
+        ],
+        [
+            "host RSS after rebuild / after steps (MB)",
+            f"{rss_after_rebuild / 2**20:.0f} / {rss_after_steps / 2**20:.0f}",
             "",
         ],
     ]
+    if "peak_device_mb" in rebuild:
+        rows.append(
+            [
+                "rebuild peak GPU memory allocated / dense engine's (MB)",
+                f"{rebuild['peak_device_mb']:.0f} / {rebuild['dense_device_mb']:.0f} = "
+                f"{rebuild['peak_device_ratio']:.2f}x",
+                "<= 1.10x",
+            ]
+        )
     for structure, measured in options.items():
         for option, m in measured.items():
             ratio = m["step_s"] / measured["none"]["step_s"]

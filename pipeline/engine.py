@@ -159,7 +159,7 @@ def train_step(
 
 
 def prune_engine(
-    engine,
+    owner,
     spec: EngineSpec,
     masks: Masks,
     *,
@@ -169,15 +169,16 @@ def prune_engine(
     carry_schedule: bool = True,
     schedule_step: int | None = None,
 ):
-    """Prune the engine's model to `masks` and return the rebuilt engine; `engine` is destroyed (a
-    collective: every rank calls it). start_weights: prune these (rewind) instead of the current
-    weights. carry_schedule=False starts the new engine's optimizer counters and LR schedule afresh
-    (with `spec`'s length), as EarlyBERT's fine-tuning recipe does after its rewind; schedule_step puts
-    the LR schedule back to that many completed steps (rewinding to an early step of pre-training)."""
+    """Prune the model of `owner.engine` to `masks`, put the rebuilt engine in `owner.engine` and return it (a
+    collective: every rank calls it). owner (the run, or an EngineSlot) holds the only reference to the engine:
+    the dense engine is freed before the pruned one is built. start_weights: prune these (rewind) instead of the current
+    weights. carry_schedule=False starts the new engine's optimizer counters and LR schedule afresh (with `spec`'s
+    length), as EarlyBERT's fine-tuning recipe does after its rewind; schedule_step puts the LR schedule back to
+    that many completed steps (rewinding to an early step of pre-training)."""
     from pipeline.rebuild import rebuild_engine
 
-    new, _ = rebuild_engine(
-        engine,
+    rebuild_engine(
+        owner,
         masks,
         build=partial(build_engine, spec=spec),
         fold_gates=fold_gates,
@@ -186,8 +187,15 @@ def prune_engine(
         carry_schedule=carry_schedule,
     )
     if schedule_step is not None:
-        set_schedule_step(new, schedule_step)
-    return new
+        set_schedule_step(owner.engine, schedule_step)
+    return owner.engine
+
+
+@dataclass
+class EngineSlot:
+    """Holds an engine for `prune_engine` where no run object does (benchmarks, tests)."""
+
+    engine: object
 
 
 def set_schedule_step(engine, step: int) -> None:
@@ -203,4 +211,4 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     """The full fp32 weights of the engine's model by name, on the CPU (a collective under ZeRO)."""
     from pipeline.rebuild import snapshot_engine
 
-    return snapshot_engine(engine, weights_only=True).weights
+    return snapshot_engine(engine, moments=False).weights

@@ -570,8 +570,8 @@ def draw(run: Run, decision: Decision) -> None:
     start_weights = run.cfg.rundir.load_start_weights() if eb.after_draw == "rewind" else None
     run.state.phase, run.state.phase_samples = run.state.phase + 1, 0
     t0 = time.perf_counter()
-    run.engine = prune_engine(
-        run.engine,
+    prune_engine(  # replaces run.engine; the run holds the only reference to the dense engine
+        run,
         run.spec(run.stage),
         decision.masks,
         fold_gates=eb.fold_gates,

@@ -24,6 +24,7 @@ import torch
 from pipeline.detector import Masks
 from pipeline.model import EarlyBertConfig
 
+GATES = ("head_gates", "ffn_gates")  # how the gates' parameter names end
 LAYER_PARAM = re.compile(r"^(?P<prefix>.*?)encoder\.layer\.(?P<layer>\d+)\.(?P<rest>.+)$")
 
 
@@ -116,7 +117,7 @@ def prune_tensors(
 
 
 def gate_values(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float() for k, v in tensors.items() if k.endswith(("head_gates", "ffn_gates"))}
+    return {k: v.detach().float() for k, v in tensors.items() if k.endswith(GATES)}
 
 
 def prune_model(model, masks: Masks, fold_gates: bool = True):

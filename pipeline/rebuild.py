@@ -4,9 +4,12 @@ ZeRO flattens and partitions parameters, so they cannot change shape in place. T
   1. reads the full fp32 master weights and Adam moments of every parameter (collectives: every
      rank calls this) before anything is destroyed: rebuilding from the 16-bit module would round
      the masters through bf16;
-  2. slices them to the ticket (`pruner.prune_tensors`);
-  3. destroys the old engine and initializes a new one on the pruned model, through the same
-     `build` function that made the first engine (same config, same parameter groups);
+  2. slices each one to the ticket (`pruner.prune_tensors`) on the device as it is read, and keeps
+     the sliced part on the host;
+  3. destroys the old engine, drops the last reference to it and empties the accelerator's cache,
+     then initializes a new one on the pruned model, through the same `build` function that made
+     the first engine (same config, same parameter groups): the peak is the dense engine's, not
+     the dense and the pruned engine's together;
   4. writes the fp32 masters (and, by option, the sliced moments) into the new engine's
      partitions, and carries over the step counters, the optimizer's step count, the learning
      rate schedule position and the fp16 loss-scaler state.
@@ -21,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from deepspeed.ops.lamb import FusedLamb
 from deepspeed.utils import (
@@ -33,7 +37,7 @@ from deepspeed.utils import (
 )
 
 from pipeline.detector import Masks
-from pipeline.pruner import PrunePlan, gate_values, prune_tensors, pruned_config
+from pipeline.pruner import GATES, PrunePlan, gate_values, prune_tensors, pruned_config
 
 MOMENTS = {"exp_avg": -1, "exp_avg_sq": -2}  # Adam state key -> how a folded column rescales it
 LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
@@ -41,7 +45,8 @@ LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hyster
 
 @dataclass
 class EngineSnapshot:
-    """The full (unpartitioned) fp32 training state of an engine, by parameter name, on the CPU."""
+    """The fp32 training state of an engine, unpartitioned, by parameter name, on the CPU: all of it, or the part
+    a rebuild carries over (sliced to the ticket)."""
 
     weights: dict[str, torch.Tensor]
     moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # state key -> name -> tensor
@@ -59,30 +64,48 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 
 def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
     """The whole fp32 master of a parameter, on the CPU; a collective under ZeRO (every rank calls it)."""
+    return _on_host(_master(param))
+
+
+def _master(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 master of a parameter, where the engine keeps it (a collective under ZeRO)."""
     master = safe_get_full_fp32_param(param)
-    return (master if master is not None else param.detach()).float().cpu().clone()
+    return (master if master is not None else param.detach()).float()
 
 
-def snapshot_engine(engine, weights_only: bool = False) -> EngineSnapshot:
-    """Every rank calls this (the reads are collectives under ZeRO)."""
+def _on_host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `t` that shares no memory with the engine."""
+    return t.detach().to("cpu", torch.float32, copy=True)
+
+
+def snapshot_engine(engine, weights: bool = True, moments: bool = True, keep: Callable | None = None) -> EngineSnapshot:
+    """Every rank calls this (the reads are collectives under ZeRO). weights / moments: read the fp32 masters /
+    the Adam moments (the counters, schedule and loss scale always). keep(tensors, power) -> tensors: what to keep
+    of each parameter's tensors (a name -> tensor dict; power as in pruner.prune_tensors), applied on the device
+    as each one is read, so that only the kept part ever reaches the host; None keeps everything."""
+    keep = keep or (lambda tensors, power: tensors)
     base = base_optimizer(engine)
-    link_optimizer_state(engine)
-    weights, moments = {}, {key: {} for key in MOMENTS}
+    if moments:
+        link_optimizer_state(engine)
+    masters, states, incomplete = {}, {key: {} for key in MOMENTS}, set()
     for name, p in engine.module.named_parameters():
-        weights[name] = full_fp32(p)
-        if weights_only:
+        if weights:
+            masters.update({k: _on_host(v) for k, v in keep({name: _master(p)}, 1).items()})
+        if not moments:
             continue
         zero = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
-        for key in MOMENTS:
+        for key, power in MOMENTS.items():
             state = safe_get_full_optimizer_state(p, key) if zero else base.state.get(p, {}).get(key)
-            if state is not None:
-                moments[key][name] = state.float().cpu().clone()
+            if state is None:
+                incomplete.add(key)  # no state yet (before the first step), or not an Adam-family optimizer
+            else:
+                states[key].update({k: _on_host(v) for k, v in keep({name: state.float()}, power).items()})
     steps = [s["step"] for s in base.state.values() if "step" in s]
     step = float(steps[0]) if steps else base.param_groups[0].get("step")
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     return EngineSnapshot(
-        weights=weights,
-        moments={k: v for k, v in moments.items() if len(v) == len(weights)},
+        weights=masters,
+        moments={k: v for k, v in states.items() if k not in incomplete},
         optimizer_step=step,
         group_lrs=[g["lr"] for g in base.param_groups],
         counters={k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps", "micro_steps")},
@@ -92,33 +115,39 @@ def snapshot_engine(engine, weights_only: bool = False) -> EngineSnapshot:
 
 
 def rebuild_engine(
-    engine,
+    owner,
     masks: Masks,
     build: Callable,
     fold_gates: bool = True,
     carry_moments: bool = True,
     start_weights: dict[str, torch.Tensor] | None = None,
     carry_schedule: bool = True,
-):
-    """Prune `engine`'s model to `masks` and return (new engine, plan). `engine` is destroyed.
+) -> PrunePlan:
+    """Prune the model of `owner.engine` to `masks`, put the rebuilt engine in `owner.engine`, return the plan.
 
+    owner: whatever holds the engine (the run), in an `engine` attribute, and with it the only reference to it:
+    the old engine is freed before the new one is built, so that the memory peak of the rebuild is the dense
+    engine's, not the dense and the pruned engine together. The state carried over is read to the host first,
+    sliced to the ticket on the device as it is read (only the kept part is ever held).
     build(model) -> engine must create the engine exactly as the first one was created.
     start_weights (name -> full fp32 tensor): rewind, i.e. prune these weights (those of the rewind step,
     or the pre-trained ones) instead of the current ones; the moments then start from zero.
     carry_schedule=False: the new engine keeps its own fresh counters and LR schedule.
-    Drop every other reference to the old engine after this returns.
     """
+    engine = owner.engine
     model_class, config = type(engine.module), engine.module.config
-    snap = snapshot_engine(engine, weights_only=start_weights is not None)
-    source = start_weights if start_weights is not None else snap.weights
     plan = PrunePlan.from_masks(masks, config.head_size, fold_gates)
-    gates = gate_values(source)
-    weights = prune_tensors(source, plan, gates)
-    moments = {key: prune_tensors(m, plan, gates, power=MOMENTS[key]) for key, m in snap.moments.items()}
-
-    engine.destroy()
-    del engine
-    gc.collect()
+    rewind = start_weights is not None
+    if rewind:
+        gates = gate_values(start_weights)
+    else:  # the gates first: folding them into W_O / W_2 needs them while those are sliced
+        gates = {name: full_fp32(p) for name, p in engine.module.named_parameters() if name.endswith(GATES)}
+    keep = lambda tensors, power: prune_tensors(tensors, plan, gates, power)  # noqa: E731
+    snap = snapshot_engine(engine, weights=not rewind, moments=carry_moments and not rewind, keep=keep)
+    if rewind:
+        snap.weights = prune_tensors(start_weights, plan, gates)
+    del engine  # owner.engine is now the only reference: free_engine frees it
+    free_engine(owner)
 
     # Built on the meta device: no initialisation to pay for (the weights are overwritten) and no
     # draw from the global RNG, so dropout continues on the same stream as without the rebuild.
@@ -128,34 +157,52 @@ def rebuild_engine(
     model.tie_weights()  # on the meta device transformers leaves the decoder untied
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(weights[name])
-    new = build(model)
-    restore_engine(new, snap, weights, moments if carry_moments else {}, carry_schedule)
-    del snap, source, weights, moments, model
+            p.copy_(snap.weights[name])
+    owner.engine = build(model)
+    del model
+    restore_engine(owner.engine, snap, carry_schedule)
+    del snap
     gc.collect()
     release_freed_host_memory()
-    return new, plan
+    return plan
+
+
+def free_engine(owner) -> None:
+    """Destroy `owner.engine` and free its memory, host and accelerator, before anything else is allocated.
+    The caller holds no other reference; its parameters are emptied as well, so that a module still referenced
+    elsewhere (a model the run was started from) keeps no weights alive."""
+    engine, owner.engine = owner.engine, None
+    engine.destroy()
+    _empty_parameters(engine.module)
+    del engine
+    gc.collect()
+    get_accelerator().empty_cache()
+    release_freed_host_memory()
+
+
+def _empty_parameters(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.data, p.grad = torch.empty(0, dtype=p.dtype, device=p.device), None
 
 
 def release_freed_host_memory() -> None:
-    """Hand the destroyed engine's memory back to the OS: glibc keeps freed blocks in its arenas, so
-    without this the host RSS stays at dense + pruned engine (bert-base: +2.1 GB) for the rest of
-    the run."""
+    """Hand freed memory back to the OS: glibc keeps freed blocks in its arenas, so without this the host RSS
+    stays at dense + pruned engine (bert-base: +2.1 GB) for the rest of the run."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
 
 
-def restore_engine(engine, snap: EngineSnapshot, weights: dict, moments: dict, carry_schedule: bool = True) -> None:
+def restore_engine(engine, snap: EngineSnapshot, carry_schedule: bool = True) -> None:
     """Write masters, moments and, by option, counters, schedule and loss scale into a freshly built engine."""
     base = base_optimizer(engine)
-    if moments:
+    if snap.moments:
         _create_adam_state(base, _optimizer_tensors(engine), snap.optimizer_step or 0.0)
         link_optimizer_state(engine)
     for name, p in engine.module.named_parameters():
-        _set_full(p, weights[name], None, base)
-        for key, values in moments.items():
+        _set_full(p, snap.weights[name], None, base)
+        for key, values in snap.moments.items():
             _set_full(p, values[name], key, base)
     if not carry_schedule:
         return

@@ -168,6 +168,7 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         stop=distributed.StopRequest(),
         peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)),
     )
+    del model, engine  # run.engine is the only reference: the draw frees the dense engine before building the next
     save_rewind_weights(run)
     try:
         with guards.steps(cfg.dist_timeout.step_s, lambda: state.step + 1, d):
@@ -304,8 +305,8 @@ def draw(run: Run, decision: Decision, seq_len: int) -> None:
     before = run.engine.module.config
     rewind = eb.after_draw == "rewind"
     t0 = time.perf_counter()
-    run.engine = prune_engine(
-        run.engine,
+    prune_engine(  # replaces run.engine; the run holds the only reference to the dense engine
+        run,
         run.spec,
         decision.masks,
         fold_gates=eb.fold_gates,

@@ -284,7 +284,7 @@ def worker(stage: int, options: dict, out_path: str) -> None:
     the losses and whether the options are still on after the rebuild."""
     from pipeline import distributed
     from pipeline.config import OptimConfig
-    from pipeline.engine import EngineSpec, build_engine, prune_engine
+    from pipeline.engine import EngineSlot, EngineSpec, build_engine, prune_engine
 
     rank = distributed.setup().rank
     ds = {
@@ -323,7 +323,7 @@ def worker(stage: int, options: dict, out_path: str) -> None:
             losses.append(out.loss.item())
 
     train(3, seed=1)
-    engine = prune_engine(engine, spec, masks, fold_gates=True, carry_moments=True)
+    engine = prune_engine(EngineSlot(engine), spec, masks, fold_gates=True, carry_moments=True)
     train(3, seed=2)
     layers = engine.module.bert.encoder.layer
     if rank == 0:
@@ -370,6 +370,8 @@ if __name__ == "__main__" and sys.argv[1] == "worker":
     # Result written, engine destroyed, process group left. About one full suite in three, a ZeRO-3 rank of these
     # two-rank workers (and of tests/workers/rebuild_check.py) still aborted in C++ teardown at interpreter exit
     # ("terminate called without an active exception"); the product's ZeRO-3 runs never showed it. Not
-    # understood; the test checks the result, so the worker skips interpreter teardown.
+    # understood (both process groups' gloo worker threads are still alive after teardown: DeepSpeed's handles and
+    # the destroyed engine's ZeRO-3 parameters keep the groups; bench/zero3_exit_loop.py repeats such a run); the
+    # test checks the result, so the worker skips interpreter teardown.
     sys.stdout.flush()
     os._exit(0)
