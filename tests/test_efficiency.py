@@ -284,7 +284,7 @@ def worker(stage: int, options: dict, out_path: str) -> None:
     the losses and whether the options are still on after the rebuild."""
     from pipeline import distributed
     from pipeline.config import OptimConfig
-    from pipeline.engine import EngineSpec, build_engine, prune_engine
+    from pipeline.engine import EngineSlot, EngineSpec, build_engine, prune_engine
 
     rank = distributed.setup().rank
     ds = {
@@ -323,7 +323,7 @@ def worker(stage: int, options: dict, out_path: str) -> None:
             losses.append(out.loss.item())
 
     train(3, seed=1)
-    engine = prune_engine(engine, spec, masks, fold_gates=True, carry_moments=True)
+    engine = prune_engine(EngineSlot(engine), spec, masks, fold_gates=True, carry_moments=True)
     train(3, seed=2)
     layers = engine.module.bert.encoder.layer
     if rank == 0:

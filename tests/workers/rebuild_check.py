@@ -14,6 +14,7 @@ import torch
 
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
 from pipeline.detector import Decision, DetectorConfig, broadcast_decision, check_same_masks, masks_from_gates
+from pipeline.engine import EngineSlot
 from pipeline.pruner import PrunePlan, gate_values, prune_tensors
 from pipeline.rebuild import MOMENTS, rebuild_engine, snapshot_engine
 from tiny import NO_DROPOUT, spread_gates  # tests/ is on PYTHONPATH (test_rebuild.run_two_ranks)
@@ -90,7 +91,10 @@ plan = PrunePlan.from_masks(decision.masks, config.head_size, fold_gates=True)
 expected_w = prune_tensors(before.weights, plan, gates)
 expected_m = {k: prune_tensors(v, plan, gates, power=MOMENTS[k]) for k, v in before.moments.items()}
 
-engine, plan = rebuild_engine(engine, decision.masks, build, fold_gates=True, carry_moments=True)
+slot = EngineSlot(engine)
+del engine, model  # the slot holds the only reference, as the run does
+plan = rebuild_engine(slot, decision.masks, build, fold_gates=True, carry_moments=True)
+engine = slot.engine
 after = snapshot_engine(engine)
 losses = train_steps(engine, 2, seed=2)
 
