@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from importlib import metadata
 
 import torch
 import torch.nn.functional as F
@@ -250,10 +251,9 @@ def attention_kernels(config: EarlyBertConfig, device: torch.device, dtype: torc
         padded = "unpadded, SDPA on the re-packed batch (fallback: flash-attn is not installed: earlybert[gpu])"
     elif not half:
         padded = f"unpadded, SDPA on the re-packed batch (fallback: flash-attn takes fp16/bf16, not {dtype})"
-    else:
-        import flash_attn
-
-        padded = f"unpadded, flash-attn {flash_attn.__version__} (varlen)"
+    else:  # the version from the package's metadata: an import statement here would make transformers require
+        # flash_attn for every export (it checks the imports of the shipped model.py)
+        padded = f"unpadded, flash-attn {metadata.version('flash-attn')} (varlen)"
     if half and config.head_size % 8 == 0 and config.head_size <= 256:
         full = "SDPA (flash)"
     else:
