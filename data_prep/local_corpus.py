@@ -183,7 +183,7 @@ def gather_local_corpus(path, max_bytes: int, workers: int | None = None, doc_ro
     stats = {"bytes": 0, "documents": 0, "paragraphs": 0, "files_scanned": 0, "sources": {}}
 
     def write(f):
-        with mp.get_context("fork").Pool(workers, initializer=stops.in_worker) as pool:
+        with stops.start_pool(mp.get_context("fork"), workers) as pool:
             for source, paras in pool.imap(_extract, _candidates(doc_roots), chunksize=16):
                 stats["files_scanned"] += 1
                 if not paras:

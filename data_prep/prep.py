@@ -234,11 +234,6 @@ def _init_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
     )
 
 
-def _init_pool_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
-    stops.in_worker()  # in a worker process only: with --workers 1 the main process must still stop on Ctrl-C
-    _init_worker(cfg, tokenizer)
-
-
 def _save_npz(path: Path, arrays: dict):
     shards.atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -352,7 +347,7 @@ def start_workers(run: PrepRun):
         return
     # fork is cheapest; an MPI process must not fork, so it uses a fork server.
     ctx = mp.get_context("forkserver" if run.dist.world > 1 else "fork")
-    pool = ctx.Pool(n, initializer=_init_pool_worker, initargs=(run.cfg, run.tokenizer))
+    pool = stops.start_pool(ctx, n, _init_worker, (run.cfg, run.tokenizer))
     try:
         yield Workers(pool, window)
     except BaseException:

@@ -59,7 +59,7 @@ def train_wordpiece(
     outputs.check_output(output, local_paths(inputs, sources))
     outputs.sweep_files(output)
     args = (inputs, sources, vocab_size, lowercase, min_frequency, text_field, progress)
-    with mp.get_context("fork").Pool(1, initializer=stops.in_worker) as pool:  # leaving it terminates the worker
+    with stops.start_pool(mp.get_context("fork"), 1) as pool:  # leaving it terminates the worker
         tok = Tokenizer.from_str(pool.apply_async(_train, args).get())
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, lambda f: f.write(tok.to_str().encode()))
