@@ -434,6 +434,184 @@ CASES = {
         "exit 2: 'exists and is not a directory'",
         2,
     ),
+    # ---- prep: outputs, inputs that are not files, stops, hostile corpora (tests/test_prep_hostile.py) ----------
+    "prep_output_is_input": Case(
+        "earlybert prep / prep tokenizer / prep local-corpus --output OUT",
+        "OUT is, contains or lies inside an input (the corpus, its directory, the tokenizer, a --from directory)",
+        "exit 2 before any work: '--output OUT is / lies inside / contains the input IN'; every input unchanged",
+        2,
+    ),
+    "prep_output_in_run": Case(
+        "earlybert prep --output RUN/data",
+        "the output inside a run directory",
+        "exit 2: 'lies inside the run directory'",
+        2,
+    ),
+    "prep_output_special": Case(
+        "earlybert prep / tokenizer / local-corpus --output FIFO (or /dev/null)",
+        "the output is a FIFO or a character device",
+        "exit 2: 'exists and is not a regular file or a directory'; it stays a FIFO / device",
+        2,
+    ),
+    "prep_output_under_file": Case(
+        "earlybert prep / tokenizer / local-corpus --output FILE/sub/out",
+        "the output lies under a regular file (or in a read-only directory)",
+        "exit 2 before any work (the tokenizer before training): 'lies under FILE, which is not a directory'",
+        2,
+    ),
+    "prep_output_read_only": Case(
+        "earlybert prep / tokenizer / local-corpus --output RO/out",
+        "the output on a read-only filesystem (a traceback, after the tokenizer's training)",
+        "exit 2 before any work: 'cannot write in RO (read-only filesystem or no permission)'",
+        2,
+    ),
+    "tokenizer_output_missing_dir": Case(
+        "earlybert prep tokenizer --output NEW/DIR/tok.json", "the output's directory does not exist", "created", 0
+    ),
+    "tokenizer_leftovers": Case(
+        "earlybert prep tokenizer --output tok.json",
+        "temporary files of an interrupted write beside it (this host; dead and live pids)",
+        "the dead process's removed, the live one's kept",
+        0,
+    ),
+    "prep_bad_options": Case(
+        "earlybert prep --workers -1 / --seq-len 1000000000 / --shard-sequences 0 / --unit-kb 0 / --text-field "
+        "content on plain text ...",
+        "an option out of range, or one that does not apply",
+        "exit 2: a message naming that option and its value only",
+        2,
+    ),
+    "tokenizer_vocab_size": Case(
+        "earlybert prep tokenizer --vocab-size -1 / 0 / 3 / 5",
+        "no room beyond the 5 special tokens",
+        "exit 2 (usage): 'must be more than the 5 special tokens'",
+        2,
+    ),
+    "prep_zero_byte_input": Case(
+        "earlybert prep --input EMPTY", "a zero-byte input", "exit 2: 'no documents in EMPTY'", 2
+    ),
+    "prep_workers_absurd": Case(
+        "earlybert prep --workers 10000",
+        "more workers than usable cores (it forked over 1,000 processes)",
+        "'this process may use N cores; starting N workers'; the output is the same",
+        0,
+    ),
+    "prep_device_input": Case(
+        "earlybert prep --input /dev/zero (or /dev/urandom)",
+        "an input that never ends",
+        "exit 2 at once: 'a character device, not a file or a pipe'",
+        2,
+    ),
+    "prep_fifo_no_writer": Case(
+        "earlybert prep --input FIFO",
+        "a FIFO nobody writes to (it ran until killed)",
+        "exit 2 after 1 s: 'a pipe with no writer and no data'",
+        2,
+    ),
+    "prep_pipe_input": Case(
+        "earlybert prep --input - / <(zcat corpus.jsonl.gz) / FIFO with a writer",
+        "a pipe (it blocked forever)",
+        "streamed, JSONL told by its first line: the same shards as the file",
+        0,
+    ),
+    "prep_skipped_files": Case(
+        "earlybert prep --input DIR [--strict]",
+        "a broken link and a FIFO among DIR's data files (dropped without a word)",
+        "a warning naming each and the count; with --strict exit 2",
+        0,
+    ),
+    "prep_wrong_type": Case(
+        "earlybert prep --input X.jsonl [--strict]",
+        "'text' values that are numbers, null, lists or objects (counted as empty documents)",
+        "a warning with the count and line numbers; with --strict exit 2; all of them: exit 2 'not a string'",
+        0,
+    ),
+    "prep_random_bytes": Case(
+        "earlybert prep --input NOISE",
+        "random bytes as a corpus (shards of garbage)",
+        "exit 2: 'N of its M bytes (P%) are not UTF-8' above 10%; below, replaced and counted",
+        2,
+    ),
+    "prep_truncated_compressed": Case(
+        "earlybert prep --input X.txt.gz / .bz2 / .zst",
+        "the compressed stream cut short (.zst was read as far as it went)",
+        "exit 2: 'X: cannot read ... truncated'",
+        2,
+    ),
+    "prep_long_record": Case(
+        "earlybert prep --input X.jsonl --unit-kb 256",
+        "a JSONL record longer than 8 units (held whole in memory)",
+        "exit 2: 'X:LINE: a JSONL record longer than 2 MB ...; raise --unit-kb'",
+        2,
+    ),
+    "shards_max_token_id": Case(
+        "ShardDataset(OUT) (train, eval)",
+        "a manifest whose max_token_id is not below its vocab_size",
+        "ShardError naming manifest.json; prep records max_token_id for every shard and for the whole",
+        2,
+    ),
+    "prep_enormous_line": Case(
+        "earlybert prep --input LINE.txt (NSP)",
+        "one 1 MB line (0.5% of its tokens reached the shards; 0.25% for 100 MB)",
+        "every over-long segment cut into quarter-sequence pieces: > 95% of its tokens in the shards",
+        0,
+    ),
+    "prep_enormous_line_memory": Case(
+        "earlybert prep --input LINE.txt --workers 1",
+        "one line of 2 MB and of 24 MB",
+        "peak RSS grows < 64 MiB between them, < 400 MiB in all",
+        0,
+    ),
+    "prep_ctrl_c": Case(
+        "earlybert prep --workers 2, Ctrl-C (SIGINT to the process group)",
+        "a terminal's Ctrl-C (the main process waited forever)",
+        "exit 130 within seconds, no process left; the rerun resumes to the uninterrupted run's shards",
+        130,
+    ),
+    "prep_sigterm": Case(
+        "earlybert prep --workers 2, SIGTERM to the main process",
+        "a requested stop (Slurm)",
+        "exit 75, no process left; the rerun resumes to the uninterrupted run's shards",
+        75,
+    ),
+    "tokenizer_ctrl_c": Case(
+        "earlybert prep tokenizer, Ctrl-C",
+        "Ctrl-C during training (the Rust trainer ignores it)",
+        "exit 130 within seconds; nothing written",
+        130,
+    ),
+    # ---- prep: generated inputs (Hypothesis, tests/test_prep_properties.py) --------------------------------------
+    "prep_generated_corpus": Case(
+        "earlybert prep --input F1 [F2 F3]",
+        "generated: random bytes, zero bytes, invalid UTF-8, NUL, JSON values of every type, gzip/bz2/zstd whole "
+        "or cut anywhere",
+        "prepared (the shards verify), or exit 2 naming the file and nothing under a final name; never a traceback",
+        2,
+    ),
+    "prep_generated_parquet": Case(
+        "earlybert prep --input X.parquet",
+        "generated: text, null and integer columns, another column name, the file cut anywhere",
+        "prepared, or exit 2 naming the file",
+        2,
+    ),
+    "prep_generated_dataset_dir": Case(
+        "earlybert prep --input DS (save_to_disk)",
+        "one of its files cut, replaced by random bytes or a JSON value, or deleted",
+        "prepared, or exit 2 naming the directory (a null dataset_info.json raised TypeError)",
+        2,
+    ),
+    "prep_generated_tokenizer": Case(
+        "earlybert prep --tokenizer TOK",
+        "generated: random bytes, the file cut anywhere, a field deleted or replaced by any JSON value",
+        "loaded, or exit 2 naming the file (non-UTF-8 raised UnicodeDecodeError)",
+        2,
+    ),
+    "shards_generated_damage": Case(
+        "ShardDataset(OUT).verify()",
+        "a manifest field deleted or replaced by any JSON value; a shard file cut or a byte flipped",
+        "reads back, or ShardError naming the directory (KeyError, OverflowError, a terabyte get_batch before)",
+        2,
+    ),
 }
 
 
@@ -469,6 +647,7 @@ OUTCOMES = {
     1: "end with a clear message and exit 1 (a failure during the work)",
     130: "stop on Ctrl-C with a message and exit 130",
     0: "are recovered from or accepted (the command goes on)",
+    75: "stop on request (SIGTERM) with exit 75, resumable",
 }
 
 

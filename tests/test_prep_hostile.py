@@ -28,6 +28,7 @@ from data_prep import ShardDataset, ShardError, prep
 from data_prep.cli import main as prep_main
 from data_prep.local_corpus import gather_local_corpus
 from data_prep.wordpiece import train_wordpiece
+from faults_table import cases, tried
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -86,6 +87,7 @@ def dead_pid() -> int:
         ("local-corpus", "docs", "docs/new/corpus.txt", "lies inside the input"),
     ],
 )
+@tried("prep_output_is_input")
 def test_an_output_that_is_or_holds_an_input_is_refused_before_any_work(
     tmp_path, corpus, command, given, output, relation
 ):
@@ -106,6 +108,7 @@ def test_an_output_that_is_or_holds_an_input_is_refused_before_any_work(
     assert digest(tmp_path) == before
 
 
+@tried("prep_output_in_run")
 def test_a_prep_output_in_a_run_directory_is_refused(tmp_path, corpus):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -116,6 +119,7 @@ def test_a_prep_output_in_a_run_directory_is_refused(tmp_path, corpus):
 
 
 # ---- special files and unwritable places as outputs -----------------------------------------------------------
+@tried("prep_output_special")
 @pytest.mark.parametrize("command", ["tokenizer", "local-corpus", "prep"])
 @pytest.mark.parametrize("special", ["fifo", "/dev/null"])
 def test_a_special_file_given_as_output_is_never_replaced(tmp_path, corpus, command, special):
@@ -135,6 +139,7 @@ def test_a_special_file_given_as_output_is_never_replaced(tmp_path, corpus, comm
     assert stat.S_IFMT(os.stat(target).st_mode) == kind
 
 
+@tried("prep_output_under_file")
 @pytest.mark.parametrize("command", ["tokenizer", "local-corpus", "prep"])
 def test_an_output_under_a_regular_file_is_refused_before_the_work(tmp_path, corpus, command):
     blocker = tmp_path / "notes.txt"
@@ -152,12 +157,46 @@ def test_an_output_under_a_regular_file_is_refused_before_the_work(tmp_path, cor
     assert blocker.read_text() == "keep"
 
 
+def _read_only_mount_works(directory: Path) -> bool:
+    probe = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && ! touch "$0/x" 2>/dev/null'
+    return subprocess.run(["unshare", "-m", "sh", "-c", probe, str(directory)], capture_output=True).returncode == 0
+
+
+@tried("prep_output_read_only")
+@pytest.mark.parametrize("command", ["tokenizer", "local-corpus", "prep"])
+def test_an_output_on_a_read_only_filesystem_is_refused_before_the_work(tmp_path, corpus, command):
+    """The command runs in a private mount namespace where tmp_path/ro is mounted read-only."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _read_only_mount_works(ro):
+        pytest.skip("no private mount namespace here (unshare -m needs CAP_SYS_ADMIN)")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("Pages are freed to the buddy allocator in batches of eight.\n" * 20)
+    argv = {
+        "tokenizer": ["tokenizer", "--input", corpus / "corpus.txt", "--output", ro / "t.json", "--vocab-size", "500"],
+        "local-corpus": ["local-corpus", "--output", ro / "corpus.txt", "--from", tmp_path / "docs"],
+        "prep": prep_args([corpus / "corpus.txt"], ro / "out", corpus),
+    }[command]
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(ro), PYTHON, "-m", "data_prep", *map(str, argv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and f"cannot write in {ro} (read-only filesystem" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@tried("tokenizer_output_missing_dir")
 def test_a_tokenizer_into_a_missing_directory_is_written_there(tmp_path, corpus):
     out = tmp_path / "new" / "deeper" / "tok.json"
     code, err = run("tokenizer", "--input", corpus / "corpus.txt", "--output", out, "--vocab-size", "500")
     assert code == 0 and json.loads(out.read_text())["model"]["type"] == "WordPiece", err
 
 
+@tried("tokenizer_leftovers")
 def test_leftovers_of_an_interrupted_tokenizer_are_swept_and_a_live_ones_kept(tmp_path, corpus):
     out = tmp_path / "tok.json"
     host = socket.gethostname()
@@ -184,12 +223,14 @@ def test_leftovers_of_an_interrupted_tokenizer_are_swept_and_a_live_ones_kept(tm
         (["--text-field", "content"], "--text-field content: every input is plain text"),
     ],
 )
+@tried("prep_bad_options")
 def test_bad_prep_options_exit_2_naming_the_option(tmp_path, corpus, options, message):
     code, err = run(*prep_args([corpus / "corpus.txt"], tmp_path / "out", corpus, *options))
     assert code == 2 and message in err, err
     assert not (tmp_path / "out").exists()
 
 
+@tried("tokenizer_vocab_size")
 @pytest.mark.parametrize("value", ["-1", "0", "3", "5"])
 def test_a_vocabulary_without_room_beyond_the_special_tokens_is_refused(tmp_path, corpus, value):
     out = tmp_path / "tok.json"
@@ -198,6 +239,7 @@ def test_a_vocabulary_without_room_beyond_the_special_tokens_is_refused(tmp_path
     assert not out.exists()
 
 
+@tried("prep_zero_byte_input")
 def test_a_zero_byte_input_exits_2(tmp_path, corpus):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
@@ -205,6 +247,7 @@ def test_a_zero_byte_input_exits_2(tmp_path, corpus):
     assert code == 2 and f"no documents in {empty}" in err, err
 
 
+@tried("prep_workers_absurd")
 def test_absurd_worker_counts_are_bounded_by_the_cores_with_a_message(tmp_path, corpus, monkeypatch):
     """--workers 10000 forked over 1,000 processes in 14 s, with no word."""
     started, fork = [], prep.mp.get_context("fork")
@@ -218,6 +261,7 @@ def test_absurd_worker_counts_are_bounded_by_the_cores_with_a_message(tmp_path, 
 
 
 # ---- inputs that are not regular files -------------------------------------------------------------------------
+@tried("prep_device_input")
 def test_devices_are_refused_at_once(tmp_path, corpus):
     for device in ("/dev/zero", "/dev/urandom"):
         started = time.monotonic()
@@ -226,6 +270,7 @@ def test_devices_are_refused_at_once(tmp_path, corpus):
         assert time.monotonic() - started < 5
 
 
+@tried("prep_fifo_no_writer")
 def test_a_fifo_without_a_writer_is_refused_within_seconds(tmp_path, corpus):
     fifo = tmp_path / "corpus.txt"
     os.mkfifo(fifo)
@@ -240,6 +285,7 @@ def test_a_fifo_without_a_writer_is_refused_within_seconds(tmp_path, corpus):
     assert not (tmp_path / "out").exists()
 
 
+@tried("prep_pipe_input")
 def test_pipes_and_stdin_are_streamed_to_the_same_shards_as_the_file(tmp_path, corpus):
     """`--input -`, `--input <(zcat corpus.jsonl.gz)` (JSONL told by its first line) and a named FIFO with a
     writer give the shards of the file itself."""
@@ -247,7 +293,7 @@ def test_pipes_and_stdin_are_streamed_to_the_same_shards_as_the_file(tmp_path, c
     records = "".join(json.dumps({"text": doc}) + "\n" for doc in text.split("\n\n") if doc.strip())
     (tmp_path / "c.jsonl").write_text(records)
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(records.encode()))
-    common = ["--tokenizer", str(corpus / "tok.json"), "--no-progress", "--workers", "2"]
+    common = ["--tokenizer", str(corpus / "tok.json"), "--no-progress", "--workers", "1"]
     assert run("--input", tmp_path / "c.jsonl", "--output", tmp_path / "file", *common)[0] == 0
     expected = shard_files(tmp_path / "file")
 
@@ -278,6 +324,7 @@ def test_pipes_and_stdin_are_streamed_to_the_same_shards_as_the_file(tmp_path, c
         assert shard_files(tmp_path / out) == expected, out
 
 
+@tried("prep_skipped_files")
 def test_files_an_input_directory_cannot_give_are_reported_and_refused_with_strict(tmp_path, corpus):
     data = tmp_path / "data"
     data.mkdir()
@@ -296,6 +343,7 @@ def test_files_an_input_directory_cannot_give_are_reported_and_refused_with_stri
 
 
 # ---- what the records and bytes hold ---------------------------------------------------------------------------
+@tried("prep_wrong_type")
 def test_text_of_the_wrong_type_is_reported_by_line_and_refused_with_strict(tmp_path, corpus):
     values = ["A real sentence about kernels and schedulers.", 3, None, ["a", "list"], {"an": "object"}, "More text."]
     jsonl = tmp_path / "mixed.jsonl"
@@ -315,6 +363,7 @@ def test_text_of_the_wrong_type_is_reported_by_line_and_refused_with_strict(tmp_
     assert code == 2 and "every record's 'text' is empty or not a string" in err, err
 
 
+@tried("prep_random_bytes")
 def test_random_bytes_are_refused_and_a_few_bad_bytes_replaced(tmp_path, corpus):
     noise = tmp_path / "noise.txt"
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
@@ -328,6 +377,7 @@ def test_random_bytes_are_refused_and_a_few_bad_bytes_replaced(tmp_path, corpus)
     assert code == 0 and f"{latin}: 2 non-UTF-8 bytes replaced" in err, err
 
 
+@tried("prep_truncated_compressed")
 @pytest.mark.parametrize("suffix", ["gz", "bz2", "zst"])
 def test_a_truncated_compressed_file_is_refused(tmp_path, corpus, suffix):
     import bz2
@@ -341,6 +391,7 @@ def test_a_truncated_compressed_file_is_refused(tmp_path, corpus, suffix):
     assert not (tmp_path / "out").exists()
 
 
+@tried("prep_long_record")
 def test_a_jsonl_record_longer_than_the_cap_is_refused_naming_its_line(tmp_path, corpus):
     jsonl = tmp_path / "big.jsonl"
     jsonl.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "word " * 600_000}) + "\n")
@@ -349,6 +400,7 @@ def test_a_jsonl_record_longer_than_the_cap_is_refused_naming_its_line(tmp_path,
 
 
 # ---- the manifest records the largest token id -----------------------------------------------------------------
+@tried("shards_max_token_id")
 def test_the_manifest_records_the_largest_token_id_and_the_reader_checks_it(tmp_path, corpus):
     out = tmp_path / "out"
     assert run(*prep_args([corpus / "corpus.txt"], out, corpus, "--shard-sequences", "300"))[0] == 0
@@ -375,6 +427,7 @@ def _kept(out: Path) -> float:
     return (c["tokens"] - 3 * c["sequences"]) / c["document_tokens"]
 
 
+@tried("prep_enormous_line")
 def test_an_enormous_line_is_kept_whole_in_nsp_sequences(tmp_path, corpus):
     """A 1 MB line used to be split into 100,000-character lines, each truncated to one sequence: 0.5% kept."""
     line = tmp_path / "line.txt"
@@ -393,6 +446,7 @@ sys.exit(code)
 """
 
 
+@tried("prep_enormous_line_memory")
 @pytest.mark.slow  # ~1 minute: 26 MB of text tokenized by one process
 def test_peak_memory_does_not_grow_with_the_length_of_a_line(tmp_path, corpus):
     """Peak RSS of one prep process (--workers 1: reading, tokenizing and pairing in one process) on a 2 MB and a
@@ -420,10 +474,10 @@ def test_peak_memory_does_not_grow_with_the_length_of_a_line(tmp_path, corpus):
 # ---- Ctrl-C and SIGTERM ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def big_corpus(corpus, tmp_path_factory):
-    """~1.2 MB of distinct documents (each copy of the corpus numbered, so dedup keeps them): seconds of work."""
+    """~600 kB of distinct documents (each copy of the corpus numbered, so dedup keeps them): seconds of work."""
     path = tmp_path_factory.mktemp("big") / "big.txt"
     docs = [d for d in (corpus / "corpus.txt").read_text().split("\n\n") if d.strip()]
-    path.write_text("".join(f"copy {k} of part {i}\n{d}\n\n" for k in range(4) for i, d in enumerate(docs)))
+    path.write_text("".join(f"copy {k} of part {i}\n{d}\n\n" for k in range(2) for i, d in enumerate(docs)))
     return path
 
 
@@ -456,23 +510,22 @@ def _wait_for(predicate, proc, seconds=60):
     assert proc.poll() is None, "finished before it could be stopped"
 
 
-@pytest.mark.parametrize("how, status", [("ctrl-c", 130), ("sigterm", 75)])
-def test_a_stopped_prep_exits_promptly_leaves_no_process_and_resumes(
-    tmp_path, corpus, big_corpus, uninterrupted, how, status
-):
+@cases("prep_ctrl_c", "prep_sigterm")
+def test_a_stopped_prep_exits_promptly_leaves_no_process_and_resumes(tmp_path, corpus, big_corpus, uninterrupted, case):
     """Ctrl-C is SIGINT to the whole process group, workers included, as a terminal sends it: it used to leave the
     main process waiting forever for a task a dead worker had taken."""
     args = stopped_args(corpus, big_corpus, tmp_path / "out")
     proc = _start(args, new_session=True)
     _wait_for(lambda: len(list((tmp_path / "out").glob(".work/units/*.npz"))) >= 4, proc)
     group = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    if how == "ctrl-c":
+    if case == "prep_ctrl_c":
         os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(signal.SIGTERM)  # to the main process only, as Slurm's scancel --signal=TERM --batch
     _, err = proc.communicate(timeout=20)
-    assert proc.returncode == status, err
-    assert ("interrupted (Ctrl-C)" if how == "ctrl-c" else "stopped (SIGTERM)") in err and "Traceback" not in err
+    assert proc.returncode == (130 if case == "prep_ctrl_c" else 75), err
+    assert ("interrupted (Ctrl-C)" if case == "prep_ctrl_c" else "stopped (SIGTERM)") in err, err
+    assert "Traceback" not in err
     time.sleep(0.5)
     assert not [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -482,11 +535,19 @@ def test_a_stopped_prep_exits_promptly_leaves_no_process_and_resumes(
     assert shard_files(tmp_path / "out") == uninterrupted
 
 
-def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, big_corpus):
-    out = tmp_path / "tok.json"
-    proc = _start(["tokenizer", "--input", big_corpus, "--output", out, "--vocab-size", "30000"], new_session=True)
-    _wait_for(lambda: False, proc, seconds=1)  # reading the corpus, or computing the vocabulary
+@tried("tokenizer_ctrl_c")
+def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path):
+    """2 MB of random letter strings: a vocabulary of many distinct words, seconds of training on any machine."""
+    rng = np.random.default_rng(0)
+    text = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)[rng.integers(0, 26, 2_000_000)]
+    text[rng.random(len(text)) < 0.17] = ord(" ")
+    text[rng.random(len(text)) < 0.003] = ord("\n")
+    (tmp_path / "words.txt").write_bytes(text.tobytes())
+    out = tmp_path / "out" / "tok.json"
+    proc = _start(["tokenizer", "--input", tmp_path / "words.txt", "--output", out], new_session=True)
+    _wait_for(lambda: psutil.Process(proc.pid).children(), proc)  # its training process started
+    time.sleep(1)  # reading the corpus, or computing the vocabulary
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 130 and "interrupted (Ctrl-C); nothing was written" in err, err
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not (tmp_path / "out").exists()

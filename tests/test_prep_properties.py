@@ -27,6 +27,7 @@ from data_prep import ShardDataset, ShardError, prep
 from data_prep.cli import main as prep_main
 from data_prep.readers import InputError
 from data_prep.wordpiece import train_wordpiece
+from faults_table import tried
 
 WORDS = "the kernel scheduler picks a task from its run queue and the allocator frees pages".split()
 
@@ -102,7 +103,8 @@ def corpus_files(draw):
     return f"corpus{kind}{suffix}", packed
 
 
-@bounded(60)
+@tried("prep_generated_corpus")
+@bounded(40)
 @given(files=st.lists(corpus_files(), min_size=1, max_size=3))
 def test_any_corpus_is_prepared_or_refused_with_its_name(tmp_path, tokenizer, files):
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
@@ -119,7 +121,8 @@ parquet_columns = st.one_of(
 )
 
 
-@bounded(20)
+@tried("prep_generated_parquet")
+@bounded(15)
 @given(column=parquet_columns, field=st.sampled_from(["text", "body"]), cut=st.none() | st.integers(0, 400))
 def test_any_parquet_file_is_prepared_or_refused_with_its_name(tmp_path, tokenizer, column, field, cut):
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
@@ -139,6 +142,7 @@ def saved_dataset(tmp_path_factory):
     return path
 
 
+@tried("prep_generated_dataset_dir")
 @bounded(12)
 @given(data=st.data())
 def test_a_damaged_datasets_directory_is_prepared_or_refused_with_its_name(tmp_path, tokenizer, saved_dataset, data):
@@ -182,6 +186,7 @@ def _mutate(tree, path, value):
     return tree
 
 
+@tried("prep_generated_tokenizer")
 @bounded(40)
 @given(data=st.data())
 def test_any_tokenizer_file_is_loaded_or_refused_with_its_name(tmp_path, tokenizer, data):
@@ -216,7 +221,8 @@ def prepared(tokenizer, tmp_path_factory):
     return d / "out"
 
 
-@bounded(60)
+@tried("shards_generated_damage")
+@bounded(40)
 @given(data=st.data())
 def test_any_damaged_shard_directory_reads_back_or_is_refused_with_its_name(tmp_path, prepared, data):
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
