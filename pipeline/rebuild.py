@@ -105,7 +105,7 @@ def snapshot_engine(engine, weights: bool = True, moments: bool = True, keep: Ca
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     return EngineSnapshot(
         weights=masters,
-        moments={k: v for k, v in states.items() if k not in incomplete},
+        moments={k: v for k, v in states.items() if k not in incomplete} if moments else {},
         optimizer_step=step,
         group_lrs=[g["lr"] for g in base.param_groups],
         counters={k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps", "micro_steps")},
