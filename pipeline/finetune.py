@@ -432,7 +432,8 @@ def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, d: distribu
                     return EXIT_INTERRUPTED
     finally:
         run.log.close()
-        run.engine.destroy()
+        if run.engine is not None:  # None when a rebuild failed after freeing the dense engine
+            run.engine.destroy()
     if d.is_main:
         results = summarize(run)
         rundir.write_results(results)

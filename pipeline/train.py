@@ -178,7 +178,8 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
                     return EXIT_INTERRUPTED
     finally:
         run.log.close()
-        run.engine.destroy()  # ZeRO-3's hooks and buffers go before the process group does
+        if run.engine is not None:  # None when a rebuild failed after freeing the dense engine
+            run.engine.destroy()  # ZeRO-3's hooks and buffers go before the process group does
     _say(d, f"done: {state.step} steps, {state.samples} samples")
     return 0
 
