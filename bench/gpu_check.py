@@ -148,36 +148,10 @@ def export_command(run: Path, out: Path) -> list[str]:
 
 def finetune_config(work: Work, init_from: Path) -> Path:
     """EarlyBERT fine-tuning with the run tests' recipe (10 steps an epoch, a draw between steps 4 and 6), bf16."""
-    path, task = work.root / "finetune.yaml", work.root / "task"
-    config = {
-        "run_dir": str(work.root / "finetune"),
-        "seed": 3,
-        "task": {
-            "kind": "classification",
-            "train_files": [str(task / "train.csv")],
-            "validation_files": {"validation": [str(task / "dev.csv")]},
-            "text_fields": ["sentence"],
-            "label_field": "label",
-            "max_seq_length": 64,
-        },
-        "model": {"init_from": str(init_from)},
-        "earlybert": {"mode": "earlybert", "lambda_heads": 0.01, "lambda_ffn": 0.01, "detector": {"window": 3}},
-        "recipe": {
-            "search_lr": 1e-3,
-            "lr": 1e-3,
-            "epochs": 1.0,
-            "dense_epochs": 1.0,
-            "search_epochs": 1.0,
-            "detector_interval_epochs": 0.2,
-            "min_search_epochs": 0.4,
-            "max_search_epochs": 0.6,
-        },
-        "deepspeed": str(ROOT / "ds_configs" / "zero1_bf16.json"),
-        "micro_batch_size": 16,
-        "global_batch_size": 32,
-        "checkpoint": {"interval": 3, "keep": 2},
-        "log": {"interval": 5},
-    }
+    path = work.root / "finetune.yaml"
+    config = test_helpers().finetune_test_config(
+        work.root / "finetune", work.root / "task", init_from, ROOT / "ds_configs" / "zero1_bf16.json"
+    )
     path.write_text(yaml.safe_dump(config))
     return path
 

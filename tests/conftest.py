@@ -15,7 +15,7 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from runs import BIN, EARLYBERT, REPO, STEPS, deepspeed, finish
+from runs import BIN, EARLYBERT, REPO, STEPS, deepspeed, finetune_test_config, finish
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SPECIAL = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
@@ -124,37 +124,7 @@ def ft_config(hf_bert, task_files, tmp_path_factory):
     """10 steps per epoch; the detector looks every 2 steps, may draw from step 4 and must by step 6."""
     path = tmp_path_factory.mktemp("ft_config") / "finetune.yaml"
     path.write_text(
-        yaml.safe_dump(
-            {
-                "run_dir": "unused",
-                "seed": 3,
-                "task": {
-                    "kind": "classification",
-                    "train_files": [str(task_files / "train.csv")],
-                    "validation_files": {"validation": [str(task_files / "dev.csv")]},
-                    "text_fields": ["sentence"],
-                    "label_field": "label",
-                    "max_seq_length": 64,
-                },
-                "model": {"init_from": str(hf_bert)},
-                "earlybert": {"mode": "earlybert", "lambda_heads": 0.01, "lambda_ffn": 0.01, "detector": {"window": 3}},
-                "recipe": {
-                    "search_lr": 1e-3,
-                    "lr": 1e-3,
-                    "epochs": 1.0,
-                    "dense_epochs": 1.0,
-                    "search_epochs": 1.0,
-                    "detector_interval_epochs": 0.2,
-                    "min_search_epochs": 0.4,
-                    "max_search_epochs": 0.6,
-                },
-                "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
-                "micro_batch_size": 16,
-                "global_batch_size": 32,
-                "checkpoint": {"interval": 3, "keep": 2},
-                "log": {"interval": 5},
-            }
-        )
+        yaml.safe_dump(finetune_test_config("unused", task_files, hf_bert, REPO / "ds_configs" / "zero1.json"))
     )
     return path
 

@@ -133,3 +133,37 @@ def ticket(run_dir) -> dict:
 def architecture(run_dir) -> dict:
     ckpt = Path(run_dir) / "checkpoints"
     return json.loads((ckpt / (ckpt / "latest").read_text() / "architecture.json").read_text())
+
+
+def finetune_test_config(run_dir, task_dir, init_from, deepspeed) -> dict:
+    """The fine-tuning tests' config (also make gpu-check's): 10 steps per epoch of the two-class task in task_dir
+    (train.csv, dev.csv); the detector looks every 2 steps, may draw from step 4 and must by step 6."""
+    return {
+        "run_dir": str(run_dir),
+        "seed": 3,
+        "task": {
+            "kind": "classification",
+            "train_files": [str(Path(task_dir) / "train.csv")],
+            "validation_files": {"validation": [str(Path(task_dir) / "dev.csv")]},
+            "text_fields": ["sentence"],
+            "label_field": "label",
+            "max_seq_length": 64,
+        },
+        "model": {"init_from": str(init_from)},
+        "earlybert": {"mode": "earlybert", "lambda_heads": 0.01, "lambda_ffn": 0.01, "detector": {"window": 3}},
+        "recipe": {
+            "search_lr": 1e-3,
+            "lr": 1e-3,
+            "epochs": 1.0,
+            "dense_epochs": 1.0,
+            "search_epochs": 1.0,
+            "detector_interval_epochs": 0.2,
+            "min_search_epochs": 0.4,
+            "max_search_epochs": 0.6,
+        },
+        "deepspeed": str(deepspeed),
+        "micro_batch_size": 16,
+        "global_batch_size": 32,
+        "checkpoint": {"interval": 3, "keep": 2},
+        "log": {"interval": 5},
+    }
