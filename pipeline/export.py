@@ -221,10 +221,10 @@ def export_run(
     fmt: str = "auto",
     overwrite: bool = False,
 ) -> dict:
-    tokenizer = Path(tokenizer) if tokenizer else run_tokenizer(run_dir)
     # Refused before minutes of loading: an output over the run, its checkpoints or a folder of other files.
-    outputs.check_directory_output(output, (run_dir, tokenizer), COMMAND, overwrite)
+    outputs.check_directory_output(output, (run_dir, *([tokenizer] if tokenizer else [])), COMMAND, overwrite)
     model, tag = load_run_model(run_dir, tag)
+    tokenizer = Path(tokenizer) if tokenizer else run_tokenizer(run_dir)
     info = export_model(model, output, tokenizer, fmt, overwrite, inputs=(run_dir,))
     return {**info, "checkpoint": tag}
 

@@ -8,6 +8,7 @@ import collections
 import csv
 import inspect
 import json
+import os
 import subprocess
 
 import pytest
@@ -19,6 +20,20 @@ from runs import BIN, EARLYBERT, REPO, STEPS, deepspeed, finetune_test_config, f
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SPECIAL = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_variables_leak():
+    """A DeepSpeed engine or process group built inside the test process sets the launcher's variables in its
+    environment; every later launch inherits them (mpirun and srun ranks read as the deepspeed launcher's, fixed
+    ports collide), which failed 20 later tests of one full run. Such work belongs in a subprocess."""
+    before = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    yield
+    leaked = {k: os.environ.get(k) for k in LAUNCH_ENV if os.environ.get(k) != before[k]}
+    assert not leaked, f"the test left launcher variables in the test process's environment: {leaked}"
 
 
 @pytest.fixture(scope="session")

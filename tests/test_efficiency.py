@@ -5,6 +5,7 @@ Run as a script (`test_efficiency.py worker STAGE OPTIONS OUT`), this file is on
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pipeline.model import (
     Unpadded,
 )
 from pipeline.pruner import PrunePlan, prune_model, pruned_config
+from runs import run_env
 from tiny import NO_DROPOUT, per_layer_config, spread_gates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,8 +273,19 @@ def test_gpu_benchmark_refuses_on_cpu_and_dry_runs(capsys):
     assert {(c.seq_len, c.pruned) for c in cases} == {(128, False), (128, True), (512, False), (512, True)}
     assert {c.option for c in cases} == {None, *bench_gpu.OPTIONS} and len(cases) == 4 * (1 + len(bench_gpu.OPTIONS))
     assert bench_gpu.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
-    assert bench_gpu.main(["--dry-run"]) == 0  # every case, on a tiny model on the CPU
-    lines = capsys.readouterr().out.splitlines()
+    # Every case on a tiny model on the CPU, in a process of its own: it builds DeepSpeed engines, whose process
+    # group would set RANK, WORLD_SIZE and MASTER_PORT in this process's environment, which later tests' launches
+    # inherit (mpirun and srun ranks then read as the deepspeed launcher's, fixed ports collide).
+    dry = subprocess.run(
+        [sys.executable, "-m", "bench.bench_gpu", "--dry-run"],
+        env=run_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    lines = dry.stdout.splitlines()
     assert sum(line.startswith(tuple(c.name + " |" for c in cases)) for line in lines) == len(cases)
 
 

@@ -185,7 +185,7 @@ def test_export_dense_as_plain_bert_and_pruned_as_remote_code(dense, fixed_rewin
 
 def test_export_refuses_a_run_without_checkpoints(tmp_path):
     proc = subprocess.run(
-        [str(BIN / "earlybert"), "export", str(tmp_path), "--output", str(tmp_path / "out")],
+        [str(BIN / "earlybert"), "export", str(tmp_path / "run"), "--output", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,
