@@ -25,6 +25,11 @@ def run_env() -> dict:
         "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
         "PYTHONPATH": str(REPO),
         "PYTHONUNBUFFERED": "1",
+        # One thread per rank whatever the machine shows: results are compared across launchers and node counts
+        # (1e-6, identical tickets), and a matmul's float sums depend on its thread count. On a machine showing
+        # more CPUs than ranks, set_cpu_threads gives one node's ranks several threads each and the two-node
+        # cluster's one (its nodes have one CPU each): different losses, a different ticket.
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
 
 

@@ -299,3 +299,24 @@ def test_launcher_detection_and_slurm_rank_mapping():
     assert distributed.detect_launcher(batch_script) == "single"
     assert distributed.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
     assert distributed.detect_launcher({}) == "single"
+
+
+def test_cpu_threads_split_the_cores_a_rank_may_run_on_between_the_ranks_sharing_them(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    port = distributed.free_port()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+        distributed.set_cpu_threads(distributed.DistInfo(0, 1, 0, torch.device("cpu"), "single"))
+        assert torch.get_num_threads() == 6
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
+        torch.set_num_threads(3)
+        distributed.set_cpu_threads(distributed.DistInfo(0, 1, 0, torch.device("cpu"), "single"))
+        assert torch.get_num_threads() == 3
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(before)
