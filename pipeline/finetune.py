@@ -352,6 +352,10 @@ class Run:
 
     def spec(self, stage: Stage) -> EngineSpec:
         ds = deepspeed_config(self.cfg, self.dist.world_size, load_universal=self.universal, lr=stage.lr)
+        params = ds["optimizer"]["params"]
+        for key, value in (("weight_decay", self.cfg.recipe.weight_decay), ("eps", self.cfg.recipe.adam_epsilon)):
+            if value is not None:
+                params[key] = value
         optim = OptimConfig(lr=stage.lr, schedule=self.cfg.recipe.schedule, warmup_steps=stage.warmup_steps)
         return EngineSpec(ds, optim, stage.steps, compile=self.cfg.compile)
 

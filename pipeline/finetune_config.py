@@ -2,9 +2,20 @@
 
 Lengths are in epochs of the task's training set (fine-tuning recipes are), turned into optimizer
 steps once the data is read. The defaults are EarlyBERT's official fine-tuning recipe
-(`finetune/launch_earlybert_glue.sh`): search with gates and L1 at lr 2e-5, lambdas 1e-4, draw
-around 0.2 epoch, then rewind the ticket to the pre-trained weights and train it 2 epochs at lr
-4e-5 with a fresh optimizer and schedule; the dense baseline trains 3 epochs at 2e-5.
+(`finetune/launch_earlybert_glue.sh` and `trainer.py` of VITA-Group/EarlyBERT): search with gates and
+L1 at lr 2e-5 under a linear schedule that spans 3 epochs (the search itself stops at the draw, around
+0.2 epoch, so the LR there is about 0.93x its peak), lambdas 1e-4, then rewind the ticket to the
+pre-trained weights and train it 2 epochs at lr 4e-5 with a fresh optimizer and schedule; the dense
+baseline trains 3 epochs at 2e-5. AdamW as transformers' Trainer builds it by default: no weight
+decay, epsilon 1e-8 (they replace the DeepSpeed JSON's, which pre-training's recipe sets).
+
+The L1 term is EarlyBERT's per optimizer step whatever the batch layout: the model adds it to every
+micro-batch's loss and DeepSpeed divides that loss by the accumulation steps, so a step's gradient
+carries lambda once. The official trainer adds it after its own division by gradient accumulation,
+so its step carries lambda x accumulation steps; its launch script accumulates 1 step (32 per GPU x 4
+GPUs), where the two are the same. Adding it after the division here would make lambda grow with
+the micro-batches per rank: the official global batch of 128 on one rank of micro-batch 32 would
+search with 4x lambda (tests/test_finetune_recipe.py measures both).
 """
 
 from __future__ import annotations
@@ -56,7 +67,9 @@ class FinetuneSearchConfig(SearchConfig):
 @dataclass
 class RecipeConfig:
     search_lr: float = 2e-5  # the search stage (gates + L1)
-    search_epochs: float = 1.0  # the search stage's LR schedule spans this; the draw ends the stage before
+    # The search stage's LR schedule spans this (the official search runs with num_train_epochs 3); the draw
+    # ends the stage long before.
+    search_epochs: float = 3.0
     detector_interval_epochs: float = 0.02  # earlybert mode: a mask every this much of an epoch
     min_search_epochs: float = 0.1  # earlybert mode: never draw before
     max_search_epochs: float = 0.3  # earlybert mode: draw here at the latest (and say so)
@@ -67,6 +80,9 @@ class RecipeConfig:
     dense_epochs: float = 3.0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = 0.0  # of each stage's steps
+    # AdamW's, in every stage, replacing the DeepSpeed JSON's (the official trainer's defaults); None keeps the JSON's.
+    weight_decay: float | None = 0.0
+    adam_epsilon: float | None = 1e-8
 
 
 @dataclass
@@ -170,6 +186,10 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             f"recipe.draw_epoch ({r.draw_epoch}) is after the search stage's end "
             f"(recipe.search_epochs {r.search_epochs})"
         )
+    if r.weight_decay is not None and r.weight_decay < 0:
+        raise ConfigError(f"recipe.weight_decay must be >= 0 (or null: the DeepSpeed JSON's), got {r.weight_decay}")
+    if r.adam_epsilon is not None and not r.adam_epsilon > 0:
+        raise ConfigError(f"recipe.adam_epsilon must be > 0 (or null: the DeepSpeed JSON's), got {r.adam_epsilon}")
     if not 0.0 <= r.warmup_ratio < 1.0:
         raise ConfigError(f"recipe.warmup_ratio must be in [0, 1), got {r.warmup_ratio}")
     if cfg.eval.every_steps is not None and cfg.eval.every_steps < 1:
