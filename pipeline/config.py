@@ -47,6 +47,10 @@ class ModelConfig:
     preset: str = "bert-tiny"  # EarlyBertConfig.from_preset name (bert-tiny ... bert-large)
     init_from: str | None = None  # a Hugging Face checkpoint (directory or hub id) instead of random init
     overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.0}
+    # init_from without the pre-training heads (an encoder-only BertModel): optimizer steps that train the fresh
+    # heads alone, the encoder frozen, before the run (pipeline/head_warmup.py). None: 100 when a head is
+    # missing; 0: none. A checkpoint with every head gets none.
+    head_warmup_steps: int | None = None
 
 
 @dataclass
@@ -409,6 +413,8 @@ def validate(cfg: RunConfig) -> None:
         if p.steps < 1:
             raise ConfigError(f"phases.{i}.steps must be >= 1, got {p.steps}")
     require_positive({"data.prefetch": cfg.data.prefetch, "optim.lr": cfg.optim.lr})
+    if (cfg.model.head_warmup_steps or 0) < 0:
+        raise ConfigError(f"model.head_warmup_steps must be >= 0 (0: no warm-up), got {cfg.model.head_warmup_steps}")
     validate_batches_and_logs(cfg)
     validate_sizes(cfg)
     if not 0.0 < cfg.data.mask_prob < 1.0:

@@ -2,7 +2,9 @@
 
     main        config, shards and the starting point (pipeline/resume.py), checked before any
                 process group exists; then the process group (pipeline/distributed.py)
-    train       the engine (pipeline/engine.py), the search stage (pipeline/search.py), the phases
+    train       the engine (pipeline/engine.py), the search stage (pipeline/search.py), the phases; a fresh run
+                from a Hugging Face checkpoint first warms up the pre-training heads it lacks
+                (pretrained_model, pipeline/head_warmup.py)
     run_phase   the loop: a step, its statistics summed over ranks, metrics, the search stage's
                 decision, checkpoints
     draw        prune and rebuild the engine around the ticket, record it
@@ -23,7 +25,7 @@ from functools import partial
 import torch
 
 from data_prep import ShardDataset, ShardError
-from pipeline import checkpoint, distributed, guards
+from pipeline import checkpoint, distributed, guards, head_warmup
 from pipeline.check import launch_plan, search_plan
 from pipeline.checkpoint import CheckpointError, RunState
 from pipeline.cli import EXIT_INTERRUPTED, run_config_stage
@@ -128,8 +130,12 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         checkpoint.make_universal(rundir.checkpoints, start.tag, d)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank: ZeRO-3 partitions its own copy
+    stop = distributed.StopRequest()
     if start.tag is None and cfg.model.init_from:
-        model = EarlyBertForPreTraining.from_pretrained(cfg.model.init_from, config=start.model_config)
+        model = pretrained_model(cfg, datasets[0], start, d, stop)
+        if model is None:
+            _say(d, "stopped by a signal during the head warm-up; relaunch the same command to resume")
+            return EXIT_INTERRUPTED
     else:
         model = EarlyBertForPreTraining(start.model_config)
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
@@ -165,7 +171,7 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
         spec,
         search,
         log,
-        stop=distributed.StopRequest(),
+        stop=stop,
         peak_tflops=cfg.log.peak_tflops or device_peak_tflops(d.device, precision(ds_config)),
     )
     del model, engine  # run.engine is the only reference: the draw frees the dense engine before building the next
@@ -182,6 +188,21 @@ def train(cfg: RunConfig, datasets: list[ShardDataset], start: Start, d: distrib
             run.engine.destroy()  # ZeRO-3's hooks and buffers go before the process group does
     _say(d, f"done: {state.step} steps, {state.samples} samples")
     return 0
+
+
+def pretrained_model(
+    cfg: RunConfig, data: ShardDataset, start: Start, d: distributed.DistInfo, stop: distributed.StopRequest
+) -> EarlyBertForPreTraining | None:
+    """The model of `model.init_from`, the pre-training heads it lacks warmed up on the frozen encoder
+    (pipeline/head_warmup.py); None when a signal stopped the warm-up (its state saved)."""
+    model, loading = EarlyBertForPreTraining.from_pretrained(
+        cfg.model.init_from, config=start.model_config, output_loading_info=True
+    )
+    warmup = head_warmup.plan(cfg.model.head_warmup_steps, loading["missing_keys"])
+    _say(d, head_warmup.describe(warmup, cfg.model.init_from))
+    if warmup.steps and not head_warmup.run(model, warmup, cfg, data, d, stop):
+        return None
+    return model
 
 
 def run_phase(run: Run, data: ShardDataset) -> bool:
