@@ -176,12 +176,16 @@ def write_report(paths: list[Path]) -> Path:
     if ticket:
         config = runs[0].read_config() if runs[0].config_file.is_file() else {}
         detector = (config.get("earlybert") or {}).get("detector") or {}
-        arch = _dense_structure(runs[0])
-        figures += [plot_distances(ticket, detector.get("epsilon"), out), plot_structure(ticket, *arch, out)]
+        dense_heads, dense_ffn, source = _dense_structure(runs[0])
+        figures += [
+            plot_distances(ticket, detector.get("epsilon"), out),
+            plot_structure(ticket, dense_heads, dense_ffn, out),
+        ]
         md += [
             "",
             f"Ticket of {loaded[0][0]}: drawn at step {ticket['draw_step']} ({ticket['reason']}); "
-            f"heads per layer {ticket['heads_per_layer']}, FFN widths {ticket['ffn_per_layer']}.",
+            f"heads per layer {ticket['heads_per_layer']}, FFN widths {ticket['ffn_per_layer']}; "
+            f"dense: {dense_heads or '?'} heads and {dense_ffn or '?'} FFN neurons per layer ({source}).",
         ]
     md += [""] + [f"![{f.stem}]({f.name})" for f in figures]
     path = out / "report.md"
@@ -211,15 +215,30 @@ def _record_problem(line: bytes) -> str | None:
     return None
 
 
-def _dense_structure(run: RunDir) -> tuple[int | None, int | None]:
-    """The dense model's heads and FFN width (from the run's preset), for the structure figure."""
+def _dense_structure(run: RunDir) -> tuple[int | None, int | None, str]:
+    """The dense model's heads per layer and FFN width, for the structure figure, and where they come from: the
+    model the run built, as its newest checkpoint's architecture.json records it (pruning changes the per-layer
+    sizes only: num_attention_heads and intermediate_size stay the dense model's), else the config's preset with
+    its model.overrides. A run started from a model (model.init_from) without a checkpoint has no reference: its
+    source may have changed since."""
+    from pipeline.checkpoint import ARCHITECTURE
     from pipeline.model import PRESETS
 
-    preset = run.preset()
-    if preset not in PRESETS:
-        return None, None
-    _, _, heads, ffn = PRESETS[preset]
-    return heads, ffn
+    recorded = sorted(run.checkpoints.glob(f"step_[0-9]*[0-9]/{ARCHITECTURE}"))  # not the set-aside ones
+    if recorded:
+        architecture = json.loads(recorded[-1].read_text())
+        where = f"{recorded[-1].relative_to(run.path)}"
+        return architecture.get("num_attention_heads"), architecture.get("intermediate_size"), where
+    model = (run.read_config() if run.config_file.is_file() else {}).get("model") or {}
+    if model.get("init_from") or model.get("preset") not in PRESETS:
+        return None, None, "no checkpoint records the model"
+    _, _, heads, ffn = PRESETS[model["preset"]]
+    overrides = model.get("overrides") or {}
+    return (
+        overrides.get("num_attention_heads", heads),
+        overrides.get("intermediate_size", ffn),
+        f"preset {model['preset']}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
