@@ -223,7 +223,9 @@ def main(argv=None) -> int:
         if args.config is None:
             parser.error("the following arguments are required: --config")
     module = importlib.import_module(STAGES[stage][0])
-    return int(module.main(rest) or 0)
+    code = int(module.main(rest) or 0)
+    ranks = sys.modules.get("pipeline.distributed")  # loaded by the stages that run ranks; never imported for prep
+    return ranks.end_rank_process(code) if ranks else code
 
 
 if __name__ == "__main__":

@@ -119,6 +119,8 @@ def setup(timeout: datetime.timedelta | None = None) -> DistInfo:
         device = bind_device(local_rank)
     if device.type == "cpu":
         release_shm_segment()
+    global _joined_a_process_group
+    _joined_a_process_group = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
 
 
@@ -310,6 +312,34 @@ def set_cpu_threads(d: DistInfo) -> None:
     dist.all_gather_object(ranks, (socket.gethostname(), mine))
     sharing = sum(host == socket.gethostname() and bool(cpus & mine) for host, cpus in ranks)
     torch.set_num_threads(max(1, len(mine) // sharing))
+
+
+_joined_a_process_group = False  # set by setup(): this process's end goes through end_rank_process
+
+
+def end_rank_process(code: int) -> int:
+    """The last call of a rank's process (its `__main__`, after teardown): ends the process with `code`, skipping
+    the interpreter's finalization; returns `code` in a process that never joined a process group (prep, export,
+    in-process tests).
+
+    Why: destroy_process_group does not stop gloo's worker threads while anything still holds the group, and
+    DeepSpeed does (its `_WORLD_GROUP`, and a destroyed engine that hook cycles keep alive, with its ZeRO-3
+    parameters' `ds_process_group`). Such a thread releases the last collectives' work objects, the final
+    barrier's with the ZeRO-3 all-gathers it waited for, whose tensors are Python objects, a moment after the
+    barrier returns; if the main thread is by then finalizing the interpreter, the decref's GIL acquire ends the
+    thread with pthread_exit through a noexcept frame: "terminate called without an active exception", SIGABRT,
+    a finished run reported failed (and requeued by Slurm). Seen in 2 of 15 two-rank ZeRO-3 rebuild runs
+    (bench/zero3_exit_loop.py; core dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork
+    -> TensorImpl::decref_pyobject -> take_gil -> pthread_exit), the open pytorch/pytorch#190489. So nothing of
+    torch's may run after Python: the atexit handlers (logging's flush, monitors) run here, then os._exit."""
+    if not _joined_a_process_group:
+        return code
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def teardown(clean: bool) -> None:

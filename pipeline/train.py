@@ -407,4 +407,4 @@ def _say(d: distributed.DistInfo, msg: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(distributed.end_rank_process(main()))

@@ -119,6 +119,15 @@ CASES = {
         "earlybert prep --output OUT", "OUT in use by another prep", "exit 2: 'OUT is in use by ...'", 2
     ),
     # ---- ranks and collectives ---------------------------------------------------------------------------------
+    "exit_finalizing": Case(
+        "earlybert train / finetune (ZeRO-3, gloo), at the end of a finished run",
+        "a gloo worker thread releases the last collectives' tensors while the interpreter finalizes (DeepSpeed keeps "
+        "the process groups alive; pytorch/pytorch#190489)",
+        "every rank ends through pipeline.distributed.end_rank_process: atexit handlers run, output flushed, then "
+        "os._exit before finalization; exit 0 (before: SIGABRT 'terminate called without an active exception' in "
+        "4 of 48 two-rank rebuild runs under load, bench/zero3_exit_loop.py)",
+        0,
+    ),
     "rank_stopped": Case(
         "earlybert train (2 ranks), dist_timeout.step_s=5",
         "rank 1 stopped with SIGSTOP",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from faults_table import tried
 from pipeline import checkpoint, distributed
 from pipeline.config import ConfigError, OptimConfig, deepspeed_config, load_config
 from pipeline.engine import lr_factor
@@ -320,3 +321,30 @@ def test_cpu_threads_split_the_cores_a_rank_may_run_on_between_the_ranks_sharing
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(before)
+
+
+@tried("exit_finalizing")
+def test_a_rank_ends_after_its_atexit_handlers_without_finalizing_the_interpreter():
+    """pipeline.distributed.end_rank_process: a gloo worker thread that releases Python tensors while the
+    interpreter finalizes aborts the rank (issue 21; bench/zero3_exit_loop.py), so a rank's process ends before
+    finalization, after flushing its output and running its atexit handlers; other processes just return."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys\n"
+        "from pipeline import distributed\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        print('finalized', flush=True)\n"
+        "kept = Finalized()\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "distributed._joined_a_process_group = sys.argv[1] == 'rank'\n"
+        "print('buffered', end='')\n"
+        "sys.exit(distributed.end_rank_process(3) + 1)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO}
+    rank = subprocess.run([sys.executable, "-c", script, "rank"], capture_output=True, text=True, env=env)
+    assert rank.returncode == 3 and rank.stdout == "bufferedatexit ran\n", rank.stdout + rank.stderr
+    other = subprocess.run([sys.executable, "-c", script, "prep"], capture_output=True, text=True, env=env)
+    assert other.returncode == 4 and other.stdout == "bufferedatexit ran\nfinalized\n", other.stdout + other.stderr
