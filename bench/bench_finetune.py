@@ -419,11 +419,13 @@ def task_markdown(task: str, info: dict, summary: dict) -> str:
 def write_all(name: str, args, model: Path, tasks: dict, record: dict) -> Path:
     """The results of every seed finished so far."""
     summaries, sections = {}, []
-    for task, info in tasks.items():
+    for task in args.tasks:
         seeds = [s for s in range(1, args.seeds + 1) if all(f"{task}-{m}-seed{s}" in record for m in MODES)]
         if seeds:
             summaries[task] = summarize_task(args.work, task, seeds, record)
-            sections.append(task_markdown(task, info, summaries[task]))
+            sections.append(task_markdown(task, tasks[task], summaries[task]))
+        else:
+            sections.append(f"## {task}\n\nNo seed finished: the benchmark was stopped before, or has not reached it.")
     recipe = RecipeConfig()
     notes = "\n\n".join(
         [
