@@ -126,6 +126,11 @@ def test_the_warm_up_resumes_from_its_state_file_exactly(config, encoder_only, t
     assert head_warmup.run(model, plan, cfg, data, one_rank, NO_SIGNAL)
     for (name, p), q in zip(model.named_parameters(), straight.parameters()):
         assert torch.equal(p, q), name
+    # Killed after the warm-up, before the run's first checkpoint: the relaunch takes the warmed heads as they were.
+    cfg, data, again, plan = _warm(config, encoder_only, tmp_path / "resumed", 4)
+    assert head_warmup.run(again, plan, cfg, data, one_rank, NO_SIGNAL)
+    for (name, p), q in zip(again.named_parameters(), straight.parameters()):
+        assert torch.equal(p, q), name
     assert (
         head_warmup.read_summary(tmp_path / "resumed")["losses"]
         == head_warmup.read_summary(tmp_path / "straight")["losses"]
