@@ -86,6 +86,12 @@ def prepare(args, world_size: int) -> tuple:
     return cfg, task, start, initial
 
 
+def _stage_plan(stage: Stage) -> str:
+    if stage.name == "search":  # it ends at the draw, long before its LR schedule would
+        return f"search until the draw at lr {stage.lr:g} (its LR schedule spans {stage.steps} steps)"
+    return f"{stage.name} {stage.steps} steps at lr {stage.lr:g}"
+
+
 def plan(prepared: tuple, world_size: int) -> list[str]:
     """What a launch on world_size ranks would do (`earlybert finetune --check`)."""
     cfg, task, start, _ = prepared
@@ -95,7 +101,7 @@ def plan(prepared: tuple, world_size: int) -> list[str]:
         f"run_dir    {cfg.run_dir}",
         f"task       {cfg.task.name or cfg.task.kind}: {len(task.train)} training features, {steps_per_epoch} "
         f"steps per epoch; validation: {', '.join(task.validation) or 'none'}",
-        "stages     " + ", ".join(f"{s.name} {s.steps} steps at lr {s.lr:g}" for s in stages),
+        "stages     " + ", ".join(_stage_plan(s) for s in stages),
     ] + launch_plan(cfg, start, world_size)
     for stage in stages:
         if stage.name == "search":

@@ -141,7 +141,7 @@ def test_finetune_check_of_the_shipped_local_config(hf_bert, task_files, tmp_pat
         assert code == 0, (w, err)
         assert plan_batches(32, 16, w).describe() in out
         assert "320 training features, 10 steps per epoch" in out  # epochs count global batches: any ranks
-        assert "stages     search 10 steps at lr 2e-05, ticket 20 steps at lr 4e-05" in out
+        assert "stages     search until the draw at lr 2e-05 (its LR schedule spans 30 steps), ticket 20 steps" in out
         assert "search     earlybert: gate masks every 1 steps" in out
     assert not (tmp_path / "run").exists()
 
