@@ -96,14 +96,12 @@ def eb_reference(config, tmp_path_factory):
     return run_dir
 
 
-@pytest.fixture(scope="session")
-def hf_bert(shards, tmp_path_factory):
-    """A Hugging Face BERT directory as users have them: transformers' own BertForMaskedLM (bert-tiny's
-    shape; random weights, there is no hub here) and its tokenizer."""
+def save_hf_bert(shards, out, model_class):
+    """A Hugging Face BERT directory as users have them: transformers' own `model_class` (BertForMaskedLM,
+    BertModel, ...; bert-tiny's shape, random weights: there is no hub here) and the shards' tokenizer."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+    from transformers import BertConfig
 
-    out = tmp_path_factory.mktemp("hf_bert")
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shards / "tok.json"), **SPECIAL)
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
@@ -115,8 +113,15 @@ def hf_bert(shards, tmp_path_factory):
         intermediate_size=256,
         max_position_embeddings=128,
     )
-    BertForMaskedLM(config).save_pretrained(out)
+    model_class(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_bert(shards, tmp_path_factory):
+    from transformers import BertForMaskedLM
+
+    return save_hf_bert(shards, tmp_path_factory.mktemp("hf_bert"), BertForMaskedLM)
 
 
 @pytest.fixture(scope="session")

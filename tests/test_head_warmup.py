@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import SPECIAL
+from conftest import save_hf_bert
 from data_prep import ShardDataset
 from pipeline import distributed, head_warmup
 from pipeline.config import load_config
@@ -20,30 +20,12 @@ WARMUP = 6  # steps; the test config checkpoints every 3
 NO_SIGNAL = SimpleNamespace(signum=0)  # a StopRequest that no signal reached (a real one would take pytest's SIGTERM)
 
 
-def _hf_dir(shards, out, model_class):
-    from transformers import BertConfig, PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shards / "tok.json"), **SPECIAL)
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=128,
-    )
-    model_class(config).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def encoder_only(shards, tmp_path_factory):
     """An encoder-only checkpoint as sentence-transformers ship them: a BertModel, no MLM or NSP head."""
     from transformers import BertModel
 
-    return _hf_dir(shards, tmp_path_factory.mktemp("encoder_only"), BertModel)
+    return save_hf_bert(shards, tmp_path_factory.mktemp("encoder_only"), BertModel)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +33,7 @@ def with_heads(shards, tmp_path_factory):
     """A checkpoint with both pre-training heads (BertForPreTraining)."""
     from transformers import BertForPreTraining
 
-    return _hf_dir(shards, tmp_path_factory.mktemp("with_heads"), BertForPreTraining)
+    return save_hf_bert(shards, tmp_path_factory.mktemp("with_heads"), BertForPreTraining)
 
 
 # ---- the plan and its announcement -------------------------------------------------------------------------
