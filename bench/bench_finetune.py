@@ -69,6 +69,7 @@ from bench.common import (
     DOWNLOADS,
     active_step_time,
     markdown_table,
+    paired,
     paused_within,
     pretrained_model,
     run_interleaved,
@@ -272,18 +273,6 @@ def run_group(group: Group, config: Path, record: dict) -> None:
 
 
 # ---- the statistics ---------------------------------------------------------------------------------------
-
-
-def paired(diffs: list[float]) -> dict:
-    """Mean, standard deviation and the 95% interval of paired t (n-1 degrees of freedom) of per-seed differences."""
-    from scipy.stats import t
-
-    n, mean = len(diffs), statistics.fmean(diffs)
-    if n < 2:
-        return {"n": n, "mean": mean, "sd": None, "ci95": None}
-    sd = statistics.stdev(diffs)
-    half = t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
 
 
 def run_summary(run_dir: Path, recorded: dict) -> dict:

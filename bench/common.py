@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -302,3 +303,15 @@ def build_task(documents: Documents, out: Path, classes: int, train_per_class: i
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and spread (max - min) over the seeds."""
     return statistics.fmean(values), max(values) - min(values)
+
+
+def paired(diffs: list[float]) -> dict:
+    """Mean, standard deviation and the 95% interval of paired t (n-1 degrees of freedom) of per-seed differences."""
+    from scipy.stats import t
+
+    n, mean = len(diffs), statistics.fmean(diffs)
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "ci95": None}
+    sd = statistics.stdev(diffs)
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
