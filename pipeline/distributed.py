@@ -337,6 +337,9 @@ def end_rank_process(code: int) -> int:
     import atexit
 
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")  # mpirun's ranks (DeepSpeed's MPI discovery): mpi4py finalizes MPI in
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # Py_AtExit, which os._exit skips,
+        mpi.Finalize()  # and mpirun fails a job whose rank exits without MPI_Finalize
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
