@@ -40,6 +40,7 @@ excludes 0.
     python -m bench.bench_finetune              # trec, 5 seeds: about 735 optimizer steps a seed (see below)
     python -m bench.bench_finetune --tasks trec sms-spam --max-seq-length 64    # and the second set
     python -m bench.bench_finetune --quick      # trec, 1 seed, 240 examples (make bench): finetune_quick.*
+    python -m bench.bench_finetune --resume     # keeps the seeds already finished in runs/bench_finetune, runs the rest
 
 Time: a TREC seed at 2,000 training examples (63 steps an epoch, batch 32) is dense 189 steps, EarlyBERT and
 random about 140, dense-2ep 126, dense-matched about 140. The fastest steps measured on this 2-core machine
@@ -227,6 +228,12 @@ class Group:
 
     def run_dir(self, mode: str) -> Path:
         return self.work / self.name(mode)
+
+
+def finished(group: Group, mode: str, record: dict) -> bool:
+    """A run recorded by an earlier invocation and ended with its results (a seed's paired runs are kept or
+    rerun together: the pairing is within a seed's group)."""
+    return group.name(mode) in record and (group.run_dir(mode) / "results.json").exists()
 
 
 def run_group(group: Group, config: Path, record: dict) -> None:
@@ -451,6 +458,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="trec, 1 seed, 240 training and 200 validation examples")
     parser.add_argument("--summarize-only", action="store_true", help="results from the runs already in --work")
+    parser.add_argument("--resume", action="store_true", help="keep the seeds finished in --work, run the others")
     args = parser.parse_args(argv)
     name = "finetune"
     if args.quick:  # plumbing at tiny sizes, apart from the full run's work directory and results
@@ -461,7 +469,8 @@ def main(argv=None) -> int:
     record_file = (
         args.work / "jobs.json"
     )  # per run: active time, pauses, fine-tuning time; read back on --summarize-only
-    record = json.loads(record_file.read_text()) if args.summarize_only else {}
+    keep = args.summarize_only or args.resume
+    record = json.loads(record_file.read_text()) if keep and record_file.exists() else {}
     tasks = {}
     for task in args.tasks:
         work = args.work / task
@@ -470,7 +479,11 @@ def main(argv=None) -> int:
         if args.summarize_only:
             continue
         for seed in range(1, args.seeds + 1):
-            run_group(Group(args.work, task, seed, math.ceil(tasks[task]["train"] / args.batch)), config, record)
+            group = Group(args.work, task, seed, math.ceil(tasks[task]["train"] / args.batch))
+            if args.resume and all(finished(group, mode, record) for mode in MODES):
+                print(f"{task} seed {seed}: finished in an earlier run, kept", flush=True)
+                continue
+            run_group(group, config, record)
             write_json(record_file, record)
             path = write_all(name, args, model, tasks, record)
             print(f"{task} seed {seed} done: {path}", flush=True)
