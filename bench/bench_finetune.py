@@ -413,11 +413,16 @@ def task_markdown(task: str, info: dict, summary: dict) -> str:
             f">= 30%: **{verdict(t['time_saved_at_least_30pct'])}**.",
             "- Accuracy within 1 point of dense, interval inside +-1.5: "
             f"**{verdict(t['accuracy_within_1_point_of_dense'])}** "
-            f"(mean {vs_dense['mean']:+.2f}, interval {fmt_ci(vs_dense)}).",
+            f"(mean {vs_dense['mean']:+.2f}, interval {fmt_ci(vs_dense)}"
+            f"{'; EarlyBERT is worse: the whole interval lies below -1.5' if below(vs_dense, -1.5) else ''}).",
             f"- Above random, interval excluding 0: **{verdict(t['above_random_interval_excludes_0'])}** "
             f"(mean {vs_random['mean']:+.2f}, interval {fmt_ci(vs_random)}).",
         ]
     )
+
+
+def below(stats: dict, bound: float) -> bool:
+    return stats["ci95"] is not None and stats["ci95"][1] < bound
 
 
 def write_all(name: str, args, model: Path, tasks: dict, record: dict) -> Path:
