@@ -1275,6 +1275,12 @@ def figures(s: Settings, parts: dict) -> None:
                 plot_curves(plt, group, out / "curves.png")
 
 
+def save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_detector(plt, eb: dict, part: Part, path: Path) -> None:
     """The distance the combined criterion compares with epsilon, against step."""
     history = [h for h in eb["detector_history"] if h.get("combined_distance") is not None]
@@ -1296,9 +1302,7 @@ def plot_detector(plt, eb: dict, part: Part, path: Path) -> None:
     ax.set_title("early-bird detector, combined criterion")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_curves(plt, group: dict, path: Path) -> None:
@@ -1315,9 +1319,7 @@ def plot_curves(plt, group: dict, path: Path) -> None:
     ax.set_title("from scratch: held-out loss against time (gray: dense's final losses)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_models(plt, s: Settings, group: dict, path: Path) -> None:
@@ -1337,9 +1339,7 @@ def plot_models(plt, s: Settings, group: dict, path: Path) -> None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
