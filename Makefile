@@ -36,9 +36,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(if $(EXTRAS),$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]")
-	# DeepSpeed's CPU communication op is built here, not by the first launch (pipeline/distributed.py
+	# DeepSpeed's CPU communication op is built here, not by the first launch (pipeline/engine/distributed.py
 	# build_extensions; it also clears a lock left by a build that was killed).
-	$(PY) -c "from pipeline.distributed import build_extensions; build_extensions()"
+	$(PY) -c "from pipeline.engine.distributed import build_extensions; build_extensions()"
 	touch $@
 
 test: setup

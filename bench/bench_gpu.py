@@ -11,12 +11,12 @@ training-efficiency option on and off, and the time of the engine rebuild at the
     python -m bench.bench_gpu --dry-run    # every case on a tiny model on the CPU in fp32 (compile cases
                                            # uncompiled): checks the script, no figures, nothing written
 
-Each step is what `earlybert train` runs: pipeline.engine.train_step on the loader's micro-batch (with its
+Each step is what `earlybert train` runs: pipeline.engine.deepspeed_engine.train_step on the loader's micro-batch (with its
 BatchLayout), the MLM head on the masked positions only, DeepSpeed ZeRO-1 with ds_configs/zero1_bf16.json's
 optimizer (DeepSpeed's fused Adam where it builds, else torch's fused AdamW). The pruned baseline is the dense
-engine pruned in place (pipeline.engine.prune_engine, timed: "rebuild"). Batches are right-padded like the shards
-(--pad-fraction per sequence length). tokens/s counts real tokens; MFU is pipeline.metrics.mfu of
-pipeline.metrics.model_flops, the training log's definition.
+engine pruned in place (pipeline.engine.deepspeed_engine.prune_engine, timed: "rebuild"). Batches are right-padded like the shards
+(--pad-fraction per sequence length). tokens/s counts real tokens; MFU is pipeline.run.metrics.mfu of
+pipeline.run.metrics.model_flops, the training log's definition.
 """
 
 from __future__ import annotations
@@ -34,13 +34,21 @@ import yaml
 
 from bench.bench_model import make_batch, with_option
 from bench.common import ROOT, median_time, write_results
-from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining
 from pipeline.config import OptimConfig
-from pipeline.detector import DetectorConfig, masks_from_gates
-from pipeline.engine import EngineSlot, EngineSpec, build_engine, fused_adam_unavailable, prune_engine, train_step
-from pipeline.metrics import batch_model_flops, device_peak_tflops, mfu
+from pipeline.earlybert.detector import DetectorConfig, masks_from_gates
+from pipeline.earlybert.pruner import prune_model
+from pipeline.engine import distributed
+from pipeline.engine.deepspeed_engine import (
+    EngineSlot,
+    EngineSpec,
+    build_engine,
+    fused_adam_unavailable,
+    prune_engine,
+    train_step,
+)
 from pipeline.model import BatchLayout
-from pipeline.pruner import prune_model
+from pipeline.run.metrics import batch_model_flops, device_peak_tflops, mfu
 
 transformers.logging.set_verbosity_error()
 

@@ -143,8 +143,8 @@ def main() -> int:
         print(json.dumps(child(method, corpus, tokenizer, int(workers), scratch)))
         return 0
 
+    from common.outputs import atomic_write
     from data_prep.local_corpus import gather_local_corpus
-    from data_prep.shards import atomic_write
     from data_prep.wordpiece import train_wordpiece
 
     work = ROOT / ".cache" / "bench_prep"

@@ -27,12 +27,13 @@ import torch
 
 from bench.bench_model import OPTIONS, PAD_FRACTION, make_batch, peak_rss_mb
 from bench.common import median_time, write_results
-from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining
 from pipeline.config import OptimConfig
-from pipeline.detector import DetectorConfig, DetectorState, masks_from_gates, observe
-from pipeline.engine import EngineSlot, EngineSpec, build_engine, prune_engine
-from pipeline.metrics import flops_per_sequence
+from pipeline.earlybert.detector import DetectorConfig, DetectorState, masks_from_gates, observe
+from pipeline.engine import distributed
+from pipeline.engine.deepspeed_engine import EngineSlot, EngineSpec, build_engine, prune_engine
 from pipeline.model import EarlyBertSelfAttention, parameter_count
+from pipeline.run.metrics import flops_per_sequence
 
 
 def switch_options(model: EarlyBertForPreTraining, option: str | None) -> None:

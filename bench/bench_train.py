@@ -30,8 +30,8 @@ import yaml
 
 from bench.common import write_results
 from data_prep import ShardDataset
-from pipeline.loader import PhaseLoader
-from pipeline.rundir import RunDir
+from pipeline.pretrain.loader import PhaseLoader
+from pipeline.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -21,7 +21,7 @@ import torch
 
 from bench.common import write_results
 from pipeline import EarlyBertConfig
-from pipeline.detector import DetectorConfig, keep_mask
+from pipeline.earlybert.detector import DetectorConfig, keep_mask
 
 MULTIPLES = (1, 8, 64)
 

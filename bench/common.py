@@ -25,9 +25,9 @@ from typing import Callable
 
 import torch
 
+from common.outputs import atomic_write
 from data_prep import local_corpus
-from data_prep.shards import atomic_write
-from pipeline.rundir import RunDir
+from pipeline.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

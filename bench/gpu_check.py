@@ -45,7 +45,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = {"bf16": "zero2_bf16.json", "fp16": "zero2_fp16.json"}
 STEPS = 12  # the search settings of runs.EARLYBERT draw by step 6
-KILL = ("pipeline.rundir:RunDir.write_ticket", "after")  # hard exit just after the draw is recorded
+KILL = ("pipeline.run.rundir:RunDir.write_ticket", "after")  # hard exit just after the draw is recorded
 LOSS_KEYS = ("loss", "mlm_loss", "nsp_loss", "lr", "samples")
 LOSS_TOL = 1e-6
 TARGETS = {"dense_mfu": 0.50, "pruned_share_of_flops_ideal": 0.90, "rebuild_in_dense_steps": 10.0}
@@ -293,7 +293,7 @@ def check_finetuning(work: Work, deadline: float) -> dict:
 def check_bench() -> dict:
     """bench_gpu's core cases in this process, and the targets met or missed."""
     from bench import bench_gpu
-    from pipeline import distributed
+    from pipeline.engine import distributed
 
     distributed.setup()  # a world of one
     rows, rebuilds = bench_gpu.run_cases(bench_gpu.cases(core=True), "cuda", dry_run=False, steps=10)
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
             print(f"{name}: {shlex.join(cmd)}")
         if args.cpu_smoke:  # the configs the plan wrote load as the commands will load them
             from pipeline.config import load_config
-            from pipeline.finetune_config import load_finetune_config
+            from pipeline.finetune.config import load_finetune_config
 
             for precision in PRECISIONS:
                 load_config(str(pretrain_config(work, precision)), list(test_helpers().EARLYBERT))

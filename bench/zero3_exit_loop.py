@@ -5,7 +5,7 @@
 
 Each run is tests/workers/rebuild_check.py on 2 CPU ranks: a tiny gated BERT trained under ZeRO, masks drawn,
 the engine rebuilt around the pruned model, trained on, destroyed, the process group left. `--exit product`
-(the default) ends each rank through pipeline.distributed.end_rank_process, as `earlybert train` and `finetune`
+(the default) ends each rank through pipeline.engine.distributed.end_rank_process, as `earlybert train` and `finetune`
 do; `--exit interpreter` lets the interpreter finalize, as they did before: then a gloo worker thread that
 releases the final barrier's work (and the ZeRO-3 all-gathers it holds, whose tensors are Python objects) while
 the interpreter finalizes aborts the rank. Failed runs' output goes to --keep; with
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.distributed import free_port
+from pipeline.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "rebuild_check.py"

@@ -12,22 +12,11 @@ import argparse
 import sys
 import time
 
+from common.cli import HelpFormatter
+from common.outputs import OutputError
+from common.progress import DEFAULT_INTERVAL, INTERVAL_ENV
 from data_prep import stops
-from data_prep.outputs import OutputError
-from data_prep.progress import DEFAULT_INTERVAL, INTERVAL_ENV
 from data_prep.readers import InputError
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written, and every option's default in its help (none for required options and
-    for defaults of None: they mean "not given")."""
-
-    def _get_help_string(self, action):
-        help_ = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS)  # False: a flag, off unless given
-        if action.option_strings and not action.required and shown and "%(default)" not in help_:
-            help_ += " (default: %(default)s)"
-        return help_
 
 
 def _prep_parser() -> argparse.ArgumentParser:

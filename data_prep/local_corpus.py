@@ -27,9 +27,10 @@ import sysconfig
 import time
 from pathlib import Path
 
-from data_prep import outputs, stops
+from common import outputs
+from common.outputs import atomic_write
+from data_prep import stops
 from data_prep.readers import InputError
-from data_prep.shards import atomic_write
 
 # Comments and string literals in source order, so that quotes inside them are never taken for
 # the start of a docstring. No prefix letters in the pattern: every match then starts with

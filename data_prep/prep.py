@@ -37,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import encode, outputs, readers, sequences, shards, stops
-from data_prep.launchers import launched_tasks
-from data_prep.progress import progress_bar
-from pipeline import runlock
+from common import outputs
+from common.launchers import launched_tasks
+from common.progress import progress_bar
+from data_prep import encode, readers, sequences, shards, stops
+from pipeline.run import runlock
 
 WORK = ".work"
 # A source with more of its bytes not UTF-8 than this is not text (random bytes: about half): refused.
@@ -235,7 +236,7 @@ def _init_worker(cfg: PrepConfig, tokenizer: TokenizerInfo):
 
 
 def _save_npz(path: Path, arrays: dict):
-    shards.atomic_write(path, lambda f: np.savez(f, **arrays))
+    outputs.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _unit_summary(key, source, arrays, nbytes, resumed=False) -> dict:
@@ -309,7 +310,7 @@ def _shard_job(job) -> dict:
     starts = np.concatenate([[0], np.cumsum(table[:-1, 0], dtype=np.int64)])
     index = np.column_stack([starts, table]).astype(np.int32)
     entry = shards.write_shard(out, k, tokens, index)
-    shards.write_json(entry_path, entry)
+    outputs.write_json(entry_path, entry)
     return entry
 
 
@@ -474,7 +475,7 @@ def _create_work_dir(run: PrepRun):
     if run.dist.rank == 0:
         for sub in ("units", "seqs", "shards"):
             (run.work.root / sub).mkdir(parents=True, exist_ok=True)
-        shards.write_json(run.work.state, {"fingerprint": run.fingerprint, "tokenizer_file": run.tokenizer.file})
+        outputs.write_json(run.work.state, {"fingerprint": run.fingerprint, "tokenizer_file": run.tokenizer.file})
 
 
 @contextmanager
@@ -677,7 +678,7 @@ def manifest_pass(run: PrepRun, n_shards: int, keep, built: dict, stats: dict) -
         return None
     cfg, out, tokenizer = run.cfg, run.out, run.tokenizer
     entries = [json.loads(run.work.shard_entry(k).read_text()) for k in range(n_shards)]
-    shards.atomic_write(out / "tokenizer.json", lambda f: f.write(tokenizer.json.encode()))
+    outputs.atomic_write(out / "tokenizer.json", lambda f: f.write(tokenizer.json.encode()))
     counts = {
         "documents": int(keep.sum()),
         "duplicates_dropped": int(len(keep) - keep.sum()),
@@ -742,7 +743,7 @@ def run_prep(cfg: PrepConfig) -> dict:
 
 
 def _lock_output(run: PrepRun) -> Path | None:
-    """OUT's lock (pipeline/runlock.py), held by rank 0: a second prep into OUT is refused."""
+    """OUT's lock (pipeline/run/runlock.py), held by rank 0: a second prep into OUT is refused."""
     if run.dist.rank != 0:
         return None
     if run.out.exists() and not run.out.is_dir():

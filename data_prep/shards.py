@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.outputs import OutputError, temporary_file
+from common.outputs import atomic_write, write_json
 
 FORMAT = "earlybert-shards"
 FORMAT_VERSION = 1
@@ -61,33 +61,8 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path, write) -> None:
-    """Call write(file) on a temporary name next to `path`, fsync, then rename over `path`:
-    a crash leaves either the old file or the new one, never a partial file under the real name. Only a
-    regular file is ever replaced (data_prep/outputs.py): the rename would go over a FIFO or a device too."""
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not path.is_file():
-        raise OutputError(
-            f"{path} exists and is not a regular file (a directory, device, FIFO, socket or dangling link): "
-            f"it is never replaced; choose another output path"
-        )
-    tmp = temporary_file(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_npy(path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def write_json(path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def write_manifest(directory, **fields) -> None:

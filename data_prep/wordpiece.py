@@ -11,11 +11,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from data_prep import outputs, stops
+from common import outputs
+from common.outputs import atomic_write
+from common.progress import progress_bar
+from data_prep import stops
 from data_prep.encode import parse_unit
-from data_prep.progress import progress_bar
 from data_prep.readers import InputError, Source, describe_skipped, discover, local_paths, read_units
-from data_prep.shards import atomic_write
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -47,7 +48,7 @@ def train_wordpiece(
     progress: bool = False,
 ) -> Tokenizer:
     """Train on `inputs` and write the tokenizer to `output` (a file). The output is checked before the training
-    (data_prep/outputs.py): not an input, not a special file, in a directory that can be written.
+    (common/outputs.py): not an input, not a special file, in a directory that can be written.
 
     The training runs in a worker process that this one terminates on Ctrl-C or SIGTERM: inside
     train_from_iterator neither is ever handled (its Rust loop swallows the KeyboardInterrupt raised in the

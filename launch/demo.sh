@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 RUN=runs/demo/run
 DATA=runs/demo/data
-EXPORT=runs/demo/export   # beside the run, never inside it (export refuses that: data_prep/outputs.py)
+EXPORT=runs/demo/export   # beside the run, never inside it (export refuses that: common/outputs.py)
 mkdir -p "$DATA"
 start=$(date +%s)
 

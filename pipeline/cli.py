@@ -3,9 +3,9 @@
     earlybert prep    ...   corpus -> tokenized memory-mapped shards   (data_prep)
     earlybert train   ...   shards -> DeepSpeed pre-training run        (pipeline.train)
     earlybert finetune ...  model + task -> fine-tuned model, metrics   (pipeline.finetune)
-    earlybert eval    ...   run + held-out shards -> MLM loss, accuracy (pipeline.evaluate)
-    earlybert export  ...   run -> Hugging Face directory               (pipeline.export)
-    earlybert report  ...   runs -> report.md and figures               (pipeline.report)
+    earlybert eval    ...   run + held-out shards -> MLM loss, accuracy (pipeline.tools.masked_lm_eval)
+    earlybert export  ...   run -> Hugging Face directory               (pipeline.tools.export)
+    earlybert report  ...   runs -> report.md and figures               (pipeline.tools.report)
 
 Each stage owns its argument parser; this file only dispatches, importing the stage lazily so that
 `earlybert prep --help` does not pay for importing DeepSpeed. `train` and `finetune` import torch and
@@ -22,22 +22,22 @@ import importlib.util
 import sys
 import typing
 
-from data_prep.cli import HelpFormatter
-from data_prep.launchers import detect_launcher, launched_tasks
+from common.cli import HelpFormatter
+from common.launchers import detect_launcher, launched_tasks
 
 STAGES = {
     "prep": ("data_prep.cli", "corpus -> tokenized memory-mapped training shards"),
     "train": ("pipeline.train", "gated BERT pre-training with DeepSpeed, early-bird draw, prune"),
     "finetune": ("pipeline.finetune", "EarlyBERT fine-tuning on GLUE, SQuAD or your own task data"),
-    "eval": ("pipeline.evaluate", "held-out MLM loss and accuracy of a run's model"),
-    "export": ("pipeline.export", "export a run to a Hugging Face model directory"),
-    "report": ("pipeline.report", "write RUN/report/ with report.md and figures"),
+    "eval": ("pipeline.tools.masked_lm_eval", "held-out MLM loss and accuracy of a run's model"),
+    "export": ("pipeline.tools.export", "export a run to a Hugging Face model directory"),
+    "report": ("pipeline.tools.report", "write RUN/report/ with report.md and figures"),
 }
 # The config-driven stages: (the config's dataclass, an example command line).
 CONFIGS = {
     "train": ("pipeline.config:RunConfig", "--config launch/configs/tiny.yaml optim.lr=5e-4 phases.0.steps=200"),
     "finetune": (
-        "pipeline.finetune_config:FinetuneConfig",
+        "pipeline.finetune.config:FinetuneConfig",
         "--config launch/configs/finetune-sst2.yaml earlybert.mode=dense seed=2",
     ),
 }
@@ -99,12 +99,13 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, p
     can be checked from files before any process group exists, for the ranks the launcher started, so a bad
     config fails in seconds on every rank alike (`errors`: a message and EXIT_CONFIG), and returns (config, ...);
     `--check` prints `plan(prepared, world_size)` (lines) and stops there. Then the process group (its timeout:
-    dist_timeout.long_s), rank 0 takes the run directory's lock (pipeline/runlock.py), `run(prepared, dist)`, a
-    clean teardown. A fault of the run (pipeline/guards.py) exits with EXIT_FAULT."""
+    dist_timeout.long_s), rank 0 takes the run directory's lock (pipeline/run/runlock.py), `run(prepared, dist)`, a
+    clean teardown. A fault of the run (pipeline/engine/guards.py) exits with EXIT_FAULT."""
     import logging
     import os
 
-    from pipeline import distributed, guards, runlock
+    from pipeline.engine import distributed, guards
+    from pipeline.run import runlock
 
     parser = config_parser(stage)
     args = parser.parse_intermixed_args(argv)
@@ -150,16 +151,17 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, p
 
 def launched_world_size(env) -> int:
     """The ranks the launcher started, read from its environment before any process group exists (as
-    pipeline/distributed.py will find them): what `prepare` checks the batch split and the resume for."""
+    pipeline/engine/distributed.py will find them): what `prepare` checks the batch split and the resume for."""
     return int(env["WORLD_SIZE"]) if detect_launcher(env) == "env" else launched_tasks(env)  # srun, mpirun or 1
 
 
 @contextlib.contextmanager
 def _locked(run_dir, stage: str, d):
-    """The run directory's lock (pipeline/runlock.py), held by rank 0; every rank learns whether it was taken."""
+    """The run directory's lock (pipeline/run/runlock.py), held by rank 0; every rank learns whether it was taken."""
     import torch
 
-    from pipeline import distributed, runlock
+    from pipeline.engine import distributed
+    from pipeline.run import runlock
 
     refused, path = "", None
     if d.is_main:
@@ -224,7 +226,9 @@ def main(argv=None) -> int:
             parser.error("the following arguments are required: --config")
     module = importlib.import_module(STAGES[stage][0])
     code = int(module.main(rest) or 0)
-    ranks = sys.modules.get("pipeline.distributed")  # loaded by the stages that run ranks; never imported for prep
+    ranks = sys.modules.get(
+        "pipeline.engine.distributed"
+    )  # loaded by the stages that run ranks; never imported for prep
     return ranks.end_rank_process(code) if ranks else code
 
 

@@ -25,8 +25,8 @@ from typing import Literal
 
 import yaml
 
-from pipeline.detector import DetectorConfig
-from pipeline.rundir import RunDir
+from pipeline.earlybert.detector import DetectorConfig
+from pipeline.run.rundir import RunDir
 
 
 class ConfigError(ValueError):
@@ -48,14 +48,14 @@ class ModelConfig:
     init_from: str | None = None  # a Hugging Face checkpoint (directory or hub id) instead of random init
     overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.0}
     # init_from without the pre-training heads (an encoder-only BertModel): optimizer steps that train the fresh
-    # heads alone, the encoder frozen, before the run (pipeline/head_warmup.py). None: 100 when a head is
+    # heads alone, the encoder frozen, before the run (pipeline/pretrain/head_warmup.py). None: 100 when a head is
     # missing; 0: none. A checkpoint with every head gets none.
     head_warmup_steps: int | None = None
 
 
 @dataclass
 class SearchConfig:
-    """The search stage, the draw and what follows it (YAML key `earlybert:`; see pipeline/search.py).
+    """The search stage, the draw and what follows it (YAML key `earlybert:`; see pipeline/earlybert/search.py).
 
     mode: earlybert  gates + L1, the early-bird detector draws the ticket when the masks stop changing
           fixed      gates + L1, the ticket is drawn at draw_step          (baseline: hand-set draw step)
@@ -136,7 +136,7 @@ class NonFiniteConfig:
 @dataclass
 class LogConfig:
     interval: int = 10  # progress line every N steps (metrics.jsonl gets every step)
-    tensorboard: bool = True  # RUN/tensorboard/ (pipeline/metrics.py)
+    tensorboard: bool = True  # RUN/tensorboard/ (pipeline/run/metrics.py)
     wandb: bool = False  # W&B: pip install 'earlybert[wandb]'; the run id is kept in RUN/wandb_id
     wandb_project: str = "earlybert"
     peak_tflops: float | None = None  # per-device peak for MFU; None = look the device up
@@ -146,7 +146,7 @@ class LogConfig:
 class RunConfig:
     """`earlybert train`: what the training loop must agree with; the DeepSpeed JSON owns the rest."""
 
-    run_dir: str  # RUN/ (pipeline/rundir.py): config, metrics, ticket, checkpoints
+    run_dir: str  # RUN/ (pipeline/run/rundir.py): config, metrics, ticket, checkpoints
     phases: list[Phase]  # BERT's recipe: seq 128 for 90% of the steps, then seq 512
     seed: int = 1234
     compile: bool = (

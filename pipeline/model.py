@@ -177,7 +177,7 @@ class EarlyBertForPreTrainingOutput(ModelOutput):
     (N_masked, V) with `masked_logits_only=True` and labels. mlm_correct / mlm_count: masked tokens predicted
     right / masked tokens (with labels). token_count / token_pairs: real tokens / query-key pairs inside the
     sequences, the sum of their squared lengths (with labels): what the model FLOPs of a step count
-    (pipeline/metrics.py model_flops), summed on the device so that logging them never waits for it."""
+    (pipeline/run/metrics.py model_flops), summed on the device so that logging them never waits for it."""
 
     loss: torch.Tensor | None = None
     prediction_logits: torch.Tensor | None = None

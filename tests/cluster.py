@@ -25,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.distributed import free_port
+from pipeline.engine.distributed import free_port
 
 SLURM_BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
 NODE_BINARIES = ("unshare", "nsenter", "ip", "sshd", "ssh", "ssh-keygen", "pdsh")

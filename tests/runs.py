@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.distributed import free_port
+from pipeline.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,8 +43,8 @@ def faulty_train(
     """A script running `earlybert train` (or `command`'s main) that exits hard (os._exit: no clean-up, as kill -9 or a
     crash leaves things) before or after `target` runs, the first time `condition` holds.
 
-    target: "module:attribute.path", e.g. "pipeline.engine:prune_engine" or
-    "pipeline.rundir:RunDir.write_ticket". condition: a Python expression of `args` and `kwargs`, the
+    target: "module:attribute.path", e.g. "pipeline.engine.deepspeed_engine:prune_engine" or
+    "pipeline.run.rundir:RunDir.write_ticket". condition: a Python expression of `args` and `kwargs`, the
     target's call arguments (for a method, args[0] is self)."""
     module, _, path = target.partition(":")
     *owners, name = path.split(".")

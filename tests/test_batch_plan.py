@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import RunState
 from pipeline.config import (
     ConfigError,
     Problems,
@@ -16,7 +15,8 @@ from pipeline.config import (
     load_config,
     plan_batches,
 )
-from pipeline.finetune_config import load_finetune_config
+from pipeline.finetune.config import load_finetune_config
+from pipeline.run.checkpoint import RunState
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))

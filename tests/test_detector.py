@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline.detector import (
+from pipeline.earlybert.detector import (
     DetectorConfig,
     DetectorState,
     Masks,
@@ -170,7 +170,7 @@ def test_ffn_widths_are_multiples_of_ffn_multiple_of():
 
 
 def test_settings_that_leave_no_room_for_a_natural_draw_are_named():
-    from pipeline.detector import natural_draw_problems
+    from pipeline.earlybert.detector import natural_draw_problems
 
     ok = DetectorConfig(interval=10, window=5, epsilon=0.15, min_search_steps=100, max_search_steps=240)
     assert natural_draw_problems(ok, heads=16, neurons=4096) == []
@@ -186,8 +186,8 @@ def test_random_masks_at_a_tickets_own_counts_and_by_mask_seed(tmp_path):
     import json
 
     from pipeline.config import ConfigError, SearchConfig
+    from pipeline.earlybert.search import random_masks, read_random_like
     from pipeline.model import EarlyBertConfig
-    from pipeline.search import random_masks, read_random_like
 
     config = EarlyBertConfig.from_preset("bert-tiny")  # 2 layers, 4 heads, FFN 256
     ticket = tmp_path / "ticket.json"

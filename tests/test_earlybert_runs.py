@@ -46,8 +46,8 @@ def test_search_draw_prune_rebuild_and_train_on(eb_reference):
 def test_continued_pretraining_from_a_hugging_face_checkpoint_draws_and_exports(config, hf_bert, tmp_path):
     """transformers' own checkpoint names its class (BertForMaskedLM) in its config; the run trains the
     pre-training model, and its ticket, checkpoints and model say so (the draw once failed on the name)."""
-    from pipeline.export import load_run_model
     from pipeline.model import EarlyBertForPreTraining
+    from pipeline.tools.export import load_run_model
 
     run_dir = tmp_path / "run"
     code, out = finish(deepspeed(config, run_dir, *EARLYBERT, f"model.init_from={hf_bert}"))
@@ -60,9 +60,9 @@ def test_continued_pretraining_from_a_hugging_face_checkpoint_draws_and_exports(
 
 
 KILL_POINTS = {  # what fails, and when
-    "before the draw": ("pipeline.train:prune_engine", "before"),
-    "during the rebuild": ("pipeline.rebuild:restore_engine", "before"),
-    "just after the draw": ("pipeline.rundir:RunDir.write_ticket", "after"),
+    "before the draw": ("pipeline.pretrain.loop:prune_engine", "before"),
+    "during the rebuild": ("pipeline.engine.rebuild:restore_engine", "before"),
+    "just after the draw": ("pipeline.run.rundir:RunDir.write_ticket", "after"),
 }
 
 
@@ -88,7 +88,9 @@ def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_check
     resumed from it (the pruned model is built from architecture.json before DeepSpeed loads)."""
     run_dir = tmp_path / "run"
     args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
-    after_draw_save = faulty_train(tmp_path, "pipeline.checkpoint:save", "after", condition="args[2].search['ticket']")
+    after_draw_save = faulty_train(
+        tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
+    )
     code, out = finish(deepspeed(config, run_dir, *args, script=after_draw_save))
     assert code != 0 and "ticket drawn at step" in out, out
     draw = ticket(eb_reference)["draw_step"]

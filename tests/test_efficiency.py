@@ -13,14 +13,14 @@ import torch
 from transformers import BertForPreTraining
 
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining
-from pipeline.detector import DetectorConfig, masks_from_gates
+from pipeline.earlybert.detector import DetectorConfig, masks_from_gates
+from pipeline.earlybert.pruner import PrunePlan, prune_model, pruned_config
 from pipeline.model import (
     EarlyBertForQuestionAnswering,
     EarlyBertForSequenceClassification,
     EarlyBertForTokenClassification,
     Unpadded,
 )
-from pipeline.pruner import PrunePlan, prune_model, pruned_config
 from runs import run_env
 from tiny import NO_DROPOUT, per_layer_config, spread_gates
 
@@ -230,7 +230,7 @@ def test_fused_qkv_keeps_transformers_names_loads_hf_and_prunes(tmp_path):
 def test_fused_adam_falls_back_to_torch_fused_adamw(monkeypatch, capsys):
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
-    from pipeline import engine
+    from pipeline.engine import deepspeed_engine as engine
 
     ds = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}
 
@@ -294,9 +294,9 @@ def test_gpu_benchmark_refuses_on_cpu_and_dry_runs(capsys):
 def worker(stage: int, options: dict, out_path: str) -> None:
     """Train a gated tiny BERT 3 steps on padded batches, draw, rebuild the engine, train 3 more; rank 0 writes
     the losses and whether the options are still on after the rebuild."""
-    from pipeline import distributed
     from pipeline.config import OptimConfig
-    from pipeline.engine import EngineSlot, EngineSpec, build_engine, prune_engine
+    from pipeline.engine import distributed
+    from pipeline.engine.deepspeed_engine import EngineSlot, EngineSpec, build_engine, prune_engine
 
     rank = distributed.setup().rank
     ds = {
@@ -352,7 +352,7 @@ def worker(stage: int, options: dict, out_path: str) -> None:
                 }
             )
         )
-    # As the product ends a run (pipeline/train.py): ZeRO-3's hooks and buffers go before the process group,
+    # As the product ends a run (pipeline/pretrain/loop.py): ZeRO-3's hooks and buffers go before the process group,
     # else the exit can abort in C++ teardown ("terminate called without an active exception").
     engine.destroy()
     distributed.teardown(clean=True)
@@ -378,7 +378,7 @@ def test_options_under_zero_and_across_the_rebuild(tmp_path, stage):
 
 
 if __name__ == "__main__" and sys.argv[1] == "worker":
-    from pipeline import distributed
+    from pipeline.engine import distributed
 
     worker(int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4])
     distributed.end_rank_process(0)  # as a rank of `earlybert train` ends

@@ -24,7 +24,7 @@ from data_prep.wordpiece import train_wordpiece
 from pipeline.cli import REQUIRED
 from pipeline.cli import main as cli_main
 from pipeline.config import SHIPPED_DS_CONFIGS, ConfigError, RunConfig, load_config
-from pipeline.finetune_config import load_finetune_config
+from pipeline.finetune.config import load_finetune_config
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -229,8 +229,8 @@ def test_tokenizer_output_may_be_a_directory(small_corpus, tmp_path):
 
 def test_eval_reports_progress_as_lines_off_a_terminal(small_corpus, tmp_path, capsys, monkeypatch):
     from data_prep import ShardDataset
-    from pipeline.evaluate import evaluate
     from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+    from pipeline.tools.masked_lm_eval import evaluate
 
     prep([str(small_corpus / "corpus.txt")], tmp_path / "shards", small_corpus / "tok")
     shards = ShardDataset(tmp_path / "shards")

@@ -72,7 +72,7 @@ def test_a_launch_killed_during_the_extension_build_does_not_block_the_next(conf
     )
     holder.stdout.readline()
     build = subprocess.run(
-        [str(BIN / "python"), "-c", "from pipeline.distributed import build_extensions; build_extensions()"],
+        [str(BIN / "python"), "-c", "from pipeline.engine.distributed import build_extensions; build_extensions()"],
         env=env,
         cwd=REPO,
         capture_output=True,

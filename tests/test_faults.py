@@ -16,11 +16,11 @@ import psutil
 import pytest
 
 from faults_table import CASES, DOC, cases, claimed, render, tried
-from pipeline import checkpoint, runlock
-from pipeline.checkpoint import CheckpointError
 from pipeline.cli import EXIT_CONFIG, EXIT_FAULT
 from pipeline.config import ConfigError, load_config
-from pipeline.metrics import truncate_after
+from pipeline.run import checkpoint, runlock
+from pipeline.run.checkpoint import CheckpointError
+from pipeline.run.metrics import truncate_after
 from runs import BIN, REPO, TOTAL, assert_same_losses, deepspeed, finish, latest, metrics, run_env, train_cmd
 
 
@@ -274,7 +274,7 @@ def test_a_stopped_rank_fails_the_others_within_the_timeout_and_the_relaunch_res
 
 NAN_SCRIPT = """import sys
 from pipeline import model
-from pipeline.train import main
+from pipeline.pretrain.loop import main
 original, calls = model.EarlyBertForPreTraining.forward, [0]
 def forward(self, *args, **kwargs):
     out = original(self, *args, **kwargs)
@@ -365,7 +365,7 @@ def _refused(main, config, tmp_path, capsys, argv, message):
     "resume_from_malformed",
 )
 def test_bad_train_input(config, reference, tmp_path, capsys, case):
-    from pipeline.train import main
+    from pipeline.pretrain.loop import main
 
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
@@ -409,7 +409,7 @@ BOMB = "deepspeed_overrides:\n  l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join
 )
 def test_hostile_train_input(config, shards, tmp_path, capsys, case):
     """Each refused before any process group, with a message naming the file or key; nothing written."""
-    from pipeline.train import main
+    from pipeline.pretrain.loop import main
 
     def config_with(extra: bytes) -> list[str]:
         path = tmp_path / f"hostile_{hash(extra)}.yaml"  # one per case of the table below, built at once
@@ -481,7 +481,7 @@ def test_out_of_range_values_are_named(config, tmp_path, overrides, message):
 def _fake_resume(config, run_dir):
     """RUN/checkpoints/step_00000003 as a run of `config` saves it (run state and architecture; DeepSpeed's files
     are not read before the process group), and the prepared fresh start it came from."""
-    from pipeline.train import prepare
+    from pipeline.pretrain.loop import prepare
 
     cfg, datasets, start = prepare(argparse.Namespace(config=str(config), overrides=[f"run_dir={run_dir}"]), 1)
     tag = run_dir / "checkpoints" / "step_00000003"
@@ -495,7 +495,7 @@ def _fake_resume(config, run_dir):
 
 @tried("resume_model_changed", "resume_shards_changed")
 def test_a_resume_on_another_model_shape_or_other_shards_is_refused(config, shards, tmp_path, capsys):
-    from pipeline.train import main, prepare
+    from pipeline.pretrain.loop import main, prepare
 
     run_dir = tmp_path / "run"
     start = _fake_resume(config, run_dir)
@@ -525,7 +525,7 @@ def test_a_resume_on_another_model_shape_or_other_shards_is_refused(config, shar
     "finetune_resume_from_missing",
 )
 def test_bad_finetune_input(ft_config, reference, tmp_path, capsys, case):
-    from pipeline.finetune import main
+    from pipeline.finetune.loop import main
 
     args = {
         "finetune_config_missing": (["--config", "nothere.yaml"], "cannot read run config nothere.yaml"),
@@ -563,9 +563,9 @@ def damaged_run(reference, tmp_path):
 )
 def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run, tmp_path, capsys, case):
     from data_prep.cli import main as prep_main
-    from pipeline.evaluate import main as eval_main
-    from pipeline.export import main as export_main
-    from pipeline.report import main as report_main
+    from pipeline.tools.export import main as export_main
+    from pipeline.tools.masked_lm_eval import main as eval_main
+    from pipeline.tools.report import main as report_main
 
     missing, out, damaged = tmp_path / "missing", tmp_path / "out", damaged_run[0]
     a_file = tmp_path / "file"
@@ -631,7 +631,7 @@ def test_bad_input_to_eval_export_report_and_prep(shards, reference, damaged_run
 
 @cases("eval_bad_arguments")
 def test_bad_eval_arguments_are_usage_errors(tmp_path, capsys, case):
-    from pipeline.evaluate import main as eval_main
+    from pipeline.tools.masked_lm_eval import main as eval_main
 
     run = [str(tmp_path), "--shards", str(tmp_path)]
     for argv, message in (

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.distributed import free_port
+from pipeline.engine.distributed import free_port
 from runs import BIN, REPO, faulty_train, finish, metrics, run_env
 
 pytestmark = pytest.mark.slow  # launches ranks
@@ -85,7 +85,7 @@ def test_a_fine_tuned_run_exports_with_its_head_labels_and_tokenizer(ft_referenc
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.export import load_run_model
+    from pipeline.tools.export import load_run_model
 
     out = tmp_path / "export"
     done = subprocess.run(
@@ -120,8 +120,8 @@ def test_zero2_and_zero3_draw_the_same_ticket(ft_config, ft_reference, tmp_path,
 
 
 KILL_POINTS = {
-    "before the draw": ("pipeline.finetune:prune_engine", "before"),
-    "just after the draw": ("pipeline.rundir:RunDir.write_ticket", "after"),
+    "before the draw": ("pipeline.finetune.loop:prune_engine", "before"),
+    "just after the draw": ("pipeline.run.rundir:RunDir.write_ticket", "after"),
 }
 
 

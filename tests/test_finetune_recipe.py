@@ -12,9 +12,9 @@ import yaml
 
 from pipeline import EarlyBertConfig
 from pipeline.config import ConfigError
-from pipeline.engine import lr_factor, train_step
-from pipeline.finetune import Run, plan_stages
-from pipeline.finetune_config import load_finetune_config
+from pipeline.engine.deepspeed_engine import lr_factor, train_step
+from pipeline.finetune.config import load_finetune_config
+from pipeline.finetune.loop import Run, plan_stages
 from pipeline.model import EarlyBertForSequenceClassification
 from tiny import NO_DROPOUT, spread_gates
 
@@ -127,7 +127,7 @@ def split(batch: dict, parts: int) -> list[dict]:
 
 
 def ours(model, batch, accumulation: int) -> torch.Tensor:
-    """The gates' gradient of one optimizer step of ours: pipeline.engine.train_step, as fine-tuning calls it."""
+    """The gates' gradient of one optimizer step of ours: pipeline.engine.deepspeed_engine.train_step, as fine-tuning calls it."""
     model = copy.deepcopy(model)
     stats = lambda out: {"loss": out.task_loss}  # noqa: E731
     train_step(AccumulatingEngine(model, accumulation), split(batch, accumulation), "cpu", stats, gate_lambdas=LAMBDAS)

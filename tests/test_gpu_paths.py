@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from pipeline import cli, distributed
-from pipeline.distributed import DistInfo, free_port
+from pipeline import cli
+from pipeline.engine import distributed
+from pipeline.engine.distributed import DistInfo, free_port
 from runs import REPO, run_env
 
 META = torch.device("meta")
@@ -77,7 +78,7 @@ def test_a_rank_binds_a_device_its_task_sees(local_rank, visible, ordinal):
     assert distributed.device_ordinal(local_rank, visible) == ordinal
 
 
-SETUP = "from pipeline import distributed; d = distributed.setup(); print('started on', d.device)"
+SETUP = "from pipeline.engine import distributed; d = distributed.setup(); print('started on', d.device)"
 needs_cpu_build = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")
 
 
@@ -132,8 +133,8 @@ def test_no_gpus_or_cpu_allowed_start_on_cpu(env, gpu_node):
 RANK = """
 import datetime, sys, time
 import torch, torch.distributed as dist
-from pipeline import guards
-from pipeline.distributed import DistInfo
+from pipeline.engine import guards
+from pipeline.engine.distributed import DistInfo
 
 rank, port = int(sys.argv[1]), sys.argv[2]
 # gloo would raise after 120 s; NCCL would not raise at all: the watchdog must speak first

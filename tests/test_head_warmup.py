@@ -1,4 +1,4 @@
-"""The warm-up of the pre-training heads a Hugging Face checkpoint lacks (pipeline/head_warmup.py): it runs only
+"""The warm-up of the pre-training heads a Hugging Face checkpoint lacks (pipeline/pretrain/head_warmup.py): it runs only
 when a head is missing, trains the heads alone (every encoder weight bit-identical), is announced, and resumes
 exactly after a kill in the middle of it."""
 
@@ -10,10 +10,11 @@ import torch
 
 from conftest import save_hf_bert
 from data_prep import ShardDataset
-from pipeline import distributed, head_warmup
 from pipeline.config import load_config
+from pipeline.engine import distributed
 from pipeline.model import EarlyBertForPreTraining
-from pipeline.resume import model_config_for
+from pipeline.pretrain import head_warmup
+from pipeline.run.resume import model_config_for
 from runs import assert_same_losses, deepspeed, faulty_train, finish, metrics
 
 WARMUP = 6  # steps; the test config checkpoints every 3
@@ -148,7 +149,7 @@ def test_a_kill_in_the_warm_up_resumes_to_the_same_heads_and_losses(config, enco
     run_dir = tmp_path / "run"
     overrides = (f"model.init_from={encoder_only}", f"model.head_warmup_steps={WARMUP}")
     # Killed hard before warm-up step 5 (args[5]: seed + steps done): the state file holds step 3.
-    script = faulty_train(tmp_path, "pipeline.head_warmup:step", condition="args[5] == 7 + 4")
+    script = faulty_train(tmp_path, "pipeline.pretrain.head_warmup:step", condition="args[5] == 7 + 4")
     code, out = finish(deepspeed(config, run_dir, *overrides, script=script))
     assert code != 0 and not (run_dir / "checkpoints").exists(), out
     code, out = finish(deepspeed(config, run_dir, *overrides))

@@ -23,9 +23,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from pipeline.checkpoint import ARCHITECTURE, LATEST, RUN_STATE, RunState, tag_for
-from pipeline.detector import Masks
-from pipeline.export import AUTO_MAP, ExportError, export_model, export_run, fold_all_gates, load_run_model
+from pipeline.earlybert.detector import Masks
+from pipeline.earlybert.pruner import prune_model
 from pipeline.model import (
     EarlyBertConfig,
     EarlyBertForPreTraining,
@@ -33,7 +32,8 @@ from pipeline.model import (
     EarlyBertForSequenceClassification,
     EarlyBertForTokenClassification,
 )
-from pipeline.pruner import prune_model
+from pipeline.run.checkpoint import ARCHITECTURE, LATEST, RUN_STATE, RunState, tag_for
+from pipeline.tools.export import AUTO_MAP, ExportError, export_model, export_run, fold_all_gates, load_run_model
 
 transformers.logging.set_verbosity_error()
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def test_fine_tuned_head_exports_keep_head_and_labels(tokenizer_file, tmp_path, 
 
 
 def write_checkpoint(run_dir: Path, model, step: int = 3) -> None:
-    """A ZeRO-0 checkpoint as the training loop lays it out (pipeline/checkpoint.py), without DeepSpeed."""
+    """A ZeRO-0 checkpoint as the training loop lays it out (pipeline/run/checkpoint.py), without DeepSpeed."""
     ckpt = run_dir / "checkpoints"
     folder = ckpt / tag_for(step)
     folder.mkdir(parents=True)

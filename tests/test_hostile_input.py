@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from faults_table import CASES, tried
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.finetune_config import FinetuneConfig, load_finetune_config
-from pipeline.tasks import TaskConfig, TaskError, load_task
+from pipeline.finetune.config import FinetuneConfig, load_finetune_config
+from pipeline.finetune.tasks import TaskConfig, TaskError, load_task
 
 BOUNDED = settings(
     max_examples=40,
@@ -240,8 +240,8 @@ def test_a_validation_label_absent_from_training_is_refused(tmp_path):
 
 @tried("finetune_squad_answers_outside")
 def test_a_squad_file_whose_answers_all_lie_outside_their_contexts_is_refused(tokenizer, tmp_path):
-    from pipeline.squad import prepare_train_features
-    from pipeline.tasks import read_squad_json
+    from pipeline.finetune.squad import prepare_train_features
+    from pipeline.finetune.tasks import read_squad_json
 
     qas = [{"id": f"q{i}", "question": "where?", "answers": [{"text": "paris", "answer_start": 40}]} for i in range(3)]
     path = tmp_path / "train.json"
@@ -251,7 +251,7 @@ def test_a_squad_file_whose_answers_all_lie_outside_their_contexts_is_refused(to
 
 
 def _refused_finetune(ft_config, tmp_path, capsys, overrides, message, case):
-    from pipeline.finetune import main
+    from pipeline.finetune.loop import main
 
     code = main(["--config", str(ft_config), f"run_dir={tmp_path / 'run'}", *overrides])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Which launcher started a rank, inside a Slurm allocation and out (data_prep/launchers.py), and the launch
+"""Which launcher started a rank, inside a Slurm allocation and out (common/launchers.py), and the launch
 scripts' handling of the environment (launch/*.sh)."""
 
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cluster import mpi_unavailable, namespaces_unavailable, slurm_cluster, slurm_unavailable, two_node_cluster
-from data_prep.launchers import detect_launcher, launched_rank, launched_tasks
+from common.launchers import detect_launcher, launched_rank, launched_tasks
 from runs import BIN, REPO, run_env
 
 STEP = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n[0-1]"}
@@ -91,7 +91,7 @@ def test_launcher_rank_and_tasks_of_each_environment(case):
 
 
 PROBE = (
-    "import os; from data_prep.launchers import detect_launcher, launched_rank; "
+    "import os; from common.launchers import detect_launcher, launched_rank; "
     "print('probe', detect_launcher(os.environ), launched_rank(os.environ))"
 )
 

@@ -1,15 +1,15 @@
-"""Issue 19 item 12: one definition of model FLOPs and MFU (pipeline/metrics.py) over real tokens, used alike by
-the training log (pipeline/train.py step_record) and the benchmarks (bench/bench_gpu.py)."""
+"""Issue 19 item 12: one definition of model FLOPs and MFU (pipeline/run/metrics.py) over real tokens, used alike by
+the training log (pipeline/pretrain/loop.py step_record) and the benchmarks (bench/bench_gpu.py)."""
 
 from types import SimpleNamespace
 
 import pytest
 
 from bench.bench_model import make_batch
-from pipeline.metrics import batch_model_flops, flops_per_sequence, mfu, model_flops
 from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
-from pipeline.report import model_rate
-from pipeline.train import pretraining_stats, step_record
+from pipeline.pretrain.loop import pretraining_stats, step_record
+from pipeline.run.metrics import batch_model_flops, flops_per_sequence, mfu, model_flops
+from pipeline.tools.report import model_rate
 from tiny import NO_DROPOUT, per_layer_config
 
 

@@ -19,7 +19,6 @@ from transformers import (
 )
 
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining, EarlyBertModel
-from pipeline.metrics import flops_per_sequence
 from pipeline.model import (
     PRESETS,
     EarlyBertForMaskedLM,
@@ -27,6 +26,7 @@ from pipeline.model import (
     EarlyBertForSequenceClassification,
     EarlyBertForTokenClassification,
 )
+from pipeline.run.metrics import flops_per_sequence
 from tiny import NO_DROPOUT, per_layer_config, spread_gates
 
 transformers.logging.set_verbosity_error()

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.detector import Masks
-from pipeline.export import load_run_model
-from pipeline.pruner import PrunePlan, gate_values, prune_tensors
+from pipeline.earlybert.detector import Masks
+from pipeline.earlybert.pruner import PrunePlan, gate_values, prune_tensors
+from pipeline.tools.export import load_run_model
 from runs import BIN, TOTAL, run_env, train_cmd
 
 pytestmark = pytest.mark.slow  # launches ranks

@@ -9,8 +9,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.config import LogConfig
-from pipeline.metrics import MetricsLog, optimizer_stats
-from pipeline.rundir import RunDir
+from pipeline.run.metrics import MetricsLog, optimizer_stats
+from pipeline.run.rundir import RunDir
 from runs import deepspeed, finish
 
 CONFIG = {"seed": 7, "optim": {"lr": 0.001}}

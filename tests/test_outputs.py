@@ -1,4 +1,4 @@
-"""The output policy (data_prep/outputs.py): no command deletes or replaces what it did not write.
+"""The output policy (common/outputs.py): no command deletes or replaces what it did not write.
 
 Unit cases of the policy on generated layouts, then `earlybert export` against the slips of a path that used to
 delete a run (--output RUN, RUN/checkpoints, a folder of other files) and the leftovers of an interrupted export."""
@@ -12,9 +12,15 @@ import subprocess
 
 import pytest
 
-from data_prep import outputs
-from data_prep.outputs import OutputError, check_directory_output, check_output, replace_directory, staging_dir
-from data_prep.shards import atomic_write
+from common import outputs
+from common.outputs import (
+    OutputError,
+    atomic_write,
+    check_directory_output,
+    check_output,
+    replace_directory,
+    staging_dir,
+)
 from runs import BIN
 
 COMMAND = "earlybert export"

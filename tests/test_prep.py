@@ -366,7 +366,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, corpus):
 
 
 def test_progress_lines_at_most_every_interval(monkeypatch, capsys):
-    from data_prep.progress import INTERVAL_ENV, progress_bar
+    from common.progress import INTERVAL_ENV, progress_bar
 
     monkeypatch.setenv(INTERVAL_ENV, "3600")
     with progress_bar("count", 1000, "items") as bar:  # capsys: stderr is not a terminal

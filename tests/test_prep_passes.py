@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import ShardDataset, outputs, prep, shards
+from common import outputs
+from data_prep import ShardDataset, prep, shards
 from data_prep.wordpiece import train_wordpiece
 
 ANIMALS = ["otter", "heron", "badger", "falcon", "beaver", "lynx"]

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from pipeline import EarlyBertConfig, EarlyBertForPreTraining
-from pipeline.detector import DetectorConfig, masks_from_gates
-from pipeline.metrics import flops_per_sequence
+from pipeline.earlybert.detector import DetectorConfig, masks_from_gates
+from pipeline.earlybert.pruner import PrunePlan, gate_values, prune_model, prune_tensors
 from pipeline.model import parameter_count
-from pipeline.pruner import PrunePlan, gate_values, prune_model, prune_tensors
+from pipeline.run.metrics import flops_per_sequence
 from tiny import NO_DROPOUT, spread_gates
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.distributed import free_port
+from pipeline.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow  # launches ranks
 
@@ -44,7 +44,7 @@ def run_two_ranks(script: Path, args: list[str], timeout: int = 300) -> None:
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
-    # DeepSpeed's CPU all-reduce segments are released (pipeline.distributed.release_shm_segment).
+    # DeepSpeed's CPU all-reduce segments are released (pipeline.engine.distributed.release_shm_segment).
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 

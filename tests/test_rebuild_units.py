@@ -6,8 +6,8 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from deepspeed.ops.lamb import FusedLamb
 
 from pipeline.config import ConfigError, OptimConfig
-from pipeline.engine import EngineSpec, build_engine
-from pipeline.rebuild import _create_adam_state
+from pipeline.engine.deepspeed_engine import EngineSpec, build_engine
+from pipeline.engine.rebuild import _create_adam_state
 
 
 def meta_param() -> torch.nn.Parameter:

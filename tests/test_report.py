@@ -5,8 +5,8 @@ import json
 
 import yaml
 
-from pipeline.report import _dense_structure, write_report
-from pipeline.rundir import RunDir
+from pipeline.run.rundir import RunDir
+from pipeline.tools.report import _dense_structure, write_report
 
 # all-MiniLM-L6-v2's uniform sizes, and a ticket of it: what a continued pre-training run from it records
 MINILM = {"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}

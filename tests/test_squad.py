@@ -1,10 +1,10 @@
-"""pipeline/squad.py: windows and answer positions, span decoding from logits, official SQuAD EM/F1."""
+"""pipeline/finetune/squad.py: windows and answer positions, span decoding from logits, official SQuAD EM/F1."""
 
 import numpy as np
 import pytest
 from datasets import Dataset
 
-from pipeline.squad import (
+from pipeline.finetune.squad import (
     exact_match,
     f1,
     normalize_answer,
@@ -13,7 +13,7 @@ from pipeline.squad import (
     prepare_validation_features,
     squad_metrics,
 )
-from pipeline.tasks import TaskError
+from pipeline.finetune.tasks import TaskError
 
 QUESTION = "what is the capital of france?"
 

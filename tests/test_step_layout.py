@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loader import PhaseLoader
 from pipeline.model import BatchLayout, EarlyBertConfig, EarlyBertForPreTraining, attention_kernels
+from pipeline.pretrain.loader import PhaseLoader
 from tiny import NO_DROPOUT, per_layer_config, spread_gates
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""pipeline/tasks.py: reading task data, label ids, features, GLUE metrics, and every bad-input error."""
+"""pipeline/finetune/tasks.py: reading task data, label ids, features, GLUE metrics, and every bad-input error."""
 
 import csv
 import json
@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from pipeline import tasks
-from pipeline.tasks import TaskConfig, TaskError, compute_metrics, encode_classification, load_task, task_spec
+from pipeline.finetune import tasks
+from pipeline.finetune.tasks import (
+    TaskConfig,
+    TaskError,
+    compute_metrics,
+    encode_classification,
+    load_task,
+    task_spec,
+)
 
 
 def write_rows(path, rows, header=None):

@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from cluster import mpi_unavailable, slurm_cluster, slurm_unavailable
-from pipeline.distributed import free_port
-from pipeline.train import main
+from pipeline.engine.distributed import free_port
+from pipeline.pretrain.loop import main
 from runs import (
     BIN,
     REPO,

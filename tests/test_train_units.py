@@ -10,13 +10,14 @@ import pytest
 import yaml
 
 from faults_table import tried
-from pipeline import checkpoint, distributed
 from pipeline.config import ConfigError, OptimConfig, deepspeed_config, load_config
-from pipeline.engine import lr_factor
-from pipeline.finetune_config import load_finetune_config
-from pipeline.loader import Permutation, mask_tokens, rank_positions, stream_samples
-from pipeline.metrics import truncate_after
-from pipeline.resume import phase_at
+from pipeline.engine import distributed
+from pipeline.engine.deepspeed_engine import lr_factor
+from pipeline.finetune.config import load_finetune_config
+from pipeline.pretrain.loader import Permutation, mask_tokens, rank_positions, stream_samples
+from pipeline.run import checkpoint
+from pipeline.run.metrics import truncate_after
+from pipeline.run.resume import phase_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -325,7 +326,7 @@ def test_cpu_threads_split_the_cores_a_rank_may_run_on_between_the_ranks_sharing
 
 @tried("exit_finalizing")
 def test_a_rank_ends_after_its_atexit_handlers_without_finalizing_the_interpreter():
-    """pipeline.distributed.end_rank_process: a gloo worker thread that releases Python tensors while the
+    """pipeline.engine.distributed.end_rank_process: a gloo worker thread that releases Python tensors while the
     interpreter finalizes aborts the rank (issue 21; bench/zero3_exit_loop.py), so a rank's process ends before
     finalization, after flushing its output and running its atexit handlers; other processes just return."""
     import subprocess
@@ -333,7 +334,7 @@ def test_a_rank_ends_after_its_atexit_handlers_without_finalizing_the_interprete
 
     script = (
         "import atexit, sys\n"
-        "from pipeline import distributed\n"
+        "from pipeline.engine import distributed\n"
         "class Finalized:\n"
         "    def __del__(self):\n"
         "        print('finalized', flush=True)\n"

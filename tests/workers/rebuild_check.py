@@ -12,11 +12,12 @@ import sys
 import deepspeed
 import torch
 
-from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
-from pipeline.detector import Decision, DetectorConfig, broadcast_decision, check_same_masks, masks_from_gates
-from pipeline.engine import EngineSlot
-from pipeline.pruner import PrunePlan, gate_values, prune_tensors
-from pipeline.rebuild import MOMENTS, rebuild_engine, snapshot_engine
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.earlybert.detector import Decision, DetectorConfig, broadcast_decision, check_same_masks, masks_from_gates
+from pipeline.earlybert.pruner import PrunePlan, gate_values, prune_tensors
+from pipeline.engine import distributed
+from pipeline.engine.deepspeed_engine import EngineSlot
+from pipeline.engine.rebuild import MOMENTS, rebuild_engine, snapshot_engine
 from tiny import NO_DROPOUT, spread_gates  # tests/ is on PYTHONPATH (test_rebuild.run_two_ranks)
 
 stage, dtype, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]

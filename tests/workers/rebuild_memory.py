@@ -2,7 +2,7 @@
 
 Trains a gated BERT large enough for its engine to outweigh the process's own memory (about 27M parameters)
 a few steps under the given ZeRO stage, rebuilds the engine around the default ticket through the product's
-path (pipeline.engine.prune_engine) and writes what rank 0 measured as JSON: the rebuild's peak host memory
+path (pipeline.engine.deepspeed_engine.prune_engine) and writes what rank 0 measured as JSON: the rebuild's peak host memory
 against the dense engine's steady state (bench.bench_prune.measure_rebuild), the size of the state it carries
 over, and how many of the dense engine's objects (the engine, its parameters) were still alive when the pruned
 engine was built.
@@ -15,11 +15,12 @@ import weakref
 import torch
 
 from bench.bench_prune import measure_rebuild
-from pipeline import EarlyBertConfig, EarlyBertForPreTraining, distributed
-from pipeline import engine as engine_module
+from pipeline import EarlyBertConfig, EarlyBertForPreTraining
 from pipeline.config import OptimConfig
-from pipeline.detector import DetectorConfig, masks_from_gates
-from pipeline.engine import EngineSlot, EngineSpec, build_engine, train_step
+from pipeline.earlybert.detector import DetectorConfig, masks_from_gates
+from pipeline.engine import deepspeed_engine as engine_module
+from pipeline.engine import distributed
+from pipeline.engine.deepspeed_engine import EngineSlot, EngineSpec, build_engine, train_step
 from pipeline.model import parameter_count
 from tiny import NO_DROPOUT, spread_gates  # tests/ is on PYTHONPATH (test_rebuild.run_two_ranks)
 

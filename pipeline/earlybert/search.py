@@ -1,10 +1,10 @@
 """EarlyBERT's search stage, as one object the training loop calls once per step.
 
     every `detector.interval` steps    all ranks read the fp32 gates (a collective under ZeRO),
-                                       rank 0 runs the detector (pipeline/detector.py, pure math),
+                                       rank 0 runs the detector (pipeline/earlybert/detector.py, pure math),
                                        broadcasts its decision and masks
     on a draw                          every rank checks it holds the same masks; the loop prunes and
-                                       rebuilds the engine (pipeline/engine.py), then `record_draw`
+                                       rebuilds the engine (pipeline/engine/deepspeed_engine.py), then `record_draw`
                                        writes RUN/ticket.json
 
 Modes (`earlybert.mode`), all in the same command so that baselines differ in one key only:
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from data_prep.launchers import launched_rank
+from common.launchers import launched_rank
 from pipeline.config import ConfigError, SearchConfig
-from pipeline.detector import (
+from pipeline.earlybert.detector import (
     Decision,
     DetectorConfig,
     DetectorState,
@@ -41,11 +41,11 @@ from pipeline.detector import (
     natural_draw_problems,
     observe,
 )
-from pipeline.export import model_class
-from pipeline.metrics import flops_per_sequence
+from pipeline.engine.rebuild import full_fp32
 from pipeline.model import EarlyBertConfig, parameter_count
-from pipeline.rebuild import full_fp32
-from pipeline.rundir import RunDir
+from pipeline.run.metrics import flops_per_sequence
+from pipeline.run.rundir import RunDir
+from pipeline.tools.export import model_class
 
 
 class SearchStage:

@@ -7,7 +7,7 @@
     plain `python`                  a world of one on 127.0.0.1
 
 srun without an MPI plugin starts tasks that mpi4py would each see as a world of one, so Slurm's
-own variables go first (data_prep/launchers.py tells mpirun's ranks inside an allocation from srun's tasks).
+own variables go first (common/launchers.py tells mpirun's ranks inside an allocation from srun's tasks).
 Backend: NCCL on GPUs, gloo on CPUs. Every tensor that goes through a collective lives on `DistInfo.device`
 (NCCL has no CPU backend); object collectives (all_gather_object) find it as the current CUDA device, which
 setup() sets before the process group exists.
@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_prep.launchers import detect_launcher
+from common.launchers import detect_launcher
 
 DEFAULT_PORT = 29500
-EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"
+EXTENSIONS_DIR = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
 
 
 @dataclass(frozen=True)

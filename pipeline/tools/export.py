@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from data_prep import outputs
-from pipeline.detector import Masks
+from common import outputs
+from pipeline.earlybert.detector import Masks
+from pipeline.earlybert.pruner import prune_model
+from pipeline import model as model_module
 from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel
-from pipeline.pruner import prune_model
-from pipeline.rundir import RunDir, RunDirError
+from pipeline.run.rundir import RunDir, RunDirError
 
-COMMAND = "earlybert export"  # the marker of the directories it writes (data_prep/outputs.py)
+COMMAND = "earlybert export"  # the marker of the directories it writes (common/outputs.py)
 MODELING_FILE = "modeling_earlybert.py"
 AUTO_MAP = {
     "AutoConfig": "modeling_earlybert.EarlyBertConfig",
@@ -66,7 +67,7 @@ def model_class(config: EarlyBertConfig) -> type[EarlyBertPreTrainedModel]:
 
 def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreTrainedModel, str]:
     """The model of a run's checkpoint (the latest complete one by default), in fp32, and its tag."""
-    from pipeline.checkpoint import ARCHITECTURE, CheckpointError, damage, latest_tag, read_tag
+    from pipeline.run.checkpoint import ARCHITECTURE, CheckpointError, damage, latest_tag, read_tag
 
     ckpt_dir = RunDir(run_dir).checkpoints
     try:
@@ -138,7 +139,7 @@ def save_remote_code_model(model: EarlyBertPreTrainedModel, out: Path) -> None:
     from transformers.utils import CONFIG_NAME
 
     model.save_pretrained(out)
-    shutil.copyfile(Path(__file__).with_name("model.py"), out / MODELING_FILE)
+    shutil.copyfile(model_module.__file__, out / MODELING_FILE)
     config = {**json.loads((out / CONFIG_NAME).read_text()), "model_type": "bert", "auto_map": AUTO_MAP}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -176,7 +177,7 @@ def export_model(
 ) -> dict:
     """Write an in-memory EarlyBERT model and a tokenizer.json as a Hugging Face directory (what `earlybert
     export` does once the checkpoint is loaded). The directory appears whole or not at all, and replaces an
-    existing one only where an export wrote it, or with overwrite (data_prep/outputs.py); `inputs` (the run)
+    existing one only where an export wrote it, or with overwrite (common/outputs.py); `inputs` (the run)
     are never written."""
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():

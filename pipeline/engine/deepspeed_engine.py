@@ -7,7 +7,7 @@ around a pruned model in the same process.
                       model compiled (torch.compile); DeepSpeed's fused Adam where it can run, else
                       torch's fused AdamW (with_available_adam); LAMB refused where DeepSpeed's
                       FusedLamb cannot run (check_lamb_available)
-    prune_engine      the draw: destroy the engine, build the pruned model's (pipeline/rebuild.py
+    prune_engine      the draw: destroy the engine, build the pruned model's (pipeline/engine/rebuild.py
                       carries the fp32 masters, moments, counters and schedule across)
     train_step        one optimizer step over a step's micro-batches
 
@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from pipeline.config import ConfigError, OptimConfig, zero_stage
-from pipeline.detector import Masks
+from pipeline.earlybert.detector import Masks
 from pipeline.model import EarlyBertSelfAttention
 
 
@@ -175,7 +175,7 @@ def prune_engine(
     weights. carry_schedule=False starts the new engine's optimizer counters and LR schedule afresh (with `spec`'s
     length), as EarlyBERT's fine-tuning recipe does after its rewind; schedule_step puts the LR schedule back to
     that many completed steps (rewinding to an early step of pre-training)."""
-    from pipeline.rebuild import rebuild_engine
+    from pipeline.engine.rebuild import rebuild_engine
 
     rebuild_engine(
         owner,
@@ -209,6 +209,6 @@ def set_schedule_step(engine, step: int) -> None:
 
 def full_weights(engine) -> dict[str, torch.Tensor]:
     """The full fp32 weights of the engine's model by name, on the CPU (a collective under ZeRO)."""
-    from pipeline.rebuild import snapshot_engine
+    from pipeline.engine.rebuild import snapshot_engine
 
     return snapshot_engine(engine, moments=False).weights

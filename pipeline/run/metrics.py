@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_prep.shards import atomic_write
-from pipeline.rundir import RunDir
+from common.outputs import atomic_write
+from pipeline.run.rundir import RunDir
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s per device, by name; the more specific names come first.
 PEAK_TFLOPS = (

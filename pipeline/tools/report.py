@@ -24,9 +24,9 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from data_prep.shards import atomic_write  # noqa: E402
+from common.outputs import atomic_write  # noqa: E402
 from pipeline.cli import EXIT_CONFIG, EXIT_FAULT  # noqa: E402
-from pipeline.rundir import RunDir, RunDirError  # noqa: E402
+from pipeline.run.rundir import RunDir, RunDirError  # noqa: E402
 
 
 def run_label(run: RunDir) -> str:
@@ -134,7 +134,7 @@ def throughput_split(records: list[dict], ticket: dict | None) -> tuple[float | 
 
 def model_rate(records: list[dict]) -> str:
     """Median model TFLOP/s and MFU over the steps but the first (start-up) as the training log computed them
-    (pipeline/metrics.py model_flops and mfu: real tokens only); MFU only where the device's peak is known."""
+    (pipeline/run/metrics.py model_flops and mfu: real tokens only); MFU only where the device's peak is known."""
     timed = records[1:] or records
     tflops = [r["tflops"] for r in timed if "tflops" in r]
     mfus = [r["mfu"] for r in timed if "mfu" in r]
@@ -221,8 +221,8 @@ def _dense_structure(run: RunDir) -> tuple[int | None, int | None, str]:
     sizes only: num_attention_heads and intermediate_size stay the dense model's), else the config's preset with
     its model.overrides. A run started from a model (model.init_from) without a checkpoint has no reference: its
     source may have changed since."""
-    from pipeline.checkpoint import ARCHITECTURE
     from pipeline.model import PRESETS
+    from pipeline.run.checkpoint import ARCHITECTURE
 
     recorded = sorted(run.checkpoints.glob(f"step_[0-9]*[0-9]/{ARCHITECTURE}"))  # not the set-aside ones
     if recorded:

@@ -7,7 +7,7 @@ the starts of two windows, as in BERT's run_squad.py. The fast tokenizer's offse
 token to its characters in the context, which is how positions are found for training and how the best
 span becomes answer text for evaluation. EM and F1 follow the official evaluation scripts v1.1 and v2.0.
 
-Rows are SQuAD's: id, context, question, answers {text: [...], answer_start: [...]} (pipeline.tasks.load_task).
+Rows are SQuAD's: id, context, question, answers {text: [...], answer_start: [...]} (pipeline.finetune.tasks.load_task).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from datasets import Dataset
 
-from pipeline.tasks import TaskError
+from pipeline.finetune.tasks import TaskError
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 

@@ -1,7 +1,7 @@
 """`earlybert finetune --config FILE [key=value ...]`: EarlyBERT on a downstream task (GLUE, SQuAD, your data).
 
     main        config, task data and features, the starting point: all checked before any process group
-    finetune    the model and its engine (pipeline/engine.py), the search stage (pipeline/search.py), the stages
+    finetune    the model and its engine (pipeline/engine/deepspeed_engine.py), the search stage (pipeline/earlybert/search.py), the stages
     run_stage   the loop: a step, its statistics summed over ranks, metrics, evaluations, the draw, checkpoints
     draw        prune to the ticket: rewind to the pre-trained weights (or continue), a fresh optimizer and schedule
     evaluate    every rank predicts its share of the validation features, rank 0 scores them
@@ -29,10 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.launchers import launched_rank
-from pipeline import checkpoint, distributed, guards
-from pipeline.check import launch_plan, search_plan
-from pipeline.checkpoint import CheckpointError, RunState
+from common.launchers import launched_rank
 from pipeline.cli import EXIT_INTERRUPTED, run_config_stage
 from pipeline.config import (
     ConfigError,
@@ -43,16 +40,20 @@ from pipeline.config import (
     gather_problems,
     zero_stage,
 )
-from pipeline.detector import Decision
-from pipeline.engine import EngineSpec, build_engine, full_weights, prune_engine, train_step
-from pipeline.export import model_class
-from pipeline.finetune_config import FinetuneConfig, load_finetune_config, search_config_in_steps
-from pipeline.metrics import MetricsLog, optimizer_stats
+from pipeline.earlybert.detector import Decision
+from pipeline.earlybert.search import SearchStage, read_random_like, warn_if_no_natural_draw
+from pipeline.engine import distributed, guards
+from pipeline.engine.deepspeed_engine import EngineSpec, build_engine, full_weights, prune_engine, train_step
+from pipeline.finetune.config import FinetuneConfig, load_finetune_config, search_config_in_steps
+from pipeline.finetune.tasks import TaskError, TaskSpec, compute_metrics, encode_classification, load_task
 from pipeline.model import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
-from pipeline.resume import Start, execution_options, resumes_on_other_ranks
-from pipeline.rundir import RunDir
-from pipeline.search import SearchStage, read_random_like, warn_if_no_natural_draw
-from pipeline.tasks import TaskError, TaskSpec, compute_metrics, encode_classification, load_task
+from pipeline.run import checkpoint
+from pipeline.run.check import launch_plan, search_plan
+from pipeline.run.checkpoint import CheckpointError, RunState
+from pipeline.run.metrics import MetricsLog, optimizer_stats
+from pipeline.run.resume import Start, execution_options, resumes_on_other_ranks
+from pipeline.run.rundir import RunDir
+from pipeline.tools.export import model_class
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -148,7 +149,7 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
     tokenizer = load_tokenizer(cfg)
     t, notes = cfg.task, []
     if data.spec.kind == "qa":
-        from pipeline.squad import prepare_train_features, prepare_validation_features
+        from pipeline.finetune.squad import prepare_train_features, prepare_validation_features
 
         train, stats = prepare_train_features(data.train, tokenizer, t.max_seq_length, t.doc_stride, t.max_query_length)
         notes.append(
@@ -283,7 +284,7 @@ def initial_model(cfg: FinetuneConfig, spec: TaskSpec) -> torch.nn.Module:
     source = Path(cfg.model.init_from)
     torch.manual_seed(cfg.seed)  # the new head's initialisation, the same on every rank
     if RunDir(source).checkpoints.is_dir():
-        from pipeline.export import ExportError, load_run_model
+        from pipeline.tools.export import ExportError, load_run_model
 
         try:
             pretrained, _ = load_run_model(source)
@@ -645,7 +646,7 @@ def evaluate(run: Run) -> dict | None:
             continue
         t = run.cfg.task
         if run.task.kind == "qa":
-            from pipeline.squad import postprocess_predictions, squad_metrics
+            from pipeline.finetune.squad import postprocess_predictions, squad_metrics
 
             v2 = run.task.spec.version_2_with_negative or t.version_2_with_negative
             answers = postprocess_predictions(

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_prep import ShardDataset
-from pipeline import checkpoint
-from pipeline.checkpoint import RunState
 from pipeline.config import ConfigError, RunConfig, read_deepspeed, zero_stage
 from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.run import checkpoint
+from pipeline.run.checkpoint import RunState
 
 # How the model computes, not what: a relaunch may switch them with model.overrides (the checkpoint's own
 # architecture.json is used otherwise).

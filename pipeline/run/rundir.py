@@ -1,11 +1,11 @@
 """RUN/, the run directory: every path and file format of a run, in one place.
 
     RUN/config.yaml                 the resolved config of the latest launch, overrides included
-    RUN/metrics.jsonl               one line per optimizer step (appended by pipeline/metrics.py)
+    RUN/metrics.jsonl               one line per optimizer step (appended by pipeline/run/metrics.py)
     RUN/ticket.json                 the early-bird ticket, once drawn
     RUN/start_weights.safetensors   the full fp32 weights of the rewind step, for `after_draw: rewind`
-    RUN/checkpoints/                DeepSpeed checkpoints; their inner layout is pipeline/checkpoint.py's
-    RUN/tensorboard/                TensorBoard events (pipeline/metrics.py)
+    RUN/checkpoints/                DeepSpeed checkpoints; their inner layout is pipeline/run/checkpoint.py's
+    RUN/tensorboard/                TensorBoard events (pipeline/run/metrics.py)
     RUN/wandb_id, RUN/wandb/        the W&B run id (every relaunch logs into the same W&B run), W&B's files
     RUN/eval.jsonl, RUN/results.json   fine-tuning: evaluations during the run, final and best metrics
     RUN/tokenizer/                  fine-tuning: the tokenizer the run tokenized its task with
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.shards import atomic_write, write_json
+from common.outputs import atomic_write, write_json
 
 
 class RunDirError(RuntimeError):

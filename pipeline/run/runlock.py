@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from data_prep.shards import atomic_write
+from common.outputs import atomic_write
 
 LOCK = ".earlybert.lock"
 

@@ -29,12 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from common.outputs import atomic_write, write_json
 from data_prep import ShardDataset
-from data_prep.shards import atomic_write, write_json
-from pipeline import distributed
 from pipeline.config import RunConfig, batch_plan, read_deepspeed
-from pipeline.engine import param_groups
-from pipeline.loader import PhaseLoader
+from pipeline.engine import distributed
+from pipeline.engine.deepspeed_engine import param_groups
+from pipeline.pretrain.loader import PhaseLoader
 
 DEFAULT_STEPS = 100
 # Parameters of the pre-training heads: the MLM transform and bias (its decoder is the word embeddings), the

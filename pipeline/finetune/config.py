@@ -40,8 +40,8 @@ from pipeline.config import (
     validate_deepspeed,
     validate_sizes,
 )
-from pipeline.rundir import RunDir
-from pipeline.tasks import TaskConfig
+from pipeline.finetune.tasks import TaskConfig
+from pipeline.run.rundir import RunDir
 
 
 @dataclass

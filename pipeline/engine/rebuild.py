@@ -36,8 +36,8 @@ from deepspeed.utils import (
     safe_set_local_optimizer_state,
 )
 
-from pipeline.detector import Masks
-from pipeline.pruner import GATES, PrunePlan, gate_values, prune_tensors, pruned_config
+from pipeline.earlybert.detector import Masks
+from pipeline.earlybert.pruner import GATES, PrunePlan, gate_values, prune_tensors, pruned_config
 
 MOMENTS = {"exp_avg": -1, "exp_avg_sq": -2}  # Adam state key -> how a folded column rescales it
 LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import yaml
 
+from common.cli import HelpFormatter
+from common.progress import progress_bar
 from data_prep import ShardDataset, ShardError
-from data_prep.cli import HelpFormatter
-from data_prep.progress import progress_bar
 from pipeline.cli import EXIT_CONFIG, EXIT_FAULT
-from pipeline.loader import mask_tokens
-from pipeline.rundir import RunDir, RunDirError
+from pipeline.pretrain.loader import mask_tokens
+from pipeline.run.rundir import RunDir, RunDirError
 
 EVAL_SEED = 20210101
 
@@ -71,8 +71,8 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.export import ExportError, load_run_model
     from pipeline.model import EarlyBertForPreTraining
+    from pipeline.tools.export import ExportError, load_run_model
 
     parser = argparse.ArgumentParser(prog="earlybert eval", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("run", type=Path, help="run directory (its latest complete checkpoint is evaluated)")

@@ -40,7 +40,7 @@ class OutputError(ValueError):
 
 
 def is_run_dir(path: Path) -> bool:
-    """A run directory of `earlybert train` or `finetune` (pipeline/rundir.py): config.yaml beside its
+    """A run directory of `earlybert train` or `finetune` (pipeline/run/rundir.py): config.yaml beside its
     checkpoints or its metrics."""
     path = Path(path)
     return all((path / f).is_file() for f in RUN_FILES) and any((path / c).exists() for c in RUN_CONTENTS)
@@ -229,3 +229,28 @@ def replace_directory(tmp: Path, output, inputs, command: str, overwrite: bool =
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, output)
+
+
+def atomic_write(path, write) -> None:
+    """Call write(file) on a temporary name next to `path`, fsync, then rename over `path`:
+    a crash leaves either the old file or the new one, never a partial file under the real name. Only a
+    regular file is ever replaced (this module): the rename would go over a FIFO or a device too."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise OutputError(
+            f"{path} exists and is not a regular file (a directory, device, FIFO, socket or dangling link): "
+            f"it is never replaced; choose another output path"
+        )
+    tmp = temporary_file(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))

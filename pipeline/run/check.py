@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from pipeline.checkpoint import RunState
 from pipeline.config import SearchConfig, batch_plan, precision, read_deepspeed, zero_stage
-from pipeline.resume import Start, resumes_on_other_ranks
-from pipeline.search import parameters_of
+from pipeline.earlybert.search import parameters_of
+from pipeline.run.checkpoint import RunState
+from pipeline.run.resume import Start, resumes_on_other_ranks
 
 
 def launch_plan(cfg, start: Start, world_size: int) -> list[str]:

@@ -8,7 +8,7 @@ files) and checks it all before any model exists: a missing column, a label that
 empty split or an unreadable file is a `TaskError` that names the file and the fix, so a long run
 never dies on its first evaluation. `encode_classification` turns rows into model inputs and
 `compute_metrics` scores predictions with GLUE's official metrics (scikit-learn and scipy). SQuAD's
-windowing, span decoding and EM/F1 are in pipeline/squad.py.
+windowing, span decoding and EM/F1 are in pipeline/finetune/squad.py.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class TaskSpec:
     kind: str
     text_fields: tuple[str, ...]
     label_field: str
-    metric: str  # a key of METRICS, or squad / squad_v2 (pipeline.squad.squad_metrics)
+    metric: str  # a key of METRICS, or squad / squad_v2 (pipeline.finetune.squad.squad_metrics)
     label_names: tuple[str, ...] = ()  # classification: label_names[i] is the name of class id i
     validation_splits: tuple[str, ...] = ("validation",)  # the hub splits evaluated, each scored on its own
     dataset: str | None = None  # the hub dataset used when no dataset and no files are given
@@ -500,7 +500,7 @@ def encode_classification(dataset: Dataset, tokenizer, spec: TaskSpec, max_lengt
     that `datasets` loads from its cache still reports it.
     """
     if spec.kind == "qa":
-        raise TaskError("QA examples are windowed, not truncated: use pipeline.squad.prepare_train_features")
+        raise TaskError("QA examples are windowed, not truncated: use pipeline.finetune.squad.prepare_train_features")
     keys = ("input_ids", "token_type_ids", "attention_mask")
 
     def encode(batch):
@@ -569,7 +569,9 @@ METRICS = {
 def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
     """The task's metrics for one evaluation split. predictions: logits (N, num_labels) or class ids (N,)."""
     if spec.kind == "qa":
-        raise TaskError("QA is scored on answer texts: use pipeline.squad.postprocess_predictions and squad_metrics")
+        raise TaskError(
+            "QA is scored on answer texts: use pipeline.finetune.squad.postprocess_predictions and squad_metrics"
+        )
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if spec.kind == "classification" and predictions.ndim == 2:
         predictions = predictions.argmax(-1)

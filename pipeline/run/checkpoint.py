@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_prep.shards import atomic_write, write_json
-from pipeline import distributed, guards
+from common.outputs import atomic_write, write_json
+from pipeline.engine import distributed, guards
 
 LATEST = "latest"
 RUN_STATE = "run_state.json"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.detector import Masks
+from pipeline.earlybert.detector import Masks
 from pipeline.model import EarlyBertConfig
 
 GATES = ("head_gates", "ffn_gates")  # how the gates' parameter names end

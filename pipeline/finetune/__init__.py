@@ -1,0 +1,1 @@
+"""Fine-tuning (`earlybert finetune`): its config, tasks (GLUE, SQuAD, your data), their data, the loop, evaluation."""

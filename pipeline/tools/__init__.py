@@ -1,0 +1,1 @@
+"""Commands on finished or running runs: export, masked-LM evaluation, report."""
