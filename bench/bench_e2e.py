@@ -581,8 +581,8 @@ def step_costs(data: ShardDataset, earlybert: Path, rounds: int = 15) -> dict:
     in turns (dense, gated, ticket, dense, ...) so that a slow spell of the machine falls on all three alike;
     the median of `rounds` turns each, after one turn of warm-up. The all-reduce of the gradients, which the
     ticket's fewer parameters also shorten, is not in it."""
-    from pipeline.config import ModelConfig
     from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+    from pipeline.pretrain.config import ModelConfig
     from pipeline.pretrain.loader import PhaseLoader
 
     threads = torch.get_num_threads()

@@ -334,11 +334,11 @@ def main(argv=None) -> int:
         for name, cmd in plan(work, corpus_mb).items():
             print(f"{name}: {shlex.join(cmd)}")
         if args.cpu_smoke:  # the configs the plan wrote load as the commands will load them
-            from pipeline.config import load_config
             from pipeline.finetune.config import load_finetune_config
+            from pipeline.pretrain.config import load_pretrain_config
 
             for precision in PRECISIONS:
-                load_config(str(pretrain_config(work, precision)), list(test_helpers().EARLYBERT))
+                load_pretrain_config(str(pretrain_config(work, precision)), list(test_helpers().EARLYBERT))
             load_finetune_config(str(work.root / "finetune.yaml"))
             print("gpu-check --cpu-smoke: prep done, configs load")
         return 0

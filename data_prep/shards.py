@@ -17,7 +17,6 @@ time, so one prep serves any number of epochs.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np

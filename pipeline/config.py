@@ -1,6 +1,9 @@
-"""The typed run config of `earlybert train`: YAML file + dotted `key=value` overrides.
+"""The typed configs of `earlybert train` and `earlybert finetune`: YAML file + dotted `key=value` overrides.
+What both share is here: the loader, the sections and fields of `TrainingConfig` with their validation, the
+DeepSpeed JSON, the batch plan. Each loop's own config extends it (pipeline/pretrain/config.py,
+pipeline/finetune/config.py).
 
-Relative paths in the file (RUN_PATHS) are relative to the file's directory, those given as overrides to
+Relative paths in the file (each config's PATHS) are relative to the file's directory, those given as overrides to
 the current directory; `ds_configs/NAME.json` that is not there is the project's own (shipped with the
 package), so a config works from any directory.
 
@@ -33,29 +36,15 @@ class ConfigError(ValueError):
     """A run or DeepSpeed config that cannot work; the message says what to change."""
 
 
-# The keys that hold paths ("*": every item of a list or value of a mapping), and the project's DeepSpeed
-# configs, shipped with the package (pipeline/ds_configs links to the repository's ds_configs/).
-RUN_PATHS = ("run_dir", "deepspeed", "phases.*.shards", "earlybert.random_like")
+# The project's DeepSpeed configs, shipped with the package (pipeline/ds_configs links to the repository's ds_configs/).
 SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 DEFAULT_DS_CONFIG = str(SHIPPED_DS_CONFIGS / "zero1.json")
 
 
 @dataclass
-class ModelConfig:
-    """The architecture of a fresh run; a resumed run is rebuilt from its checkpoint's architecture.json."""
-
-    preset: str = "bert-tiny"  # EarlyBertConfig.from_preset name (bert-tiny ... bert-large)
-    init_from: str | None = None  # a Hugging Face checkpoint (directory or hub id) instead of random init
-    overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.0}
-    # init_from without the pre-training heads (an encoder-only BertModel): optimizer steps that train the fresh
-    # heads alone, the encoder frozen, before the run (pipeline/pretrain/head_warmup.py). None: 100 when a head is
-    # missing; 0: none. A checkpoint with every head gets none.
-    head_warmup_steps: int | None = None
-
-
-@dataclass
-class SearchConfig:
-    """The search stage, the draw and what follows it (YAML key `earlybert:`; see pipeline/earlybert/search.py).
+class MethodConfig:
+    """EarlyBERT, the method (YAML key `earlybert:`): the search stage, the draw and what follows it (see
+    pipeline/earlybert/search.py).
 
     mode: earlybert  gates + L1, the early-bird detector draws the ticket when the masks stop changing
           fixed      gates + L1, the ticket is drawn at draw_step          (baseline: hand-set draw step)
@@ -90,22 +79,10 @@ class SearchConfig:
 
 
 @dataclass
-class Phase:
-    shards: str  # a directory written by `earlybert prep`; its seq_len is the phase's
-    steps: int  # optimizer steps in this phase
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-4  # peak learning rate
     schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warmup: decay towards 0, or constant
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps
-
-
-@dataclass
-class DataConfig:
-    mask_prob: float = 0.15  # share of maskable tokens selected for MLM (then 80% [MASK], 10% random, 10% kept)
-    prefetch: int = 8  # micro-batches prepared ahead by the loader thread
 
 
 @dataclass
@@ -142,40 +119,32 @@ class LogConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; None = look the device up
 
 
-@dataclass
-class RunConfig:
-    """`earlybert train`: what the training loop must agree with; the DeepSpeed JSON owns the rest."""
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """What a pre-training and a fine-tuning config share: the run directory, the method, DeepSpeed, the batch,
+    checkpoints, logs, resume and the guards. The loop's config owns what the training loop must agree with;
+    the DeepSpeed JSON owns the rest. Each loop's config redeclares the defaults that differ."""
 
     run_dir: str  # RUN/ (pipeline/run/rundir.py): config, metrics, ticket, checkpoints
-    phases: list[Phase]  # BERT's recipe: seq 128 for 90% of the steps, then seq 512
-    seed: int = 1234
-    compile: bool = (
-        False  # torch.compile the model (recompiled after the draw); CPU: 0.5x step time, minutes to compile
-    )
-    model: ModelConfig = field(default_factory=ModelConfig)
-    earlybert: SearchConfig = field(default_factory=SearchConfig)
+    seed: int
+    # torch.compile the model (recompiled after the draw); CPU: 0.5x step time, minutes to compile
+    compile: bool = False
+    earlybert: MethodConfig = field(default_factory=MethodConfig)
     deepspeed: str = DEFAULT_DS_CONFIG  # ZeRO stage, precision, optimizer type, clipping (ds_configs/zero1.json)
     deepspeed_overrides: dict = field(default_factory=dict)  # deep-merged into the DeepSpeed JSON
     # The per-rank MAXIMUM of a forward pass: a launch takes the largest micro-batch <= it that splits the global
     # batch evenly over its ranks, the rest is gradient accumulation (plan_batches; logged at start).
-    micro_batch_size: int = 8
+    micro_batch_size: int
     global_batch_size: int = 32  # per optimizer step, whatever the ranks: global = micro x ranks x accumulation
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     resume_from: str | None = None  # a checkpoint tag (step_NNNNNNNN) to resume from instead of `latest`
-    # resume although a phase the run has begun now has other shards (moved or re-prepared data); refused otherwise
-    accept_new_shards: bool = False
     dist_timeout: DistTimeoutConfig = field(default_factory=DistTimeoutConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
 
     @property
-    def total_steps(self) -> int:
-        return sum(p.steps for p in self.phases)
-
-    @property
-    def rundir(self) -> RunDir:
+    def run_files(self) -> RunDir:
+        """The files of the run directory `run_dir` (pipeline/run/rundir.py)."""
         return RunDir(self.run_dir)
 
     def to_dict(self) -> dict:
@@ -189,13 +158,6 @@ LAMB_OPTIMIZERS = ("lamb", "onebitlamb")  # DeepSpeed optimizer type names, lowe
 
 
 # ---- loading ----------------------------------------------------------------------------------
-
-
-def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
-    """Read the YAML run config, apply `a.b.c=value` overrides, build and validate the dataclasses."""
-    cfg = from_dict(RunConfig, read_yaml(path, overrides, RUN_PATHS), "")
-    validate(cfg)
-    return cfg
 
 
 def read_yaml(path: str, overrides: list[str] = (), path_keys: tuple[str, ...] = ()) -> dict:
@@ -405,26 +367,6 @@ def _coerce_union(types_: list, value, where: str):
     raise ConfigError(" or ".join(problems) if len(problems) > 1 else problems[0])
 
 
-def validate(cfg: RunConfig) -> None:
-    """Checks that need no process group and no data; the DeepSpeed JSON is checked here too."""
-    if not cfg.phases:
-        raise ConfigError("phases: list at least one {shards: DIR, steps: N}")
-    for i, p in enumerate(cfg.phases):
-        if p.steps < 1:
-            raise ConfigError(f"phases.{i}.steps must be >= 1, got {p.steps}")
-    require_positive({"data.prefetch": cfg.data.prefetch, "optim.lr": cfg.optim.lr})
-    if (cfg.model.head_warmup_steps or 0) < 0:
-        raise ConfigError(f"model.head_warmup_steps must be >= 0 (0: no warm-up), got {cfg.model.head_warmup_steps}")
-    validate_batches_and_logs(cfg)
-    validate_sizes(cfg)
-    if not 0.0 < cfg.data.mask_prob < 1.0:
-        raise ConfigError(f"data.mask_prob must be in (0, 1), got {cfg.data.mask_prob}")
-    if not 0 <= cfg.optim.warmup_steps <= cfg.total_steps:
-        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be in [0, total steps {cfg.total_steps}]")
-    validate_search(cfg.earlybert, cfg.total_steps)
-    validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
-
-
 # Bounds of values that have no natural limit but beyond which a run only exhausts memory or overflows: a batch
 # of 16M sequences, a model dimension of 16M, a timeout of 30 days (timedelta and the collectives overflow).
 MAX_BATCH = 2**24
@@ -437,7 +379,7 @@ PROBABILITY_FIELDS = re.compile(r".*(_prob|dropout).*")
 SIZE_FIELDS = re.compile(r"num_hidden_layers|num_attention_heads|.*_size|max_position_embeddings")
 
 
-def validate_sizes(cfg) -> None:
+def validate_sizes(cfg: TrainingConfig) -> None:
     """The bounds a pre-training and a fine-tuning config share: batches, seeds, timeouts, model overrides."""
     for name, value in {"micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size}.items():
         if value > MAX_BATCH:
@@ -469,8 +411,10 @@ def require_positive(values: dict) -> None:
             raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-def validate_batches_and_logs(cfg) -> None:
-    """The sections a pre-training and a fine-tuning config share."""
+def validate_training(cfg: TrainingConfig, total_steps: int | None) -> None:
+    """The checks of the fields every training config shares, the method and the DeepSpeed JSON included;
+    total_steps: the run's, where the config alone says it (pre-training), else None (fine-tuning counts in
+    epochs of its task)."""
     require_positive(
         {
             "micro_batch_size": cfg.micro_batch_size,
@@ -478,37 +422,40 @@ def validate_batches_and_logs(cfg) -> None:
             "checkpoint.interval": cfg.checkpoint.interval,
             "checkpoint.keep": cfg.checkpoint.keep,
             "log.interval": cfg.log.interval,
+            "dist_timeout.step_s": cfg.dist_timeout.step_s,
+            "dist_timeout.long_s": cfg.dist_timeout.long_s,
         }
     )
-    validate_faults(cfg)
-
-
-def validate_faults(cfg) -> None:
-    """resume_from, dist_timeout and nonfinite: a pre-training and a fine-tuning config have them alike."""
-    require_positive({"dist_timeout.step_s": cfg.dist_timeout.step_s, "dist_timeout.long_s": cfg.dist_timeout.long_s})
     if cfg.nonfinite.max_skipped < 0:
         raise ConfigError(f"nonfinite.max_skipped must be >= 0, got {cfg.nonfinite.max_skipped}")
     if cfg.resume_from is not None and not re.fullmatch(r"step_\d{8}", cfg.resume_from):
         raise ConfigError(
             f"resume_from {cfg.resume_from!r}: expected a checkpoint tag such as step_00001000, the "
-            f"name of a folder in {cfg.rundir.checkpoints}"
+            f"name of a folder in {cfg.run_files.checkpoints}"
         )
+    validate_sizes(cfg)
+    validate_method(cfg.earlybert, total_steps)
+    validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
 
 
-def validate_search(eb: SearchConfig, total_steps: int) -> None:
-    if eb.lambda_heads < 0 or eb.lambda_ffn < 0:
+def validate_method(method: MethodConfig, total_steps: int | None) -> None:
+    """The `earlybert:` section of either config; the draw step and the rewind step only where the run's steps
+    are known from the config (pre-training: fine-tuning derives them from epochs of its task)."""
+    if method.lambda_heads < 0 or method.lambda_ffn < 0:
         raise ConfigError("earlybert.lambda_heads and lambda_ffn must be >= 0")
-    if eb.random_like is not None and eb.mode != "random":
-        raise ConfigError(f"earlybert.random_like is for earlybert.mode=random, not {eb.mode}; remove it")
-    if eb.mode in ("fixed", "random") and not (eb.draw_step and 0 < eb.draw_step < total_steps):
+    if method.random_like is not None and method.mode != "random":
+        raise ConfigError(f"earlybert.random_like is for earlybert.mode=random, not {method.mode}; remove it")
+    if total_steps is None:
+        return
+    if method.mode in ("fixed", "random") and not (method.draw_step and 0 < method.draw_step < total_steps):
         raise ConfigError(
-            f"earlybert.mode={eb.mode} draws at earlybert.draw_step: set it to a step in "
-            f"[1, {total_steps - 1}], got {eb.draw_step}"
+            f"earlybert.mode={method.mode} draws at earlybert.draw_step: set it to a step in "
+            f"[1, {total_steps - 1}], got {method.draw_step}"
         )
-    first_draw = eb.draw_step if eb.mode in ("fixed", "random") else eb.detector.min_search_steps
-    if eb.use_gates and eb.after_draw == "rewind" and not 0 <= eb.rewind_step < max(first_draw, 1):
+    first_draw = method.draw_step if method.mode in ("fixed", "random") else method.detector.min_search_steps
+    if method.use_gates and method.after_draw == "rewind" and not 0 <= method.rewind_step < max(first_draw, 1):
         raise ConfigError(
-            f"earlybert.rewind_step={eb.rewind_step}: the weights of that step must be saved before the "
+            f"earlybert.rewind_step={method.rewind_step}: the weights of that step must be saved before the "
             f"earliest draw (step {first_draw}); choose a step in [0, {max(first_draw - 1, 0)}]"
         )
 
@@ -617,7 +564,7 @@ def _parse_deepspeed(ds: dict, source: str) -> None:
 
 def deepspeed_config(cfg, world_size: int, load_universal: bool = False, lr: float | None = None) -> dict:
     """The DeepSpeed config the engine is built with: the JSON plus what the run config owns (`cfg`, a
-    RunConfig or a FinetuneConfig; lr: the peak learning rate, by default the run config's)."""
+    PretrainConfig or a FinetuneConfig; lr: the peak learning rate, by default the run config's)."""
     ds = read_deepspeed(cfg)
     plan = batch_plan(cfg, world_size)
     ds["train_micro_batch_size_per_gpu"] = plan.micro

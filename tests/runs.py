@@ -38,7 +38,7 @@ def train_cmd(config, run_dir, *overrides) -> list[str]:
 
 
 def faulty_train(
-    tmp_path, target: str, when: str = "before", condition: str = "True", command: str = "pipeline.train"
+    tmp_path, target: str, when: str = "before", condition: str = "True", command: str = "pipeline.pretrain.loop"
 ) -> str:
     """A script running `earlybert train` (or `command`'s main) that exits hard (os._exit: no clean-up, as kill -9 or a
     crash leaves things) before or after `target` runs, the first time `condition` holds.

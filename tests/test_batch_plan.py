@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
-    ConfigError,
-    Problems,
-    check_resumed_batch,
-    deepspeed_config,
-    gather_problems,
-    load_config,
-    plan_batches,
-)
+from pipeline.config import ConfigError, Problems, check_resumed_batch, deepspeed_config, gather_problems, plan_batches
 from pipeline.finetune.config import load_finetune_config
+from pipeline.pretrain.config import load_pretrain_config
 from pipeline.run.checkpoint import RunState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +17,7 @@ RANKS = range(1, 65)
 
 
 def load_shipped(path: Path, overrides: list[str] = ()):
-    load = load_finetune_config if path.name.startswith("finetune") else load_config
+    load = load_finetune_config if path.name.startswith("finetune") else load_pretrain_config
     return load(str(path), list(overrides))
 
 
@@ -104,7 +97,7 @@ def test_every_shipped_config_at_1_to_64_ranks(path):
 
 
 def test_demo_on_a_gpu_node_splits_over_1_2_4_and_8_gpus():
-    cfg = load_config(str(REPO / "launch" / "configs" / "demo.yaml"), demo_gpu_overrides())
+    cfg = load_pretrain_config(str(REPO / "launch" / "configs" / "demo.yaml"), demo_gpu_overrides())
     got = {w: deepspeed_config(cfg, w) for w in (1, 2, 4, 8)}
     assert {w: (d["train_micro_batch_size_per_gpu"], d["gradient_accumulation_steps"]) for w, d in got.items()} == {
         1: (64, 4),

@@ -8,11 +8,11 @@ import subprocess
 import pytest
 import torch
 
-from pipeline.cli import launched_world_size
 from pipeline.config import plan_batches
 from pipeline.engine import distributed
 from pipeline.finetune import loop as finetune
 from pipeline.pretrain import loop as train
+from pipeline.run.command import launched_world_size
 from runs import BIN, REPO, run_env
 
 CONFIGS = REPO / "launch" / "configs"

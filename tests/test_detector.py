@@ -185,18 +185,18 @@ def test_settings_that_leave_no_room_for_a_natural_draw_are_named():
 def test_random_masks_at_a_tickets_own_counts_and_by_mask_seed(tmp_path):
     import json
 
-    from pipeline.config import ConfigError, SearchConfig
+    from pipeline.config import ConfigError, MethodConfig
     from pipeline.earlybert.search import random_masks, read_random_like
     from pipeline.model import EarlyBertConfig
 
     config = EarlyBertConfig.from_preset("bert-tiny")  # 2 layers, 4 heads, FFN 256
     ticket = tmp_path / "ticket.json"
     ticket.write_text(json.dumps({"heads_per_layer": [3, 2], "ffn_per_layer": [200, 40]}))
-    like = read_random_like(SearchConfig(mode="random", random_like=str(ticket)), config)
+    like = read_random_like(MethodConfig(mode="random", random_like=str(ticket)), config)
     masks = random_masks(config, DetectorConfig(), seed=1, like=like)
     assert [int(m.sum()) for m in masks.heads] == [3, 2] and [int(m.sum()) for m in masks.ffn] == [200, 40]
     assert masks.digest() == random_masks(config, DetectorConfig(), seed=1, like=like).digest()
     assert masks.digest() != random_masks(config, DetectorConfig(), seed=2, like=like).digest()
     ticket.write_text(json.dumps({"heads_per_layer": [3, 2, 1], "ffn_per_layer": [200, 40, 1]}))
     with pytest.raises(ConfigError, match="the ticket of another model"):
-        read_random_like(SearchConfig(mode="random", random_like=str(ticket)), config)
+        read_random_like(MethodConfig(mode="random", random_like=str(ticket)), config)

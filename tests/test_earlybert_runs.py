@@ -60,7 +60,7 @@ def test_continued_pretraining_from_a_hugging_face_checkpoint_draws_and_exports(
 
 
 KILL_POINTS = {  # what fails, and when
-    "before the draw": ("pipeline.pretrain.loop:prune_engine", "before"),
+    "before the draw": ("pipeline.run.core:prune_engine", "before"),
     "during the rebuild": ("pipeline.engine.rebuild:restore_engine", "before"),
     "just after the draw": ("pipeline.run.rundir:RunDir.write_ticket", "after"),
 }

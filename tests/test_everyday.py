@@ -23,8 +23,9 @@ from data_prep.readers import InputError, discover
 from data_prep.wordpiece import train_wordpiece
 from pipeline.cli import REQUIRED
 from pipeline.cli import main as cli_main
-from pipeline.config import SHIPPED_DS_CONFIGS, ConfigError, RunConfig, load_config
+from pipeline.config import SHIPPED_DS_CONFIGS, ConfigError
 from pipeline.finetune.config import load_finetune_config
+from pipeline.pretrain.config import PretrainConfig, load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -62,17 +63,17 @@ def test_defaults_are_shown_in_help(capsys):
 def test_print_config_is_a_loadable_config_of_defaults(tmp_path, capsys):
     assert cli_main(["train", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert list(printed) == [f.name for f in dataclasses.fields(RunConfig)]
+    assert list(printed) == [f.name for f in dataclasses.fields(PretrainConfig)]
     assert printed["run_dir"] == REQUIRED and printed["phases"] == [{"shards": REQUIRED, "steps": REQUIRED}]
     printed.update(run_dir=str(tmp_path / "run"), phases=[{"shards": "s", "steps": 10}])
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
-    cfg = load_config(str(tmp_path / "printed.yaml"))
+    cfg = load_pretrain_config(str(tmp_path / "printed.yaml"))
     assert cfg.to_dict() == {
-        **RunConfig(str(tmp_path / "run"), []).to_dict(),
+        **PretrainConfig(run_dir=str(tmp_path / "run"), phases=[]).to_dict(),
         "phases": cfg.to_dict()["phases"],
         "deepspeed": str(SHIPPED_DS_CONFIGS / "zero1.json"),
     }
-    capsys.readouterr()  # load_config parses the DeepSpeed JSON with DeepSpeed, whose first import logs to stdout
+    capsys.readouterr()  # the loader parses the DeepSpeed JSON with DeepSpeed, whose first import logs to stdout
     assert cli_main(["finetune", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_from"] == REQUIRED
 
@@ -92,18 +93,18 @@ def test_config_paths_are_relative_to_the_file_and_overrides_to_the_cwd(tmp_path
         {"run_dir": "run", "deepspeed": "ds_configs/zero2.json", "phases": [{"shards": "data/s", "steps": 5}]},
     )
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(config)
+    cfg = load_pretrain_config(config)
     assert cfg.run_dir == str(tmp_path / "cfgs" / "run") and cfg.phases[0].shards == str(tmp_path / "cfgs/data/s")
     # no ds_configs/ beside the config: the project's own
     assert Path(cfg.deepspeed).read_bytes() == (REPO / "ds_configs" / "zero2.json").read_bytes()
-    cfg = load_config(config, ["phases.0.shards=mine", "run_dir=/abs/run"])
+    cfg = load_pretrain_config(config, ["phases.0.shards=mine", "run_dir=/abs/run"])
     assert cfg.phases[0].shards == str(tmp_path / "mine") and cfg.run_dir == "/abs/run"
     # a ds_configs/ of one's own beside the config comes first
     (tmp_path / "cfgs" / "ds_configs").mkdir()
     (tmp_path / "cfgs" / "ds_configs" / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert load_config(config).deepspeed == str(tmp_path / "cfgs" / "ds_configs" / "zero2.json")
+    assert load_pretrain_config(config).deepspeed == str(tmp_path / "cfgs" / "ds_configs" / "zero2.json")
     with pytest.raises(ConfigError, match="zero1_bf16.json"):  # the message lists the shipped ones
-        load_config(config, ["deepspeed=ds_configs/nope.json"])
+        load_pretrain_config(config, ["deepspeed=ds_configs/nope.json"])
 
 
 def test_finetune_config_paths(tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def test_finetune_config_paths(tmp_path, monkeypatch):
 
 def test_example_configs_mean_the_same_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    demo = load_config(str(REPO / "launch/configs/demo.yaml"))
+    demo = load_pretrain_config(str(REPO / "launch/configs/demo.yaml"))
     assert demo.run_dir == str(REPO / "runs/demo/run") and demo.phases[0].shards == str(REPO / "runs/demo/data/seq128")
     local = load_finetune_config(str(REPO / "launch/configs/finetune-local.yaml"))
     assert local.model.init_from == str(REPO / "runs/demo/export")

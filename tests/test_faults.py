@@ -16,10 +16,11 @@ import psutil
 import pytest
 
 from faults_table import CASES, DOC, cases, claimed, render, tried
-from pipeline.cli import EXIT_CONFIG, EXIT_FAULT
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.pretrain.config import load_pretrain_config
 from pipeline.run import checkpoint, runlock
 from pipeline.run.checkpoint import CheckpointError
+from pipeline.run.command import EXIT_CONFIG, EXIT_FAULT
 from pipeline.run.metrics import truncate_after
 from runs import BIN, REPO, TOTAL, assert_same_losses, deepspeed, finish, latest, metrics, run_env, train_cmd
 
@@ -474,7 +475,7 @@ def test_hostile_train_input(config, shards, tmp_path, capsys, case):
 def test_out_of_range_values_are_named(config, tmp_path, overrides, message):
     """More of train_out_of_range, train_not_finite and train_deepspeed_unknown_key, at the loader."""
     with pytest.raises(ConfigError) as refused:
-        load_config(str(config), [f"run_dir={tmp_path}", *overrides])
+        load_pretrain_config(str(config), [f"run_dir={tmp_path}", *overrides])
     assert message in str(refused.value)
 
 

@@ -120,7 +120,7 @@ def test_zero2_and_zero3_draw_the_same_ticket(ft_config, ft_reference, tmp_path,
 
 
 KILL_POINTS = {
-    "before the draw": ("pipeline.finetune.loop:prune_engine", "before"),
+    "before the draw": ("pipeline.run.core:prune_engine", "before"),
     "just after the draw": ("pipeline.run.rundir:RunDir.write_ticket", "after"),
 }
 
@@ -128,7 +128,7 @@ KILL_POINTS = {
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_killed_around_the_draw_resumes_to_the_same_losses_and_metrics(ft_config, ft_reference, tmp_path, point):
     run_dir = tmp_path / "run"
-    script = faulty_train(tmp_path, *KILL_POINTS[point], command="pipeline.finetune")
+    script = faulty_train(tmp_path, *KILL_POINTS[point], command="pipeline.finetune.loop")
     code, out = finish(finetune(ft_config, run_dir, script=script))
     assert code != 0, out
     code, out = finish(finetune(ft_config, run_dir))

@@ -14,7 +14,7 @@ from pipeline import EarlyBertConfig
 from pipeline.config import ConfigError
 from pipeline.engine.deepspeed_engine import lr_factor, train_step
 from pipeline.finetune.config import load_finetune_config
-from pipeline.finetune.loop import Run, plan_stages
+from pipeline.finetune.loop import plan_stages, stage_spec
 from pipeline.model import EarlyBertForSequenceClassification
 from tiny import NO_DROPOUT, spread_gates
 
@@ -41,7 +41,7 @@ def test_the_search_schedule_spans_3_epochs_so_the_draw_comes_at_093_of_the_peak
     steps_per_epoch = 100
     search = plan_stages(cfg, steps_per_epoch, already_pruned=False)[0]
     assert (search.name, search.steps, search.lr) == ("search", 300, 2e-5)
-    spec = Run.spec(SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=1), universal=False), search)
+    spec = stage_spec(cfg, search, 1, False)
     draw_step = round(cfg.recipe.draw_epoch * steps_per_epoch)
     assert lr_factor(spec.optim, spec.total_steps, draw_step) == pytest.approx(1 - 0.2 / 3)
 
@@ -50,7 +50,7 @@ def test_the_search_schedule_spans_3_epochs_so_the_draw_comes_at_093_of_the_peak
 def test_adamw_has_no_weight_decay_and_epsilon_1e8_whatever_the_deepspeed_json_says(tmp_path, stage_index):
     cfg = load_finetune_config(write_config(tmp_path))  # ds_configs/zero1.json: weight_decay 0.01, eps 1e-6
     stage = plan_stages(cfg, 10, already_pruned=False)[stage_index]
-    spec = Run.spec(SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=1), universal=False), stage)
+    spec = stage_spec(cfg, stage, 1, False)
     params = spec.ds_config["optimizer"]["params"]
     assert (params["weight_decay"], params["eps"], params["lr"]) == (0.0, 1e-8, stage.lr)
 
@@ -58,7 +58,7 @@ def test_adamw_has_no_weight_decay_and_epsilon_1e8_whatever_the_deepspeed_json_s
 def test_null_weight_decay_and_epsilon_keep_the_deepspeed_json_s(tmp_path):
     cfg = load_finetune_config(write_config(tmp_path, weight_decay=None, adam_epsilon=None))
     stage = plan_stages(cfg, 10, already_pruned=False)[0]
-    spec = Run.spec(SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=1), universal=False), stage)
+    spec = stage_spec(cfg, stage, 1, False)
     assert (spec.ds_config["optimizer"]["params"]["weight_decay"], spec.ds_config["optimizer"]["params"]["eps"]) == (
         0.01,
         1e-6,

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from pipeline import cli
 from pipeline.engine import distributed
 from pipeline.engine.distributed import DistInfo, free_port
+from pipeline.run import command
 from runs import REPO, run_env
 
 META = torch.device("meta")
@@ -65,7 +65,7 @@ def test_step_statistics_and_the_stop_flag_are_summed_on_the_ranks_device(nccl_o
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_run_directory_lock_is_agreed_on_the_ranks_device(nccl_on_meta, tmp_path, rank):
-    with pytest.raises(Delivered), cli._locked(tmp_path / "run", "train", meta_rank(rank)):
+    with pytest.raises(Delivered), command._locked(tmp_path / "run", "train", meta_rank(rank)):
         pass
     assert nccl_on_meta.calls == [("all_reduce", META)]
 

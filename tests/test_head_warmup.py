@@ -10,10 +10,10 @@ import torch
 
 from conftest import save_hf_bert
 from data_prep import ShardDataset
-from pipeline.config import load_config
 from pipeline.engine import distributed
 from pipeline.model import EarlyBertForPreTraining
 from pipeline.pretrain import head_warmup
+from pipeline.pretrain.config import load_pretrain_config
 from pipeline.run.resume import model_config_for
 from runs import assert_same_losses, deepspeed, faulty_train, finish, metrics
 
@@ -71,7 +71,7 @@ def one_rank():
 
 
 def _warm(config, encoder_only, run_dir, steps, *overrides):
-    cfg = load_config(
+    cfg = load_pretrain_config(
         str(config), [f"run_dir={run_dir}", f"model.init_from={encoder_only}", "earlybert.mode=dense", *overrides]
     )
     data = ShardDataset(cfg.phases[0].shards)
@@ -173,4 +173,4 @@ def test_a_negative_warm_up_is_refused(config):
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.head_warmup_steps must be >= 0"):
-        load_config(str(config), ["run_dir=x", "model.head_warmup_steps=-1"])
+        load_pretrain_config(str(config), ["run_dir=x", "model.head_warmup_steps=-1"])

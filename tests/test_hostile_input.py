@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from faults_table import CASES, tried
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import ConfigError
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.tasks import TaskConfig, TaskError, load_task
+from pipeline.pretrain.config import PretrainConfig, load_pretrain_config
 
 BOUNDED = settings(
     max_examples=40,
@@ -42,7 +43,7 @@ def dotted_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
-RUN_KEYS, FINETUNE_KEYS = dotted_keys(RunConfig), dotted_keys(FinetuneConfig)
+RUN_KEYS, FINETUNE_KEYS = dotted_keys(PretrainConfig), dotted_keys(FinetuneConfig)
 
 # YAML that breaks loaders: deep, cyclic, a bomb, tags, anchors, NUL, odd scalars.
 NASTY_YAML = [
@@ -120,7 +121,7 @@ def assert_named(err: Exception, path, keys: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def valid_run():
-    """The mapping of a run config that loads (the shards need not exist: load_config does not open them)."""
+    """The mapping of a run config that loads (the shards need not exist: load_pretrain_config does not open them)."""
     return {
         "run_dir": "run",
         "phases": [{"shards": "data/seq32", "steps": 10}],
@@ -150,7 +151,7 @@ def test_the_run_config_loader_loads_or_names_the_problem(valid_run, tmp_path, d
     path.write_bytes(data.draw(documents(valid_run)))
     extra = data.draw(overrides(RUN_KEYS))
     try:
-        load_config(str(path), extra)
+        load_pretrain_config(str(path), extra)
     except ConfigError as err:
         assert_named(err, path, RUN_KEYS)
 

@@ -7,7 +7,8 @@ import pytest
 
 from bench.bench_model import make_batch
 from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
-from pipeline.pretrain.loop import pretraining_stats, step_record
+from pipeline.pretrain.loop import pretraining_record, pretraining_stats
+from pipeline.run.core import Step
 from pipeline.run.metrics import batch_model_flops, flops_per_sequence, mfu, model_flops
 from pipeline.tools.report import model_rate
 from tiny import NO_DROPOUT, per_layer_config
@@ -38,7 +39,7 @@ def test_the_training_count_and_the_benchmark_count_agree():
     assert stats["tokens"].item() == batch["attention_mask"].sum().item() < 6 * 24
 
 
-def fake_run(config, peak_tflops, world_size):
+def fake_run(config, world_size):
     engine = SimpleNamespace(
         module=SimpleNamespace(config=config),
         skipped_steps=0,
@@ -49,7 +50,6 @@ def fake_run(config, peak_tflops, world_size):
         engine=engine,
         cfg=SimpleNamespace(global_batch_size=8),
         state=SimpleNamespace(step=5, samples=40, nonfinite_skipped=0),
-        peak_tflops=peak_tflops,
         dist=SimpleNamespace(world_size=world_size),
     )
 
@@ -68,16 +68,8 @@ def test_the_training_log_counts_real_tokens_only():
         nsp_loss=0.0,
         gate_l1=0.0,
     )
-    r = step_record(
-        fake_run(config, peak_tflops=100.0, world_size=2),
-        sums,
-        False,
-        phase=0,
-        seq_len=128,
-        lr=1e-4,
-        step_time=0.5,
-        data_wait=0.0,
-    )
+    step = Step({**sums, "stop": 0.0}, lr=1e-4, seconds=0.5, searching=False)
+    r = pretraining_record(fake_run(config, world_size=2), step, phase=0, seq_len=128, data_wait=0.0, peak_tflops=100.0)
     flops = model_flops(config, 900, 110_000, 130)
     assert r["tokens_per_s"] == pytest.approx(900 / 0.5)
     assert r["tflops"] == pytest.approx(flops / 0.5 / 1e12)

@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from faults_table import tried
-from pipeline.config import ConfigError, OptimConfig, deepspeed_config, load_config
+from pipeline.config import ConfigError, OptimConfig, deepspeed_config
 from pipeline.engine import distributed
 from pipeline.engine.deepspeed_engine import lr_factor
 from pipeline.finetune.config import load_finetune_config
+from pipeline.pretrain.config import load_pretrain_config
 from pipeline.pretrain.loader import Permutation, mask_tokens, rank_positions, stream_samples
 from pipeline.run import checkpoint
 from pipeline.run.metrics import truncate_after
@@ -52,17 +53,17 @@ def test_example_configs_load():
         if name.startswith("finetune-"):
             assert load_finetune_config(path).task.max_seq_length > 0
             continue
-        cfg = load_config(path)
+        cfg = load_pretrain_config(path)
         assert cfg.total_steps == sum(p.steps for p in cfg.phases) > 0
     for name in ("bert-base", "bert-large"):  # BERT's recipe: 90% of the steps at seq 128, then 512
-        assert [p.shards[-6:] for p in load_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases] == [
+        assert [p.shards[-6:] for p in load_pretrain_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases] == [
             "seq128",
             "seq512",
         ]
 
 
 def test_overrides_are_typed_and_reach_lists(tmp_path):
-    cfg = load_config(
+    cfg = load_pretrain_config(
         write_config(tmp_path),
         [
             "optim.lr=5e-4",
@@ -103,7 +104,7 @@ def test_overrides_are_typed_and_reach_lists(tmp_path):
 )
 def test_bad_configs_fail_with_a_clear_message(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(write_config(tmp_path), overrides)
+        load_pretrain_config(write_config(tmp_path), overrides)
     assert message in str(err.value)
 
 
@@ -112,15 +113,15 @@ def test_lamb_is_refused_with_zero_and_accepted_without(tmp_path):
     for stage in (1, 2, 3):
         ds = write_ds(tmp_path, {**lamb, "zero_optimization": {"stage": stage}})
         with pytest.raises(ConfigError, match=f"Lamb with ZeRO stage {stage} is refused.*trust ratio"):
-            load_config(write_config(tmp_path, deepspeed=ds))
-    load_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs/zero0_lamb_bf16.json")))
+            load_pretrain_config(write_config(tmp_path, deepspeed=ds))
+    load_pretrain_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs/zero0_lamb_bf16.json")))
 
 
 def test_every_shipped_deepspeed_config_is_valid(tmp_path):
     names = sorted(os.listdir(os.path.join(REPO, "ds_configs")))
     assert {"zero1.json", "zero2.json", "zero3.json", "zero2_fp16.json", "zero3_offload_bf16.json"} <= set(names)
     for name in names:
-        cfg = load_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs", name)))
+        cfg = load_pretrain_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs", name)))
         ds = deepspeed_config(cfg, world_size=2)
         assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
 
@@ -133,11 +134,11 @@ def test_deepspeed_keys_owned_by_the_run_config_are_refused(tmp_path):
     ):
         ds = write_ds(tmp_path, {"zero_optimization": {"stage": 1}, **extra})
         with pytest.raises(ConfigError, match="set by the run config"):
-            load_config(write_config(tmp_path, deepspeed=ds))
+            load_pretrain_config(write_config(tmp_path, deepspeed=ds))
 
 
 def test_deepspeed_config_batch_arithmetic(tmp_path):
-    cfg = load_config(write_config(tmp_path, micro_batch_size=4, global_batch_size=32, optim={"lr": 3e-4}))
+    cfg = load_pretrain_config(write_config(tmp_path, micro_batch_size=4, global_batch_size=32, optim={"lr": 3e-4}))
     ds = deepspeed_config(cfg, world_size=4)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 2)
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["zero_optimization"]["stage"] == 1
@@ -158,7 +159,7 @@ def test_lr_schedule():
 
 
 def test_phase_at(tmp_path):
-    cfg = load_config(write_config(tmp_path))
+    cfg = load_pretrain_config(write_config(tmp_path))
     assert [phase_at(cfg, s) for s in (0, 89, 90, 99, 100)] == [0, 0, 1, 1, 2]
 
 

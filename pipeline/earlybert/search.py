@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common.launchers import launched_rank
-from pipeline.config import ConfigError, SearchConfig
+from pipeline.config import ConfigError, MethodConfig
 from pipeline.earlybert.detector import (
     Decision,
     DetectorConfig,
@@ -41,15 +41,13 @@ from pipeline.earlybert.detector import (
     natural_draw_problems,
     observe,
 )
-from pipeline.engine.rebuild import full_fp32
-from pipeline.model import EarlyBertConfig, parameter_count
+from pipeline.model import EarlyBertConfig, model_class, parameter_count
 from pipeline.run.metrics import flops_per_sequence
 from pipeline.run.rundir import RunDir
-from pipeline.tools.export import model_class
 
 
 class SearchStage:
-    def __init__(self, cfg: SearchConfig, seed: int, rundir: RunDir, is_main: bool, model_config: EarlyBertConfig):
+    def __init__(self, cfg: MethodConfig, seed: int, rundir: RunDir, is_main: bool, model_config: EarlyBertConfig):
         self.cfg, self.seed, self.rundir, self.is_main = cfg, seed, rundir, is_main
         # random mode: the ticket whose per-layer counts the random masks keep (checked before the process group)
         self.random_like = read_random_like(cfg, model_config)
@@ -65,21 +63,23 @@ class SearchStage:
         train on as free parameters)."""
         return (self.cfg.lambda_heads, self.cfg.lambda_ffn) if self.searching else None
 
-    def _due(self, step: int) -> bool:
+    def due(self, step: int) -> bool:
+        """Whether the search looks at the gates after optimizer step `step`."""
+        if not self.searching:
+            return False
         if self.cfg.mode == "earlybert":
             return step % self.cfg.detector.interval == 0 or step >= self.cfg.detector.max_search_steps
         return step == self.cfg.draw_step
 
-    def decide(self, model, step: int) -> Decision | None:
-        """After optimizer step `step`: the ticket to draw now, the same on every rank, or None.
-        Every rank calls it (the gate reads, the broadcast and the mask check are collectives)."""
-        if not self.searching or not self._due(step):
-            return None
-        heads, ffn = read_gates(model)
+    def decide(
+        self, config: EarlyBertConfig, step: int, heads: list[torch.Tensor], ffn: list[torch.Tensor]
+    ) -> Decision | None:
+        """After optimizer step `step`, when `due`: the ticket to draw now, the same on every rank, or None.
+        heads, ffn: the model's gates (fp32, whole: pipeline/engine/deepspeed_engine.py read_gates). Every rank
+        calls it (the broadcast and the mask check are collectives)."""
         decision = None
         if self.is_main:
-            decision = self._decide_on_main(model.config, step, heads, ffn)
-        config = model.config
+            decision = self._decide_on_main(config, step, heads, ffn)
         decision = broadcast_decision(decision, (config.num_heads_per_layer, config.intermediate_size_per_layer))
         if not decision.draw:
             return None
@@ -128,7 +128,7 @@ class SearchStage:
 
 
 def warn_if_no_natural_draw(
-    cfg: SearchConfig, start_step: int, model_config: EarlyBertConfig, warmup_steps: int, prog: str
+    cfg: MethodConfig, start_step: int, model_config: EarlyBertConfig, warmup_steps: int, prog: str
 ) -> None:
     """Say (before any process group) when the detector's settings leave no room for a natural draw."""
     if (
@@ -141,11 +141,6 @@ def warn_if_no_natural_draw(
     heads, neurons = sum(model_config.num_heads_per_layer), sum(model_config.intermediate_size_per_layer)
     for problem in natural_draw_problems(cfg.detector, heads, neurons, first_step=warmup_steps):
         print(f"{prog}: note: earlybert.detector: {problem}", file=sys.stderr, flush=True)
-
-
-def read_gates(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """fp32 masters of the gates (not their bf16 copies, whose rounding makes ties); every rank calls it."""
-    return [full_fp32(g) for g in model.head_gates()], [full_fp32(g) for g in model.ffn_gates()]
 
 
 def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int, like: dict | None = None) -> Masks:
@@ -164,7 +159,7 @@ def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int, l
     )
 
 
-def read_random_like(cfg: SearchConfig, model_config: EarlyBertConfig) -> dict | None:
+def read_random_like(cfg: MethodConfig, model_config: EarlyBertConfig) -> dict | None:
     """The ticket `earlybert.random_like` names, checked against the model before any process group."""
     if cfg.random_like is None:
         return None

@@ -212,3 +212,11 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     from pipeline.engine.rebuild import snapshot_engine
 
     return snapshot_engine(engine, moments=False).weights
+
+
+def read_gates(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """fp32 masters of the gates (not their bf16 copies, whose rounding makes ties), whole on every rank (a
+    collective under ZeRO-3: every rank calls it)."""
+    from pipeline.engine.rebuild import full_fp32
+
+    return [full_fp32(g) for g in model.head_gates()], [full_fp32(g) for g in model.ffn_gates()]

@@ -80,7 +80,7 @@ def setup(timeout: datetime.timedelta | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (once per process) and pick this rank's device.
     timeout: how long collectives wait for the other ranks (DeepSpeed's default when None)."""
     if problem := cuda_problem(os.environ):
-        from pipeline.cli import EXIT_CONFIG
+        from pipeline.run.command import EXIT_CONFIG
 
         print(f"earlybert: {problem}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CONFIG)

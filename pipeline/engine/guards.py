@@ -27,10 +27,11 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
+from pipeline.run.command import EXIT_FAULT  # the watchdog exits as any fault of the run
+
 ROLL_CALL_S = 5.0  # how long a failed rank waits for the others to answer the roll call
 NCCL_GRACE_S = ROLL_CALL_S + 30.0  # NCCL aborts this much after our watchdog's deadline: the roll call goes first
 WATCH_EVERY_S = 1.0
-EXIT_FAULT = 1  # pipeline.cli.EXIT_FAULT, for the watchdog's exit (cli imports this module)
 
 
 class RunFault(RuntimeError):

@@ -25,23 +25,20 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import (
-    DEFAULT_DS_CONFIG,
     CheckpointConfig,
     ConfigError,
-    DistTimeoutConfig,
-    LogConfig,
-    NonFiniteConfig,
-    SearchConfig,
+    MethodConfig,
+    TrainingConfig,
     from_dict,
-    read_deepspeed,
     read_yaml,
     require_positive,
-    validate_batches_and_logs,
-    validate_deepspeed,
-    validate_sizes,
+    validate_training,
 )
 from pipeline.finetune.tasks import TaskConfig
-from pipeline.run.rundir import RunDir
+
+
+class FineTuneError(ValueError):
+    """A model to start from that cannot be fine-tuned as asked; the message says what to change."""
 
 
 @dataclass
@@ -54,7 +51,7 @@ class FinetuneModelConfig:
 
 
 @dataclass
-class FinetuneSearchConfig(SearchConfig):
+class FinetuneMethodConfig(MethodConfig):
     """The search stage in fine-tuning (YAML key `earlybert:`): as in pre-training, with the official
     recipe's defaults after the draw: rewind to the pre-trained weights, gates kept (not folded) as free
     parameters without L1. The detector's interval and bounds, and draw_step, come from `recipe`."""
@@ -91,38 +88,22 @@ class EvalConfig:
     batch_size: int = 64  # per rank
 
 
-@dataclass
-class FinetuneConfig:
-    run_dir: str
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainingConfig):
+    """`earlybert finetune`: the task, the model to start from, the recipe's stages in epochs, evaluation."""
+
     task: TaskConfig
     model: FinetuneModelConfig
     seed: int = 42
-    compile: bool = False  # torch.compile the model (recompiled after the draw)
-    earlybert: FinetuneSearchConfig = field(default_factory=FinetuneSearchConfig)
+    earlybert: FinetuneMethodConfig = field(default_factory=FinetuneMethodConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
-    deepspeed: str = DEFAULT_DS_CONFIG  # ds_configs/zero1.json
-    deepspeed_overrides: dict = field(default_factory=dict)
-    # The per-rank MAXIMUM of a forward pass: a launch takes the largest micro-batch <= it that splits the global
-    # batch evenly over its ranks, the rest is gradient accumulation (pipeline/config.py plan_batches).
     micro_batch_size: int = 32
-    global_batch_size: int = 32  # per optimizer step, whatever the ranks; epochs count in global batches
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(interval=500, keep=2))
-    log: LogConfig = field(default_factory=LogConfig)
-    resume_from: str | None = None  # a checkpoint tag (step_NNNNNNNN) to resume from instead of `latest`
-    dist_timeout: DistTimeoutConfig = field(default_factory=DistTimeoutConfig)
-    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
-
-    @property
-    def rundir(self) -> RunDir:
-        return RunDir(self.run_dir)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # The keys that hold paths, made absolute as in a run config (pipeline/config.py).
-FINETUNE_PATHS = (
+PATHS = (
     "run_dir",
     "deepspeed",
     "model.init_from",
@@ -138,7 +119,7 @@ DERIVED_SEARCH_KEYS = ("interval", "min_search_steps", "max_search_steps")
 
 
 def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
-    raw = read_yaml(path, overrides, FINETUNE_PATHS)
+    raw = read_yaml(path, overrides, PATHS)
     cfg = from_dict(FinetuneConfig, raw, "")
     given = raw.get("earlybert") or {}
     derived = [f"earlybert.detector.{k}" for k in DERIVED_SEARCH_KEYS if k in (given.get("detector") or {})]
@@ -155,8 +136,7 @@ def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
     r = cfg.recipe
-    validate_batches_and_logs(cfg)
-    validate_sizes(cfg)
+    validate_training(cfg, None)
     require_positive(
         {
             "recipe.search_lr": r.search_lr,
@@ -194,12 +174,9 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"recipe.warmup_ratio must be in [0, 1), got {r.warmup_ratio}")
     if cfg.eval.every_steps is not None and cfg.eval.every_steps < 1:
         raise ConfigError(f"eval.every_steps must be >= 1 (or left out: every epoch), got {cfg.eval.every_steps}")
-    if cfg.earlybert.lambda_heads < 0 or cfg.earlybert.lambda_ffn < 0:
-        raise ConfigError("earlybert.lambda_heads and lambda_ffn must be >= 0")
-    validate_deepspeed(read_deepspeed(cfg), cfg.deepspeed)
 
 
-def search_config_in_steps(cfg: FinetuneSearchConfig, recipe: RecipeConfig, steps_per_epoch: int) -> SearchConfig:
+def search_config_in_steps(cfg: FinetuneMethodConfig, recipe: RecipeConfig, steps_per_epoch: int) -> MethodConfig:
     """The search stage with the recipe's epochs turned into steps of this task."""
     steps = lambda epochs: max(1, round(epochs * steps_per_epoch))
     detector = dataclasses.replace(
@@ -208,5 +185,5 @@ def search_config_in_steps(cfg: FinetuneSearchConfig, recipe: RecipeConfig, step
         min_search_steps=round(recipe.min_search_epochs * steps_per_epoch),
         max_search_steps=steps(recipe.max_search_epochs),
     )
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SearchConfig)}
-    return SearchConfig(**{**fields, "detector": detector, "draw_step": steps(recipe.draw_epoch)})
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MethodConfig)}
+    return MethodConfig(**{**fields, "detector": detector, "draw_step": steps(recipe.draw_epoch)})

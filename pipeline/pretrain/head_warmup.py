@@ -31,9 +31,10 @@ from safetensors.torch import save
 
 from common.outputs import atomic_write, write_json
 from data_prep import ShardDataset
-from pipeline.config import RunConfig, batch_plan, read_deepspeed
+from pipeline.config import batch_plan, read_deepspeed
 from pipeline.engine import distributed
 from pipeline.engine.deepspeed_engine import param_groups
+from pipeline.pretrain.config import PretrainConfig
 from pipeline.pretrain.loader import PhaseLoader
 
 DEFAULT_STEPS = 100
@@ -79,7 +80,7 @@ def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def run(
     model: torch.nn.Module,
     warmup: HeadWarmup,
-    cfg: RunConfig,
+    cfg: PretrainConfig,
     data: ShardDataset,
     d: distributed.DistInfo,
     stop: distributed.StopRequest,
@@ -139,7 +140,7 @@ def run(
     return True
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters with the DeepSpeed config's betas, eps and weight decay (matrices
     only, as the engine's groups), at the run's peak lr."""
     given = read_deepspeed(cfg).get("optimizer", {}).get("params", {})

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import SearchConfig, batch_plan, precision, read_deepspeed, zero_stage
+from pipeline.config import MethodConfig, batch_plan, precision, read_deepspeed, zero_stage
 from pipeline.earlybert.search import parameters_of
 from pipeline.run.checkpoint import RunState
 from pipeline.run.resume import Start, resumes_on_other_ranks
 
 
 def launch_plan(cfg, start: Start, world_size: int) -> list[str]:
-    """Batches, DeepSpeed, model and starting point of a launch of `cfg` (a RunConfig or a FinetuneConfig)."""
+    """Batches, DeepSpeed, model and starting point of a launch of `cfg` (a PretrainConfig or a FinetuneConfig)."""
     ds, model = read_deepspeed(cfg), start.model_config
     lines = [
         f"batches    {batch_plan(cfg, world_size).describe()}",
@@ -26,16 +26,16 @@ def launch_plan(cfg, start: Start, world_size: int) -> list[str]:
         f"{max(model.num_heads_per_layer)}, {parameters_of(model) / 1e6:.1f}M parameters",
     ]
     if start.tag is None:
-        return lines + [f"start      step 0: no checkpoint in {cfg.rundir.checkpoints}"]
+        return lines + [f"start      step 0: no checkpoint in {cfg.run_files.checkpoints}"]
     state = start.state
     how = "through DeepSpeed's universal checkpoint" if resumes_on_other_ranks(cfg, start, world_size) else "as saved"
     return lines + [
-        f"start      resume from {cfg.rundir.checkpoints / start.tag}: step {state.step}, {state.samples} samples; "
+        f"start      resume from {cfg.run_files.checkpoints / start.tag}: step {state.step}, {state.samples} samples; "
         f"written on {state.world_size} rank{'s' if state.world_size > 1 else ''}, loaded {how}"
     ]
 
 
-def search_plan(search: SearchConfig, state: RunState, steps: int) -> str:
+def search_plan(search: MethodConfig, state: RunState, steps: int) -> str:
     """What the search stage can do in its `steps` (the run's, or fine-tuning's search stage's)."""
     d, ticket = search.detector, state.search.get("ticket")
     if not search.use_gates:

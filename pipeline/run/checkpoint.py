@@ -67,8 +67,8 @@ class RunState:
     format: int = RUN_STATE_FORMAT
     step: int = 0  # optimizer steps done
     samples: int = 0  # samples consumed, all phases
-    phase: int = 0  # index into the run config's phases
-    phase_samples: int = 0  # samples consumed in the current phase: its stream position
+    phase: int = 0  # index into pre-training's phases (fine-tuning: its stages, `stage`)
+    phase_samples: int = 0  # samples consumed in the current phase (or stage): its stream position
     world_size: int = 1  # ranks that wrote the checkpoint
     zero_stage: int = 0
     tokenizer_hash: str = ""  # of the shards trained on; another tokenizer's shards are refused
@@ -85,6 +85,24 @@ class RunState:
     @property
     def plan_step(self) -> int:
         return self.step - self.rewound
+
+    # Fine-tuning's stages (search, ticket, dense) are held where pre-training holds its phases: the JSON keeps
+    # the names old checkpoints carry, these say what fine-tuning means by them.
+    @property
+    def stage(self) -> int:
+        return self.phase
+
+    @stage.setter
+    def stage(self, value: int) -> None:
+        self.phase = value
+
+    @property
+    def stage_samples(self) -> int:
+        return self.phase_samples
+
+    @stage_samples.setter
+    def stage_samples(self, value: int) -> None:
+        self.phase_samples = value
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -314,7 +332,7 @@ def save_run(run) -> Path:
     """The checkpoint of a training loop's `run` (pre-training or fine-tuning: its engine, run state with the
     search stage's state, model architecture, dist info and config); returns its folder."""
     run.state.search = run.search.state_dict()
-    ckpt_dir = run.cfg.rundir.checkpoints
+    ckpt_dir = run.cfg.run_files.checkpoints
     tag = save(run.engine, ckpt_dir, run.state, run.engine.module.config.to_dict(), run.dist, run.cfg.checkpoint)
     return ckpt_dir / tag
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_prep import ShardDataset
-from pipeline.config import ConfigError, RunConfig, read_deepspeed, zero_stage
+from pipeline.config import ConfigError, read_deepspeed, zero_stage
 from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.pretrain.config import PretrainConfig
 from pipeline.run import checkpoint
 from pipeline.run.checkpoint import RunState
 
@@ -45,10 +46,10 @@ class Start:
     model_config: EarlyBertConfig
 
 
-def find_start(cfg: RunConfig, datasets: list[ShardDataset]) -> Start:
+def find_start(cfg: PretrainConfig, datasets: list[ShardDataset]) -> Start:
     """The checkpoint to resume from (checkpoint.resume_tag), read and checked against the config and the
     shards; or step 0."""
-    ckpt_dir = cfg.rundir.checkpoints
+    ckpt_dir = cfg.run_files.checkpoints
     tag = checkpoint.resume_tag(ckpt_dir, cfg.resume_from, cfg.checkpoint.verify)
     if tag is None:
         state = RunState(tokenizer_hash=datasets[0].tokenizer_hash)
@@ -62,11 +63,11 @@ def find_start(cfg: RunConfig, datasets: list[ShardDataset]) -> Start:
     return start
 
 
-def phase_records(cfg: RunConfig, datasets: list[ShardDataset]) -> list[dict]:
+def phase_records(cfg: PretrainConfig, datasets: list[ShardDataset]) -> list[dict]:
     return [{"shards": p.shards, "seq_len": d.seq_len, "sequences": len(d)} for p, d in zip(cfg.phases, datasets)]
 
 
-def model_config_for(cfg: RunConfig, data: ShardDataset) -> EarlyBertConfig:
+def model_config_for(cfg: PretrainConfig, data: ShardDataset) -> EarlyBertConfig:
     """The architecture of a fresh run: a preset (vocabulary from the shards) or a HF checkpoint's."""
     # BertConfig keeps unknown keyword arguments as attributes: a typo would be silently ignored.
     unknown = sorted(set(cfg.model.overrides) - set(EarlyBertConfig().to_dict()))
@@ -90,7 +91,7 @@ def execution_options(overrides: dict) -> dict:
     return {k: v for k, v in overrides.items() if k in EXECUTION_OPTIONS}
 
 
-def open_phases(cfg: RunConfig) -> list[ShardDataset]:
+def open_phases(cfg: PretrainConfig) -> list[ShardDataset]:
     datasets = [ShardDataset(p.shards) for p in cfg.phases]
     for i, d in enumerate(datasets[1:], 1):
         if d.tokenizer_hash != datasets[0].tokenizer_hash:
@@ -134,9 +135,9 @@ def check_batch_fits_data(micro: int, datasets: list[ShardDataset]) -> None:
             )
 
 
-def check_resume(cfg: RunConfig, state: RunState, architecture: dict, datasets: list[ShardDataset], tag: str) -> None:
+def check_resume(cfg: PretrainConfig, state: RunState, architecture: dict, datasets: list[ShardDataset], tag: str) -> None:
     """Refuse a checkpoint of another model or tokenizer, or a phase plan it does not fit."""
-    where = cfg.rundir.checkpoints / tag
+    where = cfg.run_files.checkpoints / tag
     if state.tokenizer_hash != datasets[0].tokenizer_hash:
         raise ConfigError(
             f"{where} was trained on shards of another tokenizer (sha256 {state.tokenizer_hash[:12]}) "
@@ -172,7 +173,7 @@ def check_resume(cfg: RunConfig, state: RunState, architecture: dict, datasets: 
         )
 
 
-def check_phase_shards(cfg: RunConfig, state: RunState, datasets: list[ShardDataset], where) -> None:
+def check_phase_shards(cfg: PretrainConfig, state: RunState, datasets: list[ShardDataset], where) -> None:
     """The phases the run has begun resume on the shards they trained on (the stream position counts in their
     sequences), unless accept_new_shards says the change is deliberate (moved or re-prepared data). Checkpoints
     written before the run state recorded the phases are not checked."""
@@ -192,7 +193,7 @@ def check_phase_shards(cfg: RunConfig, state: RunState, datasets: list[ShardData
         )
 
 
-def phase_at(cfg: RunConfig, step: int) -> int:
+def phase_at(cfg: PretrainConfig, step: int) -> int:
     """The phase the next step belongs to (len(phases) when done)."""
     end = 0
     for i, p in enumerate(cfg.phases):
@@ -202,7 +203,7 @@ def phase_at(cfg: RunConfig, step: int) -> int:
     return len(cfg.phases)
 
 
-def resumes_on_other_ranks(cfg: RunConfig, start: Start, world_size: int) -> bool:
+def resumes_on_other_ranks(cfg: PretrainConfig, start: Start, world_size: int) -> bool:
     """True when the checkpoint was written by another number of ranks: the resume then goes through
     DeepSpeed's universal checkpoint (ZeRO 1 and 2 only)."""
     state = start.state
@@ -210,7 +211,7 @@ def resumes_on_other_ranks(cfg: RunConfig, start: Start, world_size: int) -> boo
         return False
     if 3 in (state.zero_stage, zero_stage(read_deepspeed(cfg))):
         raise ConfigError(
-            f"{cfg.rundir.checkpoints / start.tag} was written by {state.world_size} ranks; resuming "
+            f"{cfg.run_files.checkpoints / start.tag} was written by {state.world_size} ranks; resuming "
             f"on {world_size} goes through DeepSpeed's universal checkpoint, supported here for "
             f"ZeRO stages 1 and 2, not 3: relaunch on {state.world_size} ranks"
         )

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from common import outputs
+from pipeline import model as model_module
 from pipeline.earlybert.detector import Masks
 from pipeline.earlybert.pruner import prune_model
-from pipeline import model as model_module
-from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel
+from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel, model_class
 from pipeline.run.rundir import RunDir, RunDirError
 
 COMMAND = "earlybert export"  # the marker of the directories it writes (common/outputs.py)
@@ -44,25 +44,12 @@ AUTO_MAP = {
     "AutoConfig": "modeling_earlybert.EarlyBertConfig",
     **{auto: f"modeling_earlybert.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()},
 }
-MODEL_CLASSES = {cls.__name__: cls for cls in AUTO_CLASSES.values()}  # architectures entry -> class
-DEFAULT_ARCHITECTURE = "EarlyBertForPreTraining"  # checkpoints of pre-training runs name none
 SPECIAL_TOKENS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
 MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask"]  # BERT's; the tokenizer's default omits token types
 
 
 class ExportError(RuntimeError):
     pass
-
-
-def model_class(config: EarlyBertConfig) -> type[EarlyBertPreTrainedModel]:
-    """The EarlyBERT class a checkpoint's config names (its first `architectures` entry)."""
-    name = (config.architectures or [DEFAULT_ARCHITECTURE])[0]
-    if name not in MODEL_CLASSES:
-        raise ExportError(
-            f"architectures names {name!r}, which is not an EarlyBERT model class; "
-            f"expected one of {sorted(MODEL_CLASSES)}"
-        )
-    return MODEL_CLASSES[name]
 
 
 def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreTrainedModel, str]:
@@ -83,7 +70,10 @@ def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreT
     except CheckpointError as err:
         raise ExportError(str(err)) from None
     config = EarlyBertConfig.from_dict(architecture)
-    cls = model_class(config)
+    try:
+        cls = model_class(config)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if state.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

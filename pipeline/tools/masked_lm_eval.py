@@ -20,8 +20,8 @@ import yaml
 from common.cli import HelpFormatter
 from common.progress import progress_bar
 from data_prep import ShardDataset, ShardError
-from pipeline.cli import EXIT_CONFIG, EXIT_FAULT
 from pipeline.pretrain.loader import mask_tokens
+from pipeline.run.command import EXIT_CONFIG, EXIT_FAULT
 from pipeline.run.rundir import RunDir, RunDirError
 
 EVAL_SEED = 20210101

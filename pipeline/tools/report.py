@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.outputs import atomic_write  # noqa: E402
-from pipeline.cli import EXIT_CONFIG, EXIT_FAULT  # noqa: E402
+from pipeline.run.command import EXIT_CONFIG, EXIT_FAULT  # noqa: E402
 from pipeline.run.rundir import RunDir, RunDirError  # noqa: E402
 
 

@@ -1,0 +1,86 @@
+"""The typed config of `earlybert train` (pipeline/config.py holds what it shares with fine-tuning): the phases
+of shards and steps, the model to start from, the optimizer schedule, the masking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import (
+    ConfigError,
+    OptimConfig,
+    TrainingConfig,
+    from_dict,
+    read_yaml,
+    require_positive,
+    validate_training,
+)
+
+# The keys that hold paths ("*": every item of a list or value of a mapping), made absolute (pipeline/config.py).
+PATHS = ("run_dir", "deepspeed", "phases.*.shards", "earlybert.random_like")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture of a fresh run; a resumed run is rebuilt from its checkpoint's architecture.json."""
+
+    preset: str = "bert-tiny"  # EarlyBertConfig.from_preset name (bert-tiny ... bert-large)
+    init_from: str | None = None  # a Hugging Face checkpoint (directory or hub id) instead of random init
+    overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.0}
+    # init_from without the pre-training heads (an encoder-only BertModel): optimizer steps that train the fresh
+    # heads alone, the encoder frozen, before the run (pipeline/pretrain/head_warmup.py). None: 100 when a head is
+    # missing; 0: none. A checkpoint with every head gets none.
+    head_warmup_steps: int | None = None
+
+
+@dataclass
+class Phase:
+    shards: str  # a directory written by `earlybert prep`; its seq_len is the phase's
+    steps: int  # optimizer steps in this phase
+
+
+@dataclass
+class DataConfig:
+    mask_prob: float = 0.15  # share of maskable tokens selected for MLM (then 80% [MASK], 10% random, 10% kept)
+    prefetch: int = 8  # micro-batches prepared ahead by the loader thread
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(TrainingConfig):
+    """`earlybert train`: what the training loop must agree with; the DeepSpeed JSON owns the rest."""
+
+    phases: list[Phase]  # BERT's recipe: seq 128 for 90% of the steps, then seq 512
+    seed: int = 1234
+    micro_batch_size: int = 8
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # resume although a phase the run has begun now has other shards (moved or re-prepared data); refused otherwise
+    accept_new_shards: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+
+def load_pretrain_config(path: str, overrides: list[str] = ()) -> PretrainConfig:
+    """Read the YAML config, apply `a.b.c=value` overrides, build and validate the dataclasses."""
+    cfg = from_dict(PretrainConfig, read_yaml(path, overrides, PATHS), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Checks that need no process group and no data; the DeepSpeed JSON is checked here too."""
+    if not cfg.phases:
+        raise ConfigError("phases: list at least one {shards: DIR, steps: N}")
+    for i, p in enumerate(cfg.phases):
+        if p.steps < 1:
+            raise ConfigError(f"phases.{i}.steps must be >= 1, got {p.steps}")
+    require_positive({"data.prefetch": cfg.data.prefetch, "optim.lr": cfg.optim.lr})
+    if (cfg.model.head_warmup_steps or 0) < 0:
+        raise ConfigError(f"model.head_warmup_steps must be >= 0 (0: no warm-up), got {cfg.model.head_warmup_steps}")
+    if not 0.0 < cfg.data.mask_prob < 1.0:
+        raise ConfigError(f"data.mask_prob must be in (0, 1), got {cfg.data.mask_prob}")
+    if not 0 <= cfg.optim.warmup_steps <= cfg.total_steps:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be in [0, total steps {cfg.total_steps}]")
+    validate_training(cfg, cfg.total_steps)
