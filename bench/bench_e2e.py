@@ -90,6 +90,7 @@ from bench.common import (
 )
 from common.outputs import write_json
 from data_prep import ShardDataset
+from pipeline.earlybert.detector import DetectorConfig
 from pipeline.engine.distributed import free_port
 from pipeline.pretrain import head_warmup
 from pipeline.run.rundir import RunDir
@@ -157,16 +158,17 @@ class Part:
     def warmup_steps(self) -> int:
         return round(WARMUP_SHARE * self.steps)
 
-    def detector(self) -> dict:
+    def detector(self) -> DetectorConfig:
         interval = max(1, round(SEARCH_SHARE * self.steps / (WINDOW - 1)))
-        return {
-            "criterion": CRITERION,
-            "epsilon": EPSILON,
-            "window": WINDOW,
-            "interval": interval,
-            "min_search_steps": self.warmup_steps + (WINDOW - 1) * interval,  # a FIFO of post-warmup masks
-            "max_search_steps": max(self.warmup_steps + (WINDOW - 1) * interval, int(MAX_SEARCH_SHARE * self.steps)),
-        }
+        first = self.warmup_steps + (WINDOW - 1) * interval  # a FIFO of post-warmup masks
+        return DetectorConfig(
+            criterion=CRITERION,
+            epsilon=EPSILON,
+            window=WINDOW,
+            interval=interval,
+            min_search_steps=first,
+            max_search_steps=max(first, int(MAX_SEARCH_SHARE * self.steps)),
+        )
 
 
 @dataclass
@@ -401,7 +403,7 @@ def pretrain_config(s: Settings, part: Part, train_shards: Path, model: Path | N
         "run_dir": str(out / "unused"),
         "seed": SEED,
         "model": pretrain_model(part, model),
-        "earlybert": {"lambda_heads": LAMBDA, "lambda_ffn": LAMBDA, "detector": part.detector()},
+        "earlybert": {"lambda_heads": LAMBDA, "lambda_ffn": LAMBDA, "detector": asdict(part.detector())},
         "deepspeed": str(ROOT / "ds_configs" / "zero2.json"),
         "phases": [{"shards": str(train_shards), "steps": part.steps}],
         "micro_batch_size": 16,
@@ -845,7 +847,7 @@ def collect(s: Settings, task_info: dict) -> dict:
         parts[part.key] = {
             "title": part.title,
             "settings": asdict(part),
-            "detector": part.detector(),
+            "detector": asdict(part.detector()),
             "corpora": groups,
         }
     return parts
@@ -1228,9 +1230,6 @@ def finish_results(s: Settings, parts: dict, task_info: dict, timing: dict, md: 
         "settings": {
             "lambda_heads": LAMBDA,
             "lambda_ffn": LAMBDA,
-            "criterion": CRITERION,
-            "epsilon": EPSILON,
-            "window": WINDOW,
             "mask_seeds": s.mask_seeds,
             "finetuning": asdict(s.finetuning),
             "corpus_mb": s.corpus_mb,
@@ -1268,7 +1267,7 @@ def figures(s: Settings, parts: dict) -> None:
             report = write_report([work / name for name in shown if name in group["runs"]])  # into earlybert/report/
             for png in ("loss.png", "throughput.png", "structure.png"):
                 shutil.copyfile(report.parent / png, out / png)
-            plot_detector(plt, group["runs"]["earlybert"], p, out / "detector.png")
+            shutil.copyfile(report.parent / "distances.png", out / "detector.png")  # the run's detector, typed
             if p.downstream:
                 plot_models(plt, s, group, out / "models.png")
             else:
@@ -1279,30 +1278,6 @@ def save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def plot_detector(plt, eb: dict, part: Part, path: Path) -> None:
-    """The distance the combined criterion compares with epsilon, against step."""
-    history = [h for h in eb["detector_history"] if h.get("combined_distance") is not None]
-    detector = part.detector()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(
-        [h["step"] for h in history],
-        [h["combined_distance"] for h in history],
-        marker="o",
-        label=f"heads and FFN neurons: largest distance to the last {WINDOW - 1} masks",
-    )
-    ax.axhline(EPSILON, color="red", linestyle="--", label=f"epsilon = {EPSILON}")
-    ax.axvline(detector["min_search_steps"], color="gray", linestyle=":", label="min_search_steps")
-    ax.axvline(detector["max_search_steps"], color="gray", linestyle="-.", label="max_search_steps (forced)")
-    forced = " (forced)" if eb["draw_forced"] else ""
-    ax.axvline(eb["draw_step"], color="black", label=f"drawn at step {eb['draw_step']}{forced}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("normalized Hamming distance")
-    ax.set_title("early-bird detector, combined criterion")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(plt, fig, path)
 
 
 def plot_curves(plt, group: dict, path: Path) -> None:

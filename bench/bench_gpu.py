@@ -11,13 +11,12 @@ training-efficiency option on and off, and the time of the engine rebuild at the
     python -m bench.bench_gpu --dry-run    # every case on a tiny model on the CPU in fp32 (compile cases
                                            # uncompiled): checks the script, no figures, nothing written
 
-Each step is what `earlybert train` runs: pipeline.engine.deepspeed_engine.train_step on the loader's micro-batch (with its
-BatchLayout), the MLM head on the masked positions only, DeepSpeed ZeRO-1 with ds_configs/zero1_bf16.json's
-optimizer (DeepSpeed's fused Adam where it builds, else torch's fused AdamW). The pruned baseline is the dense
-engine pruned in place (pipeline.engine.deepspeed_engine.prune_engine, timed: "rebuild"). Batches are right-padded like the shards
-(--pad-fraction per sequence length). tokens/s counts real tokens; MFU is pipeline.run.metrics.mfu of
-pipeline.run.metrics.model_flops, the training log's definition.
-"""
+Each step is what `earlybert train` runs: train_step (pipeline/engine/deepspeed_engine.py) on the loader's
+micro-batch (with its BatchLayout), the MLM head on the masked positions only, DeepSpeed ZeRO-1 with
+ds_configs/zero1_bf16.json's optimizer (DeepSpeed's fused Adam where it builds, else torch's fused AdamW). The
+pruned baseline is the dense engine pruned in place (deepspeed_engine.prune_engine, timed: "rebuild"). Batches are
+right-padded like the shards (--pad-fraction per sequence length). tokens/s counts real tokens; MFU is
+pipeline.run.metrics.mfu of pipeline.run.metrics.model_flops, the training log's definition."""
 
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-import yaml
 
 from bench.bench_model import make_batch, with_option
 from bench.common import ROOT, median_time, write_results
@@ -48,6 +46,7 @@ from pipeline.engine.deepspeed_engine import (
     train_step,
 )
 from pipeline.model import BatchLayout
+from pipeline.pretrain.config import load_pretrain_config
 from pipeline.run.metrics import batch_model_flops, device_peak_tflops, mfu
 
 transformers.logging.set_verbosity_error()
@@ -57,9 +56,7 @@ OPTIONS = ("unpad", "activation_checkpointing", "fused_qkv", "compile")
 SHAPES = {128: (64, 0.13), 512: (16, 0.25)}
 DRY_RUN_SHAPES = {128: (4, 0.13), 512: (2, 0.25)}
 # The FFN rounding of the shipped bert-large run config: the bench prunes as training would.
-FFN_MULTIPLE_OF = yaml.safe_load((ROOT / "launch/configs/bert-large.yaml").read_text())["earlybert"]["detector"][
-    "ffn_multiple_of"
-]
+FFN_MULTIPLE_OF = load_pretrain_config(str(ROOT / "launch/configs/bert-large.yaml")).earlybert.detector.ffn_multiple_of
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,18 @@ STAGES = {
 }
 # The config-driven stages: (the config's dataclass, an example command line).
 CONFIGS = {
-    "train": ("pipeline.pretrain.config:PretrainConfig", "--config launch/configs/tiny.yaml optim.lr=5e-4 phases.0.steps=200"),
+    "train": (
+        "pipeline.pretrain.config:PretrainConfig",
+        "--config launch/configs/tiny.yaml optim.lr=5e-4 phases.0.steps=200",
+    ),
     "finetune": (
         "pipeline.finetune.config:FinetuneConfig",
         "--config launch/configs/finetune-sst2.yaml earlybert.mode=dense seed=2",
     ),
 }
 REQUIRED = "(required)"
+
+
 def _usage() -> str:
     lines = [
         "usage: earlybert <stage> [options]   (earlybert <stage> --help for details)",

@@ -123,9 +123,9 @@ CASES = {
         "earlybert train / finetune (ZeRO-3, gloo), at the end of a finished run",
         "a gloo worker thread releases the last collectives' tensors while the interpreter finalizes (DeepSpeed keeps "
         "the process groups alive; pytorch/pytorch#190489)",
-        "every rank ends through pipeline.engine.distributed.end_rank_process: atexit handlers run, output flushed, then "
-        "os._exit before finalization; exit 0 (before: SIGABRT 'terminate called without an active exception' in "
-        "4 of 48 two-rank rebuild runs under load, bench/zero3_exit_loop.py)",
+        "every rank ends through distributed.end_rank_process (pipeline/engine): atexit handlers run, output "
+        "flushed, then os._exit before finalization; exit 0 (before: SIGABRT 'terminate called without an active "
+        "exception' in 4 of 48 two-rank rebuild runs under load, bench/zero3_exit_loop.py)",
         0,
     ),
     "rank_stopped": Case(

@@ -4,7 +4,6 @@ accumulation."""
 
 import copy
 import inspect
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,7 +126,7 @@ def split(batch: dict, parts: int) -> list[dict]:
 
 
 def ours(model, batch, accumulation: int) -> torch.Tensor:
-    """The gates' gradient of one optimizer step of ours: pipeline.engine.deepspeed_engine.train_step, as fine-tuning calls it."""
+    """The gates' gradient of one optimizer step of ours: deepspeed_engine.train_step, as fine-tuning calls it."""
     model = copy.deepcopy(model)
     stats = lambda out: {"loss": out.task_loss}  # noqa: E731
     train_step(AccumulatingEngine(model, accumulation), split(batch, accumulation), "cpu", stats, gate_lambdas=LAMBDAS)

@@ -1,5 +1,5 @@
-"""The warm-up of the pre-training heads a Hugging Face checkpoint lacks (pipeline/pretrain/head_warmup.py): it runs only
-when a head is missing, trains the heads alone (every encoder weight bit-identical), is announced, and resumes
+"""The warm-up of the pre-training heads a Hugging Face checkpoint lacks (pipeline/pretrain/head_warmup.py): it runs
+only when a head is missing, trains the heads alone (every encoder weight bit-identical), is announced, and resumes
 exactly after a kill in the middle of it."""
 
 import json
@@ -14,7 +14,7 @@ from pipeline.engine import distributed
 from pipeline.model import EarlyBertForPreTraining
 from pipeline.pretrain import head_warmup
 from pipeline.pretrain.config import load_pretrain_config
-from pipeline.run.resume import model_config_for
+from pipeline.pretrain.start import model_config_for
 from runs import assert_same_losses, deepspeed, faulty_train, finish, metrics
 
 WARMUP = 6  # steps; the test config checkpoints every 3

@@ -16,9 +16,9 @@ from pipeline.engine.deepspeed_engine import lr_factor
 from pipeline.finetune.config import load_finetune_config
 from pipeline.pretrain.config import load_pretrain_config
 from pipeline.pretrain.loader import Permutation, mask_tokens, rank_positions, stream_samples
+from pipeline.pretrain.start import phase_at
 from pipeline.run import checkpoint
 from pipeline.run.metrics import truncate_after
-from pipeline.run.resume import phase_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -56,7 +56,8 @@ def test_example_configs_load():
         cfg = load_pretrain_config(path)
         assert cfg.total_steps == sum(p.steps for p in cfg.phases) > 0
     for name in ("bert-base", "bert-large"):  # BERT's recipe: 90% of the steps at seq 128, then 512
-        assert [p.shards[-6:] for p in load_pretrain_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases] == [
+        phases = load_pretrain_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases
+        assert [p.shards[-6:] for p in phases] == [
             "seq128",
             "seq512",
         ]

@@ -31,6 +31,7 @@ from pipeline.model import EarlyBertForPreTraining, attention_kernels
 from pipeline.pretrain import head_warmup
 from pipeline.pretrain.config import PretrainConfig, load_pretrain_config
 from pipeline.pretrain.loader import PhaseLoader
+from pipeline.pretrain.start import check_batch_fits_data, find_start, open_phases
 from pipeline.run.check import launch_plan, search_plan
 from pipeline.run.checkpoint import CheckpointError
 from pipeline.run.command import EXIT_INTERRUPTED, run_config_stage
@@ -49,7 +50,7 @@ from pipeline.run.core import (
 )
 from pipeline.run.core import draw as core_draw
 from pipeline.run.metrics import device_peak_tflops, mfu, model_flops
-from pipeline.run.resume import Start, check_batch_fits_data, find_start, open_phases, resumes_on_other_ranks
+from pipeline.run.resume import Start, resumes_on_other_ranks
 
 ERRORS = (ConfigError, CheckpointError, ShardError)
 

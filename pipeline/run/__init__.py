@@ -1,1 +1,1 @@
-"""What every training run shares: the core both loops use, checkpoints, resume, the run directory and its lock, metrics."""
+"""What every training run shares: the core both loops use, checkpoints, resume, the run directory, metrics."""

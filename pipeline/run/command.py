@@ -47,24 +47,24 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, p
         return 0
     cfg = prepared[0]
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    d = distributed.setup(timeout=guards.init_timeout(cfg.dist_timeout.long_s))
-    distributed.set_cpu_threads(d)
+    dist = distributed.setup(timeout=guards.init_timeout(cfg.dist_timeout.long_s))
+    distributed.set_cpu_threads(dist)
     clean = False
     try:
-        with _locked(cfg.run_files.path, stage, d):
-            code = run(prepared, d)
+        with _locked(cfg.run_files.path, stage, dist):
+            code = run(prepared, dist)
         clean = True
         return code
     except (*errors, runlock.LockError) as e:
-        print(f"earlybert {stage} (rank {d.rank}): {e}", file=sys.stderr)
+        print(f"earlybert {stage} (rank {dist.rank}): {e}", file=sys.stderr)
         return EXIT_CONFIG
     except guards.RunFault as e:
-        print(f"earlybert {stage} (rank {d.rank}): {e}", file=sys.stderr)
+        print(f"earlybert {stage} (rank {dist.rank}): {e}", file=sys.stderr)
         return EXIT_FAULT
     except KeyboardInterrupt:  # not a traceback through DeepSpeed: `latest` only ever names a complete checkpoint
         print(
-            f"earlybert {stage} (rank {d.rank}): interrupted (Ctrl-C); {cfg.run_files.checkpoints / 'latest'} names the "
-            f"last complete checkpoint: relaunch the same command to resume",
+            f"earlybert {stage} (rank {dist.rank}): interrupted (Ctrl-C); {cfg.run_files.checkpoints / 'latest'} "
+            f"names the last complete checkpoint: relaunch the same command to resume",
             file=sys.stderr,
         )
         return EXIT_CTRL_C
@@ -79,7 +79,7 @@ def launched_world_size(env) -> int:
 
 
 @contextlib.contextmanager
-def _locked(run_dir, stage: str, d):
+def _locked(run_dir, stage: str, dist):
     """The run directory's lock (pipeline/run/runlock.py), held by rank 0; every rank learns whether it was taken."""
     import torch
 
@@ -87,12 +87,12 @@ def _locked(run_dir, stage: str, d):
     from pipeline.run import runlock
 
     refused, path = "", None
-    if d.is_main:
+    if dist.is_main:
         try:
             path = runlock.acquire(run_dir, f"earlybert {stage}")
         except runlock.LockError as e:
             refused = str(e)
-    if distributed.sum_over_ranks({"refused": torch.tensor(float(bool(refused)))}, d)["refused"]:
+    if distributed.sum_over_ranks({"refused": torch.tensor(float(bool(refused)))}, dist)["refused"]:
         raise runlock.LockError(refused or f"{run_dir} is in use by another command (rank 0 says which)")
     try:
         yield

@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.outputs import atomic_write  # noqa: E402
+from pipeline.config import from_dict  # noqa: E402
+from pipeline.earlybert.detector import DetectorConfig, epsilons  # noqa: E402
 from pipeline.run.command import EXIT_CONFIG, EXIT_FAULT  # noqa: E402
 from pipeline.run.rundir import RunDir, RunDirError  # noqa: E402
 
@@ -65,22 +67,57 @@ def plot_curves(runs: list[tuple[str, list[dict], dict | None]], out: Path) -> P
     return _save(fig, out / "loss.png")
 
 
-def plot_distances(ticket: dict, epsilon: float | None, out: Path) -> Path:
-    history = [h for h in ticket.get("distance_history", []) if h.get("head_distance") is not None]
+def distance_lines(ticket: dict, detector: DetectorConfig | None) -> tuple[dict, dict]:
+    """What the detector compared: {label: (steps, distances)} and {label: epsilon}. per_type: the head and the
+    FFN masks' distances, each with its own epsilon; combined: the one mask of both, with the one epsilon."""
+    combined = detector is not None and detector.criterion == "combined"
+    keys = (
+        {"heads and FFN neurons": "combined_distance"}
+        if combined
+        else {"heads": "head_distance", "FFN neurons": "ffn_distance"}
+    )
+    curves = {}
+    for label, key in keys.items():
+        history = [h for h in ticket.get("distance_history", []) if h.get(key) is not None]
+        curves[f"{label} (max over FIFO)"] = ([h["step"] for h in history], [h[key] for h in history])
+    if detector is None:
+        return curves, {}
+    if combined:
+        return curves, {"epsilon": detector.epsilon}
+    head_eps, ffn_eps = epsilons(detector)
+    return curves, {"epsilon": head_eps} if head_eps == ffn_eps else {"head epsilon": head_eps, "FFN epsilon": ffn_eps}
+
+
+def plot_distances(ticket: dict, detector: DetectorConfig | None, out: Path, search_bounds: bool = True) -> Path:
+    """distances.png: distance_lines against step, the draw marked; search_bounds: min_search_steps and
+    max_search_steps too (the detector's steps are the run's; fine-tuning derives them from epochs of its task)."""
+    curves, thresholds = distance_lines(ticket, detector)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    if history:
-        steps = [h["step"] for h in history]
-        ax.plot(steps, [h["head_distance"] for h in history], marker="o", label="heads (max over FIFO)")
-        ax.plot(steps, [h["ffn_distance"] for h in history], marker="s", label="FFN neurons (max over FIFO)")
-    if epsilon is not None:
-        ax.axhline(epsilon, color="red", linestyle="--", label=f"epsilon = {epsilon}")
-    ax.axvline(ticket["draw_step"], color="black", linestyle=":", label=f"draw at step {ticket['draw_step']}")
+    for (label, (steps, distances)), marker in zip(curves.items(), "os"):
+        ax.plot(steps, distances, marker=marker, label=label)
+    for (name, value), style in zip(thresholds.items(), ("--", "-.")):
+        ax.axhline(value, color="red", linestyle=style, label=f"{name} = {value}")
+    if detector is not None and search_bounds:
+        ax.axvline(detector.min_search_steps, color="gray", linestyle=":", label="min_search_steps")
+        ax.axvline(detector.max_search_steps, color="gray", linestyle="-.", label="max_search_steps (forced)")
+    forced = " (forced)" if ticket.get("forced") else ""
+    ax.axvline(ticket["draw_step"], color="black", label=f"drawn at step {ticket['draw_step']}{forced}")
     ax.set_xlabel("step")
     ax.set_ylabel("normalized Hamming distance")
     ax.set_title(f"early-bird mask distances ({ticket['mode']})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, out / "distances.png")
+
+
+def run_detector(run: RunDir) -> tuple[DetectorConfig | None, bool]:
+    """The detector a run was configured with, through the typed config (defaults filled in), and whether its
+    steps are the run's own (pre-training) rather than derived from epochs (fine-tuning); None without a config."""
+    config = run.read_config() if run.config_file.is_file() else {}
+    if not config:
+        return None, False
+    section = (config.get("earlybert") or {}).get("detector") or {}
+    return from_dict(DetectorConfig, section, "earlybert.detector."), "phases" in config
 
 
 def plot_structure(ticket: dict, dense_heads: int | None, dense_ffn: int | None, out: Path) -> Path:
@@ -174,11 +211,10 @@ def write_report(paths: list[Path]) -> Path:
         )
     ticket = loaded[0][2]
     if ticket:
-        config = runs[0].read_config() if runs[0].config_file.is_file() else {}
-        detector = (config.get("earlybert") or {}).get("detector") or {}
+        detector, own_steps = run_detector(runs[0])
         dense_heads, dense_ffn, source = _dense_structure(runs[0])
         figures += [
-            plot_distances(ticket, detector.get("epsilon"), out),
+            plot_distances(ticket, detector, out, search_bounds=own_steps),
             plot_structure(ticket, dense_heads, dense_ffn, out),
         ]
         md += [
@@ -249,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = write_report(args.runs)
-    except (RunDirError, ValueError, yaml.YAMLError) as err:  # a run's files missing, unreadable or malformed
+    except (RunDirError, ValueError, yaml.YAMLError) as err:  # files missing, unreadable or malformed (ConfigError too)
         print(f"earlybert report: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as err:  # writing the report

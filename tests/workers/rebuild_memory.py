@@ -2,7 +2,7 @@
 
 Trains a gated BERT large enough for its engine to outweigh the process's own memory (about 27M parameters)
 a few steps under the given ZeRO stage, rebuilds the engine around the default ticket through the product's
-path (pipeline.engine.deepspeed_engine.prune_engine) and writes what rank 0 measured as JSON: the rebuild's peak host memory
+path (deepspeed_engine.prune_engine) and writes what rank 0 measured as JSON: the rebuild's peak host memory
 against the dense engine's steady state (bench.bench_prune.measure_rebuild), the size of the state it carries
 over, and how many of the dense engine's objects (the engine, its parameters) were still alive when the pruned
 engine was built.
