@@ -68,9 +68,10 @@ def faulty_train(
     return str(script)
 
 
-def deepspeed(config, run_dir, *overrides, ranks=2, script=None):
-    """Start `earlybert train` under the deepspeed launcher; returns the launcher's Popen."""
-    target = [script] if script else ["--module", "pipeline.train"]
+def deepspeed(config, run_dir, *overrides, ranks=2, script=None, module="pipeline.train"):
+    """Start `module` (`earlybert train`; `pipeline.finetune`: `earlybert finetune`), or a fault-injecting
+    `script` (faulty_train), under the deepspeed launcher on `ranks` CPU ranks; returns the launcher's Popen."""
+    target = [script] if script else ["--module", module]
     cmd = [
         str(BIN / "deepspeed"),
         "--num_gpus",

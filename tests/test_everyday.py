@@ -2,7 +2,6 @@
 directory, `earlybert prep` on fsspec URLs, streamed `datasets` and tokenizer directories, and
 `earlybert eval`'s progress."""
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -15,17 +14,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from data_prep.cli import main as prep_main
 from data_prep.prep import PrepConfig, run_prep
 from data_prep.readers import InputError, discover
 from data_prep.wordpiece import train_wordpiece
-from pipeline.cli import REQUIRED
 from pipeline.cli import main as cli_main
-from pipeline.config import SHIPPED_DS_CONFIGS, ConfigError
-from pipeline.finetune.config import load_finetune_config
-from pipeline.pretrain.config import PretrainConfig, load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -58,86 +52,6 @@ def test_defaults_are_shown_in_help(capsys):
         prep_main(["--help"])
     out = capsys.readouterr().out
     assert "(default: 128)" in out and "(default: 32768)" in out and "--output DIR" in out
-
-
-def test_print_config_is_a_loadable_config_of_defaults(tmp_path, capsys):
-    assert cli_main(["train", "--print-config"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert list(printed) == [f.name for f in dataclasses.fields(PretrainConfig)]
-    assert printed["run_dir"] == REQUIRED and printed["phases"] == [{"shards": REQUIRED, "steps": REQUIRED}]
-    printed.update(run_dir=str(tmp_path / "run"), phases=[{"shards": "s", "steps": 10}])
-    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
-    cfg = load_pretrain_config(str(tmp_path / "printed.yaml"))
-    assert cfg.to_dict() == {
-        **PretrainConfig(run_dir=str(tmp_path / "run"), phases=[]).to_dict(),
-        "phases": cfg.to_dict()["phases"],
-        "deepspeed": str(SHIPPED_DS_CONFIGS / "zero1.json"),
-    }
-    capsys.readouterr()  # the loader parses the DeepSpeed JSON with DeepSpeed, whose first import logs to stdout
-    assert cli_main(["finetune", "--print-config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_from"] == REQUIRED
-
-
-# ---- paths in configs -----------------------------------------------------------------------------
-
-
-def write_yaml(path: Path, tree: dict) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
-
-
-def test_config_paths_are_relative_to_the_file_and_overrides_to_the_cwd(tmp_path, monkeypatch):
-    config = write_yaml(
-        tmp_path / "cfgs" / "run.yaml",
-        {"run_dir": "run", "deepspeed": "ds_configs/zero2.json", "phases": [{"shards": "data/s", "steps": 5}]},
-    )
-    monkeypatch.chdir(tmp_path)
-    cfg = load_pretrain_config(config)
-    assert cfg.run_dir == str(tmp_path / "cfgs" / "run") and cfg.phases[0].shards == str(tmp_path / "cfgs/data/s")
-    # no ds_configs/ beside the config: the project's own
-    assert Path(cfg.deepspeed).read_bytes() == (REPO / "ds_configs" / "zero2.json").read_bytes()
-    cfg = load_pretrain_config(config, ["phases.0.shards=mine", "run_dir=/abs/run"])
-    assert cfg.phases[0].shards == str(tmp_path / "mine") and cfg.run_dir == "/abs/run"
-    # a ds_configs/ of one's own beside the config comes first
-    (tmp_path / "cfgs" / "ds_configs").mkdir()
-    (tmp_path / "cfgs" / "ds_configs" / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert load_pretrain_config(config).deepspeed == str(tmp_path / "cfgs" / "ds_configs" / "zero2.json")
-    with pytest.raises(ConfigError, match="zero1_bf16.json"):  # the message lists the shipped ones
-        load_pretrain_config(config, ["deepspeed=ds_configs/nope.json"])
-
-
-def test_finetune_config_paths(tmp_path, monkeypatch):
-    config = write_yaml(
-        tmp_path / "cfgs" / "ft.yaml",
-        {
-            "run_dir": "ft",
-            "model": {"init_from": "../model", "tokenizer": "tok.json"},
-            "task": {
-                "train_files": ["train.csv"],
-                "validation_files": {"dev": "dev.csv", "test": ["t1.csv", "/t2.csv"]},
-            },
-        },
-    )
-    monkeypatch.chdir(tmp_path)
-    cfg = load_finetune_config(config, ["model.tokenizer=here/tok.json"])
-    d = tmp_path / "cfgs"
-    assert (cfg.run_dir, cfg.model.init_from, cfg.model.tokenizer) == (
-        str(d / "ft"),
-        str(tmp_path / "model"),
-        str(tmp_path / "here/tok.json"),
-    )
-    assert cfg.task.train_files == [str(d / "train.csv")]
-    assert cfg.task.validation_files == {"dev": [str(d / "dev.csv")], "test": [str(d / "t1.csv"), "/t2.csv"]}
-    assert cfg.deepspeed == str(SHIPPED_DS_CONFIGS / "zero1.json")
-
-
-def test_example_configs_mean_the_same_from_any_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    demo = load_pretrain_config(str(REPO / "launch/configs/demo.yaml"))
-    assert demo.run_dir == str(REPO / "runs/demo/run") and demo.phases[0].shards == str(REPO / "runs/demo/data/seq128")
-    local = load_finetune_config(str(REPO / "launch/configs/finetune-local.yaml"))
-    assert local.model.init_from == str(REPO / "runs/demo/export")
 
 
 # ---- prep: where the data is ----------------------------------------------------------------------

@@ -14,27 +14,13 @@ import sys
 import pytest
 import yaml
 
-from pipeline.engine.distributed import free_port
-from runs import BIN, REPO, faulty_train, finish, metrics, run_env
+from runs import BIN, REPO, deepspeed, faulty_train, finish, metrics, run_env
 
 pytestmark = pytest.mark.slow  # launches ranks
 
 
-def finetune(config, run_dir, *overrides, ranks=2, script=None):
-    target = [script] if script else ["--module", "pipeline.finetune"]
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        *target,
-        "--config",
-        str(config),
-        f"run_dir={run_dir}",
-        *overrides,
-    ]
-    return subprocess.Popen(cmd, env=run_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def finetune(config, run_dir, *overrides, script=None):
+    return deepspeed(config, run_dir, *overrides, script=script, module="pipeline.finetune")
 
 
 def read(run_dir, name):

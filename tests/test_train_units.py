@@ -7,146 +7,17 @@ import signal
 
 import numpy as np
 import pytest
-import yaml
 
 from faults_table import tried
-from pipeline.config import ConfigError, OptimConfig, deepspeed_config
+from pipeline.config import OptimConfig
 from pipeline.engine import distributed
 from pipeline.engine.deepspeed_engine import lr_factor
-from pipeline.finetune.config import load_finetune_config
-from pipeline.pretrain.config import load_pretrain_config
 from pipeline.pretrain.loader import Permutation, mask_tokens, rank_positions, stream_samples
-from pipeline.pretrain.start import phase_at
 from pipeline.run import checkpoint
 from pipeline.run.metrics import truncate_after
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-
-
-def write_config(tmp_path, **top):
-    cfg = {
-        "run_dir": str(tmp_path / "run"),
-        "phases": [{"shards": "s128", "steps": 90}, {"shards": "s512", "steps": 10}],
-        "deepspeed": os.path.join(REPO, "ds_configs/zero1.json"),
-        **top,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def write_ds(tmp_path, ds):
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
-
-
-# ---- run config ---------------------------------------------------------------------------------
-
-
-def test_example_configs_load():
-    names = sorted(os.listdir(os.path.join(REPO, "launch/configs")))
-    assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml"} <= set(names)
-    for name in names:
-        path = os.path.join(REPO, "launch/configs", name)
-        if name.startswith("finetune-"):
-            assert load_finetune_config(path).task.max_seq_length > 0
-            continue
-        cfg = load_pretrain_config(path)
-        assert cfg.total_steps == sum(p.steps for p in cfg.phases) > 0
-    for name in ("bert-base", "bert-large"):  # BERT's recipe: 90% of the steps at seq 128, then 512
-        phases = load_pretrain_config(os.path.join(REPO, f"launch/configs/{name}.yaml")).phases
-        assert [p.shards[-6:] for p in phases] == [
-            "seq128",
-            "seq512",
-        ]
-
-
-def test_overrides_are_typed_and_reach_lists(tmp_path):
-    cfg = load_pretrain_config(
-        write_config(tmp_path),
-        [
-            "optim.lr=5e-4",
-            "phases.1.steps=20",
-            "earlybert.mode=dense",
-            "model.overrides.hidden_dropout_prob=0.0",
-            "log.peak_tflops=989",
-        ],
-    )
-    assert cfg.optim.lr == 5e-4 and cfg.phases[1].steps == 20 and cfg.total_steps == 110
-    assert (
-        cfg.earlybert.use_gates is False
-        and cfg.earlybert.mode == "dense"
-        and cfg.model.overrides == {"hidden_dropout_prob": 0.0}
-    )
-    assert cfg.log.peak_tflops == 989.0 and cfg.earlybert.lambda_heads == cfg.earlybert.lambda_ffn == 1e-4
-
-
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (["optim.lrr=1"], "unknown key(s) optim.lrr"),
-        (["checkpointing.interval=5"], "unknown key(s) checkpointing"),
-        (["phases.0.shard=x"], "unknown key(s) phases.0.shard"),
-        (["phases.5.steps=1"], "not an index of a 2-item list"),
-        (["micro_batch_size=eight"], "micro_batch_size: expected int"),
-        (["phases.0.steps=true"], "phases.0.steps: expected int"),
-        (["optim.schedule=step"], "choose one of linear, cosine, constant"),
-        (["optim.warmup_steps=1000"], "warmup_steps=1000"),
-        (["deepspeed_overrides.zero_optimization.stage=4"], "stage=4; DeepSpeed ZeRO has stages 0, 1, 2 and 3"),
-        (["deepspeed=/nonexistent.json"], "cannot read /nonexistent.json"),
-        (["seed"], "expected key=value"),
-        (
-            ["earlybert.after_draw=rewind", "earlybert.rewind_step=500", "earlybert.detector.min_search_steps=500"],
-            "rewind_step=500: the weights of that step must be saved before the earliest draw (step 500)",
-        ),
-    ],
-)
-def test_bad_configs_fail_with_a_clear_message(tmp_path, overrides, message):
-    with pytest.raises(ConfigError) as err:
-        load_pretrain_config(write_config(tmp_path), overrides)
-    assert message in str(err.value)
-
-
-def test_lamb_is_refused_with_zero_and_accepted_without(tmp_path):
-    lamb = {"optimizer": {"type": "Lamb", "params": {}}}
-    for stage in (1, 2, 3):
-        ds = write_ds(tmp_path, {**lamb, "zero_optimization": {"stage": stage}})
-        with pytest.raises(ConfigError, match=f"Lamb with ZeRO stage {stage} is refused.*trust ratio"):
-            load_pretrain_config(write_config(tmp_path, deepspeed=ds))
-    load_pretrain_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs/zero0_lamb_bf16.json")))
-
-
-def test_every_shipped_deepspeed_config_is_valid(tmp_path):
-    names = sorted(os.listdir(os.path.join(REPO, "ds_configs")))
-    assert {"zero1.json", "zero2.json", "zero3.json", "zero2_fp16.json", "zero3_offload_bf16.json"} <= set(names)
-    for name in names:
-        cfg = load_pretrain_config(write_config(tmp_path, deepspeed=os.path.join(REPO, "ds_configs", name)))
-        ds = deepspeed_config(cfg, world_size=2)
-        assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
-
-
-def test_deepspeed_keys_owned_by_the_run_config_are_refused(tmp_path):
-    for extra in (
-        {"train_batch_size": 64},
-        {"scheduler": {"type": "WarmupLR"}},
-        {"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}},
-    ):
-        ds = write_ds(tmp_path, {"zero_optimization": {"stage": 1}, **extra})
-        with pytest.raises(ConfigError, match="set by the run config"):
-            load_pretrain_config(write_config(tmp_path, deepspeed=ds))
-
-
-def test_deepspeed_config_batch_arithmetic(tmp_path):
-    cfg = load_pretrain_config(write_config(tmp_path, micro_batch_size=4, global_batch_size=32, optim={"lr": 3e-4}))
-    ds = deepspeed_config(cfg, world_size=4)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 2)
-    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["zero_optimization"]["stage"] == 1
-    assert "load_universal" not in ds.get("checkpoint", {})
-    assert deepspeed_config(cfg, world_size=1, load_universal=True)["checkpoint"]["load_universal"] is True
-    with pytest.raises(ConfigError, match="cannot be split evenly over 3 ranks"):
-        deepspeed_config(cfg, world_size=3)
 
 
 def test_lr_schedule():
@@ -157,11 +28,6 @@ def test_lr_schedule():
     cosine = [lr_factor(OptimConfig(schedule="cosine", warmup_steps=0), total, s) for s in range(total)]
     assert cosine[0] == 1.0 and cosine[50] == pytest.approx(0.5) and 0 < cosine[-1] < 0.01
     assert lr_factor(OptimConfig(schedule="constant", warmup_steps=4), total, 99) == 1.0
-
-
-def test_phase_at(tmp_path):
-    cfg = load_pretrain_config(write_config(tmp_path))
-    assert [phase_at(cfg, s) for s in (0, 89, 90, 99, 100)] == [0, 0, 1, 1, 2]
 
 
 # ---- sampler and masking ----------------------------------------------------------------------

@@ -42,36 +42,17 @@ from pipeline.finetune.evaluation import evaluate_and_log, summarize
 from pipeline.finetune.start import check_tokenizer_fits, find_start
 from pipeline.finetune.tasks import TaskError
 from pipeline.model import model_class
+from pipeline.run import core
 from pipeline.run.check import launch_plan, search_plan
 from pipeline.run.checkpoint import CheckpointError
 from pipeline.run.command import run_config_stage
-from pipeline.run.core import (
-    Run,
-    gate_stats,
-    open_metrics,
-    prepare_universal,
-    say,
-    search_decision,
-    start_engine,
-    step_record,
-    synced_step,
-    train_to_end,
-)
-from pipeline.run.core import draw as core_draw
 from pipeline.run.resume import Start, resumes_on_other_ranks
 
 ERRORS = (ConfigError, CheckpointError, TaskError, FineTuneError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_config_stage(
-        "finetune",
-        sys.argv[1:] if argv is None else argv,
-        prepare,
-        lambda prepared, dist: finetune(*prepared, dist),
-        ERRORS,
-        plan,
-    )
+    return run_config_stage("finetune", argv, prepare, finetune, ERRORS, plan)
 
 
 def prepare(args, world_size: int) -> tuple:
@@ -149,7 +130,7 @@ def run_stages(cfg: FinetuneConfig, start: Start, steps_per_epoch: int) -> list[
 
 
 @dataclass(kw_only=True)
-class FinetuneRun(Run):
+class FinetuneRun(core.Run):
     """The run (pipeline/run/core.py) with what fine-tuning adds: the task and the recipe's stages."""
 
     task: Task
@@ -180,18 +161,18 @@ def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, dist: distr
     if start.tag is None:
         state.task = {"stages": [s.name for s in stages]}
         if stages[0].name == "ticket":
-            say(
+            core.say(
                 dist,
                 "finetune",
                 "the model is already a ticket (pruned by EarlyBERT pre-training): no search, training it",
             )
     if state.stage == len(stages):
-        say(dist, "finetune", f"{run_files.checkpoints / start.tag} is the end of the run: nothing left to train")
+        core.say(dist, "finetune", f"{run_files.checkpoints / start.tag} is the end of the run: nothing left to train")
         return 0
     if dist.is_main:
         run_files.write_config(cfg.to_dict())
         task.tokenizer.save_pretrained(run_files.tokenizer)  # the run carries its tokenizer: export finds it there
-    universal = prepare_universal(cfg, start, dist, "finetune")
+    universal = core.prepare_universal(cfg, start, dist, "finetune")
     model = initial if initial is not None else model_class(start.model_config)(start.model_config)
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off while fine-tuning
     method = search_config_in_steps(cfg.earlybert, cfg.recipe, steps_per_epoch)
@@ -211,14 +192,14 @@ def finetune(cfg: FinetuneConfig, task: Task, start: Start, initial, dist: distr
     run.say(batch_plan(cfg, dist.world_size).describe())
     run.engine = build_engine(model, run.spec)
     del model, initial  # run.engine is the only reference: the draw frees the dense engine before building the next
-    start_engine(run, start, universal)
+    core.start_engine(run, start, universal)
     if start.tag is None and run.search.searching and cfg.earlybert.after_draw == "rewind":
         weights = full_weights(run.engine)  # a collective
         if dist.is_main:
             run_files.save_start_weights(weights)
     planned = sum(s.steps for s in stages[state.stage :]) + state.step - state.stage_samples // cfg.global_batch_size
-    run.log = open_metrics(run, planned)
-    code = train_to_end(run, lambda: state.stage < len(stages), lambda: run_stage(run))
+    run.log = core.open_metrics(run, planned)
+    code = core.train_to_end(run, lambda: state.stage < len(stages), lambda: run_stage(run))
     if code == 0 and dist.is_main:
         results = summarize(run)
         run_files.write_results(results)
@@ -240,11 +221,11 @@ def run_stage(run: FinetuneRun) -> bool:
             for m in range(global_batch // (micro * world))
         ]
         searching = stage.name == "search"
-        step = synced_step(run, micro_batches, gate_stats, searching=searching, compiling=compiling)
+        step = core.synced_step(run, micro_batches, core.gate_stats, searching=searching, compiling=compiling)
         compiling = False
         epoch = state.stage_samples / (run.steps_per_epoch * global_batch)
-        run.log.log({**step_record(run, step), "stage": stage.name, "epoch": epoch})
-        decision = search_decision(run) if searching else None
+        run.log.log({**core.step_record(run, step), "stage": stage.name, "epoch": epoch})
+        decision = core.search_decision(run) if searching else None
         stage_done = decision is not None or state.stage_samples == stage.steps * global_batch
         if decision is not None:
             draw(run, decision)
@@ -282,7 +263,7 @@ def draw(run: FinetuneRun, decision: Decision) -> None:
     start_weights = run.cfg.run_files.load_start_weights() if method.after_draw == "rewind" else None
     state.stage, state.stage_samples = state.stage + 1, 0
     run.spec = stage_spec(run.cfg, run.stage, run.dist.world_size, run.universal)
-    record = core_draw(
+    record = core.draw(
         run,
         decision,
         run.cfg.task.max_seq_length,

@@ -32,23 +32,10 @@ from pipeline.pretrain import head_warmup
 from pipeline.pretrain.config import PretrainConfig, load_pretrain_config
 from pipeline.pretrain.loader import PhaseLoader
 from pipeline.pretrain.start import check_batch_fits_data, find_start, open_phases
+from pipeline.run import core
 from pipeline.run.check import launch_plan, search_plan
 from pipeline.run.checkpoint import CheckpointError
 from pipeline.run.command import EXIT_INTERRUPTED, run_config_stage
-from pipeline.run.core import (
-    Run,
-    Step,
-    gate_stats,
-    open_metrics,
-    prepare_universal,
-    say,
-    search_decision,
-    start_engine,
-    step_record,
-    synced_step,
-    train_to_end,
-)
-from pipeline.run.core import draw as core_draw
 from pipeline.run.metrics import device_peak_tflops, mfu, model_flops
 from pipeline.run.resume import Start, resumes_on_other_ranks
 
@@ -56,14 +43,7 @@ ERRORS = (ConfigError, CheckpointError, ShardError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_config_stage(
-        "train",
-        sys.argv[1:] if argv is None else argv,
-        prepare,
-        lambda prepared, dist: train(*prepared, dist),
-        ERRORS,
-        plan,
-    )
+    return run_config_stage("train", argv, prepare, train, ERRORS, plan)
 
 
 def prepare(args, world_size: int) -> tuple[PretrainConfig, list[ShardDataset], Start]:
@@ -107,24 +87,24 @@ def plan(prepared: tuple[PretrainConfig, list[ShardDataset], Start], world_size:
 def train(cfg: PretrainConfig, datasets: list[ShardDataset], start: Start, dist: distributed.DistInfo) -> int:
     state, run_files = start.state, cfg.run_files
     if state.plan_step == cfg.total_steps:
-        say(dist, "train", f"{run_files.checkpoints / start.tag} is at step {state.step}: the run is complete")
+        core.say(dist, "train", f"{run_files.checkpoints / start.tag} is at step {state.step}: the run is complete")
         return 0
     if dist.is_main:  # the resolved config of the latest launch, overrides included
         run_files.write_config(cfg.to_dict())
-    universal = prepare_universal(cfg, start, dist, "train")
+    universal = core.prepare_universal(cfg, start, dist, "train")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank: ZeRO-3 partitions its own copy
     stop = distributed.StopRequest()
     if start.tag is None and cfg.model.init_from:
         model = pretrained_model(cfg, datasets[0], start, dist, stop)
         if model is None:
-            say(dist, "train", "stopped by a signal during the head warm-up; relaunch the same command to resume")
+            core.say(dist, "train", "stopped by a signal during the head warm-up; relaunch the same command to resume")
             return EXIT_INTERRUPTED
     else:
         model = EarlyBertForPreTraining(start.model_config)
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     ds_config = deepspeed_config(cfg, dist.world_size, load_universal=universal)
-    say(dist, "train", batch_plan(cfg, dist.world_size).describe())
-    run = Run(
+    core.say(dist, "train", batch_plan(cfg, dist.world_size).describe())
+    run = core.Run(
         "train",
         cfg,
         dist,
@@ -137,11 +117,11 @@ def train(cfg: PretrainConfig, datasets: list[ShardDataset], start: Start, dist:
     del model  # run.engine is the only reference: the draw frees the dense engine before building the next
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config), torch.float32)
     run.say(attention_kernels(run.engine.module.config, dist.device, dtype))
-    start_engine(run, start, universal)
-    run.log = open_metrics(run, cfg.total_steps + state.rewound)
+    core.start_engine(run, start, universal)
+    run.log = core.open_metrics(run, cfg.total_steps + state.rewound)
     peak_tflops = cfg.log.peak_tflops or device_peak_tflops(dist.device, precision(ds_config))
     save_rewind_weights(run)
-    code = train_to_end(
+    code = core.train_to_end(
         run, lambda: state.phase < len(cfg.phases), lambda: run_phase(run, datasets[state.phase], peak_tflops)
     )
     if code == 0:
@@ -158,13 +138,13 @@ def pretrained_model(
         cfg.model.init_from, config=start.model_config, output_loading_info=True
     )
     warmup = head_warmup.plan(cfg.model.head_warmup_steps, loading["missing_keys"])
-    say(dist, "train", head_warmup.describe(warmup, cfg.model.init_from))
+    core.say(dist, "train", head_warmup.describe(warmup, cfg.model.init_from))
     if warmup.steps and not head_warmup.run(model, warmup, cfg, data, dist, stop):
         return None
     return model
 
 
-def run_phase(run: Run, data: ShardDataset, peak_tflops: float | None) -> bool:
+def run_phase(run: core.Run, data: ShardDataset, peak_tflops: float | None) -> bool:
     """Train the current phase to its end (True), or until a signal (False), checkpointing on the way."""
     cfg, state = run.cfg, run.state
     phase = state.phase
@@ -177,7 +157,7 @@ def run_phase(run: Run, data: ShardDataset, peak_tflops: float | None) -> bool:
             # micro-batch; the model adds the penalty inside its forward, the only place where ZeRO-3 has the
             # gates whole. The vocabulary projection runs on the masked tokens only.
             wait0 = loader.wait_s
-            step = synced_step(
+            step = core.synced_step(
                 run,
                 loader.next_step(),
                 pretraining_stats,
@@ -188,7 +168,7 @@ def run_phase(run: Run, data: ShardDataset, peak_tflops: float | None) -> bool:
             compiling = False
             run.log.log(pretraining_record(run, step, phase, data.seq_len, loader.wait_s - wait0, peak_tflops))
             save_rewind_weights(run)
-            decision = search_decision(run)
+            decision = core.search_decision(run)
             if decision is not None:
                 draw(run, decision, data.seq_len)
                 compiling = cfg.compile  # the rebuilt engine is compiled again
@@ -208,7 +188,7 @@ def run_phase(run: Run, data: ShardDataset, peak_tflops: float | None) -> bool:
     return True
 
 
-def phase_loader(run: Run, data: ShardDataset, phase_end: int) -> PhaseLoader:
+def phase_loader(run: core.Run, data: ShardDataset, phase_end: int) -> PhaseLoader:
     """The micro-batches of the current phase from the run's position in it to its end."""
     cfg, state = run.cfg, run.state
     batches = batch_plan(cfg, run.dist.world_size)
@@ -228,7 +208,7 @@ def phase_loader(run: Run, data: ShardDataset, phase_end: int) -> PhaseLoader:
     )
 
 
-def save_rewind_weights(run: Run) -> None:
+def save_rewind_weights(run: core.Run) -> None:
     """`after_draw: rewind`: the full weights of `rewind_step`, kept for the draw (a collective)."""
     method = run.cfg.earlybert
     if run.search.searching and method.after_draw == "rewind" and run.state.step == method.rewind_step:
@@ -241,7 +221,7 @@ def pretraining_stats(out) -> dict[str, torch.Tensor]:
     """The named sums a pre-training step logs, from one micro-batch's output."""
     zero = torch.zeros((), device=out.loss.device)
     return {
-        **gate_stats(out),
+        **core.gate_stats(out),
         "mlm_loss": out.mlm_loss,
         "mlm_correct": out.mlm_correct,
         "mlm_masked": out.mlm_count,
@@ -252,14 +232,14 @@ def pretraining_stats(out) -> dict[str, torch.Tensor]:
 
 
 def pretraining_record(
-    run: Run, step: Step, phase: int, seq_len: int, data_wait: float, peak_tflops: float | None
+    run: core.Run, step: core.Step, phase: int, seq_len: int, data_wait: float, peak_tflops: float | None
 ) -> dict:
-    """One metrics.jsonl line: the core's fields (pipeline/run/core.py step_record), then MLM, NSP and the
+    """One metrics.jsonl line: the core's fields (pipeline/run/core.py core.step_record), then MLM, NSP and the
     model FLOPs of the real tokens, as the benchmarks count them."""
     totals, micro, config = step.totals, step.totals["micro_batches"], run.engine.module.config
     flops = model_flops(config, totals["tokens"], totals["token_pairs"], totals["mlm_masked"])
     record = {
-        **step_record(run, step),
+        **core.step_record(run, step),
         "phase": phase,
         "seq_len": seq_len,
         "mlm_loss": totals["mlm_loss"] / micro,
@@ -275,13 +255,13 @@ def pretraining_record(
     return record
 
 
-def draw(run: Run, decision: Decision, seq_len: int) -> None:
+def draw(run: core.Run, decision: Decision, seq_len: int) -> None:
     """Prune to the ticket and rebuild the engine in place (every rank), then record the ticket. A rewind
     prunes the weights of rewind_step instead, and puts the LR schedule and the phases back to that step."""
     method, state = run.cfg.earlybert, run.state
     run.say(f"ticket drawn at step {decision.step}: {decision.reason}")
     rewind = method.after_draw == "rewind"
-    record = core_draw(
+    record = core.draw(
         run,
         decision,
         seq_len,

@@ -17,12 +17,12 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; relaun
 EXIT_CTRL_C = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended: the latest checkpoint is intact
 
 
-def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, plan) -> int:
+def run_config_stage(stage: str, argv: list[str] | None, prepare, run, errors: tuple, plan) -> int:
     """The shape of `earlybert train` and `earlybert finetune`. `prepare(args, world_size)` checks everything that
     can be checked from files before any process group exists, for the ranks the launcher started, so a bad
     config fails in seconds on every rank alike (`errors`: a message and EXIT_CONFIG), and returns (config, ...);
     `--check` prints `plan(prepared, world_size)` (lines) and stops there. Then the process group (its timeout:
-    dist_timeout.long_s), rank 0 takes the run directory's lock (pipeline/run/runlock.py), `run(prepared, dist)`, a
+    dist_timeout.long_s), rank 0 takes the run directory's lock (pipeline/run/runlock.py), `run(*prepared, dist)`, a
     clean teardown. A fault of the run (pipeline/engine/guards.py) exits with EXIT_FAULT."""
     import logging
     import os
@@ -31,7 +31,7 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, p
     from pipeline.run import runlock
 
     parser = config_parser(stage)
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if args.world_size is not None and (not args.check or args.world_size < 1):
         parser.error("--world-size N (N >= 1) goes with --check; a launch runs on the ranks its launcher starts")
     world_size = args.world_size or launched_world_size(os.environ)
@@ -52,7 +52,7 @@ def run_config_stage(stage: str, argv: list[str], prepare, run, errors: tuple, p
     clean = False
     try:
         with _locked(cfg.run_files.path, stage, dist):
-            code = run(prepared, dist)
+            code = run(*prepared, dist)
         clean = True
         return code
     except (*errors, runlock.LockError) as e:
