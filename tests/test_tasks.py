@@ -4,6 +4,7 @@ import csv
 import json
 import math
 
+import datasets
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -346,3 +347,17 @@ def test_data_errors(tmp_path):
 def _touch(path, content=b"x"):
     path.write_bytes(content)
     return str(path)
+
+
+def test_the_tokenizer_hash_does_not_depend_on_the_datasets_cache(ft_config, tmp_path, monkeypatch):
+    """A run records the hash of its tokenizer, and a relaunch is refused under another one. Encoding examples
+    afresh (a cold datasets cache) leaves truncation settings in the tokenizer's state, reading them from the
+    cache does not: the hash is taken before, so a first launch and its relaunch agree whatever was cut."""
+    from pipeline.finetune.config import load_finetune_config
+    from pipeline.finetune.data import prepare_task
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # cold, then warm
+    cfg = load_finetune_config(str(ft_config), [f"run_dir={tmp_path / 'run'}", "task.max_seq_length=9"])
+    cold, warm = prepare_task(cfg), prepare_task(cfg)
+    assert cold.tokenizer_hash == warm.tokenizer_hash
+    assert cold.tokenizer.backend_tokenizer.truncation is not None  # the cold encode did leave its state

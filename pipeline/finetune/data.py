@@ -41,6 +41,10 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
     datasets.disable_progress_bars()  # the counts that matter are printed below
     data = load_task(cfg.task)
     tokenizer = load_tokenizer(cfg)
+    # Hashed as loaded: encoding leaves its truncation settings in the tokenizer's state, but only when the
+    # examples are encoded afresh (not read from the datasets cache), so a hash taken after it changed between
+    # a first launch and its relaunch, which was then refused as "another tokenizer".
+    tokenizer_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     t, notes = cfg.task, []
     if data.spec.kind == "qa":
         from pipeline.finetune.squad import prepare_train_features, prepare_validation_features
@@ -73,7 +77,6 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
     if launched_rank(os.environ) == 0:
         for note in notes:
             print(f"[earlybert finetune] {note}", flush=True)
-    tokenizer_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     return Task(data.spec, tokenizer, train, validation, tokenizer_hash)
 
 
