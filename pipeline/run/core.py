@@ -145,7 +145,7 @@ def synced_step(
     **forward_options,
 ) -> Step:
     """One optimizer step over this rank's `micro_batches`; `stats_of(output)` names a micro-batch's sums
-    ("loss": the task loss, "micro_batches", "gate_l1", "gate_penalty", and the loop's own), summed over ranks
+    ("loss": the loss backpropagated, "micro_batches", "gate_l1", "gate_penalty", and the loop's own), summed over ranks
     in the step's one collective of its own, with the stop flag; `forward_options` go to the model's forward. A
     non-finite loss stops or skips (nonfinite); the run state counts the step and its samples."""
     cfg, state, engine = run.cfg, run.state, run.engine
@@ -165,10 +165,11 @@ def synced_step(
 
 
 def gate_stats(out) -> dict[str, torch.Tensor]:
-    """The sums of a micro-batch's output that every step logs: task loss, micro-batches, gates."""
+    """The sums of a micro-batch's output that every step logs: the loss (the task's plus the gate penalty),
+    micro-batches, gates."""
     zero = torch.zeros((), device=out.loss.device)
     return {
-        "loss": out.task_loss,
+        "loss": out.loss,  # what the step backpropagates: its finiteness is checked (the gate penalty included)
         "micro_batches": zero + 1,
         "gate_l1": zero if out.gate_l1 is None else sum(out.gate_l1),
         "gate_penalty": zero if out.gate_penalty is None else out.gate_penalty,
@@ -183,7 +184,7 @@ def step_record(run: Run, step: Step) -> dict:
     totals, micro = step.totals, step.totals["micro_batches"]
     record = {
         "step": run.state.step,
-        "loss": totals["loss"] / micro,
+        "loss": (totals["loss"] - totals["gate_penalty"]) / micro,
         "lr": step.lr,
         "samples": run.state.samples,
         "time": time.time(),
