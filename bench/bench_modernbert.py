@@ -94,8 +94,20 @@ def quartiles(values: list[float]) -> list[float]:
     return statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
 
 
+# name -> (numerator, denominator) variants of the ratios reported. The pruned speed-up of the structure: the dense
+# model without gates against the pruned one (folded: no gates either); at the draw a run goes from the gated step.
+RATIOS = {
+    "ours / transformers": ("ours", "hf"),
+    "ours without gates / transformers": ("ours_no_gates", "hf"),
+    "pruned speed-up (no gates / pruned)": ("ours_no_gates", "ours_pruned"),
+    "speed-up at the draw (gated / pruned)": ("ours", "ours_pruned"),
+}
+CLOCKS = ("cpu", "wall")  # this process's CPU time (one thread: the step's own work), and wall time
+
+
 def measure(seq_len: int, batch_size: int, reps: int, dtype: torch.dtype, shape: dict = SHAPE) -> dict:
-    """Every variant's step at one sequence length, interleaved; medians, spreads, paired ratios and FLOPs."""
+    """Every variant's step at one sequence length, interleaved; per clock the medians and quartiles of the steps,
+    the ratios of the medians and the quartiles of the paired (same repetition) ratios; FLOPs."""
     variants = models(shape)
     config = variants["ours"].config
     pad_fraction = PAD_FRACTION.get(seq_len, 0.1)
@@ -107,80 +119,73 @@ def measure(seq_len: int, batch_size: int, reps: int, dtype: torch.dtype, shape:
         steps[name] = train_step_fn(model, optimizer, inputs_of(name, batch), dtype)
         steps[name](), steps[name]()  # warm-up: the first steps allocate Adam's moments and the allocator's pools
     names = list(steps)
-    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    samples = {clock: {n: [] for n in names} for clock in CLOCKS}
     for rep in range(reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
-            wall[name].append(time.perf_counter() - start_wall)
-            cpu[name].append(time.process_time() - start_cpu)
-    median = {n: statistics.median(wall[n]) for n in names}
-    paired = {
-        "ours_over_hf": [o / h for o, h in zip(wall["ours"], wall["hf"])],
-        "no_gates_over_hf": [o / h for o, h in zip(wall["ours_no_gates"], wall["hf"])],
-        "dense_over_pruned": [d / p for d, p in zip(wall["ours_no_gates"], wall["ours_pruned"])],
-        "gated_over_pruned": [d / p for d, p in zip(wall["ours"], wall["ours_pruned"])],
-    }
-    # The structure's speed-up: the dense model without gates against the pruned one (folded: no gates either).
-    speedup, ideal = median["ours_no_gates"] / median["ours_pruned"], flops["ours_no_gates"] / flops["ours_pruned"]
+            samples["wall"][name].append(time.perf_counter() - start_wall)
+            samples["cpu"][name].append(time.process_time() - start_cpu)
+    clocks = {}
+    for clock, steps_s in samples.items():
+        median = {n: statistics.median(v) for n, v in steps_s.items()}
+        clocks[clock] = dict(
+            steps_s=steps_s,
+            median_s=median,
+            quartiles_s={n: quartiles(v) for n, v in steps_s.items()},
+            ratios={k: median[a] / median[b] for k, (a, b) in RATIOS.items()},
+            paired_quartiles={
+                k: quartiles([x / y for x, y in zip(steps_s[a], steps_s[b])]) for k, (a, b) in RATIOS.items()
+            },
+        )
+    ideal = flops["ours_no_gates"] / flops["ours_pruned"]
     pruned_config = variants["ours_pruned"].config
     return dict(
         seq_len=seq_len,
         batch=batch_size,
         pad_fraction=1 - float(batch["attention_mask"].float().mean()),
         masked_tokens=int((batch["labels"] != -100).sum()),
-        step_wall_s=wall,
-        step_cpu_s=cpu,
-        median_wall_s=median,
-        median_cpu_s={n: statistics.median(cpu[n]) for n in names},
-        wall_quartiles_s={n: quartiles(wall[n]) for n in names},
-        paired_ratio_quartiles={k: quartiles(v) for k, v in paired.items()},
-        ratio_ours_over_hf=median["ours"] / median["hf"],
-        ratio_no_gates_over_hf=median["ours_no_gates"] / median["hf"],
-        cpu_ratio_ours_over_hf=statistics.median(cpu["ours"]) / statistics.median(cpu["hf"]),
+        clocks=clocks,
         flops=flops,
+        flops_speedup=ideal,
+        speedup_share_of_flops={c: clocks[c]["ratios"]["pruned speed-up (no gates / pruned)"] / ideal for c in CLOCKS},
         parameters={n: parameter_count(m) for n, m in variants.items()},
         pruned_heads_per_layer=pruned_config.num_heads_per_layer,
         pruned_glu_per_layer=pruned_config.intermediate_size_per_layer,
-        speedup=speedup,
-        cpu_speedup=statistics.median(cpu["ours_no_gates"]) / statistics.median(cpu["ours_pruned"]),
-        speedup_from_search=median["ours"] / median["ours_pruned"],
-        flops_speedup=ideal,
-        speedup_share_of_flops=speedup / ideal,
     )
 
 
+STEPS = {
+    "hf": "step: transformers ModernBertForMaskedLM",
+    "ours": "step: ours, gated (search)",
+    "ours_no_gates": "step: ours, no gates (dense mode)",
+    "ours_pruned": "step: ours, pruned ticket",
+}
+TARGETS = {"ours / transformers": "<= 1.0"}
+
+
 def rows_of(r: dict) -> list[list]:
-    med, cpu, q, pq = r["median_wall_s"], r["median_cpu_s"], r["wall_quartiles_s"], r["paired_ratio_quartiles"]
-    step = lambda n: f"{med[n]:.3f} [{q[n][0]:.3f}, {q[n][2]:.3f}]"  # noqa: E731
-    span = lambda k: f"[{pq[k][0]:.3f}, {pq[k][2]:.3f}]"  # noqa: E731
+    cpu, wall = r["clocks"]["cpu"], r["clocks"]["wall"]
+    step = lambda c, n: f"{c['median_s'][n]:.3f} [{c['quartiles_s'][n][0]:.3f}, {c['quartiles_s'][n][2]:.3f}]"  # noqa: E731
+    ratio = lambda c, k: f"{c['ratios'][k]:.3f} [{c['paired_quartiles'][k][0]:.3f}, {c['paired_quartiles'][k][2]:.3f}]"  # noqa: E731
     seq = r["seq_len"]
-    return [
-        [seq, "step: transformers ModernBertForMaskedLM", step("hf"), f"{cpu['hf']:.3f}", ""],
-        [seq, "step: ours, gated (search)", step("ours"), f"{cpu['ours']:.3f}", ""],
-        [seq, "step: ours, no gates (dense mode)", step("ours_no_gates"), f"{cpu['ours_no_gates']:.3f}", ""],
-        [seq, "step: ours, pruned ticket", step("ours_pruned"), f"{cpu['ours_pruned']:.3f}", ""],
-        [seq, "ours / transformers", f"{r['ratio_ours_over_hf']:.3f} (paired {span('ours_over_hf')})",
-         f"{r['cpu_ratio_ours_over_hf']:.3f}", "<= 1.0"],
-        [seq, "ours without gates / transformers", f"{r['ratio_no_gates_over_hf']:.3f} (paired "
-         f"{span('no_gates_over_hf')})", f"{cpu['ours_no_gates'] / cpu['hf']:.3f}", ""],
-        [seq, "pruned speed-up (no gates / pruned)", f"{r['speedup']:.3f} (paired {span('dense_over_pruned')})",
-         f"{r['cpu_speedup']:.3f}", ""],
-        [seq, "speed-up at the draw (gated / pruned)", f"{r['speedup_from_search']:.3f} (paired "
-         f"{span('gated_over_pruned')})", "", ""],
+    rows = [[seq, label, step(cpu, n), step(wall, n), ""] for n, label in STEPS.items()]
+    rows += [[seq, k, ratio(cpu, k), ratio(wall, k), TARGETS.get(k, "")] for k in RATIOS]
+    share = r["speedup_share_of_flops"]
+    return rows + [
         [seq, "FLOPs dense / pruned", f"{r['flops_speedup']:.3f}", "", ""],
-        [seq, "speed-up / FLOPs ratio", f"{r['speedup_share_of_flops']:.2f}", "", ">= 0.90"],
-    ]  # fmt: skip
+        [seq, "pruned speed-up / FLOPs ratio", f"{share['cpu']:.2f}", f"{share['wall']:.2f}", ">= 0.90"],
+    ]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=9, help="steps of each variant, interleaved")
+    parser.add_argument("--reps", type=int, default=11, help="steps of each variant, interleaved")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     # On a few cores shared with other work, a step of several threads waits at every operation for the thread whose
-    # core is busy elsewhere: measured here, 2 threads took 3-6x one thread's time, with 3x the spread.
+    # core is busy elsewhere: on this 2-core machine at seq 128, 5-8 s a step with 2 threads, 1.1-1.3 s with one.
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads (default 1: see the code)")
     parser.add_argument("--quick", action="store_true", help="seq 128, 5 repetitions; writes modernbert_quick.*")
     args = parser.parse_args(argv)
@@ -204,20 +209,22 @@ def main(argv=None) -> int:
     )
     shape = ", ".join(f"{k} {v}" for k, v in SHAPE.items())
     padding = ", ".join(f"seq {r['seq_len']}: {r['pad_fraction']:.1%}" for r in runs)
+    threads = f"{results['threads']} thread{'s' if results['threads'] > 1 else ''}"
     notes = (
         f"{shape}, vocabulary {results['vocab_size']}, batch {args.batch}, {args.dtype}, {MASK_PROB:.0%} of the "
-        f"real tokens masked, padding as `earlybert prep --no-nsp` shards have it "
-        f"({padding}). Step = forward + backward + "
-        f"AdamW, {reps} interleaved repetitions, {results['threads']} threads; wall medians [quartiles], CPU = this "
-        f"process's CPU time (median). Paired: the quartiles of the per-repetition ratios. Load average (1 min) "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after: the machine was shared. Pruned ticket: heads per "
-        f"layer {runs[0]['pruned_heads_per_layer']}, GLU widths {runs[0]['pruned_glu_per_layer']} (of "
-        f"{SHAPE['num_attention_heads']} and {SHAPE['intermediate_size']}); parameters "
-        f"{runs[0]['parameters']['ours_pruned'] / 1e6:.1f}M of {runs[0]['parameters']['ours'] / 1e6:.1f}M (the "
-        f"embeddings, tied to the decoder, are not pruned and their AdamW update is not counted in FLOPs). "
-        "Not here: the from-scratch EarlyBERT-vs-dense pre-training comparison."
+        f"real tokens masked, padding as `earlybert prep --no-nsp` shards have it ({padding}). Step = forward + "
+        f"backward + AdamW, {reps} interleaved repetitions, {threads}. CPU: this process's CPU time, the step's own "
+        "work (with one thread, whatever else runs); wall: what the step took, waits for a busy core included. "
+        "Steps: median [quartiles]; ratios: of the medians [quartiles of the per-repetition ratios]. Load average "
+        f"(1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores: the machine "
+        f"was shared. Pruned ticket: heads per layer {runs[0]['pruned_heads_per_layer']}, GLU widths "
+        f"{runs[0]['pruned_glu_per_layer']} (of {SHAPE['num_attention_heads']} and {SHAPE['intermediate_size']}); "
+        f"parameters {runs[0]['parameters']['ours_pruned'] / 1e6:.1f}M of {runs[0]['parameters']['ours'] / 1e6:.1f}M "
+        "(the embeddings, tied to the decoder, are not pruned, and their AdamW update is not counted in FLOPs). FLOPs: "
+        "torch's FlopCounterMode on one forward and backward. Not here: the from-scratch EarlyBERT-vs-dense "
+        "pre-training comparison."
     )
-    header = ["seq", "measure", "wall s (median [quartiles]) or ratio", "CPU s or ratio", "target"]
+    header = ["seq", "measure", "CPU s or ratio: median [quartiles]", "wall s or ratio: median [quartiles]", "target"]
     path = write_results(
         "modernbert_quick" if args.quick else "modernbert",
         results,
