@@ -17,6 +17,8 @@ from runs import (
     deepspeed,
     faulty_train,
     finish,
+    finished_run,
+    killed_after_the_draws_checkpoint_and_resumed,
     metrics,
     ticket,
 )
@@ -87,17 +89,9 @@ def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_check
     """The whole cycle on ZeRO-2 and ZeRO-3: killed right after the checkpoint that follows the draw,
     resumed from it (the pruned model is built from architecture.json before DeepSpeed loads)."""
     run_dir = tmp_path / "run"
-    args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
-    after_draw_save = faulty_train(
-        tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
-    )
-    code, out = finish(deepspeed(config, run_dir, *args, script=after_draw_save))
-    assert code != 0 and "ticket drawn at step" in out, out
     draw = ticket(eb_reference)["draw_step"]
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{draw:08d}"
-    code, out = finish(deepspeed(config, run_dir, *args))
-    assert code == 0, out
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
+    deepspeed_json = f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}"
+    killed_after_the_draws_checkpoint_and_resumed(tmp_path, config, run_dir, draw, *EARLYBERT, deepspeed_json)
     got, ref = ticket(run_dir), ticket(eb_reference)
     arch = architecture(run_dir)
     assert (
@@ -123,10 +117,7 @@ WSD = (*EARLYBERT, "optim.schedule=wsd", "optim.decay_fraction=0.25", "optim.dec
 
 @pytest.fixture(scope="module")
 def wsd_reference(config, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("wsd_reference") / "run"
-    code, out = finish(deepspeed(config, run_dir, *WSD))
-    assert code == 0, out
-    return run_dir
+    return finished_run(config, tmp_path_factory, "wsd_reference", *WSD)
 
 
 def test_wsd_schedule_runs_through_the_draw_as_one_schedule(config, wsd_reference):
@@ -148,13 +139,6 @@ def test_wsd_killed_after_the_draws_checkpoint_resumes_to_the_same_lr_and_losses
     """Killed right after the checkpoint saved at the draw, resumed from it: the pruned engine's schedule comes back
     from DeepSpeed's checkpoint at its step, and the stable phase and the decay go on as uninterrupted."""
     run_dir = tmp_path / "run"
-    at_draw_save = faulty_train(tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']")
-    code, out = finish(deepspeed(config, run_dir, *WSD, script=at_draw_save))
-    assert code != 0 and "ticket drawn at step" in out, out
-    draw = ticket(wsd_reference)["draw_step"]
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{draw:08d}"
-    code, out = finish(deepspeed(config, run_dir, *WSD))
-    assert code == 0, out
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
+    killed_after_the_draws_checkpoint_and_resumed(tmp_path, config, run_dir, ticket(wsd_reference)["draw_step"], *WSD)
     assert ticket(run_dir)["mask_digest"] == ticket(wsd_reference)["mask_digest"]
     assert_same_losses(run_dir, wsd_reference)  # loss, mlm_loss, nsp_loss, lr and samples of every step, 1e-6
