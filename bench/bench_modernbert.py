@@ -10,16 +10,17 @@
     from the gated step of the search.
 
 The variants' steps are interleaved (one step of each per repetition, the order rotated every repetition) so that
-the other work on the machine falls on all of them alike; medians of wall time and of this process's CPU time (less
-sensitive to that work; it counts the threads' time, spinning included), the spread of the wall times (quartiles),
-and per repetition the paired ratios (ours / theirs, dense / pruned), whose quartiles say how far the medians can be
-trusted. FLOPs are counted on one forward and backward of each model on the benchmark's batch by torch's
-FlopCounterMode (the matrix multiplies and attention as run: SDPA on the CPU computes the whole window of a
-sliding-window layer's padded sequence). The from-scratch EarlyBERT-vs-dense pre-training comparison is not here.
+the other work on the machine falls on all of them alike. Two clocks: this process's CPU time, the step's own work
+(with one thread, the default, whatever else runs), the headline; and the wall time, waits for a busy core included.
+Per clock: each variant's median and quartiles, and each ratio of medians with the quartiles of the ratios paired
+within a repetition, which say how far the medians can be trusted. FLOPs are counted on one forward and backward of
+each model on the benchmark's batch by torch's FlopCounterMode (it counts every query-key pair of an SDPA call, a
+sliding-window layer's masked ones too). The from-scratch EarlyBERT-vs-dense pre-training comparison is not
+here: it needs ModernBERT in `earlybert train`.
 
     python -m bench.bench_modernbert                    # 6 layers, hidden 384, seq 128 and 512, batch 8, fp32
     python -m bench.bench_modernbert --quick            # seq 128, 5 repetitions (make bench): modernbert_quick.*
-    python -m bench.bench_modernbert --dtype bf16 --reps 11
+    python -m bench.bench_modernbert --dtype bf16 --seq-lens 512 --threads 2
 """
 
 from __future__ import annotations
