@@ -97,21 +97,6 @@ def finished_run(config, tmp_path_factory, name: str, *overrides) -> Path:
     return run_dir
 
 
-def killed_after_the_draws_checkpoint_and_resumed(tmp_path, config, run_dir, draw: int, *overrides) -> str:
-    """Run until right after the checkpoint saved at the draw (step `draw`), killed hard there, then resume it from
-    that checkpoint: the resumed launch's output, checked to have resumed there and not to have drawn again."""
-    after_draw_save = faulty_train(
-        tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
-    )
-    code, out = finish(deepspeed(config, run_dir, *overrides, script=after_draw_save))
-    assert code != 0 and "ticket drawn at step" in out, out
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{draw:08d}"
-    code, out = finish(deepspeed(config, run_dir, *overrides))
-    assert code == 0, out
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
-    return out
-
-
 def metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []

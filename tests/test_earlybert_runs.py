@@ -17,8 +17,6 @@ from runs import (
     deepspeed,
     faulty_train,
     finish,
-    finished_run,
-    killed_after_the_draws_checkpoint_and_resumed,
     metrics,
     ticket,
 )
@@ -89,9 +87,17 @@ def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_check
     """The whole cycle on ZeRO-2 and ZeRO-3: killed right after the checkpoint that follows the draw,
     resumed from it (the pruned model is built from architecture.json before DeepSpeed loads)."""
     run_dir = tmp_path / "run"
+    args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
+    after_draw_save = faulty_train(
+        tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
+    )
+    code, out = finish(deepspeed(config, run_dir, *args, script=after_draw_save))
+    assert code != 0 and "ticket drawn at step" in out, out
     draw = ticket(eb_reference)["draw_step"]
-    deepspeed_json = f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}"
-    killed_after_the_draws_checkpoint_and_resumed(tmp_path, config, run_dir, draw, *EARLYBERT, deepspeed_json)
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{draw:08d}"
+    code, out = finish(deepspeed(config, run_dir, *args))
+    assert code == 0, out
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
     got, ref = ticket(run_dir), ticket(eb_reference)
     arch = architecture(run_dir)
     assert (
@@ -108,37 +114,3 @@ def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_check
     assert_same_losses(run_dir, eb_reference, tol=1e-4, until=draw)
     # Same ticket: the same losses after the draw too; a near-tie swap: close, as training goes on.
     assert_same_losses(run_dir, eb_reference, tol=1e-4 if not swapped else 5e-2)
-
-
-# Warmup-stable-decay: warmup over steps 1-2, the peak until the draw (forced at step 6) and on, then 1-sqrt decay
-# over the last quarter of the 12 steps (10-12), which the pruned model trains through.
-WSD = (*EARLYBERT, "optim.schedule=wsd", "optim.decay_fraction=0.25", "optim.decay_shape=1-sqrt")
-
-
-@pytest.fixture(scope="module")
-def wsd_reference(config, tmp_path_factory):
-    return finished_run(config, tmp_path_factory, "wsd_reference", *WSD)
-
-
-def test_wsd_schedule_runs_through_the_draw_as_one_schedule(config, wsd_reference):
-    """Every step's lr is the schedule's own: the rebuild at the draw carries the schedule's step count (a
-    schedule started afresh there would warm up again), and the ticket decays at the end of the run."""
-    from pipeline.engine.deepspeed_engine import lr_factor
-    from pipeline.pretrain.config import load_pretrain_config
-
-    cfg = load_pretrain_config(str(config), [f"run_dir={wsd_reference}", *WSD])
-    draw, decay_start = ticket(wsd_reference)["draw_step"], cfg.optim.wsd_decay_start(TOTAL)
-    assert cfg.optim.warmup_steps < draw < decay_start == 9
-    lrs = [m["lr"] for m in metrics(wsd_reference)]
-    assert lrs == pytest.approx([cfg.optim.lr * lr_factor(cfg.optim, TOTAL, s) for s in range(TOTAL)], rel=1e-9)
-    assert lrs[cfg.optim.warmup_steps : decay_start + 1] == [cfg.optim.lr] * (decay_start + 1 - cfg.optim.warmup_steps)
-    assert lrs[-1] < lrs[-2] < lrs[decay_start] / 2  # 1-sqrt: below half the peak a third into the decay
-
-
-def test_wsd_killed_after_the_draws_checkpoint_resumes_to_the_same_lr_and_losses(config, wsd_reference, tmp_path):
-    """Killed right after the checkpoint saved at the draw, resumed from it: the pruned engine's schedule comes back
-    from DeepSpeed's checkpoint at its step, and the stable phase and the decay go on as uninterrupted."""
-    run_dir = tmp_path / "run"
-    killed_after_the_draws_checkpoint_and_resumed(tmp_path, config, run_dir, ticket(wsd_reference)["draw_step"], *WSD)
-    assert ticket(run_dir)["mask_digest"] == ticket(wsd_reference)["mask_digest"]
-    assert_same_losses(run_dir, wsd_reference)  # loss, mlm_loss, nsp_loss, lr and samples of every step, 1e-6
