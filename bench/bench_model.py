@@ -41,16 +41,23 @@ OPTIONS = {
 
 
 def make_batch(
-    config: EarlyBertConfig, batch: int, seq_len: int, device: str, seed: int = 0, pad_fraction: float = 0.0
+    config: EarlyBertConfig,
+    batch: int,
+    seq_len: int,
+    device: str,
+    seed: int = 0,
+    pad_fraction: float = 0.0,
+    mask_prob: float = 0.15,
 ) -> dict:
-    """Random tokens, 15% labelled, right-padded: row lengths uniform in [(1 - 2 f) T, T] for pad fraction f."""
+    """Random tokens, mask_prob of the real ones labelled, right-padded: row lengths uniform in [(1 - 2 f) T, T]
+    for pad fraction f."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, config.vocab_size, (batch, seq_len), generator=g)
     shortest = round(seq_len * (1 - 2 * pad_fraction))
     lengths = torch.randint(shortest, seq_len + 1, (batch,), generator=g)
     mask = (torch.arange(seq_len)[None] < lengths[:, None]).long()
     labels = torch.full_like(ids, -100)
-    masked = (torch.rand(batch, seq_len, generator=g) < 0.15) & mask.bool()
+    masked = (torch.rand(batch, seq_len, generator=g) < mask_prob) & mask.bool()
     labels[masked] = ids[masked]
     types = torch.zeros_like(ids)
     types[:, seq_len // 2 :] = 1

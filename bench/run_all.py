@@ -1,14 +1,14 @@
 """`make bench`: run every bench/bench_*.py in turn (each writes bench/results/NAME.json and .md), the long
-ones in their quick form (the full runs: `python -m bench.bench_e2e`, `python -m bench.bench_finetune`, see
-each module's docstring; their quick forms write bench/results/e2e_quick.* and finetune_quick.*, leaving the
-full runs' results)."""
+ones in their quick form (the full runs: `python -m bench.bench_e2e`, `python -m bench.bench_finetune`,
+`python -m bench.bench_modernbert`, see each module's docstring; their quick forms write bench/results/e2e_quick.*,
+finetune_quick.* and modernbert_quick.*, leaving the full runs' results)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = {"bench_e2e": ["--quick"], "bench_finetune": ["--quick"]}
+QUICK = {"bench_e2e": ["--quick"], "bench_finetune": ["--quick"], "bench_modernbert": ["--quick"]}
 GPU_ONLY = {"bench_gpu"}  # refuses to run without CUDA (exit 2): left out on CPU machines
 
 

@@ -80,9 +80,38 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    """The learning-rate schedule (pipeline/engine/deepspeed_engine.py: lr_factor). After the warmup: linear or
+    cosine decay towards 0 over the rest of the steps, constant, or wsd (warmup-stable-decay, as MiniCPM and
+    ModernBERT train): the peak lr until the last decay_fraction of the steps, which decay towards 0."""
+
     lr: float = 1e-4  # peak learning rate
-    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warmup: decay towards 0, or constant
+    schedule: Literal["linear", "cosine", "constant", "wsd"] = "linear"
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps
+    decay_fraction: float = 0.1  # wsd: the share of the schedule's steps that decay (at least one step)
+    # wsd: the factor at decay progress p in [0, 1): 1 - p, or 1 - sqrt(p) (Hagele et al. 2024, as ModernBERT
+    # trains): a steep fall first, then a long stretch at a low lr
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+
+    def wsd_decay_start(self, total_steps: int) -> int:
+        """The first step of wsd's decay, which takes the last decay_fraction of total_steps (at least one)."""
+        return total_steps - max(1, round(self.decay_fraction * total_steps))
+
+
+def validate_wsd_fields(section: OptimConfig, where: str) -> None:
+    """wsd's fields of pre-training's `optim` or fine-tuning's `recipe` (`where`): a decay_fraction in (0, 1], and
+    none set away from its default for another schedule, which would ignore it (a default is accepted, as
+    `--print-config` writes every field)."""
+    if not 0 < section.decay_fraction <= 1:
+        raise ConfigError(
+            f"{where}.decay_fraction is the share of steps that decay: in (0, 1], not {section.decay_fraction}"
+        )
+    changed = [
+        f"{where}.{name}={getattr(section, name)}"
+        for name in ("decay_fraction", "decay_shape")
+        if getattr(section, name) != getattr(OptimConfig, name)
+    ]
+    if changed and section.schedule != "wsd":
+        raise ConfigError(f"{', '.join(changed)}: only {where}.schedule=wsd reads it, not {section.schedule}")
 
 
 @dataclass
@@ -452,12 +481,18 @@ def validate_method(method: MethodConfig, total_steps: int | None) -> None:
             f"earlybert.mode={method.mode} draws at earlybert.draw_step: set it to a step in "
             f"[1, {total_steps - 1}], got {method.draw_step}"
         )
-    first_draw = method.draw_step if method.mode in ("fixed", "random") else method.detector.min_search_steps
+    first_draw = earliest_draw_step(method)
     if method.use_gates and method.after_draw == "rewind" and not 0 <= method.rewind_step < max(first_draw, 1):
         raise ConfigError(
             f"earlybert.rewind_step={method.rewind_step}: the weights of that step must be saved before the "
             f"earliest draw (step {first_draw}); choose a step in [0, {max(first_draw - 1, 0)}]"
         )
+
+
+def earliest_draw_step(method: MethodConfig) -> int:
+    """The first step the ticket may be drawn at: the fixed and random modes' draw_step, else the detector's
+    min_search_steps."""
+    return method.draw_step if method.mode in ("fixed", "random") else method.detector.min_search_steps
 
 
 # ---- DeepSpeed --------------------------------------------------------------------------------

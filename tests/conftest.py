@@ -16,7 +16,7 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from runs import BIN, EARLYBERT, REPO, STEPS, deepspeed, finetune_test_config, finish
+from runs import BIN, EARLYBERT, REPO, STEPS, finetune_test_config, finished_run
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SPECIAL = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
@@ -82,18 +82,12 @@ def config(shards, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(config, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    code, out = finish(deepspeed(config, run_dir))
-    assert code == 0, out
-    return run_dir
+    return finished_run(config, tmp_path_factory, "reference")
 
 
 @pytest.fixture(scope="session")
 def eb_reference(config, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eb_reference") / "run"
-    code, out = finish(deepspeed(config, run_dir, *EARLYBERT))
-    assert code == 0, out
-    return run_dir
+    return finished_run(config, tmp_path_factory, "eb_reference", *EARLYBERT)
 
 
 def save_hf_bert(shards, out, model_class):

@@ -89,6 +89,14 @@ def finish(proc, timeout=240) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def finished_run(config, tmp_path_factory, name: str, *overrides) -> Path:
+    """The run directory of a run of `config` with `overrides` that finished (the reference runs)."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    code, out = finish(deepspeed(config, run_dir, *overrides))
+    assert code == 0, out
+    return run_dir
+
+
 def metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []

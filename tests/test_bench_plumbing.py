@@ -53,3 +53,23 @@ def test_a_failed_job_leaves_the_waiting_job_unstarted(tmp_path):
         slice_s=0.2,
     )
     assert jobs["bad"].returncode == 3 and jobs["never"].returncode is None
+
+
+def test_modernbert_bench_measures_every_variant_on_a_tiny_shape():
+    """bench/bench_modernbert.py's measurement at a tiny shape: the models are built on the same weights, the ticket
+    keeps 2 of 3 heads per layer, and the figures it reports are consistent."""
+    import torch
+
+    from bench.bench_modernbert import measure
+
+    shape = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3, intermediate_size=40, vocab_size=300)
+    shape.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    r = measure(seq_len=16, batch_size=2, reps=2, dtype=torch.float32, shape=shape)
+    for clock in r["clocks"].values():
+        assert set(clock["median_s"]) == {"hf", "ours", "ours_no_gates", "ours_pruned"}
+        assert all(len(v) == 2 for v in clock["steps_s"].values())
+    assert r["pruned_heads_per_layer"] == [2, 2, 2] and sum(r["pruned_glu_per_layer"]) == round(3 * 40 * 0.6)
+    # The gates' scaling is no matrix multiply; unpadded, ours multiplies the real tokens only, theirs the padding too.
+    assert r["flops"]["ours"] == r["flops"]["ours_no_gates"] < r["flops"]["hf"]
+    speedup = r["clocks"]["cpu"]["ratios"]["pruned speed-up (no gates / pruned)"]
+    assert r["flops_speedup"] > 1 and r["speedup_share_of_flops"]["cpu"] == speedup / r["flops_speedup"]

@@ -87,7 +87,23 @@ def test_overrides_are_typed_and_reach_lists(tmp_path):
         (["phases.5.steps=1"], "not an index of a 2-item list"),
         (["micro_batch_size=eight"], "micro_batch_size: expected int"),
         (["phases.0.steps=true"], "phases.0.steps: expected int"),
-        (["optim.schedule=step"], "choose one of linear, cosine, constant"),
+        (["optim.schedule=step"], "choose one of linear, cosine, constant, wsd"),
+        (["optim.schedule=wsd", "optim.decay_fraction=0"], "optim.decay_fraction is the share of steps that decay"),
+        (
+            ["optim.schedule=wsd", "optim.decay_shape=cosine"],
+            "optim.decay_shape 'cosine': choose one of linear, 1-sqrt",
+        ),
+        (["optim.decay_fraction=0.2"], "optim.decay_fraction=0.2: only optim.schedule=wsd reads it, not linear"),
+        (["optim.schedule=cosine", "optim.decay_shape=linear"], "optim.decay_shape=linear: only optim.schedule=wsd"),
+        (["optim.schedule=wsd", "optim.warmup_steps=95"], "the warmup (95 steps) and the decay (the last 10 of 100"),
+        (
+            ["optim.schedule=wsd", "optim.decay_fraction=0.5", "earlybert.detector.min_search_steps=60"],
+            "min_search_steps=60: the draw would fall in optim.schedule=wsd's decay (from step 50 of 100)",
+        ),
+        (
+            ["optim.schedule=wsd", "earlybert.mode=random", "earlybert.draw_step=95"],
+            "earlybert.draw_step=95: the draw would fall in optim.schedule=wsd's decay (from step 90 of 100)",
+        ),
         (["optim.warmup_steps=1000"], "warmup_steps=1000"),
         (["deepspeed_overrides.zero_optimization.stage=4"], "stage=4; DeepSpeed ZeRO has stages 0, 1, 2 and 3"),
         (["deepspeed=/nonexistent.json"], "cannot read /nonexistent.json"),
@@ -102,6 +118,42 @@ def test_bad_configs_fail_with_a_clear_message(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
         load_pretrain_config(write_config(tmp_path), overrides)
     assert message in str(err.value)
+
+
+def test_wsd_schedule_configs_that_load(tmp_path):
+    """wsd with its draw in the stable phase; a run that never reaches the detector's min_search_steps (the
+    default 500 of 100 steps) or draws nothing; wsd's fields at their defaults under another schedule (as
+    --print-config writes them)."""
+    wsd = ["optim.schedule=wsd", "optim.warmup_steps=10", "optim.decay_fraction=0.2", "optim.decay_shape=linear"]
+    cfg = load_pretrain_config(write_config(tmp_path), [*wsd, "earlybert.detector.min_search_steps=79"])
+    assert cfg.optim.wsd_decay_start(cfg.total_steps) == 80 and cfg.optim.decay_shape == "linear"
+    load_pretrain_config(write_config(tmp_path), wsd)
+    load_pretrain_config(
+        write_config(tmp_path), [*wsd, "earlybert.mode=dense", "earlybert.detector.min_search_steps=90"]
+    )
+    assert load_pretrain_config(write_config(tmp_path), ["optim.decay_fraction=0.1"]).optim.schedule == "linear"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["recipe.decay_shape=linear"], "recipe.decay_shape=linear: only recipe.schedule=wsd reads it, not linear"),
+        (["recipe.schedule=wsd", "recipe.decay_fraction=1.5"], "recipe.decay_fraction is the share of steps"),
+        (
+            ["recipe.schedule=wsd", "recipe.warmup_ratio=0.5", "recipe.decay_fraction=0.6"],
+            "warmup_ratio (0.5) and decay_fraction (0.6) of each stage's steps overlap",
+        ),
+        (
+            ["recipe.schedule=wsd", "earlybert.mode=fixed", "recipe.draw_epoch=2.8"],
+            "recipe.draw_epoch=2.8: the draw would fall in schedule wsd's decay of the search stage (from epoch 2.7",
+        ),
+    ],
+)
+def test_finetune_wsd_schedule_is_checked(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_finetune_config(write_yaml(tmp_path / "ft.yaml", FINETUNE), overrides)
+    assert message in str(err.value)
+    load_finetune_config(write_yaml(tmp_path / "ft.yaml", FINETUNE), ["recipe.schedule=wsd", "recipe.warmup_ratio=0.1"])
 
 
 def test_lamb_is_refused_with_zero_and_accepted_without(tmp_path):

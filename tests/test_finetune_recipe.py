@@ -45,6 +45,14 @@ def test_the_search_schedule_spans_3_epochs_so_the_draw_comes_at_093_of_the_peak
     assert lr_factor(spec.optim, spec.total_steps, draw_step) == pytest.approx(1 - 0.2 / 3)
 
 
+def test_wsd_draws_at_the_peak_lr_and_the_tickets_stage_decays_over_its_own_last_steps(tmp_path):
+    cfg = load_finetune_config(write_config(tmp_path, schedule="wsd", decay_fraction=0.2, decay_shape="linear"))
+    search, ticket = (stage_spec(cfg, s, 1, False) for s in plan_stages(cfg, 100, already_pruned=False))
+    assert lr_factor(search.optim, search.total_steps, round(cfg.recipe.draw_epoch * 100)) == 1.0
+    assert ticket.total_steps == 200 and ticket.optim.wsd_decay_start(ticket.total_steps) == 160
+    assert [lr_factor(ticket.optim, 200, s) for s in (159, 160, 180, 199)] == pytest.approx([1, 1, 0.5, 0.025])
+
+
 @pytest.mark.parametrize("stage_index", [0, 1])  # search and ticket: every stage's engine
 def test_adamw_has_no_weight_decay_and_epsilon_1e8_whatever_the_deepspeed_json_says(tmp_path, stage_index):
     cfg = load_finetune_config(write_config(tmp_path))  # ds_configs/zero1.json: weight_decay 0.01, eps 1e-6

@@ -4,14 +4,17 @@ checkpoint bookkeeping, launcher detection. The DeepSpeed runs are in test_train
 import json
 import os
 import signal
+import types
+from functools import partial
 
 import numpy as np
 import pytest
+import torch
 
 from faults_table import tried
 from pipeline.config import OptimConfig
 from pipeline.engine import distributed
-from pipeline.engine.deepspeed_engine import lr_factor
+from pipeline.engine.deepspeed_engine import lr_factor, set_schedule_step
 from pipeline.pretrain.loader import Permutation, mask_tokens, rank_positions, stream_samples
 from pipeline.run import checkpoint
 from pipeline.run.metrics import truncate_after
@@ -28,6 +31,39 @@ def test_lr_schedule():
     cosine = [lr_factor(OptimConfig(schedule="cosine", warmup_steps=0), total, s) for s in range(total)]
     assert cosine[0] == 1.0 and cosine[50] == pytest.approx(0.5) and 0 < cosine[-1] < 0.01
     assert lr_factor(OptimConfig(schedule="constant", warmup_steps=4), total, 99) == 1.0
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_schedule_warms_up_holds_the_peak_then_decays_over_its_last_steps(shape):
+    optim = OptimConfig(schedule="wsd", warmup_steps=10, decay_fraction=0.2, decay_shape=shape)
+    factors = [lr_factor(optim, 100, s) for s in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10:81] == [1.0] * 71  # stable: exactly the peak up to the decay's first step (80)
+    decay = factors[80:]
+    assert all(a > b > 0 for a, b in zip(decay, decay[1:]))
+    progress = np.arange(20) / 20
+    assert decay == pytest.approx((1 - (np.sqrt(progress) if shape == "1-sqrt" else progress)).tolist())
+    # 1-sqrt falls faster first: half the peak a quarter into the decay, where linear is at 3/4.
+    assert decay[5] == pytest.approx(0.5 if shape == "1-sqrt" else 0.75)
+    # A decay_fraction smaller than one step still decays over the last step; none of it comes before.
+    tiny = OptimConfig(schedule="wsd", decay_fraction=0.001, decay_shape=shape)
+    assert [lr_factor(tiny, 10, s) for s in (8, 9)] == [1.0, 1.0] and tiny.wsd_decay_start(10) == 9
+
+
+def test_set_schedule_step_moves_a_wsd_schedule_to_any_step_and_it_runs_on_from_there():
+    """A rewind (pipeline/pretrain/loop.py) puts the rebuilt engine's schedule back with set_schedule_step: the
+    steps that follow take the schedule's own lrs, into its decay."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    optim = OptimConfig(schedule="wsd", warmup_steps=2, decay_fraction=0.5)
+    engine = types.SimpleNamespace(lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, optim, 10)))
+    for start in (8, 3):  # forward into the decay, then back into the stable phase
+        set_schedule_step(engine, start)
+        lrs = []
+        for _ in range(start, 10):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            engine.lr_scheduler.step()
+        assert lrs == pytest.approx([2.0 * lr_factor(optim, 10, s) for s in range(start, 10)])
 
 
 # ---- sampler and masking ----------------------------------------------------------------------

@@ -46,6 +46,10 @@ def lr_factor(optim: OptimConfig, total_steps: int, step: int) -> float:
         return (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
         return 1.0
+    if optim.schedule == "wsd":  # stable at 1 until the decay's first step, then towards 0 by its shape
+        decay_start = optim.wsd_decay_start(total_steps)
+        progress = max(0, step - decay_start) / (total_steps - decay_start)
+        return 1.0 - (math.sqrt(progress) if optim.decay_shape == "1-sqrt" else progress)
     progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
     if optim.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))

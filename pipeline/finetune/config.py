@@ -28,11 +28,13 @@ from pipeline.config import (
     CheckpointConfig,
     ConfigError,
     MethodConfig,
+    OptimConfig,
     TrainingConfig,
     from_dict,
     read_yaml,
     require_positive,
     validate_training,
+    validate_wsd_fields,
 )
 from pipeline.finetune.tasks import TaskConfig
 
@@ -75,8 +77,12 @@ class RecipeConfig:
     epochs: float = 2.0
     dense_lr: float = 2e-5  # dense mode: standard fine-tuning
     dense_epochs: float = 3.0
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    # each stage's: as pre-training's optim.schedule (pipeline/config.py: OptimConfig), over the stage's steps;
+    # wsd's search stage draws in its stable phase, and the ticket's stage decays over its own last steps
+    schedule: Literal["linear", "cosine", "constant", "wsd"] = "linear"
     warmup_ratio: float = 0.0  # of each stage's steps
+    decay_fraction: float = OptimConfig.decay_fraction  # wsd: of each stage's steps
+    decay_shape: Literal["linear", "1-sqrt"] = OptimConfig.decay_shape  # wsd
     # AdamW's, in every stage, replacing the DeepSpeed JSON's (the official trainer's defaults); None keeps the JSON's.
     weight_decay: float | None = 0.0
     adam_epsilon: float | None = 1e-8
@@ -172,8 +178,31 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"recipe.adam_epsilon must be > 0 (or null: the DeepSpeed JSON's), got {r.adam_epsilon}")
     if not 0.0 <= r.warmup_ratio < 1.0:
         raise ConfigError(f"recipe.warmup_ratio must be in [0, 1), got {r.warmup_ratio}")
+    validate_wsd_fields(r, "recipe")
+    if r.schedule == "wsd":
+        validate_wsd(cfg)
     if cfg.eval.every_steps is not None and cfg.eval.every_steps < 1:
         raise ConfigError(f"eval.every_steps must be >= 1 (or left out: every epoch), got {cfg.eval.every_steps}")
+
+
+def validate_wsd(cfg: FinetuneConfig) -> None:
+    """The warmup-stable-decay schedule of every stage: the decay follows the warmup, and the search stage draws
+    in its stable phase (the ticket's stage then has a schedule of its own)."""
+    r = cfg.recipe
+    if r.warmup_ratio + r.decay_fraction > 1:
+        raise ConfigError(
+            f"recipe: warmup_ratio ({r.warmup_ratio}) and decay_fraction ({r.decay_fraction}) of each stage's steps "
+            f"overlap; their sum must be at most 1"
+        )
+    fixed = cfg.earlybert.mode in ("fixed", "random")
+    first_draw = r.draw_epoch if fixed else r.min_search_epochs
+    decay_start = (1 - r.decay_fraction) * r.search_epochs
+    if cfg.earlybert.use_gates and first_draw >= decay_start:
+        raise ConfigError(
+            f"recipe.{'draw_epoch' if fixed else 'min_search_epochs'}={first_draw}: the draw would fall in "
+            f"schedule wsd's decay of the search stage (from epoch {decay_start:g} of {r.search_epochs:g}), not in "
+            f"its stable phase; draw earlier or lower recipe.decay_fraction"
+        )
 
 
 def search_config_in_steps(cfg: FinetuneMethodConfig, recipe: RecipeConfig, steps_per_epoch: int) -> MethodConfig:

@@ -150,7 +150,14 @@ def stage_spec(cfg: FinetuneConfig, stage: Stage, world_size: int, universal: bo
     for key, value in (("weight_decay", cfg.recipe.weight_decay), ("eps", cfg.recipe.adam_epsilon)):
         if value is not None:
             params[key] = value
-    optim = OptimConfig(lr=stage.lr, schedule=cfg.recipe.schedule, warmup_steps=stage.warmup_steps)
+    r = cfg.recipe
+    optim = OptimConfig(
+        lr=stage.lr,
+        schedule=r.schedule,
+        warmup_steps=stage.warmup_steps,
+        decay_fraction=r.decay_fraction,
+        decay_shape=r.decay_shape,
+    )
     return EngineSpec(ds, optim, stage.steps, compile=cfg.compile)
 
 

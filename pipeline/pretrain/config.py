@@ -9,10 +9,12 @@ from pipeline.config import (
     ConfigError,
     OptimConfig,
     TrainingConfig,
+    earliest_draw_step,
     from_dict,
     read_yaml,
     require_positive,
     validate_training,
+    validate_wsd_fields,
 )
 
 # The keys that hold paths ("*": every item of a list or value of a mapping), made absolute (pipeline/config.py).
@@ -84,3 +86,26 @@ def validate(cfg: PretrainConfig) -> None:
     if not 0 <= cfg.optim.warmup_steps <= cfg.total_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be in [0, total steps {cfg.total_steps}]")
     validate_training(cfg, cfg.total_steps)
+    validate_wsd_fields(cfg.optim, "optim")
+    if cfg.optim.schedule == "wsd":
+        validate_wsd(cfg)
+
+
+def validate_wsd(cfg: PretrainConfig) -> None:
+    """The warmup-stable-decay schedule: the decay follows the warmup, and the draw falls in the stable phase
+    between them (the ticket then trains through the schedule's own decay)."""
+    total, optim = cfg.total_steps, cfg.optim
+    decay_start = optim.wsd_decay_start(total)
+    if optim.warmup_steps > decay_start:
+        raise ConfigError(
+            f"optim: the warmup ({optim.warmup_steps} steps) and the decay (the last {total - decay_start} of "
+            f"{total} steps, decay_fraction {optim.decay_fraction}) overlap; lower warmup_steps or decay_fraction"
+        )
+    first_draw = earliest_draw_step(cfg.earlybert)
+    if cfg.earlybert.use_gates and decay_start <= first_draw < total:  # from total on, the run never draws
+        setting = "draw_step" if cfg.earlybert.mode in ("fixed", "random") else "detector.min_search_steps"
+        raise ConfigError(
+            f"earlybert.{setting}={first_draw}: the draw would fall in optim.schedule=wsd's "
+            f"decay (from step {decay_start} of {total}), not in its stable phase; draw earlier or lower "
+            f"optim.decay_fraction"
+        )
