@@ -110,6 +110,17 @@ class Family:
         return classes[name]
 
 
+# Config fields that make a checkpoint belong to a model, in every family; the per-layer structure may legitimately
+# change (pruning).
+IDENTITY_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "head_size",
+    "max_position_embeddings",
+)
+
 BERT = Family(
     name="bert",
     config_class=bert.EarlyBertConfig,
@@ -121,17 +132,7 @@ BERT = Family(
     pruned_config=pruner.pruned_config,
     prune_tensors=pruner.prune_tensors,
     flop_counts=bert_flop_counts,
-    identity_fields=(
-        "model_type",
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "head_size",
-        "max_position_embeddings",
-        "type_vocab_size",
-        "use_nsp",
-        "hidden_act",
-    ),
+    identity_fields=(*IDENTITY_FIELDS, "type_vocab_size", "use_nsp", "hidden_act"),
     token_id_fields={"pad_token_id": "pad"},
     nsp=True,
     # the MLM transform and bias (its decoder is the word embeddings), the NSP classifier and the pooler it reads
@@ -154,12 +155,7 @@ MODERNBERT = Family(
     prune_tensors=modernbert.prune_tensors,
     flop_counts=modernbert_flop_counts,
     identity_fields=(
-        "model_type",
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "head_size",
-        "max_position_embeddings",
+        *IDENTITY_FIELDS,
         "hidden_activation",
         "layer_types",
         "local_attention",

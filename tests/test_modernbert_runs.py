@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from transformers import ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast
+from transformers import ModernBertConfig, ModernBertModel
 
-from conftest import SPECIAL
+from conftest import save_hf
 from data_prep import ShardDataset
 from pipeline import families
 from pipeline.config import ConfigError
@@ -39,9 +39,9 @@ from pipeline.run.metrics import batch_model_flops, flops_per_sequence, model_fl
 from runs import (
     EARLYBERT,
     REPO,
-    STEPS,
     TOTAL,
     architecture,
+    assert_other_stage_resumes_from_the_pruned_checkpoint,
     assert_same_losses,
     deepspeed,
     faulty_train,
@@ -62,63 +62,28 @@ def tiny(**fields) -> EarlyModernBertConfig:
 
 
 @pytest.fixture(scope="module")
-def mb_config(shards, tmp_path_factory):
-    """conftest's tiny run config (NSP shards at seq 32 and 64: their pairs are read as text), for modernbert-tiny."""
+def mb_config(config, tmp_path_factory):
+    """conftest's tiny run config (NSP shards at seq 32 and 64: their pairs are read as text) for modernbert-tiny,
+    with the runs' window and ModernBERT's 30% masking."""
+    fields = yaml.safe_load(config.read_text())
+    fields["model"] = {"family": "modernbert", "preset": "modernbert-tiny", "overrides": {"local_attention": WINDOW}}
+    fields["data"] = {"mask_prob": 0.3}
     path = tmp_path_factory.mktemp("mb_config") / "modernbert-tiny.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "run_dir": "unused",
-                "seed": 7,
-                "model": {
-                    "family": "modernbert",
-                    "preset": "modernbert-tiny",
-                    "overrides": {"local_attention": WINDOW},
-                },
-                "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
-                "phases": [
-                    {"shards": str(shards / "seq32"), "steps": STEPS[0]},
-                    {"shards": str(shards / "seq64"), "steps": STEPS[1]},
-                ],
-                "micro_batch_size": 32,
-                "global_batch_size": 64,
-                "data": {"mask_prob": 0.3},
-                "optim": {"lr": 2e-3, "warmup_steps": 2},
-                "checkpoint": {"interval": 3, "keep": 2},
-                "log": {"interval": 4},
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump(fields))
     return path
-
-
-def save_hf_modernbert(shards, out, model_class):
-    """A ModernBERT directory as transformers writes it (`save_pretrained`): its own `model_class`, modernbert-tiny's
-    shape with random weights (there is no hub here), the shards' tokenizer and its special ids."""
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shards / "tok.json"), **SPECIAL)
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"[{name.upper()}]") for name in ("pad", "cls", "sep")}
-    config = ModernBertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        local_attention=WINDOW,
-        max_position_embeddings=128,
-        bos_token_id=ids["cls_token_id"],
-        eos_token_id=ids["sep_token_id"],
-        **ids,
-    )
-    model_class(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def hf_encoder(shards, tmp_path_factory):
-    """transformers' ModernBertModel: the encoder alone, no MLM head."""
-    return save_hf_modernbert(shards, tmp_path_factory.mktemp("hf_modernbert_encoder"), ModernBertModel)
+    """transformers' ModernBertModel (the encoder alone, no MLM head) saved by save_pretrained: modernbert-tiny's
+    shape with the runs' window, the shards' tokenizer and special tokens."""
+    special = ShardDataset(shards / "seq32").special_ids
+    return save_hf(
+        shards, tmp_path_factory.mktemp("hf_modernbert_encoder"), ModernBertModel,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, local_attention=WINDOW,
+        max_position_embeddings=128, pad_token_id=special["pad"], cls_token_id=special["cls"],
+        sep_token_id=special["sep"], bos_token_id=special["cls"], eos_token_id=special["sep"],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -316,28 +281,9 @@ def test_killed_before_and_just_after_the_draw_resumes_to_the_same_ticket_and_lo
 def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_checkpoint(
     mb_config, mb_reference, tmp_path, stage
 ):
-    """Killed right after the checkpoint that follows the draw, resumed from it: the pruned ModernBERT is built from
-    architecture.json before DeepSpeed loads its partitions."""
-    run_dir = tmp_path / "run"
-    args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
-    after_draw_save = faulty_train(
-        tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
-    )
-    code, out = finish(deepspeed(mb_config, run_dir, *args, script=after_draw_save))
-    assert code != 0 and "ticket drawn at step" in out, out
-    draw = ticket(mb_reference)["draw_step"]
-    code, out = finish(deepspeed(mb_config, run_dir, *args))
-    assert code == 0, out
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
-    got, ref = ticket(run_dir), ticket(mb_reference)
-    assert got["draw_step"] == draw and got["kept_heads"] == ref["kept_heads"]
-    # Another stage sums gradients in another order: gates agree with ZeRO-1's to ~1e-6, and a GLU neuron or two
-    # that close to the cut may swap sides (tests/test_earlybert_runs.py); more is a bug.
-    neurons = lambda t: {(layer, n) for layer, kept in enumerate(t["kept_neurons"]) for n in kept}  # noqa: E731
-    swapped = neurons(got) ^ neurons(ref)
-    assert len(swapped) <= 4, f"ZeRO-{stage} kept other GLU neurons than ZeRO-1: {sorted(swapped)}"
-    assert_same_losses(run_dir, mb_reference, tol=1e-4, keys=MLM_KEYS, until=draw)
-    assert_same_losses(run_dir, mb_reference, tol=1e-4 if not swapped else 5e-2, keys=MLM_KEYS)
+    """The whole cycle on ZeRO-2 and ZeRO-3, resumed from the checkpoint that follows the draw: the pruned ModernBERT
+    is built from architecture.json before DeepSpeed loads its partitions."""
+    assert_other_stage_resumes_from_the_pruned_checkpoint(mb_config, mb_reference, tmp_path, stage, keys=MLM_KEYS)
 
 
 @pytest.mark.slow
