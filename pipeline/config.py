@@ -403,7 +403,8 @@ MAX_MODEL_SIZE = 2**24
 MAX_TIMEOUT_S = 30 * 86400
 # Seeds go to torch (64-bit) and numpy (below 2**32) with small offsets per rank and stage.
 MAX_SEED = 2**32 - 1
-# model.overrides are EarlyBertConfig fields: a dict the typed loader cannot check; their names say what they hold.
+# model.overrides are fields of the model family's config (EarlyBertConfig, EarlyModernBertConfig): a dict the typed
+# loader cannot check; their names say what they hold.
 PROBABILITY_FIELDS = re.compile(r".*(_prob|dropout).*")
 SIZE_FIELDS = re.compile(r"num_hidden_layers|num_attention_heads|.*_size|max_position_embeddings")
 

@@ -1069,18 +1069,6 @@ AUTO_CLASSES = {
 }
 
 
-def model_class(config: EarlyBertConfig) -> type[EarlyBertPreTrainedModel]:
-    """The EarlyBERT class a config names: its first `architectures` entry (checkpoints of pre-training runs
-    written before the field was set name none: the pre-training model)."""
-    classes = {cls.__name__: cls for cls in AUTO_CLASSES.values()}
-    name = (config.architectures or [EarlyBertForPreTraining.__name__])[0]
-    if name not in classes:
-        raise ValueError(
-            f"architectures names {name!r}, which is not an EarlyBERT model class; expected one of {sorted(classes)}"
-        )
-    return classes[name]
-
-
 def register_auto_classes() -> None:
     """Make AutoConfig and the Auto model classes know model_type "earlybert"."""
     import transformers

@@ -41,7 +41,7 @@ PRESETS = {
 }
 # model.py's EXTRA_OUTPUTS: fields transformers' Trainer must not take for predictions.
 EXTRA_OUTPUTS = ["task_loss", "mlm_loss", "nsp_loss", "gate_penalty", "gate_l1", "mlm_correct", "mlm_count",
-                 "token_count", "token_pairs"]  # fmt: skip
+                 "token_count", "token_pairs", "window_pairs"]  # fmt: skip
 GLOBAL, LOCAL = "full_attention", "sliding_attention"  # transformers' layer_types
 
 # ModernBertConfig's fields and defaults (answerdotai/ModernBERT-base), under ModernBertConfig's names.
@@ -156,7 +156,9 @@ class EarlyModernBertModelOutput(ModelOutput):
 class EarlyModernBertMaskedLMOutput(ModelOutput):
     """transformers' MaskedLMOutput, then model.py's pre-training fields (nsp_loss is always None: MLM only).
     loss = task_loss (+ gate_penalty), task_loss = mlm_loss; logits (B, T, V), or (N_masked, V) with
-    masked_logits_only; mlm_correct / mlm_count / token_count / token_pairs as EarlyBertForPreTrainingOutput's."""
+    masked_logits_only; mlm_correct / mlm_count / token_count / token_pairs as EarlyBertForPreTrainingOutput's;
+    window_pairs: the query-key pairs within the sliding window, summed over the sequences (what a local layer's
+    attention costs: pipeline/run/metrics.py model_flops)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -171,6 +173,7 @@ class EarlyModernBertMaskedLMOutput(ModelOutput):
     mlm_count: torch.Tensor | None = None
     token_count: torch.Tensor | None = None
     token_pairs: torch.Tensor | None = None
+    window_pairs: torch.Tensor | None = None
 
 
 @dataclass
@@ -251,6 +254,13 @@ def local_mask(real: torch.Tensor | None, columns: torch.Tensor, half_window: in
     allowed = near & real[:, None, :]
     empty = ~allowed.any(-1)  # (B, T)
     return (allowed | (near & empty[:, :, None]))[:, None], (~empty)[:, None, :, None]
+
+
+def window_pairs(lengths, half_window: int):
+    """Query-key pairs with |i - j| <= half_window in a sequence of `lengths` tokens (an int or a tensor of them):
+    each of the L queries sees 2k + 1 keys, k = min(L - 1, half_window), less the k(k + 1) beyond the ends."""
+    k = lengths.clamp(max=half_window + 1) - 1 if torch.is_tensor(lengths) else min(lengths, half_window + 1) - 1
+    return lengths * (2 * k + 1) - k * (k + 1)
 
 
 @dataclass
@@ -592,7 +602,8 @@ class EarlyModernBertForMaskedLM(EarlyModernBertPreTrainedModel):
         return self._head_output(
             EarlyModernBertMaskedLMOutput, encoded, mlm_loss, gate_lambdas, return_dict, logits=logits,
             mlm_loss=mlm_loss, mlm_correct=correct, mlm_count=(labels != -100).sum(), token_count=lengths.sum(),
-            token_pairs=(lengths * lengths).sum(),  # what global attention costs; local layers cost less
+            token_pairs=(lengths * lengths).sum(),  # what global attention costs
+            window_pairs=window_pairs(lengths, self.config.local_attention // 2).sum(),
         )  # fmt: skip
 
 

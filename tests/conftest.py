@@ -90,25 +90,23 @@ def eb_reference(config, tmp_path_factory):
     return finished_run(config, tmp_path_factory, "eb_reference", *EARLYBERT)
 
 
-def save_hf_bert(shards, out, model_class):
-    """A Hugging Face BERT directory as users have them: transformers' own `model_class` (BertForMaskedLM,
-    BertModel, ...; bert-tiny's shape, random weights: there is no hub here) and the shards' tokenizer."""
+def save_hf(shards, out, model_class, **fields):
+    """A Hugging Face directory as users have them: transformers' own `model_class` (BertForMaskedLM, BertModel,
+    ModernBertModel, ...; random weights: there is no hub here) with `fields` in its config, and the shards'
+    tokenizer."""
     import torch
-    from transformers import BertConfig
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shards / "tok.json"), **SPECIAL)
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=128,
-    )
-    model_class(config).save_pretrained(out)
+    model_class(model_class.config_class(vocab_size=len(tokenizer), **fields)).save_pretrained(out)
     return out
+
+
+def save_hf_bert(shards, out, model_class):
+    """save_hf with bert-tiny's shape."""
+    bert_tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    return save_hf(shards, out, model_class, **bert_tiny, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="session")

@@ -117,9 +117,10 @@ def wait_for_step(proc, run_dir, step, timeout=120):
     raise TimeoutError(f"step {step} not reached in {timeout} s")
 
 
-def assert_same_losses(
-    run_dir, reference, tol=1e-6, keys=("loss", "mlm_loss", "nsp_loss", "lr", "samples"), until=TOTAL
-):
+LOSS_KEYS = ("loss", "mlm_loss", "nsp_loss", "lr", "samples")  # what a pre-training run logs (BERT: with NSP)
+
+
+def assert_same_losses(run_dir, reference, tol=1e-6, keys=LOSS_KEYS, until=TOTAL):
     """Every step's losses (up to step `until`) equal the reference run's within tol."""
     got, ref = metrics(run_dir), metrics(reference)
     assert [m["step"] for m in got] == list(range(1, TOTAL + 1)), "one metrics line per step, none twice"
@@ -147,6 +148,37 @@ def ticket(run_dir) -> dict:
 def architecture(run_dir) -> dict:
     ckpt = Path(run_dir) / "checkpoints"
     return json.loads((ckpt / (ckpt / "latest").read_text() / "architecture.json").read_text())
+
+
+def assert_other_stage_resumes_from_the_pruned_checkpoint(config, reference, tmp_path, stage: int, keys=LOSS_KEYS):
+    """The EarlyBERT cycle of `config` on ZeRO `stage`, killed right after the checkpoint that follows the draw and
+    resumed from it (the pruned model is built from architecture.json before DeepSpeed loads its partitions), against
+    the uninterrupted ZeRO-1 `reference`: the same draw step and heads; the same losses to 1e-4 up to the draw.
+    Another stage sums gradients in another order, so the gates agree with ZeRO-1's to ~1e-6 only; after a 6-step
+    search many FFN gates lie that close to the cut, and a neuron or two can swap sides of it (more is a bug, not
+    rounding): after the draw, the same losses with the same ticket, close ones with a near-tie swap."""
+    run_dir = tmp_path / "run"
+    args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
+    after_draw_save = faulty_train(
+        tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
+    )
+    code, out = finish(deepspeed(config, run_dir, *args, script=after_draw_save))
+    assert code != 0 and "ticket drawn at step" in out, out
+    draw = ticket(reference)["draw_step"]
+    assert latest(run_dir) == f"step_{draw:08d}"
+    code, out = finish(deepspeed(config, run_dir, *args))
+    assert code == 0, out
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
+    got, ref = ticket(run_dir), ticket(reference)
+    arch = architecture(run_dir)
+    assert arch["num_heads_per_layer"] == got["heads_per_layer"]
+    assert arch["intermediate_size_per_layer"] == got["ffn_per_layer"]
+    assert got["draw_step"] == draw and got["kept_heads"] == ref["kept_heads"]
+    neurons = lambda t: {(layer, n) for layer, kept in enumerate(t["kept_neurons"]) for n in kept}  # noqa: E731
+    swapped = neurons(got) ^ neurons(ref)
+    assert len(swapped) <= 4, f"ZeRO-{stage} kept other FFN neurons than ZeRO-1: {sorted(swapped)}"
+    assert_same_losses(run_dir, reference, tol=1e-4, keys=keys, until=draw)
+    assert_same_losses(run_dir, reference, tol=1e-4 if not swapped else 5e-2, keys=keys)
 
 
 def finetune_test_config(run_dir, task_dir, init_from, deepspeed) -> dict:

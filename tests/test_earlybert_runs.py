@@ -10,9 +10,9 @@ import pytest
 
 from runs import (
     EARLYBERT,
-    REPO,
     TOTAL,
     architecture,
+    assert_other_stage_resumes_from_the_pruned_checkpoint,
     assert_same_losses,
     deepspeed,
     faulty_train,
@@ -84,33 +84,5 @@ def test_killed_around_the_draw_resumes_to_the_same_ticket_and_losses(config, eb
 def test_other_zero_stages_draw_the_same_ticket_and_resume_from_the_pruned_checkpoint(
     config, eb_reference, tmp_path, stage
 ):
-    """The whole cycle on ZeRO-2 and ZeRO-3: killed right after the checkpoint that follows the draw,
-    resumed from it (the pruned model is built from architecture.json before DeepSpeed loads)."""
-    run_dir = tmp_path / "run"
-    args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
-    after_draw_save = faulty_train(
-        tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
-    )
-    code, out = finish(deepspeed(config, run_dir, *args, script=after_draw_save))
-    assert code != 0 and "ticket drawn at step" in out, out
-    draw = ticket(eb_reference)["draw_step"]
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{draw:08d}"
-    code, out = finish(deepspeed(config, run_dir, *args))
-    assert code == 0, out
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
-    got, ref = ticket(run_dir), ticket(eb_reference)
-    arch = architecture(run_dir)
-    assert (
-        arch["num_heads_per_layer"] == got["heads_per_layer"]
-        and arch["intermediate_size_per_layer"] == got["ffn_per_layer"]
-    )
-    assert got["draw_step"] == draw and got["kept_heads"] == ref["kept_heads"]
-    # Another stage sums gradients in another order, so the gates agree with ZeRO-1's to ~1e-6 only;
-    # after a 6-step search many FFN gates lie that close to the cut, and a neuron or two can swap
-    # sides of it. More than that is a bug, not rounding.
-    neurons = lambda t: {(layer, n) for layer, kept in enumerate(t["kept_neurons"]) for n in kept}  # noqa: E731
-    swapped = neurons(got) ^ neurons(ref)
-    assert len(swapped) <= 4, f"ZeRO-{stage} kept other FFN neurons than ZeRO-1: {sorted(swapped)}"
-    assert_same_losses(run_dir, eb_reference, tol=1e-4, until=draw)
-    # Same ticket: the same losses after the draw too; a near-tie swap: close, as training goes on.
-    assert_same_losses(run_dir, eb_reference, tol=1e-4 if not swapped else 5e-2)
+    """The whole cycle on ZeRO-2 and ZeRO-3, resumed from the checkpoint that follows the draw."""
+    assert_other_stage_resumes_from_the_pruned_checkpoint(config, eb_reference, tmp_path, stage)

@@ -1,4 +1,5 @@
-"""Physical pruning of a gated BERT to its early-bird ticket.
+"""Physical pruning of a gated BERT to its early-bird ticket (ModernBERT's, for its fused weights, is in
+pipeline/modernbert.py; pipeline/families.py gives each model its family's; `prune_model` prunes either).
 
 For each layer, with kept heads H and kept FFN neurons N (original ids):
   query/key/value  rows of the kept heads (weight and bias)
@@ -121,10 +122,14 @@ def gate_values(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def prune_model(model, masks: Masks, fold_gates: bool = True):
-    """A new, smaller model of the same class computing what `model` computes with the removed units' gates at 0."""
+    """A new, smaller model of the same class computing what `model` computes with the removed units' gates at 0,
+    with its family's pruning (a BERT or a ModernBERT model: pipeline/families.py)."""
+    from pipeline.families import family_of  # the registry holds this module's functions: imported at call time
+
+    family = family_of(model.config)
     plan = PrunePlan.from_masks(masks, model.config.head_size, fold_gates)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    new_state = prune_tensors(state, plan, gate_values(state))
-    new_model = type(model)(pruned_config(model.config, plan))
+    new_state = family.prune_tensors(state, plan, gate_values(state))
+    new_model = type(model)(family.pruned_config(model.config, plan))
     new_model.load_state_dict(new_state, strict=True)
     return new_model.to(next(model.parameters()).device), plan

@@ -11,7 +11,7 @@ Modes (`earlybert.mode`), all in the same command so that baselines differ in on
     earlybert   detect the early-bird ticket (draw when the masks stop changing)
     fixed       draw the gates' ticket at `earlybert.draw_step`, whatever the masks do
     random      at `earlybert.draw_step`, prune random units at the same ratios (the paper's baseline)
-    dense       no gates, no draw: plain BERT
+    dense       no gates, no draw: the plain model (BERT, ModernBERT: pipeline/families.py)
 
 `state_dict()` (the detector's FIFO and history, and the ticket once drawn) goes into every
 checkpoint, so a resumed search continues where it stopped and a resumed pruned run knows its ticket.
@@ -41,13 +41,14 @@ from pipeline.earlybert.detector import (
     natural_draw_problems,
     observe,
 )
-from pipeline.model import EarlyBertConfig, model_class, parameter_count
+from pipeline.families import EncoderConfig, model_class
+from pipeline.model import parameter_count
 from pipeline.run.metrics import flops_per_sequence
 from pipeline.run.rundir import RunDir
 
 
 class SearchStage:
-    def __init__(self, cfg: MethodConfig, seed: int, rundir: RunDir, is_main: bool, model_config: EarlyBertConfig):
+    def __init__(self, cfg: MethodConfig, seed: int, rundir: RunDir, is_main: bool, model_config: EncoderConfig):
         self.cfg, self.seed, self.rundir, self.is_main = cfg, seed, rundir, is_main
         # random mode: the ticket whose per-layer counts the random masks keep (checked before the process group)
         self.random_like = read_random_like(cfg, model_config)
@@ -72,7 +73,7 @@ class SearchStage:
         return step == self.cfg.draw_step
 
     def decide(
-        self, config: EarlyBertConfig, step: int, heads: list[torch.Tensor], ffn: list[torch.Tensor]
+        self, config: EncoderConfig, step: int, heads: list[torch.Tensor], ffn: list[torch.Tensor]
     ) -> Decision | None:
         """After optimizer step `step`, when `due`: the ticket to draw now, the same on every rank, or None.
         heads, ffn: the model's gates (fp32, whole: pipeline/engine/deepspeed_engine.py read_gates). Every rank
@@ -86,7 +87,7 @@ class SearchStage:
         check_same_masks(decision.masks)
         return decision
 
-    def _decide_on_main(self, config: EarlyBertConfig, step: int, heads, ffn) -> Decision:
+    def _decide_on_main(self, config: EncoderConfig, step: int, heads, ffn) -> Decision:
         detector = self.cfg.detector
         if self.cfg.mode == "earlybert":
             return observe(self.detector, step, masks_from_gates(heads, ffn, detector), detector)
@@ -108,7 +109,7 @@ class SearchStage:
         return decision
 
     def record_draw(
-        self, decision: Decision, before: EarlyBertConfig, after: EarlyBertConfig, seq_len: int, rebuild_s: float
+        self, decision: Decision, before: EncoderConfig, after: EncoderConfig, seq_len: int, rebuild_s: float
     ) -> dict:
         """After the rebuild: the ticket's record, written to RUN/ticket.json by rank 0."""
         record = ticket_record(decision, self.cfg.mode, self.detector.history, before, after, seq_len)
@@ -128,7 +129,7 @@ class SearchStage:
 
 
 def warn_if_no_natural_draw(
-    cfg: MethodConfig, start_step: int, model_config: EarlyBertConfig, warmup_steps: int, prog: str
+    cfg: MethodConfig, start_step: int, model_config: EncoderConfig, warmup_steps: int, prog: str
 ) -> None:
     """Say (before any process group) when the detector's settings leave no room for a natural draw."""
     if (
@@ -143,7 +144,7 @@ def warn_if_no_natural_draw(
         print(f"{prog}: note: earlybert.detector: {problem}", file=sys.stderr, flush=True)
 
 
-def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int, like: dict | None = None) -> Masks:
+def random_masks(config: EncoderConfig, detector: DetectorConfig, seed: int, like: dict | None = None) -> Masks:
     """Random units at the detector's ratios and scopes (the same rule applied to random scores), or at the
     per-layer counts of the ticket `like` (a ticket.json's content)."""
     g = torch.Generator().manual_seed(seed)
@@ -159,7 +160,7 @@ def random_masks(config: EarlyBertConfig, detector: DetectorConfig, seed: int, l
     )
 
 
-def read_random_like(cfg: MethodConfig, model_config: EarlyBertConfig) -> dict | None:
+def read_random_like(cfg: MethodConfig, model_config: EncoderConfig) -> dict | None:
     """The ticket `earlybert.random_like` names, checked against the model before any process group."""
     if cfg.random_like is None:
         return None
@@ -180,7 +181,7 @@ def read_random_like(cfg: MethodConfig, model_config: EarlyBertConfig) -> dict |
     return ticket
 
 
-def parameters_of(config: EarlyBertConfig) -> int:
+def parameters_of(config: EncoderConfig) -> int:
     """Parameter count of the model a config describes: the class it names (a task model), else the
     pre-training model. Built on the meta device: no memory, no init (the engine's own parameters are
     partitioned under ZeRO-3)."""
@@ -192,8 +193,8 @@ def ticket_record(
     decision: Decision,
     mode: str,
     distance_history: list[dict],
-    before: EarlyBertConfig,
-    after: EarlyBertConfig,
+    before: EncoderConfig,
+    after: EncoderConfig,
     seq_len: int,
 ) -> dict:
     """The content of RUN/ticket.json."""

@@ -4,8 +4,8 @@ ZeRO flattens and partitions parameters, so they cannot change shape in place. T
   1. reads the full fp32 master weights and Adam moments of every parameter (collectives: every
      rank calls this) before anything is destroyed: rebuilding from the 16-bit module would round
      the masters through bf16;
-  2. slices each one to the ticket (`pruner.prune_tensors`) on the device as it is read, and keeps
-     the sliced part on the host;
+  2. slices each one to the ticket (its model family's `prune_tensors`, pipeline/families.py) on the
+     device as it is read, and keeps the sliced part on the host;
   3. destroys the old engine, drops the last reference to it and empties the accelerator's cache,
      then initializes a new one on the pruned model, through the same `build` function that made
      the first engine (same config, same parameter groups): the peak is the dense engine's, not
@@ -37,7 +37,8 @@ from deepspeed.utils import (
 )
 
 from pipeline.earlybert.detector import Masks
-from pipeline.earlybert.pruner import GATES, PrunePlan, gate_values, prune_tensors, pruned_config
+from pipeline.earlybert.pruner import GATES, PrunePlan, gate_values
+from pipeline.families import family_of
 
 MOMENTS = {"exp_avg": -1, "exp_avg_sq": -2}  # Adam state key -> how a folded column rescales it
 LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
@@ -136,23 +137,24 @@ def rebuild_engine(
     """
     engine = owner.engine
     model_class, config = type(engine.module), engine.module.config
+    family = family_of(config)
     plan = PrunePlan.from_masks(masks, config.head_size, fold_gates)
     rewind = start_weights is not None
     if rewind:
         gates = gate_values(start_weights)
     else:  # the gates first: folding them into W_O / W_2 needs them while those are sliced
         gates = {name: full_fp32(p) for name, p in engine.module.named_parameters() if name.endswith(GATES)}
-    keep = lambda tensors, power: prune_tensors(tensors, plan, gates, power)  # noqa: E731
+    keep = lambda tensors, power: family.prune_tensors(tensors, plan, gates, power)  # noqa: E731
     snap = snapshot_engine(engine, weights=not rewind, moments=carry_moments and not rewind, keep=keep)
     if rewind:
-        snap.weights = prune_tensors(start_weights, plan, gates)
+        snap.weights = family.prune_tensors(start_weights, plan, gates)
     del engine  # owner.engine is now the only reference: free_engine frees it
     free_engine(owner)
 
     # Built on the meta device: no initialisation to pay for (the weights are overwritten) and no
     # draw from the global RNG, so dropout continues on the same stream as without the rebuild.
     with torch.device("meta"):
-        model = model_class(pruned_config(config, plan))
+        model = model_class(family.pruned_config(config, plan))
     model = model.to_empty(device="cpu")
     model.tie_weights()  # on the meta device transformers leaves the decoder untied
     with torch.no_grad():

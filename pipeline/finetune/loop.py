@@ -36,12 +36,12 @@ from pipeline.earlybert.detector import Decision
 from pipeline.earlybert.search import SearchStage, read_random_like, warn_if_no_natural_draw
 from pipeline.engine import distributed
 from pipeline.engine.deepspeed_engine import EngineSpec, build_engine, full_weights
+from pipeline.families import model_class
 from pipeline.finetune.config import FinetuneConfig, FineTuneError, load_finetune_config, search_config_in_steps
 from pipeline.finetune.data import Task, collate, prepare_task, step_examples
 from pipeline.finetune.evaluation import evaluate_and_log, summarize
 from pipeline.finetune.start import check_tokenizer_fits, find_start
 from pipeline.finetune.tasks import TaskError
-from pipeline.model import model_class
 from pipeline.run import core
 from pipeline.run.check import launch_plan, search_plan
 from pipeline.run.checkpoint import CheckpointError

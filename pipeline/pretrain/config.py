@@ -4,6 +4,7 @@ of shards and steps, the model to start from, the optimizer schedule, the maskin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pipeline.config import (
     ConfigError,
@@ -25,12 +26,19 @@ PATHS = ("run_dir", "deepspeed", "phases.*.shards", "earlybert.random_like")
 class ModelConfig:
     """The architecture of a fresh run; a resumed run is rebuilt from its checkpoint's architecture.json."""
 
-    preset: str = "bert-tiny"  # EarlyBertConfig.from_preset name (bert-tiny ... bert-large)
-    init_from: str | None = None  # a Hugging Face checkpoint (directory or hub id) instead of random init
-    overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.0}
-    # init_from without the pre-training heads (an encoder-only BertModel): optimizer steps that train the fresh
-    # heads alone, the encoder frozen, before the run (pipeline/pretrain/head_warmup.py). None: 100 when a head is
-    # missing; 0: none. A checkpoint with every head gets none.
+    # the model family (pipeline/families.py): bert (post-LN BERT, MLM + NSP) or modernbert (pre-LN, GeGLU, rotary,
+    # sliding-window attention; MLM only)
+    family: Literal["bert", "modernbert"] = "bert"
+    # a preset of the family: bert-tiny/mini/small/medium/base/large, modernbert-tiny/mini/base/large; None: the
+    # family's tiny one
+    preset: str | None = None
+    # a Hugging Face checkpoint of the family (directory or hub id) instead of random init: a BERT directory, or a
+    # ModernBERT one saved by transformers' save_pretrained
+    init_from: str | None = None
+    overrides: dict = field(default_factory=dict)  # config fields of the family, e.g. {hidden_dropout_prob: 0.0}
+    # init_from without the pre-training heads (an encoder-only BertModel or ModernBertModel): optimizer steps that
+    # train the fresh heads alone, the encoder frozen, before the run (pipeline/pretrain/head_warmup.py). None: 100
+    # when a head is missing; 0: none. A checkpoint with every head gets none.
     head_warmup_steps: int | None = None
 
 
@@ -42,7 +50,9 @@ class Phase:
 
 @dataclass
 class DataConfig:
-    mask_prob: float = 0.15  # share of maskable tokens selected for MLM (then 80% [MASK], 10% random, 10% kept)
+    # share of maskable tokens selected for MLM (then 80% [MASK], 10% random, 10% kept): BERT's 15%; ModernBERT
+    # trains with 30% (launch/configs/modernbert-*.yaml say so)
+    mask_prob: float = 0.15
     prefetch: int = 8  # micro-batches prepared ahead by the loader thread
 
 

@@ -1,12 +1,13 @@
 """The warm-up of pre-training heads that a Hugging Face checkpoint lacks, on a frozen encoder, before the search.
 
-An encoder-only checkpoint (a BertModel, such as all-MiniLM-L6-v2) ships no MLM head and no NSP classifier:
-`model.init_from` starts them from random weights. EarlyBERT's gates learn during the search from the gradient
-that flows back through those heads, so with fresh heads the search fits a meaningless objective. Here the
-heads (every parameter under `cls.` and the NSP pooler) train first, alone: every encoder weight (embeddings,
-layers, gates) stays bit-identical. `model.head_warmup_steps` optimizer steps (DEFAULT_STEPS by default when a
-head is missing; 0 turns it off), the run's peak lr held constant, the run's global batch, on the first
-phase's shards in a stream of their own (the main run's stream is left as it is).
+An encoder-only checkpoint (a BertModel, such as all-MiniLM-L6-v2, or a ModernBertModel) ships no MLM head (and
+BERT's no NSP classifier): `model.init_from` starts them from random weights. EarlyBERT's gates learn during the
+search from the gradient that flows back through those heads, so with fresh heads the search fits a meaningless
+objective. Here the heads (the parameters under the model family's `pretraining_heads` prefixes,
+pipeline/families.py: BERT's `cls.` and the NSP pooler, ModernBERT's `head.` and the decoder's bias) train first,
+alone: every encoder weight (embeddings, layers, gates) stays bit-identical. `model.head_warmup_steps` optimizer
+steps (DEFAULT_STEPS by default when a head is missing; 0 turns it off), the run's peak lr held constant, the
+run's global batch, on the first phase's shards in a stream of their own (the main run's stream is left as it is).
 
 No DeepSpeed engine: the heads are small (hidden^2 + vocabulary + NSP), every rank holds them whole, the
 ranks average their gradients in one all-reduce (as DeepSpeed averages the engine's), and torch's AdamW,
@@ -34,14 +35,13 @@ from data_prep import ShardDataset
 from pipeline.config import batch_plan, read_deepspeed
 from pipeline.engine import distributed
 from pipeline.engine.deepspeed_engine import param_groups
+from pipeline.families import FAMILIES, family_of
 from pipeline.pretrain.config import PretrainConfig
 from pipeline.pretrain.loader import PhaseLoader
 
 DEFAULT_STEPS = 100
-# Parameters of the pre-training heads: the MLM transform and bias (its decoder is the word embeddings), the
-# NSP classifier and the pooler it reads.
-HEAD_PREFIXES = ("cls.", "bert.pooler.")
-HEADS = {"cls.predictions.": "MLM head", "cls.seq_relationship.": "NSP classifier", "bert.pooler.": "NSP pooler"}
+# Parameter-name prefix -> pre-training head, of every family: their parameter names share no prefix.
+HEADS = {prefix: head for family in FAMILIES.values() for prefix, head in family.pretraining_heads.items()}
 STREAM = 2**31 - 1  # the warm-up's data stream: a phase index no run config reaches
 STATE_FILE, SUMMARY_FILE = "head_warmup.safetensors", "head_warmup.json"
 
@@ -74,7 +74,8 @@ def describe(warmup: HeadWarmup, init_from: str) -> str:
 
 
 def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if n.startswith(HEAD_PREFIXES)}
+    prefixes = tuple(family_of(model.config).pretraining_heads)
+    return {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
 
 
 def run(

@@ -27,7 +27,8 @@ from pipeline.earlybert.detector import Decision
 from pipeline.earlybert.search import SearchStage, read_random_like, warn_if_no_natural_draw
 from pipeline.engine import distributed
 from pipeline.engine.deepspeed_engine import EngineSpec, build_engine, full_weights
-from pipeline.model import EarlyBertForPreTraining, attention_kernels
+from pipeline.families import family_of
+from pipeline.model import attention_kernels
 from pipeline.pretrain import head_warmup
 from pipeline.pretrain.config import PretrainConfig, load_pretrain_config
 from pipeline.pretrain.loader import PhaseLoader
@@ -94,13 +95,17 @@ def train(cfg: PretrainConfig, datasets: list[ShardDataset], start: Start, dist:
     universal = core.prepare_universal(cfg, start, dist, "train")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank: ZeRO-3 partitions its own copy
     stop = distributed.StopRequest()
+    family = family_of(start.model_config)
+    if not family.nsp and any(d.has_nsp for d in datasets):
+        note = "the shards' sentence pairs are read as text, their next-sentence labels are not used"
+        core.say(dist, "train", f"{family.name} trains MLM only: {note}")
     if start.tag is None and cfg.model.init_from:
         model = pretrained_model(cfg, datasets[0], start, dist, stop)
         if model is None:
             core.say(dist, "train", "stopped by a signal during the head warm-up; relaunch the same command to resume")
             return EXIT_INTERRUPTED
     else:
-        model = EarlyBertForPreTraining(start.model_config)
+        model = family.pretraining_class(start.model_config)
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     ds_config = deepspeed_config(cfg, dist.world_size, load_universal=universal)
     core.say(dist, "train", batch_plan(cfg, dist.world_size).describe())
@@ -131,10 +136,10 @@ def train(cfg: PretrainConfig, datasets: list[ShardDataset], start: Start, dist:
 
 def pretrained_model(
     cfg: PretrainConfig, data: ShardDataset, start: Start, dist: distributed.DistInfo, stop: distributed.StopRequest
-) -> EarlyBertForPreTraining | None:
-    """The model of `model.init_from`, the pre-training heads it lacks warmed up on the frozen encoder
-    (pipeline/pretrain/head_warmup.py); None when a signal stopped the warm-up (its state saved)."""
-    model, loading = EarlyBertForPreTraining.from_pretrained(
+) -> torch.nn.Module | None:
+    """The pre-training model of `model.init_from` (its family's), the pre-training heads it lacks warmed up on the
+    frozen encoder (pipeline/pretrain/head_warmup.py); None when a signal stopped the warm-up (its state saved)."""
+    model, loading = family_of(start.model_config).pretraining_class.from_pretrained(
         cfg.model.init_from, config=start.model_config, output_loading_info=True
     )
     warmup = head_warmup.plan(cfg.model.head_warmup_steps, loading["missing_keys"])
@@ -153,7 +158,7 @@ def run_phase(run: core.Run, data: ShardDataset, peak_tflops: float | None) -> b
     compiling = cfg.compile  # torch.compile compiles in a phase's first step (new shapes) and the first after the draw
     try:
         while state.plan_step < phase_end:
-            # MLM (+ NSP where the shards have sentence pairs) + EarlyBERT's L1 penalty on the gates, once per
+            # MLM (BERT: + NSP where the shards have sentence pairs) + EarlyBERT's L1 penalty on the gates, once per
             # micro-batch; the model adds the penalty inside its forward, the only place where ZeRO-3 has the
             # gates whole. The vocabulary projection runs on the masked tokens only.
             wait0 = loader.wait_s
@@ -220,7 +225,7 @@ def save_rewind_weights(run: core.Run) -> None:
 def pretraining_stats(out) -> dict[str, torch.Tensor]:
     """The named sums a pre-training step logs, from one micro-batch's output."""
     zero = torch.zeros((), device=out.loss.device)
-    return {
+    stats = {
         **core.gate_stats(out),
         "mlm_loss": out.mlm_loss,
         "mlm_correct": out.mlm_correct,
@@ -229,6 +234,9 @@ def pretraining_stats(out) -> dict[str, torch.Tensor]:
         "token_pairs": out.token_pairs,
         "nsp_loss": zero if out.nsp_loss is None else out.nsp_loss,
     }
+    if out.get("window_pairs") is not None:  # ModernBERT: the pairs its sliding-window layers attend to
+        stats["window_pairs"] = out.window_pairs
+    return stats
 
 
 def pretraining_record(
@@ -237,7 +245,9 @@ def pretraining_record(
     """One metrics.jsonl line: the core's fields (pipeline/run/core.py core.step_record), then MLM, NSP and the
     model FLOPs of the real tokens, as the benchmarks count them."""
     totals, micro, config = step.totals, step.totals["micro_batches"], run.engine.module.config
-    flops = model_flops(config, totals["tokens"], totals["token_pairs"], totals["mlm_masked"])
+    flops = model_flops(
+        config, totals["tokens"], totals["token_pairs"], totals["mlm_masked"], totals.get("window_pairs")
+    )
     record = {
         **core.step_record(run, step),
         "phase": phase,
@@ -248,7 +258,7 @@ def pretraining_record(
         "tokens_per_s": totals["tokens"] / step.seconds,  # real tokens
         "tflops": flops / step.seconds / 1e12,
     }
-    if config.use_nsp:
+    if family_of(config).nsp and config.use_nsp:
         record["nsp_loss"] = totals["nsp_loss"] / micro
     if peak_tflops:
         record["mfu"] = mfu(flops, step.seconds, peak_tflops, run.dist.world_size)

@@ -1,6 +1,7 @@
 """Where a pre-training run starts, decided from files before any process group or model exists.
 
-    fresh run    step 0, the architecture of the config (a preset or a Hugging Face checkpoint)
+    fresh run    step 0, the architecture of the config (a preset of model.family, or a Hugging Face checkpoint
+                 of that family)
     resume       RUN/checkpoints/latest (or `resume_from`), verified against its manifest (a damaged
                  latest gives way to the newest intact checkpoint: checkpoint.resume_tag), its run
                  state and architecture checked against the config and the shards (another model,
@@ -13,26 +14,15 @@ fails in a second, on every rank alike, instead of after the process group and e
 
 from __future__ import annotations
 
+from transformers import PretrainedConfig
+
 from data_prep import ShardDataset
 from pipeline.config import ConfigError
-from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
+from pipeline.families import FAMILIES, EncoderConfig, Family, family_of
 from pipeline.pretrain.config import PretrainConfig
 from pipeline.run import checkpoint
 from pipeline.run.checkpoint import RunState
 from pipeline.run.resume import EXECUTION_OPTIONS, Start, execution_options
-
-# Fields that make a checkpoint belong to a model; the per-layer structure may legitimately change (pruning).
-IDENTITY_FIELDS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "head_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "use_nsp",
-    "hidden_act",
-)
 
 
 def find_start(cfg: PretrainConfig, datasets: list[ShardDataset]) -> Start:
@@ -46,7 +36,8 @@ def find_start(cfg: PretrainConfig, datasets: list[ShardDataset]) -> Start:
     else:
         state, architecture = checkpoint.read_tag(ckpt_dir, tag)
         check_resume(cfg, state, architecture, datasets, tag)
-        start = Start(tag, state, EarlyBertConfig.from_dict({**architecture, **execution_options(cfg.model.overrides)}))
+        config_class = family_of(architecture).config_class
+        start = Start(tag, state, config_class.from_dict({**architecture, **execution_options(cfg.model.overrides)}))
     check_model_fits_data(start.model_config, datasets)
     start.state.phases = phase_records(cfg, datasets)  # saved with every checkpoint from here on
     return start
@@ -56,24 +47,45 @@ def phase_records(cfg: PretrainConfig, datasets: list[ShardDataset]) -> list[dic
     return [{"shards": p.shards, "seq_len": d.seq_len, "sequences": len(d)} for p, d in zip(cfg.phases, datasets)]
 
 
-def model_config_for(cfg: PretrainConfig, data: ShardDataset) -> EarlyBertConfig:
-    """The architecture of a fresh run: a preset (vocabulary from the shards) or a HF checkpoint's."""
-    # BertConfig keeps unknown keyword arguments as attributes: a typo would be silently ignored.
-    unknown = sorted(set(cfg.model.overrides) - set(EarlyBertConfig().to_dict()))
+def model_config_for(cfg: PretrainConfig, data: ShardDataset) -> EncoderConfig:
+    """The architecture of a fresh run: a preset of model.family (vocabulary and special tokens from the shards) or
+    a Hugging Face checkpoint of that family."""
+    family = family_of(cfg.model.family)
+    # transformers' configs keep unknown keyword arguments as attributes: a typo would be silently ignored.
+    unknown = sorted(set(cfg.model.overrides) - set(family.config_class().to_dict()))
     if unknown:
-        raise ConfigError(f"model.overrides: {', '.join(unknown)} are not EarlyBertConfig fields")
-    fields = {"use_gates": cfg.earlybert.use_gates, "use_nsp": data.has_nsp, **cfg.model.overrides}
+        raise ConfigError(f"model.overrides: {', '.join(unknown)} are not {family.config_class.__name__} fields")
+    # MLM + NSP where the shards have sentence pairs (BERT); a family without an NSP head reads them as text
+    objective = {"use_nsp": data.has_nsp} if family.nsp else {}
+    fields = {"use_gates": cfg.earlybert.use_gates, **objective, **cfg.model.overrides}
     try:
         if cfg.model.init_from:
-            # The checkpoint's config names its own class (BertModel, BertForMaskedLM, ...); this run trains
+            check_init_from_family(cfg.model.init_from, family)
+            # The checkpoint's config names its own class (BertModel, ModernBertForMaskedLM, ...); this run trains
             # the pre-training model, and its checkpoints, ticket and exports must say so.
-            architectures = [EarlyBertForPreTraining.__name__]
-            return EarlyBertConfig.from_pretrained(cfg.model.init_from, architectures=architectures, **fields)
-        return EarlyBertConfig.from_preset(
-            cfg.model.preset, **{"vocab_size": data.vocab_size, "pad_token_id": data.special_ids["pad"], **fields}
-        )
+            architectures = [family.pretraining_class.__name__]
+            return family.config_class.from_pretrained(cfg.model.init_from, architectures=architectures, **fields)
+        token_ids = {name: data.special_ids[token] for name, token in family.token_id_fields.items()}
+        preset = cfg.model.preset or family.default_preset
+        return family.preset(preset, **{"vocab_size": data.vocab_size, **token_ids, **fields})
     except (OSError, ValueError, TypeError) as e:  # unknown preset or field, unreadable checkpoint
         raise ConfigError(f"model: {e}") from e
+
+
+def check_init_from_family(init_from: str, family: Family) -> None:
+    """model.init_from holds a model of model.family (its config.json's model_type): a ModernBERT checkpoint
+    read as a BERT config would build another model, silently. A ValueError: model_config_for names the key."""
+    model_type = PretrainedConfig.get_config_dict(init_from)[0].get("model_type")
+    if model_type in family.model_types:
+        return
+    try:
+        fix = f"set model.family={family_of(model_type).name}"
+    except ValueError:
+        fix = f"this pipeline trains {' and '.join(FAMILIES)} models"
+    raise ValueError(
+        f"init_from {init_from} holds a {model_type!r} model, not a {family.name} one (model types "
+        f"{', '.join(family.model_types)}); {fix}"
+    )
 
 
 def open_phases(cfg: PretrainConfig) -> list[ShardDataset]:
@@ -87,7 +99,7 @@ def open_phases(cfg: PretrainConfig) -> list[ShardDataset]:
     return datasets
 
 
-def check_model_fits_data(model_config: EarlyBertConfig, datasets: list[ShardDataset]) -> None:
+def check_model_fits_data(model_config: EncoderConfig, datasets: list[ShardDataset]) -> None:
     """The tokenizer, the token ids in every phase's shards and the model's embeddings agree: an id beyond the
     embeddings fails in the forward pass (on some devices it reads another row silently). Masking draws random
     ids from the whole tokenizer, so its vocabulary must fit too, not only the ids in the shards."""
@@ -132,9 +144,10 @@ def check_resume(
             f"or a new run_dir"
         )
     configured = model_config_for(cfg, datasets[0]).to_dict()
+    identity = family_of(cfg.model.family).identity_fields
     diff = [
         f"{k}: checkpoint {architecture.get(k)!r}, config {configured.get(k)!r}"
-        for k in IDENTITY_FIELDS
+        for k in identity
         if architecture.get(k) != configured.get(k)
     ]
     # A resumed model is built from the checkpoint's architecture.json: model.overrides that differ from it would
@@ -142,7 +155,7 @@ def check_resume(
     diff += [
         f"model.overrides.{k}: checkpoint {architecture.get(k)!r}, config {v!r}"
         for k, v in cfg.model.overrides.items()
-        if k not in EXECUTION_OPTIONS and k not in IDENTITY_FIELDS and architecture.get(k) != v
+        if k not in EXECUTION_OPTIONS and k not in identity and architecture.get(k) != v
     ]
     if diff:
         raise ConfigError(

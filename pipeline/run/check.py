@@ -11,6 +11,7 @@ import math
 
 from pipeline.config import MethodConfig, batch_plan, precision, read_deepspeed, zero_stage
 from pipeline.earlybert.search import parameters_of
+from pipeline.families import family_of
 from pipeline.run.checkpoint import RunState
 from pipeline.run.resume import Start, resumes_on_other_ranks
 
@@ -22,8 +23,8 @@ def launch_plan(cfg, start: Start, world_size: int) -> list[str]:
         f"batches    {batch_plan(cfg, world_size).describe()}",
         f"deepspeed  {cfg.deepspeed}: ZeRO stage {zero_stage(ds)}, {precision(ds)}, optimizer "
         f"{ds.get('optimizer', {}).get('type', 'AdamW (default)')}",
-        f"model      {model.num_hidden_layers} layers, hidden {model.hidden_size}, heads per layer "
-        f"{max(model.num_heads_per_layer)}, {parameters_of(model) / 1e6:.1f}M parameters",
+        f"model      {family_of(model).name}: {model.num_hidden_layers} layers, hidden {model.hidden_size}, heads per "
+        f"layer {max(model.num_heads_per_layer)}, {parameters_of(model) / 1e6:.1f}M parameters",
     ]
     if start.tag is None:
         return lines + [f"start      step 0: no checkpoint in {cfg.run_files.checkpoints}"]

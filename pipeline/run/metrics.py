@@ -5,8 +5,8 @@ micro-batches, throughput for the whole job, MFU against the sum of the devices'
 
 Model FLOPs and MFU have one definition here (`model_flops`, `mfu`), used by the training log, the report and
 the benchmarks: the matrix multiplies of the real tokens (padding is not counted) with the run's per-layer
-structure, attention over each sequence's own tokens, and the MLM head on the masked positions only, as
-training runs it (`masked_logits_only`).
+structure, attention over each sequence's own tokens (within the window on ModernBERT's sliding-window layers),
+and the MLM head on the masked positions only, as training runs it (`masked_logits_only`).
 
 MetricsLog owns the TensorBoard writer and the W&B run for the whole process, so the engine rebuilt
 at the draw changes nothing. A relaunch that resumes at step S redoes the steps after S: metrics.jsonl
@@ -29,6 +29,8 @@ import torch
 import yaml
 
 from common.outputs import atomic_write
+from pipeline.families import family_of
+from pipeline.modernbert import window_pairs
 from pipeline.run.rundir import RunDir
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s per device, by name; the more specific names come first.
@@ -45,37 +47,39 @@ PEAK_TFLOPS = (
 )
 
 
-def model_flops(config, tokens: float, token_pairs: float, masked: float) -> float:
+def model_flops(config, tokens: float, token_pairs: float, masked: float, window_pairs: float | None = None) -> float:
     """Training FLOPs (forward + backward = 3x forward) of `tokens` real tokens, counting matrix multiplies.
 
-    Per layer and token: Q/K/V and W_O projections and the two FFN matrices, at the layer's own head count and
-    FFN width (`config`: an EarlyBertConfig, pruned or not). The two attention products (scores and weighted
-    values) cost per query-key pair, and a token attends to the tokens of its own sequence: `token_pairs` is the
-    sum over sequences of length^2. The MLM head's transform and vocabulary projection run on the `masked`
-    positions only. Embedding look-ups, LayerNorms, the pooler and NSP head are left out (< 0.1%).
+    Per layer and token: the attention projections (Q, K, V, W_O) and the FFN's matrices (BERT's two; the three
+    of ModernBERT's GLU), at the layer's own head count and FFN width (`config`: a BERT or ModernBERT config,
+    pruned or not: its family's FlopCounts, pipeline/families.py). The two attention products (scores and
+    weighted values) cost per query-key pair, and a token attends to the tokens of its own sequence: `token_pairs`
+    is the sum over sequences of length^2 (global attention); a sliding-window layer's pairs are `window_pairs`
+    (the pairs within the window, summed over sequences: ModernBERT's output reports them; required where the model
+    has such layers). The MLM head's transform and vocabulary projection run on the `masked` positions only.
+    Embedding look-ups, LayerNorms, the pooler and NSP head are left out (< 0.1%).
     """
-    h, d = config.hidden_size, config.head_size
-    per_token = per_pair = 0.0
-    for heads, width in zip(config.num_heads_per_layer, config.intermediate_size_per_layer, strict=True):
-        inner = heads * d
-        per_token += 2 * h * 3 * inner + 2 * inner * h  # Q, K, V, W_O
-        per_token += 2 * 2 * h * width  # W_1, W_2
-        per_pair += 2 * 2 * inner  # Q K^T and attn V
-    mlm_head = 2 * h * h + 2 * h * config.vocab_size
-    return 3.0 * (per_token * tokens + per_pair * token_pairs + mlm_head * masked)
+    counts = family_of(config).flop_counts(config)
+    if counts.per_window_pair and window_pairs is None:
+        raise ValueError("model_flops: this model has sliding-window layers; pass their window_pairs")
+    attention = counts.per_pair * token_pairs + counts.per_window_pair * (window_pairs or 0.0)
+    return 3.0 * (counts.per_token * tokens + attention + counts.per_masked * masked)
 
 
 def flops_per_sequence(config, seq_len: int, masked_fraction: float = 0.15) -> float:
     """model_flops of one full sequence of seq_len tokens with the masked_fraction of them masked: the planning
     figure of a structure (the ticket's FLOPs before and after the draw)."""
-    return model_flops(config, seq_len, seq_len**2, masked_fraction * seq_len)
+    half = family_of(config).flop_counts(config).half_window
+    return model_flops(config, seq_len, seq_len**2, masked_fraction * seq_len, window_pairs(seq_len, half))
 
 
 def batch_model_flops(config, attention_mask: torch.Tensor, labels: torch.Tensor) -> float:
     """model_flops of one micro-batch from its (B, T) attention mask and MLM labels, for the benchmarks (training
-    sums what the model reports of each micro-batch: token_count, token_pairs, mlm_count)."""
+    sums what the model reports of each micro-batch: token_count, token_pairs, window_pairs, mlm_count)."""
     lengths = attention_mask.sum(1).double()
-    return model_flops(config, float(lengths.sum()), float((lengths**2).sum()), float((labels != -100).sum()))
+    half = family_of(config).flop_counts(config).half_window
+    pairs = float(window_pairs(lengths, half).sum())
+    return model_flops(config, float(lengths.sum()), float((lengths**2).sum()), float((labels != -100).sum()), pairs)
 
 
 def mfu(flops: float, seconds: float, peak_tflops: float | None, devices: int = 1) -> float | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, TrainingConfig, read_deepspeed, zero_stage
-from pipeline.model import EarlyBertConfig
+from pipeline.families import EncoderConfig
 from pipeline.run.checkpoint import RunState
 
 # How the model computes, not what: a relaunch may switch them with model.overrides (the checkpoint's own
@@ -20,7 +20,7 @@ EXECUTION_OPTIONS = ("unpad", "activation_checkpointing", "fused_qkv")
 class Start:
     tag: str | None  # checkpoint resumed from; None for a fresh run
     state: RunState
-    model_config: EarlyBertConfig
+    model_config: EncoderConfig
 
 
 def execution_options(overrides: dict) -> dict:

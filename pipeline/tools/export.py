@@ -35,7 +35,8 @@ from common import outputs
 from pipeline import model as model_module
 from pipeline.earlybert.detector import Masks
 from pipeline.earlybert.pruner import prune_model
-from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel, model_class
+from pipeline.families import model_class
+from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel
 from pipeline.run.rundir import RunDir, RunDirError
 
 COMMAND = "earlybert export"  # the marker of the directories it writes (common/outputs.py)
