@@ -53,7 +53,7 @@ from runs import (
 MLM_KEYS = ("loss", "mlm_loss", "lr", "samples")  # MLM only: no nsp_loss
 # runs.EARLYBERT's detector with other lambdas. From ModernBERT's initialisation (small weights, no biases) the GLU
 # gates' task gradients are tiny: under BERT's tests' L1 of 0.01 Adam moves every GLU gate by the same step, and the
-# 384 gates end the 6-step search within 1e-6 of each other (2e-5 under 1e-4): a ticket drawn by float rounding (one
+# 384 gates end the 6-step search within 2e-6 of each other (2e-5 under 1e-4): a ticket drawn by float rounding (one
 # ZeRO-3 run of several kept more than 4 other neurons than ZeRO-1's). With these lambdas no GLU gate lies within 1e-6
 # of the cut, and the heads' gates are 1.4e-4 or more apart there.
 SEARCH = (*EARLYBERT, "earlybert.lambda_heads=1e-4", "earlybert.lambda_ffn=1e-6")
