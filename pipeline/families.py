@@ -87,15 +87,13 @@ class Family:
 
     def preset(self, name: str, **fields) -> EncoderConfig:
         """The config of preset `name` with `fields`; a preset of another family is refused by name."""
-        if name not in self.presets:
-            other = next((f.name for f in FAMILIES.values() if name in f.presets), None)
-            if other is not None:
-                raise ValueError(
-                    f"preset {name!r} is a {other} preset, and model.family is {self.name}; set "
-                    f"model.family={other}, or choose one of {sorted(self.presets)}"
-                )
-            raise ValueError(f"unknown {self.name} preset {name!r}; choose one of {sorted(self.presets)}")
-        return self.config_class.from_preset(name, **fields)
+        other = next((f.name for f in FAMILIES.values() if f is not self and name in f.presets), None)
+        if other is not None:
+            raise ValueError(
+                f"preset {name!r} is a {other} preset, and model.family is {self.name}; set model.family={other}, "
+                f"or choose one of {sorted(self.presets)}"
+            )
+        return self.config_class.from_preset(name, **fields)  # refuses an unknown name, listing the family's
 
     def model_class(self, config: EncoderConfig) -> type:
         """The class a config names: its first `architectures` entry (checkpoints of pre-training runs written

@@ -150,15 +150,18 @@ def architecture(run_dir) -> dict:
     return json.loads((ckpt / (ckpt / "latest").read_text() / "architecture.json").read_text())
 
 
-def assert_other_stage_resumes_from_the_pruned_checkpoint(config, reference, tmp_path, stage: int, keys=LOSS_KEYS):
-    """The EarlyBERT cycle of `config` on ZeRO `stage`, killed right after the checkpoint that follows the draw and
-    resumed from it (the pruned model is built from architecture.json before DeepSpeed loads its partitions), against
-    the uninterrupted ZeRO-1 `reference`: the same draw step and heads; the same losses to 1e-4 up to the draw.
-    Another stage sums gradients in another order, so the gates agree with ZeRO-1's to ~1e-6 only; after a 6-step
-    search many FFN gates lie that close to the cut, and a neuron or two can swap sides of it (more is a bug, not
-    rounding): after the draw, the same losses with the same ticket, close ones with a near-tie swap."""
+def assert_other_stage_resumes_from_the_pruned_checkpoint(
+    config, reference, tmp_path, stage: int, search=EARLYBERT, keys=LOSS_KEYS
+):
+    """The EarlyBERT cycle of `config` (`search`: its overrides) on ZeRO `stage`, killed right after the checkpoint
+    that follows the draw and resumed from it (the pruned model is built from architecture.json before DeepSpeed loads
+    its partitions), against the uninterrupted ZeRO-1 `reference`: the same draw step and heads; the same losses to
+    1e-4 up to the draw. Another stage sums gradients in another order, so the gates agree with ZeRO-1's to ~1e-6
+    only; after a 6-step search many FFN gates lie that close to the cut, and a neuron or two can swap sides of it
+    (more is a bug, not rounding): after the draw, the same losses with the same ticket, close ones with a near-tie
+    swap."""
     run_dir = tmp_path / "run"
-    args = (*EARLYBERT, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
+    args = (*search, f"deepspeed={REPO / 'ds_configs' / f'zero{stage}.json'}")
     after_draw_save = faulty_train(
         tmp_path, "pipeline.run.checkpoint:save", "after", condition="args[2].search['ticket']"
     )
