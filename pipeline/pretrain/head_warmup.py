@@ -83,23 +83,23 @@ def run(
     warmup: HeadWarmup,
     cfg: PretrainConfig,
     data: ShardDataset,
-    d: distributed.DistInfo,
+    dist: distributed.DistInfo,
     stop: distributed.StopRequest,
 ) -> bool:
-    """Train the heads of `model` (in place, on d.device) to warmup.steps, from the state file where there is
+    """Train the heads of `model` (in place, on dist.device) to warmup.steps, from the state file where there is
     one; True once done, False when stopped by a signal (the state saved)."""
     heads = head_parameters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in heads.values():
         p.requires_grad_(True)
-    model.to(d.device).train()
+    model.to(dist.device).train()
     optimizer = make_optimizer(model, cfg)
     path = Path(cfg.run_dir) / STATE_FILE
     done, losses, seconds = load_state(path, heads, optimizer) if path.is_file() else (0, [], 0.0)
     if done:
-        _say(d, f"head warm-up resumed from {path} at step {done} of {warmup.steps}")
-    batches = batch_plan(cfg, d.world_size)
+        _say(dist, f"head warm-up resumed from {path} at step {done} of {warmup.steps}")
+    batches = batch_plan(cfg, dist.world_size)
     loader = PhaseLoader(
         data,
         seed=cfg.seed,
@@ -108,32 +108,32 @@ def run(
         steps=max(warmup.steps - done, 0),
         micro_batch_size=batches.micro,
         grad_accum=batches.accumulation,
-        world_size=d.world_size,
-        rank=d.rank,
+        world_size=dist.world_size,
+        rank=dist.rank,
         mask_prob=cfg.data.mask_prob,
         prefetch=cfg.data.prefetch,
-        pin_memory=d.device.type == "cuda",
+        pin_memory=dist.device.type == "cuda",
     )
     clip = read_deepspeed(cfg).get("gradient_clipping", 0.0)
     try:
         while done < warmup.steps:
             t0 = time.perf_counter()
-            loss = step(model, heads, optimizer, loader.next_step(), d, cfg.seed + done, clip)
-            totals = distributed.sum_over_ranks({"loss": loss, "stop": torch.tensor(float(stop.signum != 0))}, d)
+            loss = step(model, heads, optimizer, loader.next_step(), dist, cfg.seed + done, clip)
+            totals = distributed.sum_over_ranks({"loss": loss, "stop": torch.tensor(float(stop.signum != 0))}, dist)
             done, seconds = done + 1, seconds + time.perf_counter() - t0
-            losses.append(totals["loss"] / d.world_size)
+            losses.append(totals["loss"] / dist.world_size)
             if done % cfg.log.interval == 0 or done in (1, warmup.steps):
-                _say(d, f"head warm-up step {done}/{warmup.steps}: loss {losses[-1]:.4f}")
+                _say(dist, f"head warm-up step {done}/{warmup.steps}: loss {losses[-1]:.4f}")
             stopping = totals["stop"] > 0
             if stopping or done == warmup.steps or done % cfg.checkpoint.interval == 0:
-                save_state(path, heads, optimizer, done, losses, seconds, d)
+                save_state(path, heads, optimizer, done, losses, seconds, dist)
             if stopping:
                 return False
     finally:
         loader.close()
     for p in model.parameters():
         p.requires_grad_(True)
-    if d.is_main:
+    if dist.is_main:
         write_json(
             Path(cfg.run_dir) / SUMMARY_FILE,
             {"steps": warmup.steps, "missing": warmup.missing, "losses": losses, "seconds": seconds},
@@ -149,20 +149,20 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.A
     return torch.optim.AdamW(param_groups(model), **{"weight_decay": 0.01, **settings, "lr": cfg.optim.lr})
 
 
-def step(model, heads: dict, optimizer, micro_batches: list[dict], d, seed: int, clip: float) -> torch.Tensor:
+def step(model, heads: dict, optimizer, micro_batches: list[dict], dist, seed: int, clip: float) -> torch.Tensor:
     """One optimizer step of the heads: the micro-batches' mean gradient, averaged over the ranks; returns this
     rank's mean loss. The dropout of step s on rank r is seeded from (seed + s, r)."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, d.rank]).generate_state(1)[0]))
-    total = torch.zeros((), device=d.device)
+    torch.manual_seed(int(np.random.SeedSequence([seed, dist.rank]).generate_state(1)[0]))
+    total = torch.zeros((), device=dist.device)
     for batch in micro_batches:
-        out = model(**{k: v.to(d.device) for k, v in batch.items()}, masked_logits_only=True)
+        out = model(**{k: v.to(dist.device) for k, v in batch.items()}, masked_logits_only=True)
         (out.loss / len(micro_batches)).backward()
         total += out.loss.detach() / len(micro_batches)
     grads = [p.grad for p in heads.values()]
-    if d.world_size > 1:
+    if dist.world_size > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
-        torch.nn.utils.vector_to_parameters(flat / d.world_size, grads)
+        torch.nn.utils.vector_to_parameters(flat / dist.world_size, grads)
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(list(heads.values()), clip)
     optimizer.step()
@@ -170,10 +170,10 @@ def step(model, heads: dict, optimizer, micro_batches: list[dict], d, seed: int,
     return total
 
 
-def save_state(path: Path, heads: dict, optimizer, done: int, losses: list, seconds: float, d) -> None:
+def save_state(path: Path, heads: dict, optimizer, done: int, losses: list, seconds: float, dist) -> None:
     """The heads, AdamW's state and the progress in one file, replaced atomically (rank 0; the ranks hold the
     same heads and moments)."""
-    if d.is_main:
+    if dist.is_main:
         by_name = {id(p): n for n, p in heads.items()}
         tensors = {f"weight/{n}": p.detach().cpu().contiguous() for n, p in heads.items()}
         for p, state in optimizer.state.items():
@@ -206,6 +206,6 @@ def read_summary(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _say(d: distributed.DistInfo, msg: str) -> None:
-    if d.is_main:
+def _say(dist: distributed.DistInfo, msg: str) -> None:
+    if dist.is_main:
         print(f"[earlybert train] {msg}", flush=True)
