@@ -38,11 +38,14 @@ from pipeline.modernbert import (
     EarlyModernBertForSequenceClassification,
     EarlyModernBertForTokenClassification,
 )
+from pipeline.run.rundir import RunDir
 from pipeline.tools.export import auto_map, export_model, load_run_model
+from pipeline.tools.report import _dense_structure, write_report
 from runs import BIN, REPO, deepspeed, finish, run_env, ticket
 from test_hf_export import LABELS, README, vocab
 from test_modernbert import KEPT_HEADS, KEPT_NEURONS, batch, close, spread_gates, tiny
 from test_modernbert_runs import SEARCH
+from test_report import make_run
 
 transformers.logging.set_verbosity_error()
 # fixtures of other test files: the README WordPiece tokenizer, the ModernBERT run config
@@ -232,6 +235,23 @@ def test_tokenizer_specials_are_the_tokenizers_own(tmp_path):
     assert encoded["input_ids"][0] == 0 and loaded.mask_token_id in encoded["input_ids"]
 
 
+@pytest.mark.parametrize(
+    "model, dense",
+    [
+        ({"family": "modernbert", "preset": "modernbert-mini", "overrides": {"intermediate_size": 512}}, (4, 512)),
+        ({"family": "modernbert"}, (4, 96)),  # the family's default preset: modernbert-tiny
+    ],
+)
+def test_report_of_a_run_without_checkpoints_takes_the_dense_reference_from_its_familys_preset(tmp_path, model, dense):
+    run = make_run(tmp_path / "run", model)
+    preset = model.get("preset", "modernbert-tiny")
+    assert _dense_structure(RunDir(run)) == (*dense, f"preset {preset}")
+    assert (
+        f"dense: {dense[0]} heads and {dense[1]} FFN neurons per layer (preset {preset})"
+        in write_report([run]).read_text()
+    )
+
+
 # ---- a ModernBERT pre-training run ---------------------------------------------------------------------------------
 
 PRE_DRAW = "step_00000003"  # checkpoints every 3 steps, all kept: step 3 is before the draw (searched from step 4)
@@ -260,7 +280,7 @@ def test_export_of_a_modernbert_run(mb_run, tmp_path, tag, fmt):
     info = json.loads(proc.stdout[proc.stdout.index("{") :])
     ours, _ = load_run_model(mb_run, tag)
     assert info["format"] == fmt and type(ours) is EarlyModernBertForMaskedLM
-    assert ours.config.use_gates and (ours.config.is_uniform == (fmt == "bert"))
+    assert ours.config.is_uniform == (fmt == "bert") and ours.config.use_gates == (fmt == "bert")  # folded at the draw
     exported = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=fmt == "earlybert").eval()
     assert type(exported).__name__ == ("ModernBertForMaskedLM" if fmt == "bert" else "EarlyModernBertForMaskedLM")
     g = torch.Generator().manual_seed(0)
@@ -290,6 +310,6 @@ def test_report_of_a_modernbert_run(mb_run):
 def test_eval_of_a_modernbert_run(mb_run, shards):
     proc = earlybert("eval", mb_run, "--shards", shards / "seq64", "--max-sequences", 64, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["sequences"] == 64 and result["mask_prob"] == 0.3  # the run's masking rate
     assert result["masked_tokens"] > 0.25 * 64 * 40 and 0 < result["mlm_loss"] < 10 and 0 <= result["mlm_acc"] <= 1
