@@ -39,7 +39,7 @@ from pipeline.modernbert import (
     EarlyModernBertForTokenClassification,
 )
 from pipeline.run.rundir import RunDir
-from pipeline.tools.export import auto_map, export_model, load_run_model
+from pipeline.tools.export import ExportError, auto_map, export_model, load_run_model
 from pipeline.tools.report import _dense_structure, write_report
 from runs import BIN, REPO, deepspeed, finish, run_env, ticket
 from test_hf_export import LABELS, README, vocab
@@ -250,6 +250,15 @@ def test_report_of_a_run_without_checkpoints_takes_the_dense_reference_from_its_
         f"dense: {dense[0]} heads and {dense[1]} FFN neurons per layer (preset {preset})"
         in write_report([run]).read_text()
     )
+
+
+def test_a_tokenizer_without_the_special_tokens_is_refused_by_name(tokenizer_file, tmp_path):
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "plain.json"))
+    model = EarlyModernBertForMaskedLM(config(tokenizer_file))
+    with pytest.raises(ExportError, match=r"plain.json: no \[CLS\] or <s> token.*pass --tokenizer"):
+        export_model(model, tmp_path / "export", tmp_path / "plain.json")
+    assert not (tmp_path / "export").exists()
 
 
 # ---- a ModernBERT pre-training run ---------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def auto_map(family: Family) -> dict[str, str]:
     return {auto: f"{module}.{cls.__name__}" for auto, cls in classes.items()}
 
 
-AUTO_MAP = auto_map(BERT)
+AUTO_MAP = auto_map(BERT)  # BERT's, as this module has always named it (tests/test_hf_export.py)
 
 
 def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[PreTrainedModel, str]:
