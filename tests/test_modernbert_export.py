@@ -322,3 +322,14 @@ def test_eval_of_a_modernbert_run(mb_run, shards):
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["sequences"] == 64 and result["mask_prob"] == 0.3  # the run's masking rate
     assert result["masked_tokens"] > 0.25 * 64 * 40 and 0 < result["mlm_loss"] < 10 and 0 <= result["mlm_acc"] <= 1
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "most"])
+def test_eval_refuses_a_mask_prob_outside_0_1(tmp_path, capsys, value):
+    from pipeline.tools.masked_lm_eval import main as eval_main
+
+    with pytest.raises(SystemExit) as exit_:
+        eval_main([str(tmp_path), "--shards", str(tmp_path), "--mask-prob", value])
+    assert (
+        exit_.value.code == 2 and f"expected a fraction in (0, 1), e.g. 0.15, got {value!r}" in capsys.readouterr().err
+    )
