@@ -11,6 +11,9 @@ stage, the pruner, the engine rebuild, the metrics and the pre-training start ne
     token_id_fields               config fields a fresh model takes from the shards' special tokens
     nsp                           whether the family has a next-sentence head (`use_nsp`)
     pretraining_heads             parameter-name prefix -> pre-training head, for the head warm-up
+    model_file                    the model file: self-contained, an export of a pruned model ships it as remote code
+    transformers_model            transformers' own class and config of a uniform, gate-free model (the export)
+    model_inputs                  the tokenizer's model_input_names (an export's tokenizer_config.json)
 
 `family_of(x)` finds the family of a config, of a config.json / architecture.json dict (its model_type), or
 by name ("bert", "modernbert").
@@ -21,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from transformers import PretrainedConfig
+import transformers
+from transformers import BertConfig, ModernBertConfig, PretrainedConfig
 
 from pipeline import model as bert
 from pipeline import modernbert
@@ -68,6 +72,35 @@ def modernbert_flop_counts(config: modernbert.EarlyModernBertConfig) -> FlopCoun
     return layer_flop_counts(config, 3, sliding, config.local_attention // 2)
 
 
+def transformers_fields(config: EncoderConfig, transformers_config: type[PretrainedConfig]) -> dict:
+    """The fields of a uniform config that `transformers_config` has too (labels, token ids, dropouts, ...), with
+    the one head count and FFN width of its layers."""
+    known = transformers_config().to_dict()
+    fields = {k: v for k, v in config.to_dict().items() if k in known and k not in ("model_type", "architectures")}
+    fields.update(
+        num_attention_heads=config.num_heads_per_layer[0], intermediate_size=config.intermediate_size_per_layer[0]
+    )
+    return fields
+
+
+def bert_transformers_model(config: bert.EarlyBertConfig, cls: type) -> tuple[type, PretrainedConfig]:
+    """EarlyBertFor<X> -> BertFor<X>; EarlyBertForPreTraining without NSP -> BertForMaskedLM."""
+    name = cls.__name__.replace("EarlyBert", "Bert", 1)
+    if name == "BertForPreTraining" and not config.use_nsp:
+        name = "BertForMaskedLM"
+    return getattr(transformers, name), BertConfig(**transformers_fields(config, BertConfig))
+
+
+def modernbert_transformers_model(config: modernbert.EarlyModernBertConfig, cls: type) -> tuple[type, PretrainedConfig]:
+    """EarlyModernBert<X> -> ModernBert<X>; the rotary thetas as ModernBertConfig takes them in every version
+    (transformers >= 5 turns them into rope_parameters; a local theta of None is the global one)."""
+    fields = transformers_fields(config, ModernBertConfig)
+    fields.update(
+        global_rope_theta=config.rope_theta(modernbert.GLOBAL), local_rope_theta=config.rope_theta(modernbert.LOCAL)
+    )
+    return getattr(transformers, cls.__name__.replace("EarlyModernBert", "ModernBert", 1)), ModernBertConfig(**fields)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -84,6 +117,9 @@ class Family:
     token_id_fields: dict[str, str]  # config field -> the shards' special token (manifest special_ids)
     nsp: bool
     pretraining_heads: dict[str, str]
+    model_file: str
+    transformers_model: Callable[[EncoderConfig, type], tuple[type, PretrainedConfig]]
+    model_inputs: tuple[str, ...]
 
     def preset(self, name: str, **fields) -> EncoderConfig:
         """The config of preset `name` with `fields`; a preset of another family is refused by name."""
@@ -139,6 +175,9 @@ BERT = Family(
         "cls.seq_relationship.": "NSP classifier",
         "bert.pooler.": "NSP pooler",
     },
+    model_file=bert.__file__,
+    transformers_model=bert_transformers_model,
+    model_inputs=("input_ids", "token_type_ids", "attention_mask"),
 )
 
 MODERNBERT = Family(
@@ -170,6 +209,9 @@ MODERNBERT = Family(
     nsp=False,
     # the MLM head (dense, norm) and the decoder's bias (its weight is the token embeddings)
     pretraining_heads={"head.": "MLM head", "decoder.": "MLM decoder bias"},
+    model_file=modernbert.__file__,
+    transformers_model=modernbert_transformers_model,
+    model_inputs=("input_ids", "attention_mask"),  # no segments
 )
 
 FAMILIES = {family.name: family for family in (BERT, MODERNBERT)}

@@ -2,23 +2,31 @@
 
     checkpoint (any ZeRO stage) --zero_to_fp32--> fp32 weights --fold gates--> save_pretrained
 
-The model class is the checkpoint's: the `architectures` entry of its architecture.json (a fine-tuning
-run's task head, e.g. EarlyBertForSequenceClassification, with its num_labels, id2label, label2id and
-problem_type), EarlyBertForPreTraining where there is none (pre-training runs).
+Any model family (pipeline/families.py: BERT, ModernBERT): the family is the model_type of the checkpoint's
+architecture.json. The model class is the checkpoint's: the `architectures` entry of its architecture.json (a
+fine-tuning run's task head, e.g. EarlyBertForSequenceClassification, with its num_labels, id2label, label2id
+and problem_type), the family's pre-training model where there is none (pre-training runs).
 
-The gates are folded into W_O and W_2 (exact), so the export has no EarlyBERT-specific parameters.
-A uniform structure (every layer with the same heads and FFN width: the dense baseline) is written as
-transformers' own class: BertForPreTraining (BertForMaskedLM without the NSP head), BertForMaskedLM,
-BertForSequenceClassification, BertForQuestionAnswering, BertForTokenClassification. A pruned structure
-is written as the EarlyBERT class with its modeling file beside the weights and an `auto_map` for every
-Auto class, so that `AutoModelFor<Task>.from_pretrained(DIR, trust_remote_code=True)` loads it (a
-pre-training export with a fresh task head) without this project installed. Its config.json says
-model_type "bert": AutoConfig and AutoTokenizer then read it without remote code and without asking
-whether to run it (the EarlyBERT config reads "bert" as its own).
+The gates are folded into the weights they scale (BERT's W_O and W_2, ModernBERT's attention and GLU Wo:
+exact), so the export has no EarlyBERT-specific parameters. A uniform structure (every layer with the same
+heads and FFN width: the dense baseline) is written as transformers' own class:
+  BERT        BertForPreTraining (BertForMaskedLM without the NSP head), BertForMaskedLM,
+              BertForSequenceClassification, BertForQuestionAnswering, BertForTokenClassification, BertModel
+  ModernBERT  ModernBertForMaskedLM, ModernBertForSequenceClassification, ModernBertForQuestionAnswering,
+              ModernBertForTokenClassification, ModernBertModel
+A pruned structure is written as the EarlyBERT class with its model file beside the weights (pipeline/model.py
+as modeling_earlybert.py, pipeline/modernbert.py as modeling_earlymodernbert.py: each imports nothing from this
+project) and an `auto_map` for every Auto class, so that `AutoModelFor<Task>.from_pretrained(DIR,
+trust_remote_code=True)` loads it (a pre-training export with a fresh task head) without this project
+installed. Its config.json says transformers' model_type ("bert", "modernbert"): AutoConfig and AutoTokenizer
+then read it without remote code and without asking whether to run it (the EarlyBERT configs read their
+family's transformers model_type as their own).
 
 The tokenizer goes along: tokenizer.json (lower-casing and splitting live in its normalizer and
 pre-tokenizer) and tokenizer_config.json, which transformers' AutoTokenizer loads as is, with
-model_max_length = the model's max_position_embeddings and token_type_ids among the model inputs.
+model_max_length = the model's max_position_embeddings, the special tokens as the tokenizer names them
+([CLS] or <s>, ...: the ones `earlybert prep` found) and the family's model inputs (BERT's token_type_ids;
+ModernBERT has no segments).
 """
 
 from __future__ import annotations
@@ -30,30 +38,38 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from common import outputs
-from pipeline import model as model_module
+from data_prep.encode import InputError, load_tokenizer, special_ids
 from pipeline.earlybert.detector import Masks
 from pipeline.earlybert.pruner import prune_model
-from pipeline.families import model_class
-from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel
+from pipeline.families import BERT, Family, family_of
 from pipeline.run.rundir import RunDir, RunDirError
 
 COMMAND = "earlybert export"  # the marker of the directories it writes (common/outputs.py)
-MODELING_FILE = "modeling_earlybert.py"
-AUTO_MAP = {
-    "AutoConfig": "modeling_earlybert.EarlyBertConfig",
-    **{auto: f"modeling_earlybert.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()},
-}
-SPECIAL_TOKENS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
-MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask"]  # BERT's; the tokenizer's default omits token types
 
 
 class ExportError(RuntimeError):
     pass
 
 
-def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreTrainedModel, str]:
+def modeling_file(family: Family) -> str:
+    """The name of the family's model file in an export: modeling_earlybert.py, modeling_earlymodernbert.py."""
+    return f"modeling_{family.config_class.model_type}.py"
+
+
+def auto_map(family: Family) -> dict[str, str]:
+    """config.json's auto_map of a remote-code export: AutoConfig and every Auto class of the family."""
+    module = Path(modeling_file(family)).stem
+    classes = {"AutoConfig": family.config_class, **family.classes}
+    return {auto: f"{module}.{cls.__name__}" for auto, cls in classes.items()}
+
+
+AUTO_MAP = auto_map(BERT)  # BERT's, as this module has always named it (tests/test_hf_export.py)
+
+
+def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[PreTrainedModel, str]:
     """The model of a run's checkpoint (the latest complete one by default), in fp32, and its tag."""
     from pipeline.run.checkpoint import ARCHITECTURE, CheckpointError, damage, latest_tag, read_tag
 
@@ -70,11 +86,12 @@ def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreT
         state, architecture = read_tag(ckpt_dir, tag)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    config = EarlyBertConfig.from_dict(architecture)
     try:
-        cls = model_class(config)
+        family = family_of(architecture)
+        config = family.config_class.from_dict(architecture)
+        cls = family.model_class(config)
     except ValueError as e:
-        raise ExportError(str(e)) from None
+        raise ExportError(f"{ckpt_dir / tag / ARCHITECTURE}: {e}") from None
     if state.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -95,7 +112,7 @@ def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreT
     return model.eval(), tag
 
 
-def fold_all_gates(model: EarlyBertPreTrainedModel) -> EarlyBertPreTrainedModel:
+def fold_all_gates(model: PreTrainedModel) -> PreTrainedModel:
     """The same function without gate parameters: every unit kept, each gate folded into its weights."""
     if not model.config.use_gates:
         return model
@@ -107,44 +124,46 @@ def fold_all_gates(model: EarlyBertPreTrainedModel) -> EarlyBertPreTrainedModel:
     return folded.eval()
 
 
-def plain_bert(model: EarlyBertPreTrainedModel):
-    """transformers' own BERT class with the same weights and config (labels included), for a uniform,
-    gate-free structure: EarlyBertFor<X> -> BertFor<X>, EarlyBertForPreTraining without NSP -> BertForMaskedLM."""
-    import transformers
-    from transformers import BertConfig
-
-    c = model.config
-    name = type(model).__name__.replace("EarlyBert", "Bert", 1)
-    if name == "BertForPreTraining" and not c.use_nsp:
-        name = "BertForMaskedLM"
-    known = BertConfig().to_dict()
-    fields = {k: v for k, v in c.to_dict().items() if k in known and k not in ("model_type", "architectures")}
-    fields.update(num_attention_heads=c.num_heads_per_layer[0], intermediate_size=c.intermediate_size_per_layer[0])
-    bert = getattr(transformers, name)(BertConfig(**fields))
-    bert.load_state_dict(model.state_dict(), strict=True)
-    return bert.eval()
+def transformers_model(model: PreTrainedModel) -> PreTrainedModel:
+    """transformers' own class of the model's family with the same weights and config (labels included), for a
+    uniform, gate-free structure (Family.transformers_model: EarlyBertFor<X> -> BertFor<X>,
+    EarlyModernBert<X> -> ModernBert<X>)."""
+    cls, config = family_of(model.config).transformers_model(model.config, type(model))
+    plain = cls(config)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain.eval()
 
 
-def save_remote_code_model(model: EarlyBertPreTrainedModel, out: Path) -> None:
-    """A pruned model as its EarlyBERT class, with modeling_earlybert.py and an auto_map for every Auto class."""
+def save_remote_code_model(model: PreTrainedModel, out: Path) -> None:
+    """A pruned model as its EarlyBERT class, with its family's model file and an auto_map for every Auto class;
+    config.json's model_type is transformers' (the family's second model type: "bert", "modernbert")."""
     from transformers.utils import CONFIG_NAME
 
+    family = family_of(model.config)
     model.save_pretrained(out)
-    shutil.copyfile(model_module.__file__, out / MODELING_FILE)
-    config = {**json.loads((out / CONFIG_NAME).read_text()), "model_type": "bert", "auto_map": AUTO_MAP}
+    shutil.copyfile(family.model_file, out / modeling_file(family))
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config.update(model_type=family.model_types[1], auto_map=auto_map(family))
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_tokenizer(tokenizer: Path, out: Path, model_max_length: int) -> None:
+def save_tokenizer(tokenizer: Path, out: Path, model_max_length: int, model_inputs: tuple[str, ...]) -> None:
+    """tokenizer.json with a tokenizer_config.json: its special tokens as the tokenizer names them (the ones
+    `earlybert prep` finds: [CLS] or <s>, [SEP] or </s>, ...) and the model's inputs."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(
+    try:
+        tok, _, file = load_tokenizer(tokenizer)
+        tokens = {f"{name}_token": tok.id_to_token(i) for name, i in special_ids(tok, file).items()}
+    except InputError as err:
+        raise ExportError(f"{err}: pass --tokenizer with the tokenizer.json the run was trained with") from None
+    fast = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer),
         model_max_length=model_max_length,
-        model_input_names=MODEL_INPUTS,
-        **SPECIAL_TOKENS,
+        model_input_names=list(model_inputs),
+        **tokens,
     )
-    tok.save_pretrained(out)
+    fast.save_pretrained(out)
 
 
 def run_tokenizer(run_dir: Path) -> Path:
@@ -159,14 +178,14 @@ def run_tokenizer(run_dir: Path) -> Path:
 
 
 def export_model(
-    model: EarlyBertPreTrainedModel,
+    model: PreTrainedModel,
     output: Path,
     tokenizer: Path,
     fmt: str = "auto",
     overwrite: bool = False,
     inputs: tuple[Path, ...] = (),
 ) -> dict:
-    """Write an in-memory EarlyBERT model and a tokenizer.json as a Hugging Face directory (what `earlybert
+    """Write an in-memory EarlyBERT model (any family) and a tokenizer.json as a Hugging Face directory (what `earlybert
     export` does once the checkpoint is loaded). The directory appears whole or not at all, and replaces an
     existing one only where an export wrote it, or with overwrite (common/outputs.py); `inputs` (the run)
     are never written."""
@@ -186,12 +205,12 @@ def export_model(
     tmp = outputs.staging_dir(output, COMMAND)
     try:
         if as_bert:
-            exported = plain_bert(folded)
+            exported = transformers_model(folded)
             exported.save_pretrained(tmp)
         else:
             exported = folded
             save_remote_code_model(folded, tmp)
-        save_tokenizer(tokenizer, tmp, folded.config.max_position_embeddings)
+        save_tokenizer(tokenizer, tmp, folded.config.max_position_embeddings, family_of(folded.config).model_inputs)
         outputs.replace_directory(tmp, output, inputs, COMMAND, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         "--format",
         choices=["auto", "bert", "earlybert"],
         default="auto",
-        help="auto: plain BERT when the structure is uniform, EarlyBERT remote code otherwise",
+        help="auto: transformers' own classes (Bert*, ModernBert*) when the structure is uniform, EarlyBERT remote "
+        "code otherwise; bert: transformers' own classes, earlybert: remote code",
     )
     parser.add_argument(
         "--overwrite",

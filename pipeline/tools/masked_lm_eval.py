@@ -1,9 +1,12 @@
 """`earlybert eval RUN --shards DIR`: masked-LM loss and accuracy of a run's model on held-out shards.
 
-The masks are the trainer's own dynamic masking with a fixed key (seed, phase 0, epoch 0), so every
-run evaluated on the same shards sees the same masked tokens: dense, EarlyBERT and random-pruning
-runs are compared on identical inputs. Dropout is off. On the GPU when there is one (fp32, as the
-checkpoint's master weights); progress on stderr: a bar on a terminal, else a line now and then.
+Any model family (pipeline/families.py): the run's pre-training model (BERT's MLM + NSP model, ModernBERT's
+masked LM). The masks are the trainer's own dynamic masking with a fixed key (seed, phase 0, epoch 0) at the
+run's masking rate (data.mask_prob: BERT's 15%, ModernBERT's 30%; --mask-prob to compare runs trained at other
+rates on the same inputs), so every run evaluated on the same shards at the same rate sees the same masked
+tokens: dense, EarlyBERT and random-pruning runs are compared on identical inputs. Dropout is off. On the GPU
+when there is one (fp32, as the checkpoint's master weights); progress on stderr: a bar on a terminal, else a
+line now and then.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ def evaluate(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    mask_prob: float = 0.15,
 ) -> dict:
-    """Mean MLM loss per masked token and MLM accuracy over the first `max_sequences` sequences."""
+    """Mean MLM loss per masked token and MLM accuracy over the first `max_sequences` sequences, `mask_prob` of
+    their maskable tokens selected."""
     model.eval().to(device)
     n = min(len(shards), max_sequences)
     loss_sum, correct, count = 0.0, 0, 0
@@ -51,7 +56,7 @@ def evaluate(
                 indices,
                 seed=EVAL_SEED,
                 phase=0,
-                mask_prob=0.15,
+                mask_prob=mask_prob,
                 special_ids=shards.special_ids,
                 vocab_size=shards.vocab_size,
             )
@@ -64,6 +69,7 @@ def evaluate(
             bar.update(len(indices))
     return {
         "sequences": n,
+        "mask_prob": mask_prob,
         "masked_tokens": count,
         "mlm_loss": loss_sum / max(count, 1),
         "mlm_acc": correct / max(count, 1),
@@ -71,7 +77,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.model import EarlyBertForPreTraining
+    from pipeline.families import family_of
     from pipeline.tools.export import ExportError, load_run_model
 
     parser = argparse.ArgumentParser(prog="earlybert eval", description=__doc__, formatter_class=HelpFormatter)
@@ -86,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sequences", type=_positive, default=2048, help="evaluate the first N sequences")
     parser.add_argument("--batch-size", type=_positive, default=64, help="sequences per forward pass")
     parser.add_argument(
+        "--mask-prob", type=_fraction, help="share of the maskable tokens to mask (default: the run's data.mask_prob)"
+    )
+    parser.add_argument(
         "--device",
         type=_device,
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -95,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, tag = load_run_model(args.run, args.tag)
-        if not isinstance(model, EarlyBertForPreTraining):
+        if not isinstance(model, family_of(model.config).pretraining_class):
             raise ExportError(
                 f"{args.run} holds a {type(model).__name__}: `earlybert eval` measures the masked-LM "
                 f"loss of pre-training runs"
             )
+        run = RunDir(args.run)
+        mask_prob = args.mask_prob or run_mask_prob(run)
         shards = ShardDataset(args.shards)
-        trained_on = ShardDataset(RunDir(args.run).shards(0))
+        trained_on = ShardDataset(run.shards(0))
     except (ExportError, RunDirError, ShardError, OSError, ValueError, yaml.YAMLError) as err:
         print(f"earlybert eval: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG
     try:
-        scores = evaluate(model, shards, args.max_sequences, args.batch_size, args.device, args.progress)
+        scores = evaluate(model, shards, args.max_sequences, args.batch_size, args.device, args.progress, mask_prob)
     except (RuntimeError, OSError) as err:  # out of memory, a device lost, a shard unreadable mid-way
         print(f"earlybert eval: evaluating {args.run} on {args.shards} failed: {err}", file=sys.stderr)
         return EXIT_FAULT
@@ -122,10 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_mask_prob(run: RunDir) -> float:
+    """The masking rate the run trained with: its config's data.mask_prob, through the typed config (the default
+    where the section or the key is absent)."""
+    from pipeline.config import from_dict
+    from pipeline.pretrain.config import DataConfig
+
+    return from_dict(DataConfig, run.read_config().get("data") or {}, "data.").mask_prob
+
+
 def _positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), e.g. 0.15, got {text!r}")
+    return value
 
 
 def _device(text: str) -> torch.device:

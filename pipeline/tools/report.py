@@ -254,10 +254,12 @@ def _record_problem(line: bytes) -> str | None:
 def _dense_structure(run: RunDir) -> tuple[int | None, int | None, str]:
     """The dense model's heads per layer and FFN width, for the structure figure, and where they come from: the
     model the run built, as its newest checkpoint's architecture.json records it (pruning changes the per-layer
-    sizes only: num_attention_heads and intermediate_size stay the dense model's), else the config's preset with
-    its model.overrides. A run started from a model (model.init_from) without a checkpoint has no reference: its
-    source may have changed since."""
-    from pipeline.model import PRESETS
+    sizes only: num_attention_heads and intermediate_size stay the dense model's, in every family), else the
+    preset of the config's model family (model.preset, the family's default where none) with its model.overrides.
+    A run started from a model (model.init_from) without a checkpoint has no reference: its source may have
+    changed since."""
+    from pipeline.families import family_of
+    from pipeline.pretrain.config import ModelConfig
     from pipeline.run.checkpoint import ARCHITECTURE
 
     recorded = sorted(run.checkpoints.glob(f"step_[0-9]*[0-9]/{ARCHITECTURE}"))  # not the set-aside ones
@@ -265,15 +267,18 @@ def _dense_structure(run: RunDir) -> tuple[int | None, int | None, str]:
         architecture = json.loads(recorded[-1].read_text())
         where = f"{recorded[-1].relative_to(run.path)}"
         return architecture.get("num_attention_heads"), architecture.get("intermediate_size"), where
+    # the raw section: a fine-tuning run's model section is another dataclass's (FinetuneModelConfig)
     model = (run.read_config() if run.config_file.is_file() else {}).get("model") or {}
-    if model.get("init_from") or model.get("preset") not in PRESETS:
+    family = family_of(model.get("family", ModelConfig.family))
+    preset = model.get("preset") or family.default_preset
+    if model.get("init_from") or preset not in family.presets:
         return None, None, "no checkpoint records the model"
-    _, _, heads, ffn = PRESETS[model["preset"]]
+    _, _, heads, ffn = family.presets[preset]
     overrides = model.get("overrides") or {}
     return (
         overrides.get("num_attention_heads", heads),
         overrides.get("intermediate_size", ffn),
-        f"preset {model['preset']}",
+        f"preset {preset}",
     )
 
 
