@@ -35,8 +35,8 @@ from common import outputs
 from pipeline import model as model_module
 from pipeline.earlybert.detector import Masks
 from pipeline.earlybert.pruner import prune_model
-from pipeline.families import model_class
-from pipeline.model import AUTO_CLASSES, EarlyBertConfig, EarlyBertPreTrainedModel
+from pipeline.families import family_of, model_class
+from pipeline.model import AUTO_CLASSES, EarlyBertPreTrainedModel
 from pipeline.run.rundir import RunDir, RunDirError
 
 COMMAND = "earlybert export"  # the marker of the directories it writes (common/outputs.py)
@@ -70,7 +70,7 @@ def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[EarlyBertPreT
         state, architecture = read_tag(ckpt_dir, tag)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    config = EarlyBertConfig.from_dict(architecture)
+    config = family_of(architecture).config_class.from_dict(architecture)  # a ModernBERT run's config is its own
     try:
         cls = model_class(config)
     except ValueError as e:
