@@ -51,7 +51,7 @@ runs go two at a time, one thread each: only their accuracy is compared. The ver
     python -m bench.bench_e2e --quick            # every code path, tiny sizes: under 10 minutes (make bench)
     python -m bench.bench_e2e --only minilm/python-docs   # one part and corpus again; the others' runs are kept
     python -m bench.bench_e2e --parts scratch --corpus python-docs   # part 1 alone: bench/results/e2e_scratch
-    python -m bench.bench_e2e --parts scratch-modernbert --corpus python-docs --steps 320   # ModernBERT's (55 min)
+    python -m bench.bench_e2e --parts scratch-modernbert --corpus python-docs --steps 320   # ModernBERT's: 31 min
     python -m bench.bench_e2e --summarize-only   # tables and figures again from the runs in --work
 """
 
@@ -265,9 +265,9 @@ def settings_from(args) -> Settings:
     return Settings(parts, finetuning, mask_seeds, corpus_mb, args.slice_s, work, results)
 
 
-# A dense step of each from-scratch model on this machine when nothing else runs (for the estimate); ModernBERT's:
-# BERT's times the ratio of their one-rank step costs (320 ms against 176 ms).
-SCRATCH_DENSE_STEP_S = {"scratch": 0.25, "scratch-modernbert": 0.45}
+# A dense step of each from-scratch model on this machine when nothing else runs (for the estimate); ModernBERT's as
+# BERT's: their one-rank steps measured 136 ms and 176 ms (e2e_scratch_modernbert.md, e2e_scratch.md).
+SCRATCH_DENSE_STEP_S = {"scratch": 0.25, "scratch-modernbert": 0.25}
 
 
 def scratch_part(
