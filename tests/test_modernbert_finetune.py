@@ -32,6 +32,7 @@ from runs import (
     finetune,
     finetune_test_config,
     finish,
+    latest,
     metrics,
     read,
     write_squad_files,
@@ -162,20 +163,21 @@ def test_earlybert_fine_tuning_of_a_modernbert_classifier(mb_ft_reference):
 
 
 @pytest.mark.slow
-def test_killed_just_after_the_draw_resumes_to_the_same_ticket_losses_and_metrics(
+def test_killed_after_the_draws_checkpoint_resumes_to_the_same_ticket_losses_and_metrics(
     mb_ft_config, mb_ft_reference, tmp_path
 ):
-    """The checkpoint after the draw holds the pruned ModernBERT classifier: the resume builds it from its
-    architecture.json (the family's config class) before DeepSpeed loads into it."""
+    """The checkpoint that follows the draw holds the pruned ModernBERT classifier: the resume builds it from its
+    architecture.json (the family's config class) before DeepSpeed loads into it, and does not draw again."""
     run_dir = tmp_path / "run"
+    draw = read(mb_ft_reference, "ticket.json")["draw_step"]
     script = faulty_train(
-        tmp_path, "pipeline.run.rundir:RunDir.write_ticket", "after", command="pipeline.finetune.loop"
+        tmp_path, "pipeline.run.checkpoint:save", "after", "args[2].search['ticket']", "pipeline.finetune.loop"
     )
     code, out = finish(finetune(mb_ft_config, run_dir, script=script))
-    assert code != 0 and "ticket drawn at step" in out, out
+    assert code != 0 and "ticket drawn at step" in out and latest(run_dir) == f"step_{draw:08d}", out
     code, out = finish(finetune(mb_ft_config, run_dir))
     assert code == 0, out
-    assert "resumed from" in out and "ticket drawn" not in out
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
     assert read(run_dir, "ticket.json")["mask_digest"] == read(mb_ft_reference, "ticket.json")["mask_digest"]
     got, ref = metrics(run_dir), metrics(mb_ft_reference)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
