@@ -89,10 +89,11 @@ def finish(proc, timeout=240) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def finished_run(config, tmp_path_factory, name: str, *overrides) -> Path:
-    """The run directory of a run of `config` with `overrides` that finished (the reference runs)."""
+def finished_run(config, tmp_path_factory, name: str, *overrides, module="pipeline.train") -> Path:
+    """The run directory of a run of `config` with `overrides` (of `module`, as deepspeed's) that finished (the
+    reference runs)."""
     run_dir = tmp_path_factory.mktemp(name) / "run"
-    code, out = finish(deepspeed(config, run_dir, *overrides))
+    code, out = finish(deepspeed(config, run_dir, *overrides, module=module))
     assert code == 0, out
     return run_dir
 
@@ -229,6 +230,16 @@ def read(run_dir, name) -> dict:
 
 def evals(run_dir) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]
+
+
+def assert_same_finetuning(run_dir, reference) -> None:
+    """A fine-tuning run (resumed) drew the reference's ticket and logged its losses (1e-6) and final metrics."""
+    assert read(run_dir, "ticket.json")["mask_digest"] == read(reference, "ticket.json")["mask_digest"]
+    got, ref = metrics(run_dir), metrics(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for g, r in zip(got, ref):
+        assert g["loss"] == pytest.approx(r["loss"], abs=1e-6), f"step {g['step']}"
+    assert evals(run_dir)[-1]["metrics"] == evals(reference)[-1]["metrics"]
 
 
 def write_squad_files(corpus: Path, out: Path) -> tuple[Path, Path]:

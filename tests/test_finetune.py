@@ -14,7 +14,19 @@ import sys
 import pytest
 import yaml
 
-from runs import BIN, REPO, evals, faulty_train, finetune, finish, metrics, read, run_env, write_squad_files
+from runs import (
+    BIN,
+    REPO,
+    assert_same_finetuning,
+    evals,
+    faulty_train,
+    finetune,
+    finish,
+    metrics,
+    read,
+    run_env,
+    write_squad_files,
+)
 
 pytestmark = pytest.mark.slow  # launches ranks
 
@@ -108,12 +120,7 @@ def test_killed_around_the_draw_resumes_to_the_same_losses_and_metrics(ft_config
     code, out = finish(finetune(ft_config, run_dir))
     assert code == 0, out
     assert "resumed from" in out
-    assert read(run_dir, "ticket.json")["mask_digest"] == read(ft_reference, "ticket.json")["mask_digest"]
-    got, ref = metrics(run_dir), metrics(ft_reference)
-    assert [r["step"] for r in got] == [r["step"] for r in ref]
-    for g, r in zip(got, ref):
-        assert g["loss"] == pytest.approx(r["loss"], abs=1e-6), f"step {g['step']}"
-    assert evals(run_dir)[-1]["metrics"] == evals(ft_reference)[-1]["metrics"]
+    assert_same_finetuning(run_dir, ft_reference)
 
 
 def one_process(args, cwd=REPO):

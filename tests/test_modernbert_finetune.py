@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import BertForMaskedLM, ModernBertForMaskedLM
 
-from conftest import save_hf
+from conftest import save_hf_modernbert
 from data_prep import ShardDataset
 from pipeline.finetune.config import FineTuneError, load_finetune_config
 from pipeline.finetune.start import initial_model
@@ -27,11 +27,12 @@ from pipeline.modernbert import (
 from runs import (
     REPO,
     architecture,
-    evals,
+    assert_same_finetuning,
     faulty_train,
     finetune,
     finetune_test_config,
     finish,
+    finished_run,
     latest,
     metrics,
     read,
@@ -47,13 +48,7 @@ WINDOW = 16  # local_attention: |i - j| <= 8
 def hf_modernbert(shards, tmp_path_factory):
     """transformers' ModernBertForMaskedLM saved by save_pretrained: modernbert-tiny's shape with the window, the
     shards' tokenizer and special tokens (random weights: there is no hub here)."""
-    special = ShardDataset(shards / "seq32").special_ids
-    return save_hf(
-        shards, tmp_path_factory.mktemp("hf_modernbert"), ModernBertForMaskedLM,
-        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, local_attention=WINDOW,
-        max_position_embeddings=128, pad_token_id=special["pad"], cls_token_id=special["cls"],
-        sep_token_id=special["sep"], bos_token_id=special["cls"], eos_token_id=special["sep"],
-    )  # fmt: skip
+    return save_hf_modernbert(shards, tmp_path_factory.mktemp("hf_modernbert"), ModernBertForMaskedLM, WINDOW)
 
 
 def write_config(path, init_from, task_files, **changes):
@@ -141,10 +136,7 @@ def mb_ft_config(hf_modernbert, task_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mb_ft_reference(mb_ft_config, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("mb_ft_reference") / "run"
-    code, out = finish(finetune(mb_ft_config, run_dir))
-    assert code == 0, out
-    return run_dir
+    return finished_run(mb_ft_config, tmp_path_factory, "mb_ft_reference", module="pipeline.finetune")
 
 
 @pytest.mark.slow
@@ -178,12 +170,7 @@ def test_killed_after_the_draws_checkpoint_resumes_to_the_same_ticket_losses_and
     code, out = finish(finetune(mb_ft_config, run_dir))
     assert code == 0, out
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{draw:08d}'}" in out and "ticket drawn" not in out
-    assert read(run_dir, "ticket.json")["mask_digest"] == read(mb_ft_reference, "ticket.json")["mask_digest"]
-    got, ref = metrics(run_dir), metrics(mb_ft_reference)
-    assert [r["step"] for r in got] == [r["step"] for r in ref]
-    for g, r in zip(got, ref):
-        assert g["loss"] == pytest.approx(r["loss"], abs=1e-6), f"step {g['step']}"
-    assert evals(run_dir)[-1]["metrics"] == evals(mb_ft_reference)[-1]["metrics"]
+    assert_same_finetuning(run_dir, mb_ft_reference)
 
 
 @pytest.mark.slow
