@@ -113,7 +113,7 @@ def test_a_modernbert_pretraining_run_gives_its_ticket_with_a_task_head(shards, 
     assert set(ours) - set(carried) == {"classifier.weight", "classifier.bias"}
 
 
-def test_question_answering_takes_the_familys_qa_class_and_overrides_are_its_fields(
+def test_qa_takes_the_familys_class_overrides_are_its_fields_and_another_model_type_is_refused(
     hf_modernbert, task_files, tmp_path
 ):
     config = write_config(tmp_path / "qa.yaml", hf_modernbert, task_files)
@@ -124,6 +124,10 @@ def test_question_answering_takes_the_familys_qa_class_and_overrides_are_its_fie
         start_of(tmp_path, hf_modernbert, task_files, "model.overrides={hidden_dropout_prob: 0.1}")
     model, _ = start_of(tmp_path, hf_modernbert, task_files, "model.overrides={classifier_dropout: 0.25}")
     assert model.config.classifier_dropout == 0.25
+    (tmp_path / "roberta").mkdir()
+    (tmp_path / "roberta" / "config.json").write_text('{"model_type": "roberta"}')
+    with pytest.raises(FineTuneError, match="roberta: 'roberta' is not a model family or model type this pipeline"):
+        start_of(tmp_path, tmp_path / "roberta", task_files)
 
 
 # ---- launched runs (2 ranks) ---------------------------------------------------------------------------------------

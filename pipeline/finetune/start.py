@@ -111,7 +111,10 @@ def initial_model(cfg: FinetuneConfig, spec: TaskSpec) -> torch.nn.Module:
         )
     try:
         family = family_of(PretrainedConfig.get_config_dict(str(source))[0])
-        check_overrides(family, cfg.model.overrides)
+    except (OSError, ValueError) as e:
+        raise FineTuneError(f"model.init_from {source}: {e}") from e
+    check_overrides(family, cfg.model.overrides)
+    try:
         config = family.config_class.from_pretrained(str(source), **fields_for(cfg, family, spec))
         return task_class(family, spec).from_pretrained(str(source), config=config)
     except (OSError, ValueError) as e:
