@@ -25,6 +25,7 @@ from pipeline.modernbert import (
     EarlyModernBertForSequenceClassification,
 )
 from runs import (
+    EARLYBERT,
     REPO,
     architecture,
     assert_same_finetuning,
@@ -198,3 +199,23 @@ def test_earlybert_question_answering_under_zero3(hf_modernbert, shards, task_fi
     assert results["stages"] == ["search", "ticket"] and set(results["final"]["validation"]) == {"exact_match", "f1"}
     assert results["params_after"] < results["params_before"]
     assert architecture(tmp_path / "run")["architectures"] == [EarlyModernBertForQuestionAnswering.__name__]
+
+
+@pytest.mark.slow
+def test_a_modernbert_pruned_in_pre_training_fine_tunes_without_a_search(config, mb_ft_config, tmp_path_factory):
+    """init_from a ModernBERT pre-training run (ZeRO-1, drawn and pruned): its latest checkpoint's encoder, built as
+    saved, with the run's tokenizer, trained as the ticket it is."""
+    modernbert = (
+        "model.family=modernbert",
+        "model.preset=modernbert-tiny",
+        f"model.overrides={{local_attention: {WINDOW}}}",
+    )
+    lambdas = ("earlybert.lambda_heads=1e-4", "earlybert.lambda_ffn=1e-6")  # test_modernbert_runs.SEARCH's
+    pretrained = finished_run(config, tmp_path_factory, "mb_pretrained", *modernbert, *EARLYBERT, *lambdas)
+    run_dir = tmp_path_factory.mktemp("mb_ft_from_run") / "run"
+    code, out = finish(finetune(mb_ft_config, run_dir, f"model.init_from={pretrained}"))
+    assert code == 0, out
+    assert "already a ticket" in out
+    results, pruned = read(run_dir, "results.json"), read(pretrained, "ticket.json")
+    assert results["stages"] == ["ticket"] and results["heads_per_layer"] == pruned["heads_per_layer"]
+    assert architecture(run_dir)["intermediate_size_per_layer"] == pruned["ffn_per_layer"]
