@@ -126,10 +126,10 @@ def fields_for(cfg: FinetuneConfig, family: Family, spec: TaskSpec) -> dict:
 
 
 def model_from_run(cfg: FinetuneConfig, spec: TaskSpec, source: Path) -> torch.nn.Module:
-    """The task model of a pre-training run's family with the run's encoder (every weight under the family's
-    base_model_prefix) and the parts of the task head the pre-training model has under the same names: none for
-    BERT; ModernBERT's head (dense, norm) is its MLM head's, as transformers' ModernBertFor* load it from a
-    ModernBertForMaskedLM checkpoint, and so as fine-tuning from the run's export does."""
+    """The task model of a pre-training run's family with the run's encoder (every weight under the task class's
+    base_model_prefix: "bert.", "model.") and the parts of the task head the pre-training model has under the same
+    names: none for BERT; ModernBERT's head (dense, norm) is its MLM head's, as transformers' ModernBertFor* load it
+    from a ModernBertForMaskedLM checkpoint, so that a run and its export (a ModernBertForMaskedLM) start alike."""
     from pipeline.tools.export import ExportError, load_run_model
 
     try:
