@@ -109,6 +109,20 @@ def save_hf_bert(shards, out, model_class):
     return save_hf(shards, out, model_class, **bert_tiny, max_position_embeddings=128)
 
 
+def save_hf_modernbert(shards, out, model_class, local_attention: int):
+    """save_hf with modernbert-tiny's shape, the given window and the shards' special tokens."""
+    from data_prep import ShardDataset
+
+    special = ShardDataset(shards / "seq32").special_ids
+    return save_hf(
+        shards, out, model_class,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        local_attention=local_attention, max_position_embeddings=128, pad_token_id=special["pad"],
+        cls_token_id=special["cls"], sep_token_id=special["sep"], bos_token_id=special["cls"],
+        eos_token_id=special["sep"],
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def hf_bert(shards, tmp_path_factory):
     from transformers import BertForMaskedLM

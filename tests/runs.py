@@ -89,10 +89,11 @@ def finish(proc, timeout=240) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def finished_run(config, tmp_path_factory, name: str, *overrides) -> Path:
-    """The run directory of a run of `config` with `overrides` that finished (the reference runs)."""
+def finished_run(config, tmp_path_factory, name: str, *overrides, module="pipeline.train") -> Path:
+    """The run directory of a run of `config` with `overrides` (of `module`, as deepspeed's) that finished (the
+    reference runs)."""
     run_dir = tmp_path_factory.mktemp(name) / "run"
-    code, out = finish(deepspeed(config, run_dir, *overrides))
+    code, out = finish(deepspeed(config, run_dir, *overrides, module=module))
     assert code == 0, out
     return run_dir
 
@@ -216,3 +217,52 @@ def finetune_test_config(run_dir, task_dir, init_from, deepspeed) -> dict:
         "checkpoint": {"interval": 3, "keep": 2},
         "log": {"interval": 5},
     }
+
+
+def finetune(config, run_dir, *overrides, script=None):
+    """`earlybert finetune` (or a fault-injecting `script`) on 2 ranks under the deepspeed launcher."""
+    return deepspeed(config, run_dir, *overrides, script=script, module="pipeline.finetune")
+
+
+def read(run_dir, name) -> dict:
+    return json.loads((Path(run_dir) / name).read_text())
+
+
+def evals(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]
+
+
+def assert_same_finetuning(run_dir, reference) -> None:
+    """A fine-tuning run (resumed) drew the reference's ticket and logged its losses (1e-6) and final metrics."""
+    assert read(run_dir, "ticket.json")["mask_digest"] == read(reference, "ticket.json")["mask_digest"]
+    got, ref = metrics(run_dir), metrics(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for g, r in zip(got, ref):
+        assert g["loss"] == pytest.approx(r["loss"], abs=1e-6), f"step {g['step']}"
+    assert evals(run_dir)[-1]["metrics"] == evals(reference)[-1]["metrics"]
+
+
+def write_squad_files(corpus: Path, out: Path) -> tuple[Path, Path]:
+    """SQuAD-format train.json (40 questions) and dev.json (8) in `out`, made from the lines of `corpus` (the answer:
+    the words after a phrase of the context). The first answer is deliberately not in its context."""
+    paragraphs, n = [], 0
+    for line in corpus.read_text().splitlines():
+        words = line.split()
+        if len(words) < 30 or n >= 48:
+            continue
+        context = " ".join(words[:60])
+        answer = " ".join(words[10:13])
+        qas = [
+            {
+                "id": f"q{n}",
+                "question": f"what follows {' '.join(words[7:10])}?",
+                "answers": [{"text": answer, "answer_start": context.index(answer)}],
+            }
+        ]
+        paragraphs.append({"context": context, "qas": qas})
+        n += 1
+    paragraphs[0]["qas"][0]["answers"][0]["answer_start"] += 1  # not in its context any more
+    files = out / "train.json", out / "dev.json"
+    for path, part in zip(files, (paragraphs[:40], paragraphs[40:])):
+        path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": part}]}))
+    return files

@@ -14,21 +14,21 @@ import sys
 import pytest
 import yaml
 
-from runs import BIN, REPO, deepspeed, faulty_train, finish, metrics, run_env
+from runs import (
+    BIN,
+    REPO,
+    assert_same_finetuning,
+    evals,
+    faulty_train,
+    finetune,
+    finish,
+    metrics,
+    read,
+    run_env,
+    write_squad_files,
+)
 
 pytestmark = pytest.mark.slow  # launches ranks
-
-
-def finetune(config, run_dir, *overrides, script=None):
-    return deepspeed(config, run_dir, *overrides, script=script, module="pipeline.finetune")
-
-
-def read(run_dir, name):
-    return json.loads((run_dir / name).read_text())
-
-
-def evals(run_dir):
-    return [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +120,7 @@ def test_killed_around_the_draw_resumes_to_the_same_losses_and_metrics(ft_config
     code, out = finish(finetune(ft_config, run_dir))
     assert code == 0, out
     assert "resumed from" in out
-    assert read(run_dir, "ticket.json")["mask_digest"] == read(ft_reference, "ticket.json")["mask_digest"]
-    got, ref = metrics(run_dir), metrics(ft_reference)
-    assert [r["step"] for r in got] == [r["step"] for r in ref]
-    for g, r in zip(got, ref):
-        assert g["loss"] == pytest.approx(r["loss"], abs=1e-6), f"step {g['step']}"
-    assert evals(run_dir)[-1]["metrics"] == evals(ft_reference)[-1]["metrics"]
+    assert_same_finetuning(run_dir, ft_reference)
 
 
 def one_process(args, cwd=REPO):
@@ -167,27 +162,9 @@ def test_an_empty_validation_split_is_refused(ft_config, task_files, tmp_path):
 
 
 def test_question_answering_on_squad_json(hf_bert, shards, tmp_path):
-    """SQuAD-format JSON made from the corpus (the answer: the words after a phrase of the context);
-    one answer deliberately not in its context is counted and skipped, not dropped silently."""
-    paragraphs, n = [], 0
-    for line in (shards / "corpus.txt").read_text().splitlines():
-        words = line.split()
-        if len(words) < 30 or n >= 48:
-            continue
-        context = " ".join(words[:60])
-        answer = " ".join(words[10:13])
-        qas = [
-            {
-                "id": f"q{n}",
-                "question": f"what follows {' '.join(words[7:10])}?",
-                "answers": [{"text": answer, "answer_start": context.index(answer)}],
-            }
-        ]
-        paragraphs.append({"context": context, "qas": qas})
-        n += 1
-    paragraphs[0]["qas"][0]["answers"][0]["answer_start"] += 1  # not in its context any more
-    for name, part in (("train.json", paragraphs[:40]), ("dev.json", paragraphs[40:])):
-        (tmp_path / name).write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": part}]}))
+    """SQuAD-format JSON made from the corpus (runs.write_squad_files); the answer deliberately not in its context
+    is counted and skipped, not dropped silently."""
+    write_squad_files(shards / "corpus.txt", tmp_path)
     config = tmp_path / "qa.yaml"
     config.write_text(
         yaml.safe_dump(

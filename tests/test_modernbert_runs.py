@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import ModernBertConfig, ModernBertModel
 
-from conftest import save_hf
+from conftest import save_hf_modernbert
 from data_prep import ShardDataset
 from pipeline import families
 from pipeline.config import ConfigError
@@ -83,13 +83,7 @@ def mb_config(config, tmp_path_factory):
 def hf_encoder(shards, tmp_path_factory):
     """transformers' ModernBertModel (the encoder alone, no MLM head) saved by save_pretrained: modernbert-tiny's
     shape with the runs' window, the shards' tokenizer and special tokens."""
-    special = ShardDataset(shards / "seq32").special_ids
-    return save_hf(
-        shards, tmp_path_factory.mktemp("hf_modernbert_encoder"), ModernBertModel,
-        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, local_attention=WINDOW,
-        max_position_embeddings=128, pad_token_id=special["pad"], cls_token_id=special["cls"],
-        sep_token_id=special["sep"], bos_token_id=special["cls"], eos_token_id=special["sep"],
-    )  # fmt: skip
+    return save_hf_modernbert(shards, tmp_path_factory.mktemp("hf_modernbert_encoder"), ModernBertModel, WINDOW)
 
 
 @pytest.fixture(scope="module")

@@ -45,11 +45,11 @@ class FineTuneError(ValueError):
 
 @dataclass
 class FinetuneModelConfig:
-    # A Hugging Face BERT directory, an `earlybert export` directory, or a pre-training run directory
-    # (its latest checkpoint; a pruned structure is built as saved).
+    # A Hugging Face BERT or ModernBERT directory, an `earlybert export` directory, or a pre-training run directory
+    # (its latest checkpoint; a pruned structure is built as saved). The model family is the source's.
     init_from: str
     tokenizer: str | None = None  # tokenizer.json or a directory; default: the one that comes with init_from
-    overrides: dict = field(default_factory=dict)  # EarlyBertConfig fields, e.g. {hidden_dropout_prob: 0.1}
+    overrides: dict = field(default_factory=dict)  # the family's config fields, e.g. {hidden_dropout_prob: 0.1}
 
 
 @dataclass

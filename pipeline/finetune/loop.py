@@ -10,7 +10,7 @@
 
 The stages of a run (`earlybert.mode`):
     earlybert, fixed, random   search (gates + L1, until the ticket is drawn), then ticket (the pruned model)
-    dense                      dense (plain BERT, the baseline)
+    dense                      dense (the model without gates: the baseline)
     a model pruned by EarlyBERT pre-training is a ticket already: ticket only, no search
 
 The same launchers, checkpoints and signals as `earlybert train`: relaunching the command resumes from

@@ -1,22 +1,35 @@
 """Where a fine-tuning run starts, decided before any process group: the checkpoint resumed (checked against the
 task and the tokenizer), or the pre-trained encoder with a new task head, from a Hugging Face or `earlybert
-export` directory or from a pre-training run."""
+export` directory or from a pre-training run.
+
+The model family (BERT, ModernBERT: pipeline/families.py) is the source's: a directory's config.json model_type
+(transformers' "bert" / "modernbert", or ours, "earlybert" / "earlymodernbert", as an export of a pruned ticket
+writes it), or a run's checkpoint architecture.json. The task's model is the family's class for the Auto class
+of the task kind (TASK_AUTO_CLASSES)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from pipeline.config import ConfigError
+from pipeline.families import Family, family_of
 from pipeline.finetune.config import FinetuneConfig, FineTuneError
 from pipeline.finetune.data import Task
 from pipeline.finetune.tasks import TaskSpec
-from pipeline.model import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
 from pipeline.run import checkpoint
 from pipeline.run.checkpoint import RunState
 from pipeline.run.resume import Start, execution_options
 from pipeline.run.rundir import RunDir
+
+# The transformers Auto class whose model a task kind trains; the family's own class for it is in Family.classes.
+TASK_AUTO_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "regression": "AutoModelForSequenceClassification",
+    "qa": "AutoModelForQuestionAnswering",
+}
 
 
 def check_tokenizer_fits(cfg: FinetuneConfig, task: Task, model_config) -> None:
@@ -29,10 +42,14 @@ def check_tokenizer_fits(cfg: FinetuneConfig, task: Task, model_config) -> None:
         )
 
 
-def task_fields(spec: TaskSpec) -> dict:
+def task_class(family: Family, spec: TaskSpec) -> type:
+    """The family's model class for the task kind."""
+    return family.classes[TASK_AUTO_CLASSES[spec.kind]]
+
+
+def task_fields(family: Family, spec: TaskSpec) -> dict:
     """What a config needs to build the task's model, and what an export keeps of it."""
-    cls = EarlyBertForQuestionAnswering if spec.kind == "qa" else EarlyBertForSequenceClassification
-    fields = {"architectures": [cls.__name__], "num_labels": spec.num_labels}
+    fields = {"architectures": [task_class(family, spec).__name__], "num_labels": spec.num_labels}
     if spec.kind == "classification":
         fields.update(id2label=spec.id2label, label2id=spec.label2id, problem_type="single_label_classification")
     elif spec.kind == "regression":
@@ -48,8 +65,9 @@ def find_start(cfg: FinetuneConfig, task: Task) -> tuple[Start, torch.nn.Module 
     if tag is not None:
         state, architecture = checkpoint.read_tag(rundir.checkpoints, tag)
         where = rundir.checkpoints / tag
+        family = family_of(architecture)
         if (
-            architecture.get("architectures") != task_fields(task.spec)["architectures"]
+            architecture.get("architectures") != task_fields(family, task.spec)["architectures"]
             or architecture.get("num_labels", 2) != task.spec.num_labels
         ):
             raise ConfigError(
@@ -62,40 +80,70 @@ def find_start(cfg: FinetuneConfig, task: Task) -> tuple[Start, torch.nn.Module 
                 f"{where} was fine-tuned with another tokenizer than {source}'s; use the run's "
                 f"model.init_from (and model.tokenizer) or a new run_dir"
             )
-        config = EarlyBertConfig.from_dict({**architecture, **execution_options(cfg.model.overrides)})
+        config = family.config_class.from_dict({**architecture, **execution_options(cfg.model.overrides)})
         return Start(tag, state, config), None
     model = initial_model(cfg, task.spec)
     return Start(None, RunState(tokenizer_hash=task.tokenizer_hash), model.config), model
 
 
+def check_overrides(family: Family, overrides: dict) -> None:
+    """transformers' configs keep unknown keyword arguments as attributes: a typo, or another family's field (BERT's
+    hidden_dropout_prob for a ModernBERT), would be silently ignored."""
+    unknown = sorted(set(overrides) - set(family.config_class().to_dict()))
+    if unknown:
+        raise FineTuneError(
+            f"model.overrides: {', '.join(unknown)} are not {family.config_class.__name__} fields (model.init_from "
+            f"is a {family.name} model)"
+        )
+
+
 def initial_model(cfg: FinetuneConfig, spec: TaskSpec) -> torch.nn.Module:
     """The pre-trained encoder with a new task head: from a Hugging Face or `earlybert export` directory,
     or from a pre-training run's latest checkpoint. Gates (initialised to 1) unless the mode is dense."""
-    fields = {**task_fields(spec), "use_gates": cfg.earlybert.use_gates, **cfg.model.overrides}
-    cls = EarlyBertForQuestionAnswering if spec.kind == "qa" else EarlyBertForSequenceClassification
     source = Path(cfg.model.init_from)
     torch.manual_seed(cfg.seed)  # the new head's initialisation, the same on every rank
     if RunDir(source).checkpoints.is_dir():
-        from pipeline.tools.export import ExportError, load_run_model
-
-        try:
-            pretrained, _ = load_run_model(source)
-        except ExportError as e:
-            raise FineTuneError(str(e)) from None
-        config = EarlyBertConfig.from_dict({**pretrained.config.to_dict(), **fields})
-        model = cls(config)
-        encoder = {k: v for k, v in pretrained.state_dict().items() if k.startswith("bert.")}
-        _, unexpected = model.load_state_dict(encoder, strict=False)
-        if unexpected:
-            raise FineTuneError(f"{source}: the checkpoint's encoder does not fit {cls.__name__}: {unexpected[:5]}")
-        return model
+        return model_from_run(cfg, spec, source)
     if not (source / "config.json").is_file():
         raise FineTuneError(
-            f"model.init_from {source} is neither a model directory (config.json and weights: a "
-            f"Hugging Face BERT or an `earlybert export`) nor a run directory with checkpoints/"
+            f"model.init_from {source} is neither a model directory (config.json and weights: a Hugging Face BERT "
+            f"or ModernBERT, or an `earlybert export`) nor a run directory with checkpoints/"
         )
     try:
-        config = EarlyBertConfig.from_pretrained(str(source), **fields)
-        return cls.from_pretrained(str(source), config=config)
+        family = family_of(PretrainedConfig.get_config_dict(str(source))[0])
+    except (OSError, ValueError) as e:
+        raise FineTuneError(f"model.init_from {source}: {e}") from e
+    check_overrides(family, cfg.model.overrides)
+    try:
+        config = family.config_class.from_pretrained(str(source), **fields_for(cfg, family, spec))
+        return task_class(family, spec).from_pretrained(str(source), config=config)
     except (OSError, ValueError) as e:
         raise FineTuneError(f"cannot load the model in {source}: {e}") from e
+
+
+def fields_for(cfg: FinetuneConfig, family: Family, spec: TaskSpec) -> dict:
+    return {**task_fields(family, spec), "use_gates": cfg.earlybert.use_gates, **cfg.model.overrides}
+
+
+def model_from_run(cfg: FinetuneConfig, spec: TaskSpec, source: Path) -> torch.nn.Module:
+    """The task model of a pre-training run's family with the run's encoder (every weight under the task class's
+    base_model_prefix: "bert.", "model.") and the parts of the task head the pre-training model has under the same
+    names: none for BERT; ModernBERT's head (dense, norm) is its MLM head's, as transformers' ModernBertFor* load it
+    from a ModernBertForMaskedLM checkpoint, so that a run and its export (a ModernBertForMaskedLM) start alike."""
+    from pipeline.tools.export import ExportError, load_run_model
+
+    try:
+        pretrained, tag = load_run_model(source)
+        _, architecture = checkpoint.read_tag(RunDir(source).checkpoints, tag)
+        family = family_of(architecture)
+    except (ExportError, checkpoint.CheckpointError, ValueError) as e:
+        raise FineTuneError(str(e)) from None
+    check_overrides(family, cfg.model.overrides)
+    cls = task_class(family, spec)
+    model = cls(family.config_class.from_dict({**architecture, **fields_for(cfg, family, spec)}))
+    encoder, own = cls.base_model_prefix + ".", model.state_dict()
+    weights = {k: v for k, v in pretrained.state_dict().items() if k.startswith(encoder) or k in own}
+    _, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise FineTuneError(f"{source}: the checkpoint's encoder does not fit {cls.__name__}: {unexpected[:5]}")
+    return model
