@@ -12,7 +12,7 @@ from pipeline.config import ConfigError
 from pipeline.finetune.config import FinetuneConfig, FineTuneError
 from pipeline.finetune.data import Task
 from pipeline.finetune.tasks import TaskSpec
-from pipeline.model import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
+from pipeline.model import AUTO_CLASSES, EarlyBertConfig
 from pipeline.run import checkpoint
 from pipeline.run.checkpoint import RunState
 from pipeline.run.resume import Start, execution_options
@@ -31,10 +31,12 @@ def check_tokenizer_fits(cfg: FinetuneConfig, task: Task, model_config) -> None:
 
 def task_fields(spec: TaskSpec) -> dict:
     """What a config needs to build the task's model, and what an export keeps of it."""
-    cls = EarlyBertForQuestionAnswering if spec.kind == "qa" else EarlyBertForSequenceClassification
+    cls = AUTO_CLASSES[spec.auto_class]  # tokcls: the merge replaces this with the family's classes
     fields = {"architectures": [cls.__name__], "num_labels": spec.num_labels}
+    if spec.kind in ("classification", "token_classification"):
+        fields.update(id2label=spec.id2label, label2id=spec.label2id)
     if spec.kind == "classification":
-        fields.update(id2label=spec.id2label, label2id=spec.label2id, problem_type="single_label_classification")
+        fields.update(problem_type="single_label_classification")
     elif spec.kind == "regression":
         fields.update(problem_type="regression")
     return fields
@@ -72,7 +74,7 @@ def initial_model(cfg: FinetuneConfig, spec: TaskSpec) -> torch.nn.Module:
     """The pre-trained encoder with a new task head: from a Hugging Face or `earlybert export` directory,
     or from a pre-training run's latest checkpoint. Gates (initialised to 1) unless the mode is dense."""
     fields = {**task_fields(spec), "use_gates": cfg.earlybert.use_gates, **cfg.model.overrides}
-    cls = EarlyBertForQuestionAnswering if spec.kind == "qa" else EarlyBertForSequenceClassification
+    cls = AUTO_CLASSES[spec.auto_class]  # tokcls: the merge replaces this with the family's classes
     source = Path(cfg.model.init_from)
     torch.manual_seed(cfg.seed)  # the new head's initialisation, the same on every rank
     if RunDir(source).checkpoints.is_dir():
