@@ -438,13 +438,14 @@ def test_token_data_errors(tmp_path):
         [NER_TRAIN[1], {"tokens": ["a", "b"], "ner_tags": ["O"]}],
     )
     fails(
-        rf"{dev}: tag\(s\) B-ORG are not among the tags of the training data .*train.jsonl.: B-LOC, B-PER, I-LOC, O",
+        rf"{dev}: tag\(s\) B-ORG are not among the tags of the training data .*train.jsonl., which are B-LOC, B-PER",
         [{"tokens": ["Acme"], "ner_tags": ["B-ORG"]}],
     )
     fails(f"{dev}: row 1: tokens is 'c d', not a list", [NER_TRAIN[1], {"tokens": "c d", "ner_tags": ["O", "O"]}])
     fails(f"{dev}: row 0: ner_tags is None, not a list", [{"tokens": ["a"], "ner_tags": None}])
     fails(f"{dev}: row 0: tokens holds a non-word", [{"tokens": ["a", None], "ner_tags": ["O", "O"]}])
     fails(r"holds 1.5 among its tags; give every tag as a name", [{"tokens": ["a"], "ner_tags": [1.5]}])
+    fails(r"task.num_labels=3 but the task has 4 tags \(B-LOC, B-PER, I-LOC, O\)", [NER_TRAIN[1]], num_labels=3)
     ids = [{"tokens": ["a", "b"], "ner_tags": [0, 1]}]
     fails(
         r"tag id\(s\) 7 do not fit the 2 tags O, B-X",
@@ -510,3 +511,34 @@ def test_entity_level_scores_of_a_hand_made_case():
     expected = {"f1": 4 / 7, "precision": 2 / 3, "recall": 1 / 2, "accuracy": 5 / 7}  # 5 of 7 words tagged right
     assert compute_metrics(spec, logits, true) == pytest.approx(expected)
     assert list(compute_metrics(spec, logits, true))[0] == "f1"  # the number the run is judged by
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_each_familys_token_classifier_takes_a_collated_batch(tokenizer, family):
+    """The family's class for spec.auto_class (as start.py chooses it) trains on a collated batch of tagged words:
+    its loss is the cross-entropy of the labelled tokens alone, and its per-token logits are scored."""
+    import torch
+
+    from pipeline.families import FAMILIES
+    from pipeline.finetune.data import collate
+
+    rows = Dataset.from_dict(
+        {"tokens": [["the", "capitalisation", "of", "france"], ["paris"]], "ner_tags": [[1, 2, 1, 0], [0]]}
+    )
+    spec = tasks.TaskSpec("token_classification", ("tokens",), "ner_tags", "seqeval", ("B-LOC", "O", "B-X"))
+    features, _ = encode_token_classification(rows, tokenizer, spec, max_length=16)
+    batch = collate(features, [0, 1], tokenizer)
+    f = FAMILIES[family]
+    torch.manual_seed(0)
+    fields = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=spec.num_labels)
+    config = f.preset(f.default_preset, **fields)
+    model = f.classes[spec.auto_class](config).eval()
+    out = model(**batch)
+    assert out.logits.shape == (*batch["input_ids"].shape, 3)
+    scored = batch["labels"] != -100
+    assert scored.sum() == 5
+    expected = torch.nn.functional.cross_entropy(out.logits[scored], batch["labels"][scored])
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    logits = [x[:n].detach().numpy() for x, n in zip(out.logits, lengths)]
+    assert set(compute_metrics(spec, logits, features["labels"])) == {"f1", "precision", "recall", "accuracy"}

@@ -8,12 +8,11 @@ tests/test_hf_export.py checks.)"""
 
 import json
 import string
-import subprocess
 
 import pytest
 import yaml
 
-from runs import BIN, REPO, architecture, deepspeed, finetune_test_config, finish, metrics, run_env, ticket
+from runs import REPO, architecture, deepspeed, finetune_test_config, finish, metrics, ticket
 
 pytestmark = pytest.mark.slow  # launches ranks
 
@@ -77,17 +76,10 @@ def test_the_tagger_exports_and_loads_as_a_transformers_token_classifier(ner_run
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from pipeline.tools.export import load_run_model
+    from pipeline.tools.export import export_run, load_run_model
 
     out = tmp_path / "export"
-    done = subprocess.run(
-        [str(BIN / "earlybert"), "export", str(ner_run), "--output", str(out)],
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    assert export_run(ner_run, out)["class"] == "EarlyBertForTokenClassification"  # the command's code, in-process
     exported = AutoModelForTokenClassification.from_pretrained(out, trust_remote_code=True).eval()
     assert type(exported).__name__ == "EarlyBertForTokenClassification"
     assert exported.config.id2label == dict(enumerate(TAGS)) and exported.config.num_heads_per_layer == [3, 3]

@@ -60,8 +60,8 @@ class TaskError(ValueError):
 class TaskConfig:
     """The `task` section of the fine-tuning config. None means: the named task's default, else the generic one."""
 
-    kind: str | None = None  # classification, regression, qa or token_classification; None: from `name`, else
-    # classification
+    # classification, regression, qa or token_classification; None: from `name`, else classification
+    kind: str | None = None
     name: str | None = None  # cola sst2 mrpc qqp stsb mnli qnli rte wnli squad squad_v2: defaults for the rest
     dataset: str | None = None  # hub dataset: "glue/sst2" = load_dataset("glue", "sst2"); "owner/name:" = no config
     train_files: list[str] = field(default_factory=list)  # local files: CSV, TSV, JSONL, Parquet; SQuAD JSON for qa
@@ -467,13 +467,7 @@ def _encode_labels(
                 f"{', '.join(sources.values())}: {len(names)} label names ({', '.join(names)}) but "
                 f"task.num_labels={num_labels}; fix task.num_labels or remove it"
             )
-        ids = {name: i for i, name in enumerate(names)}
-        for split, labels in values.items():
-            unknown = sorted(set(labels) - set(ids))
-            if unknown:
-                raise TaskError(
-                    f"{sources[split]}: label(s) {', '.join(unknown)} are not among {known} {', '.join(names)}"
-                )
+        ids = _name_ids(values, names, sources, "label", known)
         data = {
             split: rows.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True)
             for split, rows in data.items()
@@ -503,6 +497,20 @@ def _encode_labels(
         names = names or tuple(str(i) for i in range(count))
     data = {split: rows.cast_column(column, Value("int64")) for split, rows in data.items()}
     return data, replace(spec, label_names=tuple(names))
+
+
+def _name_ids(
+    values: dict[str, list[str]], names: tuple[str, ...], sources: dict[str, str], what: str, known: str, fix: str = ""
+) -> dict[str, int]:
+    """name -> id, in the order of `names`; a split with other values is a TaskError naming them and `known`."""
+    ids = {name: i for i, name in enumerate(names)}
+    for split, split_values in values.items():
+        unknown = sorted(set(split_values) - set(ids))
+        if unknown:
+            raise TaskError(
+                f"{sources[split]}: {what}(s) {', '.join(unknown)} are not among {known} {', '.join(names)}{fix}"
+            )
+    return ids
 
 
 def _class_label_names(rows: Dataset, column: str) -> tuple[str, ...]:
@@ -541,8 +549,6 @@ def _encode_tags(
     tags = {split: [t for row in rows[column] for t in row] for split, rows in data.items()}
     feature = getattr(data["train"].features[column], "feature", None)
     names = spec.label_names or (tuple(feature.names) if isinstance(feature, ClassLabel) else ())
-    if num_labels is not None and names and num_labels != len(names):
-        raise TaskError(f"task.num_labels={num_labels} but the task has {len(names)} tags; remove task.num_labels")
     by_name = all(isinstance(t, str) for t in tags["train"])
     for split, split_tags in tags.items():
         bad = [t for t in split_tags if not (isinstance(t, str) if by_name else _is_id(t))]
@@ -552,16 +558,9 @@ def _encode_tags(
                 f"(string) or every tag as an id (integer), in every split"
             )
     if by_name:
-        known = "task.label_names" if names else f"the tags of the training data ({sources['train']})"
+        known = "task.label_names" if names else f"the tags of the training data ({sources['train']}), which are"
         names = names or tuple(sorted(set(tags["train"])))
-        ids = {name: i for i, name in enumerate(names)}
-        for split, split_tags in tags.items():
-            unknown = sorted(set(split_tags) - set(ids))
-            if unknown:
-                raise TaskError(
-                    f"{sources[split]}: tag(s) {', '.join(unknown)} are not among {known}: {', '.join(names)}; "
-                    f"a tag the model never trains on is always scored wrong: fix the data or set task.label_names"
-                )
+        ids = _name_ids(tags, names, sources, "tag", known, "; fix the data or set task.label_names")
         data = {
             split: rows.map(lambda batch: {column: [[ids[t] for t in row] for row in batch[column]]}, batched=True)
             for split, rows in data.items()
@@ -579,6 +578,11 @@ def _encode_tags(
                     f"{sources[split]}: tag id(s) {', '.join(map(str, outside))} do not fit the {len(names)} "
                     f"tags {', '.join(names)} (ids 0..{len(names) - 1}); fix the data or task.label_names"
                 )
+    if num_labels is not None and num_labels != len(names):
+        raise TaskError(
+            f"task.num_labels={num_labels} but the task has {len(names)} tags ({', '.join(names)}); "
+            f"fix task.num_labels or remove it"
+        )
     metric = "seqeval" if all(map(is_chunk_tag, names)) else "token_accuracy"
     return data, replace(spec, label_names=tuple(names), metric=metric)
 
