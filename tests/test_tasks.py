@@ -7,7 +7,7 @@ import math
 import datasets
 import numpy as np
 import pytest
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 
 from pipeline.finetune import tasks
 from pipeline.finetune.tasks import (
@@ -15,6 +15,7 @@ from pipeline.finetune.tasks import (
     TaskError,
     compute_metrics,
     encode_classification,
+    encode_token_classification,
     load_task,
     task_spec,
 )
@@ -265,6 +266,11 @@ def test_encode_pairs_and_count_truncation(tokenizer):
         (dict(dataset="glue/rte", train_files=["x.csv"]), "task.dataset and task.train_files are both set"),
         (dict(kind="qa", train_files=["x.json"], max_query_length=126), "leaves no room for the context"),
         (dict(train_files=["x.csv"], doc_stride=0), "task.doc_stride must be >= 1"),
+        (dict(kind="token_classification", train_files=["x.jsonl"], text_fields=["a", "b"]), "token_classific"),
+        (dict(kind="regression", train_files=["x.csv"], label_names=["a", "b"]), "a regression task has no class"),
+        (dict(name="sst2", label_names=["a", "b"]), "task.name sst2 has its own labels"),
+        (dict(train_files=["x.csv"], label_names=["O", "O"]), "a list of distinct names"),
+        (dict(train_files=["x.csv"], label_names=["O", "B-X"], num_labels=3), "task.label_names has 2 names"),
     ],
 )
 def test_config_errors(cfg, message):
@@ -361,3 +367,178 @@ def test_the_tokenizer_hash_does_not_depend_on_the_datasets_cache(ft_config, tmp
     cold, warm = prepare_task(cfg), prepare_task(cfg)
     assert cold.tokenizer_hash == warm.tokenizer_hash
     assert cold.tokenizer.backend_tokenizer.truncation is not None  # the cold encode did leave its state
+
+
+# ---- token classification ---------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+NER_TRAIN = [
+    {"tokens": ["Ann", "visited", "New", "York"], "ner_tags": ["B-PER", "O", "B-LOC", "I-LOC"]},
+    {"tokens": ["Bob", "slept"], "ner_tags": ["B-PER", "O"]},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_string_tags_are_numbered_in_sorted_order(tmp_path, suffix):
+    header = ["tokens", "ner_tags"]
+    rows = [[r["tokens"], r["ner_tags"]] for r in NER_TRAIN]
+    train = write_rows(tmp_path / f"train{suffix}", rows, header)
+    dev = write_rows(tmp_path / f"dev{suffix}", rows[1:], header)
+    data = load_task(TaskConfig(kind="token_classification", train_files=[train], validation_files=[dev]))
+    spec = data.spec
+    assert spec.label_names == ("B-LOC", "B-PER", "I-LOC", "O") and spec.num_labels == 4
+    assert spec.metric == "seqeval" and spec.auto_class == "AutoModelForTokenClassification"
+    assert data.train["ner_tags"] == [[1, 3, 0, 2], [1, 3]] and data.validation["validation"]["ner_tags"] == [[1, 3]]
+
+
+def test_tag_ids_take_their_names_from_the_hub_feature_or_the_config(tmp_path, monkeypatch):
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    features = Features({"words": Sequence(Value("string")), "tags": Sequence(ClassLabel(names=names))})
+    split = Dataset.from_dict({"words": [["Ann", "ran"]], "tags": [[1, 0]]}, features=features)
+    monkeypatch.setattr(tasks, "load_dataset", lambda path, config: DatasetDict({"train": split, "validation": split}))
+    cfg = TaskConfig(kind="token_classification", dataset="conll2003", text_fields=["words"], label_field="tags")
+    data = load_task(cfg)
+    assert data.spec.label_names == tuple(names) and data.train["tags"] == [[1, 0]]
+    monkeypatch.undo()
+
+    ids = write_jsonl(tmp_path / "ids.jsonl", [{"tokens": ["Ann", "ran"], "ner_tags": [1, 0]}])
+    data = load_task(TaskConfig(kind="token_classification", train_files=[ids], label_names=names))
+    assert data.spec.id2label[1] == "B-PER" and data.train["ner_tags"] == [[1, 0]]
+    with pytest.raises(TaskError, match=f"{ids}: column ner_tags holds tag ids without their names; set task.label"):
+        load_task(TaskConfig(kind="token_classification", train_files=[ids]))
+
+
+def test_tags_that_are_no_chunks_are_scored_by_token_accuracy(tmp_path):
+    pos = write_jsonl(tmp_path / "pos.jsonl", [{"tokens": ["Ann", "ran"], "pos_tags": ["NNP", "VBD"]}])
+    data = load_task(TaskConfig(kind="token_classification", train_files=[pos], label_field="pos_tags"))
+    assert data.spec.metric == "token_accuracy"
+    # tags per feature, [CLS] and later sub-tokens ignored: 2 of the 3 scored tokens right
+    labels = [[-100, 0, 1, -100], [-100, 1, -100]]
+    assert compute_metrics(data.spec, [[1, 0, 0, 1], [0, 1, 0]], labels) == {"accuracy": 2 / 3}
+
+
+def test_token_data_errors(tmp_path):
+    def fails(message, rows, train_rows=NER_TRAIN, **cfg):
+        train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+        validation = write_jsonl(tmp_path / "dev.jsonl", rows)
+        with pytest.raises(TaskError, match=message):
+            load_task(
+                TaskConfig(kind="token_classification", train_files=[train], validation_files=[validation], **cfg)
+            )
+
+    dev = str(tmp_path / "dev.jsonl")
+    fails(f"{dev}: no column ner_tags; its columns are tokens, tags", [{"tokens": ["a"], "tags": ["O"]}])
+    fails(
+        f"{dev}: row 1 has 2 words .tokens. but 1 tags .ner_tags.; give one tag per word",
+        [NER_TRAIN[1], {"tokens": ["a", "b"], "ner_tags": ["O"]}],
+    )
+    fails(
+        rf"{dev}: tag\(s\) B-ORG are not among the tags of the training data .*train.jsonl., which are B-LOC, B-PER",
+        [{"tokens": ["Acme"], "ner_tags": ["B-ORG"]}],
+    )
+    fails(f"{dev}: row 1: tokens is 'c d', not a list", [NER_TRAIN[1], {"tokens": "c d", "ner_tags": ["O", "O"]}])
+    fails(f"{dev}: row 0: ner_tags is None, not a list", [{"tokens": ["a"], "ner_tags": None}])
+    fails(f"{dev}: row 0: tokens holds a non-word", [{"tokens": ["a", None], "ner_tags": ["O", "O"]}])
+    fails(r"holds 1.5 among its tags; give every tag as a name", [{"tokens": ["a"], "ner_tags": [1.5]}])
+    fails(r"task.num_labels=3 but the task has 4 tags \(B-LOC, B-PER, I-LOC, O\)", [NER_TRAIN[1]], num_labels=3)
+    ids = [{"tokens": ["a", "b"], "ner_tags": [0, 1]}]
+    fails(
+        r"tag id\(s\) 7 do not fit the 2 tags O, B-X",
+        [{"tokens": ["a"], "ner_tags": [7]}],
+        ids,
+        label_names=["O", "B-X"],
+    )
+    fails(
+        f"{dev}: column ner_tags holds 'O' among its tags",
+        [{"tokens": ["a"], "ner_tags": ["O"]}],
+        ids,
+        label_names=["O", "B-X"],
+    )
+
+
+def test_token_labels_sit_on_each_words_first_sub_token(tokenizer):
+    """transformers' alignment: a word's tag on its first sub-token, -100 on its other sub-tokens and on the
+    special tokens; a long row is cut to max_length, counted, and its cut words carry no label."""
+    words = ["the", "capitalisation", "of", "france"]
+    pieces = [tokenizer.tokenize(w) for w in words]
+    assert len(pieces[1]) > 1  # a word of several sub-tokens
+    rows = Dataset.from_dict({"tokens": [words, words * 10], "ner_tags": [[3, 1, 3, 0], [3, 1, 3, 0] * 10]})
+    spec = task_spec(TaskConfig(kind="token_classification", train_files=["unused.jsonl"]))
+    features, truncated = encode_token_classification(rows, tokenizer, spec, max_length=16)
+    assert truncated == 1
+    first = features[0]
+    assert tokenizer.convert_ids_to_tokens(first["input_ids"]) == ["[CLS]", *[p for w in pieces for p in w], "[SEP]"]
+    expected = [-100]
+    for tag, word_pieces in zip([3, 1, 3, 0], pieces):
+        expected += [tag] + [-100] * (len(word_pieces) - 1)
+    assert first["labels"] == expected + [-100]
+    assert first["token_type_ids"] == [0] * len(expected + [-100]) and sum(first["attention_mask"]) == len(expected) + 1
+    cut = features[1]
+    assert len(cut["input_ids"]) == len(cut["labels"]) == 16 and cut["labels"][: len(expected)] == expected
+    assert cut["labels"][-1] == -100 and tokenizer.convert_ids_to_tokens(cut["input_ids"])[-1] == "[SEP]"
+
+
+def test_collate_pads_token_labels_with_the_ignored_label(tokenizer):
+    from pipeline.finetune.data import collate
+
+    rows = Dataset.from_dict({"tokens": [["the", "cat"], ["the"]], "ner_tags": [[0, 1], [1]]})
+    spec = task_spec(TaskConfig(kind="token_classification", train_files=["unused.jsonl"]))
+    features, _ = encode_token_classification(rows, tokenizer, spec, max_length=16)
+    batch = collate(features, [0, 1], tokenizer)
+    assert batch["labels"].tolist() == [[-100, 0, 1, -100], [-100, 1, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_entity_level_scores_of_a_hand_made_case():
+    """CoNLL's counting: an entity is right only if its type and both ends are. True entities: PER (Ann), LOC (New
+    York), ORG (Acme), PER (Bob); predicted: PER (Ann) right, LOC (New) wrong end, ORG (Acme) right, none for Bob:
+    2 of 3 predicted entities right, 2 of 4 true ones found: P 2/3, R 1/2, F1 = 2PR/(P+R) = 4/7."""
+    names = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG")
+    spec = tasks.TaskSpec("token_classification", ("tokens",), "ner_tags", "seqeval", names)
+    ids = {name: i for i, name in enumerate(names)}
+
+    def features(*sentences):  # [CLS] tags [SEP] as ids; logits one-hot where logits are asked for
+        return [[-100] + [ids[t] for t in tags] + [-100] for tags in sentences]
+
+    true = features(["B-PER", "O", "B-LOC", "I-LOC"], ["B-ORG", "O", "B-PER"])
+    pred = features(["B-PER", "O", "B-LOC", "O"], ["B-ORG", "O", "O"])
+    logits = [np.eye(len(names))[np.maximum(p, 0)] for p in pred]
+    expected = {"f1": 4 / 7, "precision": 2 / 3, "recall": 1 / 2, "accuracy": 5 / 7}  # 5 of 7 words tagged right
+    assert compute_metrics(spec, logits, true) == pytest.approx(expected)
+    assert list(compute_metrics(spec, logits, true))[0] == "f1"  # the number the run is judged by
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_each_familys_token_classifier_takes_a_collated_batch(tokenizer, family):
+    """The family's class for spec.auto_class (as start.py chooses it) trains on a collated batch of tagged words:
+    its loss is the cross-entropy of the labelled tokens alone, and its per-token logits are scored."""
+    import torch
+
+    from pipeline.families import FAMILIES
+    from pipeline.finetune.data import collate
+
+    rows = Dataset.from_dict(
+        {"tokens": [["the", "capitalisation", "of", "france"], ["paris"]], "ner_tags": [[1, 2, 1, 0], [0]]}
+    )
+    spec = tasks.TaskSpec("token_classification", ("tokens",), "ner_tags", "seqeval", ("B-LOC", "O", "B-X"))
+    features, _ = encode_token_classification(rows, tokenizer, spec, max_length=16)
+    batch = collate(features, [0, 1], tokenizer)
+    f = FAMILIES[family]
+    torch.manual_seed(0)
+    fields = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=spec.num_labels)
+    config = f.preset(f.default_preset, **fields)
+    model = f.classes[spec.auto_class](config).eval()
+    out = model(**batch)
+    assert out.logits.shape == (*batch["input_ids"].shape, 3)
+    scored = batch["labels"] != -100
+    assert scored.sum() == 5
+    expected = torch.nn.functional.cross_entropy(out.logits[scored], batch["labels"][scored])
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    logits = [x[:n].detach().numpy() for x, n in zip(out.logits, lengths)]
+    assert set(compute_metrics(spec, logits, features["labels"])) == {"f1", "precision", "recall", "accuracy"}

@@ -14,10 +14,16 @@ import torch
 
 from common.launchers import launched_rank
 from pipeline.finetune.config import FinetuneConfig, FineTuneError
-from pipeline.finetune.tasks import TaskError, TaskSpec, encode_classification, load_task
+from pipeline.finetune.tasks import (
+    IGNORED_LABEL,
+    INPUTS,
+    TaskError,
+    TaskSpec,
+    encode_classification,
+    encode_token_classification,
+    load_task,
+)
 from pipeline.run.rundir import RunDir
-
-INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 @dataclass
@@ -62,11 +68,12 @@ def prepare_task(cfg: FinetuneConfig) -> Task:
             )
             validation[split] = (rows, features)
     else:
-        train, cut = encode_classification(data.train, tokenizer, data.spec, t.max_seq_length)
+        encode = encode_token_classification if data.spec.kind == "token_classification" else encode_classification
+        train, cut = encode(data.train, tokenizer, data.spec, t.max_seq_length)
         notes.append(f"train: {len(train)} examples, {cut} truncated to {t.max_seq_length} tokens")
         validation = {}
         for split, rows in data.validation.items():
-            features, cut = encode_classification(rows, tokenizer, data.spec, t.max_seq_length)
+            features, cut = encode(rows, tokenizer, data.spec, t.max_seq_length)
             validation[split] = (rows, features)
             notes.append(f"{split}: {len(features)} examples, {cut} truncated to {t.max_seq_length} tokens")
     if len(train) < cfg.global_batch_size:
@@ -93,15 +100,15 @@ def load_tokenizer(cfg: FinetuneConfig):
     source = Path(cfg.model.tokenizer or cfg.model.init_from)
     if not source.exists():
         raise FineTuneError(
-            f"{key} {source} does not exist: give a Hugging Face BERT directory, an `earlybert "
+            f"{key} {source} does not exist: give a Hugging Face BERT or ModernBERT directory, an `earlybert "
             f"export` directory or a pre-training run directory"
         )
     if RunDir(source).checkpoints.is_dir():
         source = RunDir(source).shards(0) / "tokenizer.json"
     elif source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
         raise FineTuneError(
-            f"{key} {source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): give a Hugging Face BERT "
-            f"directory, an `earlybert export` directory, a pre-training run directory, or model.tokenizer"
+            f"{key} {source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): give a Hugging Face BERT or "
+            f"ModernBERT directory, an `earlybert export` directory, a pre-training run directory, or model.tokenizer"
         )
     try:
         if source.is_file():
@@ -134,12 +141,14 @@ def step_examples(
 
 
 def collate(features, indices, tokenizer) -> dict[str, torch.Tensor]:
-    """Model inputs of the given features, padded to the longest of them (dynamic padding)."""
+    """Model inputs of the given features, padded to the longest of them (dynamic padding); per-token labels
+    (token classification) are padded with IGNORED_LABEL, which has no loss."""
     rows = features[[int(i) for i in indices]]
     longest = max(len(ids) for ids in rows["input_ids"])
-    pad = {"input_ids": tokenizer.pad_token_id, "token_type_ids": 0, "attention_mask": 0}
-    batch = {k: torch.tensor([row + [pad[k]] * (longest - len(row)) for row in rows[k]]) for k in INPUTS}
+    pad = {"input_ids": tokenizer.pad_token_id, "token_type_ids": 0, "attention_mask": 0, "labels": IGNORED_LABEL}
+    per_token = (*INPUTS, "labels") if "labels" in rows and isinstance(rows["labels"][0], list) else INPUTS
+    batch = {k: torch.tensor([row + [pad[k]] * (longest - len(row)) for row in rows[k]]) for k in per_token}
     for k in ("labels", "start_positions", "end_positions"):
-        if k in rows:
+        if k in rows and k not in batch:
             batch[k] = torch.tensor(rows[k])
     return batch

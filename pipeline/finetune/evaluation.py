@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def predict(run: FinetuneRun, features) -> list | None:
     """Every rank runs the model on its share of the features (the same number of batches on every rank:
-    ZeRO-3 gathers parameters collectively); rank 0 gets every feature's outputs, in order."""
+    ZeRO-3 gathers parameters collectively); rank 0 gets every feature's outputs, in order: logits (num_labels,),
+    per-token logits (T, num_labels) for token classification and (start, end) logits (T,) for QA, T the
+    feature's own length."""
     n, world, rank = len(features), run.dist.world_size, run.dist.rank
     per_rank = math.ceil(n / world)
     mine = [min(rank + world * i, n - 1) for i in range(per_rank)]
@@ -37,6 +39,8 @@ def predict(run: FinetuneRun, features) -> list | None:
         if run.task.kind == "qa":
             rows = zip(out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy())
             outputs += [(s[:length], e[:length]) for (s, e), length in zip(rows, lengths)]
+        elif run.task.kind == "token_classification":
+            outputs += [logits[:length] for logits, length in zip(out.logits.float().cpu().numpy(), lengths)]
         else:
             outputs += list(out.logits.float().cpu().numpy())
     run.engine.train()
@@ -74,6 +78,8 @@ def evaluate(run: FinetuneRun) -> dict | None:
                 t.null_score_diff_threshold,
             )
             results[split] = squad_metrics(answers, examples, v2)
+        elif run.task.kind == "token_classification":
+            results[split] = compute_metrics(run.task.spec, outputs, features["labels"])
         else:
             results[split] = compute_metrics(run.task.spec, np.stack(outputs), np.asarray(features["labels"]))
     return results if run.dist.is_main else None
@@ -100,7 +106,7 @@ def evaluate_and_log(run: FinetuneRun, stage: Stage, epoch: float) -> None:
 
 def main_metric(metrics: dict) -> float:
     """The number a run is judged by: the first metric of the first validation split (accuracy, F1,
-    Matthews correlation, Pearson, exact match, as the task's official metric puts first)."""
+    Matthews correlation, Pearson, exact match, entity F1, as the task's official metric puts first)."""
     first = next(iter(metrics.values()))
     return next(iter(first.values()))
 

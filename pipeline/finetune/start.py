@@ -5,7 +5,7 @@ export` directory or from a pre-training run.
 The model family (BERT, ModernBERT: pipeline/families.py) is the source's: a directory's config.json model_type
 (transformers' "bert" / "modernbert", or ours, "earlybert" / "earlymodernbert", as an export of a pruned ticket
 writes it), or a run's checkpoint architecture.json. The task's model is the family's class for the Auto class
-of the task kind (TASK_AUTO_CLASSES)."""
+of the task kind (pipeline/finetune/tasks.py: AUTO_CLASSES)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,6 @@ from pipeline.run.checkpoint import RunState
 from pipeline.run.resume import Start, execution_options
 from pipeline.run.rundir import RunDir
 
-# The transformers Auto class whose model a task kind trains; the family's own class for it is in Family.classes.
-TASK_AUTO_CLASSES = {
-    "classification": "AutoModelForSequenceClassification",
-    "regression": "AutoModelForSequenceClassification",
-    "qa": "AutoModelForQuestionAnswering",
-}
-
-
 def check_tokenizer_fits(cfg: FinetuneConfig, task: Task, model_config) -> None:
     """A tokenizer with more ids than the model has embeddings fails in the forward pass on its first rare word."""
     if len(task.tokenizer) > model_config.vocab_size:
@@ -44,14 +36,16 @@ def check_tokenizer_fits(cfg: FinetuneConfig, task: Task, model_config) -> None:
 
 def task_class(family: Family, spec: TaskSpec) -> type:
     """The family's model class for the task kind."""
-    return family.classes[TASK_AUTO_CLASSES[spec.kind]]
+    return family.classes[spec.auto_class]
 
 
 def task_fields(family: Family, spec: TaskSpec) -> dict:
     """What a config needs to build the task's model, and what an export keeps of it."""
     fields = {"architectures": [task_class(family, spec).__name__], "num_labels": spec.num_labels}
+    if spec.kind in ("classification", "token_classification"):
+        fields.update(id2label=spec.id2label, label2id=spec.label2id)
     if spec.kind == "classification":
-        fields.update(id2label=spec.id2label, label2id=spec.label2id, problem_type="single_label_classification")
+        fields.update(problem_type="single_label_classification")
     elif spec.kind == "regression":
         fields.update(problem_type="regression")
     return fields
