@@ -24,6 +24,7 @@ from pipeline.run.checkpoint import RunState
 from pipeline.run.resume import Start, execution_options
 from pipeline.run.rundir import RunDir
 
+
 def check_tokenizer_fits(cfg: FinetuneConfig, task: Task, model_config) -> None:
     """A tokenizer with more ids than the model has embeddings fails in the forward pass on its first rare word."""
     if len(task.tokenizer) > model_config.vocab_size:
