@@ -123,6 +123,19 @@ def save_hf_modernbert(shards, out, model_class, local_attention: int):
     )  # fmt: skip
 
 
+MODERNBERT_WINDOW = 16  # local_attention of the fine-tuning tests' ModernBERT: |i - j| <= 8
+
+
+@pytest.fixture(scope="session")
+def hf_modernbert(shards, tmp_path_factory):
+    """transformers' ModernBertForMaskedLM saved by save_pretrained: modernbert-tiny's shape with the window, the
+    shards' tokenizer and special tokens (random weights: there is no hub here)."""
+    from transformers import ModernBertForMaskedLM
+
+    out = tmp_path_factory.mktemp("hf_modernbert")
+    return save_hf_modernbert(shards, out, ModernBertForMaskedLM, MODERNBERT_WINDOW)
+
+
 @pytest.fixture(scope="session")
 def hf_bert(shards, tmp_path_factory):
     from transformers import BertForMaskedLM

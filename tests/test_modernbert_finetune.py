@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import BertForMaskedLM, ModernBertForMaskedLM
 
-from conftest import save_hf_modernbert
+from conftest import MODERNBERT_WINDOW as WINDOW
 from data_prep import ShardDataset
 from pipeline.finetune.config import FineTuneError, load_finetune_config
 from pipeline.finetune.start import initial_model
@@ -41,15 +41,6 @@ from runs import (
 )
 from test_hf_export import write_checkpoint
 from tiny import spread_gates
-
-WINDOW = 16  # local_attention: |i - j| <= 8
-
-
-@pytest.fixture(scope="module")
-def hf_modernbert(shards, tmp_path_factory):
-    """transformers' ModernBertForMaskedLM saved by save_pretrained: modernbert-tiny's shape with the window, the
-    shards' tokenizer and special tokens (random weights: there is no hub here)."""
-    return save_hf_modernbert(shards, tmp_path_factory.mktemp("hf_modernbert"), ModernBertForMaskedLM, WINDOW)
 
 
 def write_config(path, init_from, task_files, **changes):

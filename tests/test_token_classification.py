@@ -1,10 +1,10 @@
-"""`earlybert finetune` on a token classification task end to end on CPU: the tiny Hugging Face BERT directory of
-the fine-tuning tests, a tagging task made from the local corpus (articles and prepositions are the entities),
-2 ranks over gloo under the deepspeed launcher; the run searches, prunes, evaluates with CoNLL's entity-level
-metrics, and its export loads with transformers' AutoModelForTokenClassification. (A pruned ticket has fewer heads
-than hidden_size / head_size, which transformers' BertForTokenClassification cannot hold: the export is
-EarlyBertForTokenClassification with its remote code; a dense model exports as BertForTokenClassification, as
-tests/test_hf_export.py checks.)"""
+"""`earlybert finetune` on a token classification task end to end on CPU, for each family: the tiny Hugging Face
+BERT and ModernBERT directories of the fine-tuning tests, a tagging task made from the local corpus (articles and
+prepositions are the entities), 2 ranks over gloo under the deepspeed launcher; the run searches, prunes, evaluates
+with CoNLL's entity-level metrics, and its export loads with transformers' AutoModelForTokenClassification. (A
+pruned ticket has fewer heads than hidden_size / head_size, which transformers' own classes cannot hold: the export
+is our class with its remote code; a dense model exports as transformers' class, as tests/test_hf_export.py and
+tests/test_modernbert_export.py check.)"""
 
 import json
 import string
@@ -37,11 +37,19 @@ def ner_files(shards, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def ner_run(hf_bert, ner_files, tmp_path_factory):
+# family -> (the fixture of its Hugging Face directory, its token classifier, its layers)
+FAMILIES = {
+    "bert": ("hf_bert", "EarlyBertForTokenClassification", 2),
+    "modernbert": ("hf_modernbert", "EarlyModernBertForTokenClassification", 4),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def ner_run(request, ner_files, tmp_path_factory):
     """The classification tests' recipe (10 steps per epoch, a draw between steps 4 and 6) on the tagging task,
     the ticket trained 3 epochs at a higher LR: the tiny model then learns the rule."""
-    config = finetune_test_config("unused", ner_files, hf_bert, REPO / "ds_configs" / "zero1.json")
+    source = request.getfixturevalue(FAMILIES[request.param][0])
+    config = finetune_test_config("unused", ner_files, source, REPO / "ds_configs" / "zero1.json")
     config["task"] = {
         "kind": "token_classification",
         "train_files": [str(ner_files / "train.jsonl")],
@@ -54,12 +62,14 @@ def ner_run(hf_bert, ner_files, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ner_run") / "run"
     code, out = finish(deepspeed(path, run_dir, module="pipeline.finetune"))
     assert code == 0, out
-    return run_dir
+    return request.param, run_dir
 
 
 def test_token_classification_searches_prunes_and_scores_entities(ner_run):
+    family, ner_run = ner_run
+    _, token_classifier, layers = FAMILIES[family]
     drawn = ticket(ner_run)
-    assert 4 <= drawn["draw_step"] <= 6 and drawn["heads_per_layer"] == [3, 3]
+    assert 4 <= drawn["draw_step"] <= 6 and drawn["heads_per_layer"] == [3] * layers
     trained = [r for r in metrics(ner_run) if r["stage"] == "ticket"]
     assert len(trained) == 30 and trained[-1]["loss"] < 0.5 * trained[0]["loss"], [r["loss"] for r in trained]
     results = json.loads((ner_run / "results.json").read_text())
@@ -68,7 +78,7 @@ def test_token_classification_searches_prunes_and_scores_entities(ner_run):
     # Learnt (about 0.99 measured), far from a model that tags every word O (accuracy 0.80 here, F1 0).
     assert final["f1"] > 0.9 and final["accuracy"] > 0.9, final
     model = architecture(ner_run)
-    assert model["architectures"] == ["EarlyBertForTokenClassification"]
+    assert model["architectures"] == [token_classifier]
     assert model["id2label"] == dict(zip(["0", "1", "2"], TAGS))
 
 
@@ -78,11 +88,13 @@ def test_the_tagger_exports_and_loads_as_a_transformers_token_classifier(ner_run
 
     from pipeline.tools.export import export_run, load_run_model
 
+    family, ner_run = ner_run
+    _, token_classifier, layers = FAMILIES[family]
     out = tmp_path / "export"
-    assert export_run(ner_run, out)["class"] == "EarlyBertForTokenClassification"  # the command's code, in-process
+    assert export_run(ner_run, out)["class"] == token_classifier  # the command's code, in-process
     exported = AutoModelForTokenClassification.from_pretrained(out, trust_remote_code=True).eval()
-    assert type(exported).__name__ == "EarlyBertForTokenClassification"
-    assert exported.config.id2label == dict(enumerate(TAGS)) and exported.config.num_heads_per_layer == [3, 3]
+    assert type(exported).__name__ == token_classifier
+    assert exported.config.id2label == dict(enumerate(TAGS)) and exported.config.num_heads_per_layer == [3] * layers
     tokenizer = AutoTokenizer.from_pretrained(out)
     words = [["the", "cat", "sat", "on", "the", "mat"], ["in", "a", "house"]]
     batch = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
