@@ -25,6 +25,7 @@ from transformers import (
 
 from pipeline.earlybert.detector import Masks
 from pipeline.earlybert.pruner import prune_model
+from pipeline.families import BERT
 from pipeline.model import (
     EarlyBertConfig,
     EarlyBertForPreTraining,
@@ -33,7 +34,7 @@ from pipeline.model import (
     EarlyBertForTokenClassification,
 )
 from pipeline.run.checkpoint import ARCHITECTURE, LATEST, RUN_STATE, RunState, tag_for
-from pipeline.tools.export import AUTO_MAP, ExportError, export_model, export_run, fold_all_gates, load_run_model
+from pipeline.tools.export import ExportError, auto_map, export_model, export_run, fold_all_gates, load_run_model
 
 transformers.logging.set_verbosity_error()
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def pretraining_export(tokenizer_file, tmp_path_factory):
 def test_pruned_pretraining_export_loads_with_remote_code_and_computes_the_same(pretraining_export):
     model, out = pretraining_export
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "bert" and config["auto_map"] == AUTO_MAP and len(AUTO_MAP) == 7
+    assert config["model_type"] == "bert" and config["auto_map"] == auto_map(BERT) and len(auto_map(BERT)) == 7
     assert config["architectures"] == ["EarlyBertForPreTraining"] and config["num_heads_per_layer"] == [3, 2]
     assert (out / "modeling_earlybert.py").read_text() == (REPO / "pipeline" / "model.py").read_text()
     exported = AutoModelForPreTraining.from_pretrained(out, trust_remote_code=True).eval()

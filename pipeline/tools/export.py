@@ -44,7 +44,7 @@ from common import outputs
 from data_prep.encode import InputError, load_tokenizer, special_ids
 from pipeline.earlybert.detector import Masks
 from pipeline.earlybert.pruner import prune_model
-from pipeline.families import BERT, Family, family_of
+from pipeline.families import Family, family_of
 from pipeline.run.rundir import RunDir, RunDirError
 
 COMMAND = "earlybert export"  # the marker of the directories it writes (common/outputs.py)
@@ -64,9 +64,6 @@ def auto_map(family: Family) -> dict[str, str]:
     module = Path(modeling_file(family)).stem
     classes = {"AutoConfig": family.config_class, **family.classes}
     return {auto: f"{module}.{cls.__name__}" for auto, cls in classes.items()}
-
-
-AUTO_MAP = auto_map(BERT)  # BERT's, as this module has always named it (tests/test_hf_export.py)
 
 
 def load_run_model(run_dir: Path, tag: str | None = None) -> tuple[PreTrainedModel, str]:
