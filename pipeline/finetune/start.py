@@ -128,14 +128,13 @@ def model_from_run(cfg: FinetuneConfig, spec: TaskSpec, source: Path) -> torch.n
     from pipeline.tools.export import ExportError, load_run_model
 
     try:
-        pretrained, tag = load_run_model(source)
-        _, architecture = checkpoint.read_tag(RunDir(source).checkpoints, tag)
-        family = family_of(architecture)
-    except (ExportError, checkpoint.CheckpointError, ValueError) as e:
+        pretrained, _ = load_run_model(source)  # its config is the checkpoint's architecture.json, in its family
+    except ExportError as e:
         raise FineTuneError(str(e)) from None
+    family = family_of(pretrained.config)
     check_overrides(family, cfg.model.overrides)
     cls = task_class(family, spec)
-    model = cls(family.config_class.from_dict({**architecture, **fields_for(cfg, family, spec)}))
+    model = cls(family.config_class.from_dict({**pretrained.config.to_dict(), **fields_for(cfg, family, spec)}))
     encoder, own = cls.base_model_prefix + ".", model.state_dict()
     weights = {k: v for k, v in pretrained.state_dict().items() if k.startswith(encoder) or k in own}
     _, unexpected = model.load_state_dict(weights, strict=False)
