@@ -28,7 +28,7 @@ from pathlib import Path
 from pipeline.engine.distributed import free_port
 
 SLURM_BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
-NODE_BINARIES = ("unshare", "nsenter", "ip", "sshd", "ssh", "ssh-keygen", "pdsh")
+NODE_BINARIES = ("unshare", "nsenter", "taskset", "ip", "sshd", "ssh", "ssh-keygen", "pdsh")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 FINAL_STATES = {
     "COMPLETED",
@@ -235,10 +235,17 @@ class Node:
     name: str
     addr: str
     pid: int  # the process holding the node's namespaces
+    cpu: int  # the node's one CPU
 
     def cmd(self, *args: str, cwd: Path | str = "/") -> list[str]:
-        """`args` run on this node (in its namespaces), in `cwd` of the shared filesystem."""
-        return ["nsenter", f"--target={self.pid}", "--net", "--uts", "--mount", f"--wd={cwd}", "--", *args]
+        """`args` run on this node (in its namespaces, on its CPU), in `cwd` of the shared filesystem. The CPU is
+        set here because nsenter keeps the caller's affinity: sshd and slurmd started with all of this machine's
+        CPUs would give the ranks they start more intra-op threads (set_cpu_threads) than one node's reference
+        run has, and float sums, hence tickets, that differ with the thread count."""
+        return [
+            *("nsenter", f"--target={self.pid}", "--net", "--uts", "--mount", f"--wd={cwd}", "--"),
+            *("taskset", "--cpu-list", str(self.cpu), *args),
+        ]
 
     def processes(self) -> list[int]:
         """Every process in this node's network namespace but its holder."""
@@ -314,7 +321,7 @@ def _start_node(root: Path, index: int) -> tuple[Node, subprocess.Popen]:
     while True:  # before anything is done from outside, the holder must be in namespaces of its own
         try:
             if all(os.readlink(f"/proc/{proc.pid}/ns/{ns}") != mine for ns, mine in own.items()):
-                return Node(name, addr, proc.pid), proc
+                return Node(name, addr, proc.pid, cpu), proc
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:

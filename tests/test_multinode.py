@@ -56,6 +56,8 @@ def test_deepspeed_launcher_killed_on_the_other_node_resumes_to_one_nodes_run(cl
         if "pipeline.train" in p.cmdline() and any(a.startswith("--local_rank") for a in p.cmdline())
     ]
     assert len(other) == 1, "one rank on the other node"
+    # started over ssh, the rank has the node's one CPU (its intra-op threads, hence its sums, as one node's ranks)
+    assert other[0].cpu_affinity() == [cluster.nodes[1].cpu]
     other[0].kill()
     killed = time.monotonic()
     code, out = finish(proc, timeout=FAILED_WITHIN)
