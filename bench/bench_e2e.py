@@ -51,7 +51,7 @@ runs go two at a time, one thread each: only their accuracy is compared. The ver
     python -m bench.bench_e2e --quick            # every code path, tiny sizes: under 10 minutes (make bench)
     python -m bench.bench_e2e --only minilm/python-docs   # one part and corpus again; the others' runs are kept
     python -m bench.bench_e2e --parts scratch --corpus python-docs   # part 1 alone: bench/results/e2e_scratch
-    python -m bench.bench_e2e --parts scratch-modernbert --corpus python-docs --steps 320   # ModernBERT's: 31 min
+    python -m bench.bench_e2e --parts scratch-modernbert --corpus python-docs --steps 640   # ModernBERT's: 17 min
     python -m bench.bench_e2e --summarize-only   # tables and figures again from the runs in --work
 """
 
