@@ -288,11 +288,10 @@ exec sleep infinity
 
 def _start_node(root: Path, index: int) -> tuple[Node, subprocess.Popen]:
     name, addr = NODE_NAMES[index], NODE_ADDRS[index]
-    cpu = sorted(os.sched_getaffinity(0))[index % len(os.sched_getaffinity(0))]
+    cpu = sorted(os.sched_getaffinity(0))[index % len(os.sched_getaffinity(0))]  # the node's (Node.cmd pins to it)
 
-    def in_child():  # the holder dies with this process, and the node has one CPU of its own
+    def in_child():  # the holder dies with this process
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.sched_setaffinity(0, {cpu})
 
     proc = subprocess.Popen(
         [
